@@ -1,0 +1,227 @@
+"""Read run results (``results.json`` files or converted W&B runs) into pandas tables.
+
+Every results.json found becomes one row of :attr:`RunSet.runs`, including the ones that cannot be
+read (status ``unreadable``), so later stages can account for every run instead of dropping some.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import pandas as pd
+
+from mbn.results import flatten, iter_results, read_results
+
+UNREADABLE = "unreadable"
+
+# Per-run columns that are not config keys or metrics.
+META_COLUMNS = (
+    "source", "run_dir", "status", "error", "epochs_completed", "wall_time_s",
+    "config_hash", "started_at", "finished_at",
+)
+
+# The metrics of the results.json schema (mbn/results.py), known even before any run reports them.
+SCHEMA_METRICS = (
+    "final_val_acc1", "best_val_acc1", "best_epoch", "final_val_acc5", "final_val_loss",
+    "final_test_acc1", "best_test_acc1", "final_train_loss",
+)
+
+# Top-level shortcuts of results.json used when the nested config lacks the key (e.g. W&B runs
+# logged with a partial config).
+CONFIG_FALLBACKS = {
+    "norm.name": "norm",
+    "model.name": "model",
+    "data.name": "dataset",
+    "data.batch_size": "batch_size",
+    "seed": "seed",
+    "epochs": "epochs",
+}
+
+
+@dataclass
+class RunSet:
+    """All runs of one or more sweeps.
+
+    Attributes:
+        runs: one row per run (index ``run_id``), columns: :data:`META_COLUMNS`, one column per metric
+            of ``results["metrics"]`` and one per flattened config key (``"norm.name"``,
+            ``"data.batch_size"``, ...).
+        history: long table of per-epoch rows, columns ``run_id``, ``epoch`` and the history keys
+            (``val_acc1``, ``lam``, ``tau``, ...).
+        config_keys: the columns of ``runs`` that come from the config.
+        metric_keys: the columns of ``runs`` that come from ``results["metrics"]`` (always including
+            :data:`SCHEMA_METRICS`, empty until a run reports them).
+    """
+
+    runs: pd.DataFrame
+    history: pd.DataFrame
+    config_keys: list[str]
+    metric_keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def resolve_key(self, key: str) -> str:
+        """Map a user-given key to a column: exact name, else ``key + ".name"`` (``norm`` -> ``norm.name``).
+
+        Args:
+            key: a config key, metric or meta column.
+
+        Raises:
+            KeyError: with close matches, when no column fits.
+        """
+        columns = list(self.runs.columns)
+        if key in columns:
+            return key
+        if f"{key}.name" in columns:
+            return f"{key}.name"
+        close = difflib.get_close_matches(key, columns, n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown key {key!r}: not in the runs' config, metrics or fields{hint}")
+
+
+def read_records(paths: Sequence[str | os.PathLike]) -> list[tuple[str, Mapping[str, Any] | Exception]]:
+    """``(path, results dict or read error)`` for every ``results.json`` under ``paths``.
+
+    Args:
+        paths: dirs searched recursively (hidden dirs skipped) or results.json files.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+    """
+    records: list[tuple[str, Mapping[str, Any] | Exception]] = []
+    for path in iter_results(*paths):
+        try:
+            records.append((str(path), read_results(path)))
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            records.append((str(path), exc))
+    return records
+
+
+def collect_runs(paths: Sequence[str | os.PathLike]) -> RunSet:
+    """Read every ``results.json`` under ``paths`` (sweep dirs, run dirs or results.json files).
+
+    A file that cannot be parsed becomes a run with status ``unreadable`` and the parse error.
+
+    Args:
+        paths: dirs searched recursively (hidden dirs skipped) or results.json files.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+    """
+    return runset_from_records(read_records(paths))
+
+
+def load_runs(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """The per-run table of :func:`collect_runs` (one row per results.json found).
+
+    Args:
+        paths: sweep dirs, run dirs or results.json files.
+    """
+    return collect_runs(paths).runs
+
+
+def runset_from_records(records: Iterable[tuple[str, Mapping[str, Any] | Exception]]) -> RunSet:
+    """Build a :class:`RunSet` from ``(source, results dict or read error)`` pairs.
+
+    Args:
+        records: ``source`` names where the run came from (a results.json path or a W&B run URL);
+            the second item is the results dict (schema of :mod:`mbn.results`) or the exception raised
+            while reading it.
+    """
+    rows: list[dict[str, Any]] = []
+    history_rows: list[dict[str, Any]] = []
+    config_keys: dict[str, None] = {}
+    metric_keys: dict[str, None] = dict.fromkeys(SCHEMA_METRICS)
+    for run_id, (source, results) in enumerate(records):
+        if isinstance(results, Exception):
+            rows.append({"source": source, "run_dir": str(Path(source).parent), "status": UNREADABLE,
+                         "error": first_line(f"{type(results).__name__}: {results}")})
+            continue
+        row = _meta_row(source, results)
+        metrics = results.get("metrics") or {}
+        for key, value in metrics.items():
+            row[key] = _scalar(value)
+            metric_keys[key] = None
+        config = flatten(results.get("config") or {})
+        for key, top_level in CONFIG_FALLBACKS.items():
+            if key not in config and results.get(top_level) is not None:
+                config[key] = results[top_level]
+        for key, value in config.items():
+            column = f"config.{key}" if key in row else key
+            row[column] = _scalar(value)
+            config_keys[column] = None
+        rows.append(row)
+        for epoch_row in results.get("history") or []:
+            if isinstance(epoch_row, Mapping):
+                history_rows.append({"run_id": run_id, **{k: _scalar(v) for k, v in epoch_row.items()}})
+    runs = pd.DataFrame(rows, columns=_ordered_columns(rows))
+    runs.index.name = "run_id"
+    history = pd.DataFrame(history_rows)
+    if history.empty:
+        history = pd.DataFrame(columns=["run_id", "epoch"])
+    return RunSet(runs=runs, history=history, config_keys=list(config_keys), metric_keys=list(metric_keys))
+
+
+def first_line(text: str | None) -> str:
+    """The first non-empty line of ``text`` (an error message), or ``""``."""
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def plain(value: Any) -> Any:
+    """Comparable Python value: NaN/None -> None, numpy -> Python, integral float -> int (pandas upcasts
+    int columns with gaps to float), unhashable -> JSON text."""
+    if value is None:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if value.is_integer():
+            return int(value)
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return json.dumps(value, sort_keys=True, default=str)
+
+
+def _meta_row(source: str, results: Mapping[str, Any]) -> dict[str, Any]:
+    error = results.get("error")
+    return {
+        "source": source,
+        "run_dir": str(results.get("output_dir") or Path(source).parent),
+        "status": str(results.get("status")),
+        "error": first_line(error if isinstance(error, str) else (json.dumps(error) if error else "")),
+        "epochs_completed": results.get("epochs_completed"),
+        "wall_time_s": results.get("wall_time_s"),
+        "config_hash": results.get("config_hash"),
+        "started_at": results.get("started_at"),
+        "finished_at": results.get("finished_at"),
+    }
+
+
+def _scalar(value: Any) -> Any:
+    """Make a config/metric value a hashable scalar (lists/dicts as compact JSON) so it can be grouped."""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, sort_keys=True, separators=(", ", ": "))
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _ordered_columns(rows: list[dict[str, Any]]) -> list[str]:
+    columns: dict[str, None] = dict.fromkeys((*META_COLUMNS, *SCHEMA_METRICS))
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    return list(columns)

@@ -1,0 +1,180 @@
+"""The paper's figures: accuracy vs batch size, accuracy vs epoch, and MBN's lam/tau vs epoch.
+
+Figures are built with matplotlib's object API (``Figure``, no pyplot), which renders through Agg
+without touching the global backend or leaking figures.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
+
+from mbn.compare.aggregate import Grid
+from mbn.compare.collect import RunSet
+from mbn.compare.problems import short_key
+from mbn.compare.table import is_fraction_metric, metric_label
+from mbn.utils.io import atomic_write
+
+FIGSIZE = (7.0, 4.5)
+DPI = 120
+
+
+def row_label(grid: Grid, row: tuple) -> str:
+    """Legend text of a table row, e.g. ``"mbn"`` or ``"mbn / resnet18"``."""
+    return " / ".join(str(v) for v in row)
+
+
+def row_colors(grid: Grid) -> dict[tuple, Any]:
+    """One fixed color per table row, so a norm has the same color in every figure."""
+    palette = [f"C{i}" for i in range(10)]
+    return {row: palette[i % len(palette)] for i, row in enumerate(grid.row_keys)}
+
+
+def plot_metric_vs_batch_size(grid: Grid) -> Figure:
+    """The table as lines: metric vs the column key (log2 axis for positive numbers), one line per row.
+
+    Error bars are the sample std over the repeats (none for n=1).
+
+    Args:
+        grid: the aggregated table.
+    """
+    spec = grid.spec
+    scale = 100.0 if is_fraction_metric(spec.metric) else 1.0
+    numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in grid.col_keys)
+    positions = {col: (col if numeric else i) for i, col in enumerate(grid.col_keys)}
+    fig = Figure(figsize=FIGSIZE, layout="constrained")
+    ax = fig.add_subplot()
+    colors = row_colors(grid)
+    for row in grid.row_keys:
+        cells = [grid.cell(row, col) for col in grid.col_keys if grid.cell(row, col).n]
+        if not cells:
+            continue
+        ax.errorbar([positions[c.col] for c in cells], [c.mean * scale for c in cells],
+                    yerr=[(c.std or 0.0) * scale for c in cells], marker="o", capsize=3,
+                    color=colors[row], label=row_label(grid, row))
+    if numeric:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_locator(FixedLocator(list(positions.values())))
+    ax.set_xticklabels([str(c) for c in grid.col_keys])
+    cols_name = "per-device batch size m" if spec.cols == "data.batch_size" else spec.cols
+    ax.set_xlabel(f"{cols_name} (log2 scale)" if numeric else cols_name)
+    ax.set_ylabel(metric_label(spec.metric))
+    ax.set_title(f"{spec.metric} vs {cols_name} (mean ± std over {spec.over})")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(title=" / ".join(short_key(k) for k in spec.rows))
+    return fig
+
+
+def plot_curves(runset: RunSet, grid: Grid, col: Any, metric: str = "val_acc1") -> Figure | None:
+    """A history metric vs epoch for the runs of one column (the paper's Fig. 5), one line per row.
+
+    Lines are the mean over the cell's runs, the band their std.
+
+    Args:
+        runset: the runs (their ``history``).
+        grid: the aggregated table; its cells say which runs belong to which row.
+        col: the column value (batch size) to plot.
+        metric: history key to plot (``val_acc1``, ``train_loss``, ...).
+
+    Returns:
+        The figure, or None when no run of that column has ``metric`` in its history.
+    """
+    history = runset.history
+    if metric not in history.columns or col not in grid.col_keys:
+        return None
+    scale = 100.0 if is_fraction_metric(metric) else 1.0
+    fig = Figure(figsize=FIGSIZE, layout="constrained")
+    ax = fig.add_subplot()
+    colors = row_colors(grid)
+    plotted = False
+    for row in grid.row_keys:
+        rows = history[history["run_id"].isin(grid.cell(row, col).run_ids)][["epoch", metric]].dropna()
+        if rows.empty:
+            continue
+        stats = rows.astype(float).groupby("epoch")[metric].agg(["mean", "std", "count"])
+        mean, std = stats["mean"] * scale, stats["std"].fillna(0.0) * scale
+        ax.plot(stats.index, mean, marker="o", markersize=3, color=colors[row],
+                label=f"{row_label(grid, row)} (n={grid.cell(row, col).n})")
+        ax.fill_between(stats.index, mean - std, mean + std, color=colors[row], alpha=0.2, linewidth=0)
+        plotted = True
+    if not plotted:
+        return None
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(metric_label(metric))
+    ax.set_title(f"{metric} vs epoch at {short_key(grid.spec.cols)}={col} (mean ± std over {grid.spec.over})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title=" / ".join(short_key(k) for k in grid.spec.rows))
+    return fig
+
+
+def plot_mbn_schedule(runset: RunSet, grid: Grid) -> Figure | None:
+    """MBN's momentum parameters lam (training) and tau (inference) vs epoch, one line per batch size.
+
+    Args:
+        runset: the runs (their ``history`` with ``lam``/``tau`` columns, null for non-MBN runs).
+        grid: the aggregated table; only its runs are plotted.
+
+    Returns:
+        The figure, or None when no run logged lam or tau.
+    """
+    history = runset.history
+    keys = [k for k in ("lam", "tau") if k in history.columns and history[k].notna().any()]
+    if not keys:
+        return None
+    fig = Figure(figsize=(FIGSIZE[0] * 1.6, FIGSIZE[1]), layout="constrained")
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    lines: list[tuple[str, pd.DataFrame, tuple]] = []
+    for row in grid.row_keys:
+        for col in grid.col_keys:
+            rows = history[history["run_id"].isin(grid.cell(row, col).run_ids)]
+            if rows[keys].notna().any().any():
+                lines.append((f"{short_key(grid.spec.cols)}={col}", rows, row))
+    several_rows = len({row for _, _, row in lines}) > 1
+    for ax, key in zip(axes, keys):
+        for index, (label, rows, row) in enumerate(lines):
+            values = rows[["epoch", key]].dropna().astype(float).groupby("epoch")[key].mean()
+            if values.empty:
+                continue
+            text = f"{row_label(grid, row)}, {label}" if several_rows else label
+            # Sequential colors: the lines are ordered by batch size.
+            color = colormaps["viridis"](0.85 * index / max(len(lines) - 1, 1))
+            ax.plot(values.index, values.to_numpy(), marker="o", markersize=3, color=color, label=text)
+        symbol = {"lam": "λ (lam)", "tau": "τ (tau)"}[key]
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(f"{symbol}, dimensionless")
+        ax.set_title(f"MBN {symbol} vs epoch")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    return fig
+
+
+def figure_bytes(fig: Figure, fmt: str = "png") -> bytes:
+    """The figure encoded as ``png`` or ``svg`` (no timestamp in SVG, so reruns give identical files)."""
+    buffer = io.BytesIO()
+    metadata = {"Date": None} if fmt == "svg" else {}
+    fig.savefig(buffer, format=fmt, dpi=DPI, metadata=metadata)
+    return buffer.getvalue()
+
+
+def save_figure(fig: Figure, directory: str | os.PathLike, stem: str) -> dict[str, bytes]:
+    """Write ``stem.png`` and ``stem.svg`` into ``directory`` (atomically).
+
+    Returns:
+        ``{"png": ..., "svg": ...}``: the written bytes (the report embeds the PNG without rendering twice).
+    """
+    encoded = {}
+    for fmt in ("png", "svg"):
+        data = encoded[fmt] = figure_bytes(fig, fmt)
+        atomic_write(Path(directory) / f"{stem}.{fmt}", lambda f, data=data: f.write(data))
+    return encoded

@@ -1,0 +1,15 @@
+"""Datasets decoded once into cached uint8 tensors, and a fast in-memory batch loader (pure PyTorch)."""
+
+from mbn.data.arrays import DatasetSplits, ImageArrays, channel_stats
+from mbn.data.datasets import DATASET_KINDS, dataset_arguments, load_dataset
+from mbn.data.loader import TensorBatchLoader
+
+__all__ = [
+    "DATASET_KINDS",
+    "DatasetSplits",
+    "ImageArrays",
+    "TensorBatchLoader",
+    "channel_stats",
+    "dataset_arguments",
+    "load_dataset",
+]

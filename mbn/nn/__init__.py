@@ -1,0 +1,43 @@
+"""Normalization layers for the small-batch study: MBN, Batch Renorm, GroupNorm, BN, none.
+
+Pure PyTorch (no Lightning, no Hydra), so ``from mbn.nn import MomentumBatchNorm2d`` works in any
+model. Backbones take ``norm_layer("mbn", ideal_batch_size=32)``; the training loop calls
+``set_progress(model, epoch, total_epochs)`` to drive the MBN schedule (:mod:`mbn.nn.schedule`).
+"""
+
+from mbn.nn import schedule
+from mbn.nn.batch_renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from mbn.nn.convert import convert, convert_norm
+from mbn.nn.factory import NORM_NAMES, make_norm, norm_class, norm_layer
+from mbn.nn.functional import momentum_batch_norm
+from mbn.nn.group_norm import GroupNorm
+from mbn.nn.momentum_batchnorm import (
+    MomentumBatchNorm,
+    MomentumBatchNorm1d,
+    MomentumBatchNorm2d,
+    MomentumBatchNorm3d,
+    mbn_layers,
+    set_progress,
+)
+
+__all__ = [
+    "NORM_NAMES",
+    "BatchRenorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GroupNorm",
+    "MomentumBatchNorm",
+    "MomentumBatchNorm1d",
+    "MomentumBatchNorm2d",
+    "MomentumBatchNorm3d",
+    "convert",
+    "convert_norm",
+    "make_norm",
+    "mbn_layers",
+    "momentum_batch_norm",
+    "norm_class",
+    "norm_layer",
+    "schedule",
+    "set_progress",
+]

@@ -1,0 +1,106 @@
+"""Swap the normalization layers of an existing model (e.g. a torchvision resnet, or MBN -> BN)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mbn.nn.batch_renorm import BatchRenorm, BatchRenorm1d, BatchRenorm3d
+from mbn.nn.factory import check_kwargs, norm_class
+from mbn.nn.momentum_batchnorm import MomentumBatchNorm, MomentumBatchNorm1d, MomentumBatchNorm3d
+
+__all__ = ["convert_norm", "convert"]
+
+# Layers with batch statistics that convert_norm replaces.
+_CONVERTIBLE = (_BatchNorm, MomentumBatchNorm, BatchRenorm)
+_DIM_1 = (nn.BatchNorm1d, MomentumBatchNorm1d, BatchRenorm1d)
+_DIM_3 = (nn.BatchNorm3d, MomentumBatchNorm3d, BatchRenorm3d)
+
+
+def _input_rank(layer: nn.Module) -> int:
+    if isinstance(layer, _DIM_1):
+        return 1
+    if isinstance(layer, _DIM_3):
+        return 3
+    return 2  # the 2d classes, and rank-agnostic ones such as SyncBatchNorm
+
+
+def _replacement(layer: nn.Module, name: str, kwargs: dict[str, Any]) -> nn.Module:
+    cls = norm_class(name, _input_rank(layer))
+    if cls is nn.Identity:
+        return nn.Identity()
+    accepted = inspect.signature(cls.__init__).parameters
+    # Inherit what eval outputs depend on, unless overridden.
+    inherited = {arg: getattr(layer, arg) for arg in ("eps", "affine") if arg in accepted and arg not in kwargs}
+    new = cls(layer.num_features, **inherited, **kwargs)
+    tensors = [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]
+    floating = next((t for t in tensors if t.is_floating_point()), None)
+    if floating is not None:
+        new.to(device=floating.device, dtype=floating.dtype)
+    # Copy every state entry the new layer also has (affine parameters, running statistics,
+    # num_batches_tracked, MBN's momentum statistics); MBN re-initializes what is missing.
+    target = new.state_dict()
+    shared = {k: v for k, v in layer.state_dict().items() if k in target and target[k].shape == v.shape}
+    new.load_state_dict(shared, strict=False)
+    for param_name, param in new.named_parameters(recurse=False):
+        old = getattr(layer, param_name, None)
+        if isinstance(old, torch.Tensor):
+            param.requires_grad_(old.requires_grad)
+    new.train(layer.training)
+    return new
+
+
+def convert_norm(model: nn.Module, name: str, **kwargs: Any) -> nn.Module:
+    """Replace every BatchNorm-like layer of ``model`` by the ``name`` normalization.
+
+    Replaced: ``nn.BatchNorm1d/2d/3d`` (any ``_BatchNorm``, incl. ``SyncBatchNorm``, treated as
+    2d), :class:`MomentumBatchNorm` and :class:`BatchRenorm` layers, each by the variant of the
+    same input rank. The new layer inherits ``eps`` and ``affine`` (unless given in ``kwargs``),
+    device, dtype, train/eval mode, ``requires_grad``, and copies every state entry it shares
+    with the old one: affine parameters, running statistics, ``num_batches_tracked``. So MBN/BRN ->
+    ``"bn"`` gives identical eval outputs (deployment without overhead), and BN -> ``"mbn"``
+    starts from the BN's running statistics (MBN's momentum statistics initialize from the next
+    batch). GroupNorm and Identity layers are left alone.
+
+    Args:
+        model: the model; modified in place.
+        name: target norm, one of :data:`mbn.nn.NORM_NAMES`.
+        **kwargs: constructor arguments of the target layer (as for :func:`mbn.nn.make_norm`).
+
+    Returns:
+        ``model`` (or the new layer if ``model`` itself is a converted layer).
+
+    Raises:
+        ValueError: unknown name.
+        TypeError: a keyword the target layer does not accept.
+    """
+    check_kwargs(name, kwargs)
+    if isinstance(model, _CONVERTIBLE):
+        return _replacement(model, name, kwargs)
+    for child_name, child in model.named_children():
+        converted = convert_norm(child, name, **kwargs)
+        if converted is not child:
+            setattr(model, child_name, converted)
+    return model
+
+
+def convert(model: nn.Module, to: str = "bn", **kwargs: Any) -> nn.Module:
+    """Convert a trained model's normalization layers, by default to plain ``nn.BatchNorm``.
+
+    ``convert(model)`` turns every MBN/BRN layer into ``nn.BatchNorm1d/2d/3d`` with identical eval
+    outputs (zero inference overhead; a plain torchvision-style checkpoint). Same as
+    ``convert_norm(model, to, **kwargs)``.
+
+    Args:
+        model: the model; modified in place.
+        to: target norm name.
+        **kwargs: constructor arguments of the target layer.
+
+    Returns:
+        The converted model.
+    """
+    return convert_norm(model, to, **kwargs)

@@ -1,0 +1,120 @@
+"""Build normalization layers by name: the ``norm_layer`` factory that backbones take."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+from torch import nn
+
+from mbn.nn.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from mbn.nn.group_norm import GroupNorm
+from mbn.nn.momentum_batchnorm import MomentumBatchNorm1d, MomentumBatchNorm2d, MomentumBatchNorm3d
+
+__all__ = ["NORM_NAMES", "make_norm", "norm_layer", "norm_class"]
+
+NORM_NAMES: tuple[str, ...] = ("bn", "gn", "brn", "mbn", "none")
+
+# Layer class per name and input rank (1 = (N, C[, L]), 2 = images, 3 = volumes).
+_CLASSES: dict[str, dict[int, type[nn.Module]]] = {
+    "bn": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
+    "gn": {1: GroupNorm, 2: GroupNorm, 3: GroupNorm},
+    "brn": {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d},
+    "mbn": {1: MomentumBatchNorm1d, 2: MomentumBatchNorm2d, 3: MomentumBatchNorm3d},
+    "none": {1: nn.Identity, 2: nn.Identity, 3: nn.Identity},
+}
+
+
+def norm_class(name: str, dim: int = 2) -> type[nn.Module]:
+    """The layer class for ``name`` and spatial rank ``dim``.
+
+    Args:
+        name: one of :data:`NORM_NAMES`.
+        dim: 1 for ``(N, C)``/``(N, C, L)``, 2 for ``(N, C, H, W)``, 3 for ``(N, C, D, H, W)`` inputs.
+
+    Returns:
+        The class (``nn.Identity`` for ``"none"``).
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones) or dim.
+    """
+    if name not in _CLASSES:
+        raise ValueError(f"unknown norm {name!r}; valid names: {', '.join(NORM_NAMES)}")
+    if dim not in (1, 2, 3):
+        raise ValueError(f"norm dim must be 1, 2 or 3, got {dim!r}")
+    return _CLASSES[name][dim]
+
+
+def _accepted_kwargs(cls: type[nn.Module]) -> tuple[str, ...]:
+    if cls is nn.Identity:  # accepts and ignores anything: a typo would vanish silently
+        return ()
+    params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, channel count
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def check_kwargs(name: str, kwargs: dict[str, Any], dim: int = 2) -> None:
+    """Raise if ``kwargs`` contains an argument the ``name`` layer does not accept.
+
+    Args:
+        name: one of :data:`NORM_NAMES`.
+        kwargs: keyword arguments meant for the layer constructor.
+        dim: spatial rank, as in :func:`norm_class`.
+
+    Raises:
+        ValueError: unknown name.
+        TypeError: an unaccepted keyword (the message names the norm, the keyword and the accepted ones).
+    """
+    accepted = _accepted_kwargs(norm_class(name, dim))
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"norm {name!r} got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+            f"accepted: {', '.join(accepted) if accepted else 'none'}"
+        )
+
+
+def make_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
+    """Build a 2d normalization layer by name.
+
+    Args:
+        name: ``"bn"`` (``nn.BatchNorm2d``), ``"gn"`` (:class:`GroupNorm`), ``"brn"``
+            (:class:`BatchRenorm2d`), ``"mbn"`` (:class:`MomentumBatchNorm2d`) or ``"none"``
+            (``nn.Identity``, takes no keyword arguments).
+        num_features: channel count.
+        **kwargs: constructor arguments of that layer, e.g. mbn: ``ideal_batch_size``, ``tau0``,
+            ``schedule``, ``fixed_lam``, ``eps``; gn: ``num_groups`` or ``group_size``; brn:
+            ``r_max``, ``d_max``, ``warmup_steps``, ``r_max_ramp_steps``, ``d_max_ramp_steps``, ``momentum``.
+
+    Returns:
+        The layer.
+
+    Raises:
+        ValueError: unknown name (lists the valid ones) or an invalid value.
+        TypeError: a keyword the layer does not accept (names the norm and the keyword).
+    """
+    check_kwargs(name, kwargs)
+    cls = norm_class(name)
+    if cls is nn.Identity:
+        return nn.Identity()
+    return cls(num_features, **kwargs)
+
+
+def norm_layer(name: str, **kwargs: Any) -> Callable[[int], nn.Module]:
+    """A ``norm_layer(num_features)`` callable for backbones (the torchvision convention).
+
+    The name and keyword names are checked now, so config typos fail before any model is built.
+
+    Args:
+        name: one of :data:`NORM_NAMES`.
+        **kwargs: constructor arguments, as in :func:`make_norm`.
+
+    Returns:
+        A picklable callable ``num_features -> nn.Module``.
+
+    Raises:
+        ValueError: unknown name.
+        TypeError: a keyword the layer does not accept.
+    """
+    check_kwargs(name, kwargs)
+    return functools.partial(make_norm, name, **kwargs)

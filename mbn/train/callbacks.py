@@ -1,0 +1,136 @@
+"""Callbacks of a training run: the MBN schedule, and the per-epoch record that feeds results.json."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+
+from mbn.nn import MomentumBatchNorm, mbn_layers, set_progress
+
+log = logging.getLogger("mbn.train")
+
+
+class MomentumScheduleCallback(Callback):
+    """Drive the MBN momentum schedule and log its values.
+
+    At every training batch start the fractional 1-based epoch
+    ``current_epoch + 1 + batch_idx / num_batches`` is written to the cached list of
+    :class:`~mbn.nn.MomentumBatchNorm` layers (no model walk per step). At epoch end ``mbn/lam`` and
+    ``mbn/tau`` of the first layer (all layers share the schedule) are logged. Does nothing for
+    models without MBN layers.
+
+    Args:
+        total_epochs: planned number of epochs T of the schedule.
+    """
+
+    def __init__(self, total_epochs: int) -> None:
+        self.total_epochs = total_epochs
+        self.layers: list[MomentumBatchNorm] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.layers = mbn_layers(pl_module)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.layers:
+            epoch = trainer.current_epoch + 1 + batch_idx / trainer.num_training_batches
+            set_progress(self.layers, epoch, self.total_epochs)
+
+    def values(self) -> dict[str, float]:
+        """Current ``lam`` and ``tau`` (empty without MBN layers)."""
+        if not self.layers:
+            return {}
+        return {"lam": float(self.layers[0].lam), "tau": float(self.layers[0].tau)}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        values = self.values()
+        if values:
+            pl_module.log_dict({f"mbn/{k}": v for k, v in values.items()}, on_step=False, on_epoch=True)
+
+
+class EpochRecorder(Callback):
+    """Collect one history row per finished epoch; log epoch-level training metrics.
+
+    A row holds ``epoch`` (1-based), ``train_loss``, ``train_acc1``, ``val_loss``, ``val_acc1``,
+    ``val_acc5``, ``lr`` (at the epoch's start), ``lam``, ``tau`` and ``time_s``. The history is part
+    of the checkpoint (callback state), so a resumed run keeps the rows of the epochs before the
+    interruption.
+
+    Args:
+        schedule: the MBN schedule callback whose lam/tau go into each row (None = no MBN columns).
+        on_epoch: called with the full history after each epoch (e.g. to write a running results.json).
+        log_lines: log one plain line per epoch (used when there is no progress bar).
+        total_epochs: for the log line.
+    """
+
+    def __init__(
+        self,
+        schedule: MomentumScheduleCallback | None = None,
+        on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
+        log_lines: bool = True,
+        total_epochs: int | None = None,
+    ) -> None:
+        self.schedule = schedule
+        self.on_epoch = on_epoch
+        self.log_lines = log_lines
+        self.total_epochs = total_epochs
+        self.history: list[dict[str, Any]] = []
+        self._epoch_start = 0.0
+        self._epoch_lr: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(row) for row in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(row) for row in state_dict.get("history", [])]
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+        self._epoch_lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        train = pl_module.train_epoch_metrics() if hasattr(pl_module, "train_epoch_metrics") else {}
+        logged = dict(train)
+        if self._epoch_lr is not None:
+            logged["lr"] = self._epoch_lr
+        pl_module.log_dict(logged, on_step=False, on_epoch=True)
+        metrics = trainer.callback_metrics
+        schedule = self.schedule.values() if self.schedule is not None else {}
+        row = {
+            "epoch": trainer.current_epoch + 1,
+            "train_loss": train.get("train/loss"),
+            "train_acc1": train.get("train/acc1"),
+            "val_loss": _number(metrics.get("val/loss")),
+            "val_acc1": _number(metrics.get("val/acc1")),
+            "val_acc5": _number(metrics.get("val/acc5")),
+            "lr": self._epoch_lr,
+            "lam": schedule.get("lam"),
+            "tau": schedule.get("tau"),
+            "time_s": round(time.perf_counter() - self._epoch_start, 3),
+        }
+        self.history.append(row)
+        if self.log_lines and trainer.is_global_zero:
+            log.info(_format_row(row, self.total_epochs))
+        if self.on_epoch is not None and trainer.is_global_zero:
+            self.on_epoch(self.history)
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _format_row(row: dict[str, Any], total_epochs: int | None) -> str:
+    parts = [f"epoch {row['epoch']}" + (f"/{total_epochs}" if total_epochs else "")]
+    for key, fmt in (("train_loss", ".4f"), ("train_acc1", ".2%"), ("val_loss", ".4f"), ("val_acc1", ".2%"),
+                     ("lr", ".4g"), ("lam", ".3f"), ("tau", ".3f")):
+        if row.get(key) is not None:
+            parts.append(f"{key} {row[key]:{fmt}}")
+    parts.append(f"({row['time_s']:.1f} s)")
+    return "  ".join(parts)

@@ -1,0 +1,121 @@
+"""LightningModule for image classification with the paper's optimizer recipe."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mbn.train.optim import build_optimizer
+from mbn.train.spec import OptimSpec
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops as ``diverged``."""
+
+
+class ClassificationModule(pl.LightningModule):
+    """Cross-entropy training with epoch-level metrics and no per-step host synchronization.
+
+    Training loss and accuracy are summed in device tensors and read once per epoch
+    (:meth:`train_epoch_metrics`); nothing is logged per step. The summed loss is checked for
+    NaN/inf every ``check_finite_every_n_steps`` steps and at the end of each epoch (the only host
+    syncs in the loop), raising :class:`DivergedError`.
+
+    Args:
+        model: the network (logits output).
+        optim: optimizer and schedule settings.
+        global_batch_size: samples per optimizer step over all devices (linear lr scaling).
+        num_classes: number of classes (top-5 accuracy is reported only when it exceeds 5).
+        check_finite_every_n_steps: divergence check interval in steps.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optim: OptimSpec,
+        global_batch_size: int,
+        num_classes: int,
+        check_finite_every_n_steps: int = 25,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        self.global_batch_size = global_batch_size
+        self.num_classes = num_classes
+        self.check_finite_every_n_steps = max(1, check_finite_every_n_steps)
+        # [batch-mean loss sum, correct top-1, samples, batches]; on-device accumulators, reset each epoch.
+        self._train_sums: torch.Tensor | None = None
+        # [loss sum (per sample), correct top-1, correct top-5, samples]
+        self._val_sums: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # --- training -------------------------------------------------------------------------------
+
+    def on_train_epoch_start(self) -> None:
+        self._train_sums = torch.zeros(4, device=self.device, dtype=torch.float64)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        sums = self._train_sums
+        sums[0] += loss.detach()
+        sums[1] += (logits.detach().argmax(1) == y).sum()
+        sums[2] += y.shape[0]
+        sums[3] += 1
+        step = batch_idx + 1
+        if step % self.check_finite_every_n_steps == 0 or step == self.trainer.num_training_batches:
+            if not torch.isfinite(sums[0]):
+                raise DivergedError(
+                    f"non-finite training loss ({sums[0].item()}) in epoch {self.current_epoch + 1} "
+                    f"by step {batch_idx + 1} of {self.trainer.num_training_batches}"
+                )
+        return loss
+
+    def train_epoch_metrics(self) -> dict[str, float]:
+        """Mean training loss and top-1 accuracy of the current epoch, over all devices (one sync)."""
+        if self._train_sums is None:
+            return {}
+        sums = self.trainer.strategy.reduce(self._train_sums.clone(), reduce_op="sum")
+        loss_sum, correct, samples, batches = sums.tolist()
+        if not batches:
+            return {}
+        return {"train/loss": loss_sum / batches, "train/acc1": correct / samples}
+
+    # --- validation -----------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(4, device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self.model(x)
+        sums = self._val_sums
+        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum")
+        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = topk == y.unsqueeze(1)
+        sums[1] += hits[:, 0].sum()
+        sums[2] += hits.any(1).sum()
+        sums[3] += y.shape[0]
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._val_sums.clone(), reduce_op="sum")
+        loss_sum, correct1, correct5, samples = sums.tolist()
+        metrics = {"val/loss": loss_sum / samples, "val/acc1": correct1 / samples}
+        if self.num_classes > 5:
+            metrics["val/acc5"] = correct5 / samples
+        # Values are already reduced over devices; every rank logs the same numbers.
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+
+    # --- optimization ---------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        # estimated_stepping_batches sets up the train loader, so num_training_batches is known after it.
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, int(self.trainer.num_training_batches))
+        optimizer, scheduler = build_optimizer(self.model, self.optim, self.global_batch_size, total_steps, steps_per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,285 @@
+"""One training run end to end: build, fit (resuming from ``last.ckpt``), and record ``results.json``."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+import mbn
+from mbn.models import build_model
+from mbn.nn import norm_layer
+from mbn.results import write_results
+from mbn.train.callbacks import EpochRecorder, MomentumScheduleCallback
+from mbn.train.datamodule import ImageDataModule
+from mbn.train.loggers import build_loggers, finish_loggers
+from mbn.train.module import ClassificationModule, DivergedError
+from mbn.train.spec import RunSpec
+
+log = logging.getLogger("mbn.train")
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+BEST_CHECKPOINT = "best.ckpt"
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM outside ``trainer.fit`` (inside it Lightning raises its own ``SIGTERMException``)."""
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The run's ``last.ckpt`` if it exists (what a rerun resumes from)."""
+    path = Path(output_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
+    return path if path.is_file() else None
+
+
+def build_module(spec: RunSpec, datamodule: ImageDataModule) -> ClassificationModule:
+    """Seeded model + LightningModule for ``spec`` (loads the data to learn classes and channels).
+
+    Args:
+        spec: the run.
+        datamodule: provides ``num_classes`` and ``in_channels``.
+    """
+    pl.seed_everything(spec.seed, workers=True, verbose=False)
+    model = build_model(
+        spec.model.name,
+        num_classes=datamodule.num_classes,
+        norm_layer=norm_layer(spec.norm.name, **spec.norm.options),
+        width=spec.model.width,
+        in_channels=datamodule.in_channels,
+        **spec.model.options,
+    )
+    return ClassificationModule(
+        model,
+        spec.optim,
+        global_batch_size=spec.global_batch_size,
+        num_classes=datamodule.num_classes,
+        check_finite_every_n_steps=spec.trainer.check_finite_every_n_steps,
+    )
+
+
+def build_trainer(spec: RunSpec, callbacks: Sequence[Callback], loggers: list) -> pl.Trainer:
+    """The Lightning Trainer of a run: epoch-level logging only, checkpoints last + best.
+
+    Args:
+        spec: the run.
+        callbacks: extra callbacks (the checkpoint callback is added here).
+        loggers: metric loggers.
+    """
+    progress_bar = spec.trainer.progress_bar
+    if progress_bar is None:
+        progress_bar = sys.stdout.isatty()
+    checkpoint = ModelCheckpoint(
+        dirpath=Path(spec.output_dir) / CHECKPOINT_DIR,
+        filename=Path(BEST_CHECKPOINT).stem,
+        monitor="val/acc1",
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+        enable_version_counter=False,
+    )
+    return pl.Trainer(
+        max_epochs=spec.epochs,
+        accelerator=spec.trainer.accelerator,
+        devices=spec.trainer.devices,
+        num_nodes=spec.trainer.num_nodes,
+        strategy=spec.trainer.strategy,
+        precision=spec.trainer.precision,
+        benchmark=spec.trainer.benchmark,
+        # MBN/BRN normalize each device's own batch: never convert norm layers to SyncBatchNorm.
+        sync_batchnorm=False,
+        # TensorBatchLoader splits the data between ranks itself.
+        use_distributed_sampler=False,
+        logger=loggers,
+        callbacks=[*callbacks, checkpoint],
+        enable_progress_bar=progress_bar,
+        enable_model_summary=progress_bar,
+        num_sanity_val_steps=0,
+        # Metrics are logged once per epoch; keep Lightning from flushing per-step rows.
+        log_every_n_steps=1_000_000,
+        default_root_dir=spec.output_dir,
+    )
+
+
+def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Train one run and record it in ``spec.output_dir/results.json``.
+
+    ``results.json`` says ``running`` from the start (updated after every epoch) and ends as
+    ``completed``, ``diverged`` (NaN/inf loss), ``failed`` (any exception; error and traceback
+    recorded) or ``interrupted`` (Ctrl-C / SIGTERM). If ``checkpoints/last.ckpt`` exists the run
+    resumes from it and ends exactly as an uninterrupted run would. W&B runs are always finished.
+
+    Args:
+        spec: the run.
+        callbacks: extra Lightning callbacks.
+
+    Returns:
+        The final results (as written to ``results.json``).
+    """
+    output_dir = Path(spec.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    resume_from = last_checkpoint(output_dir)
+    base = _base_results(spec, started, resume_from)
+
+    def write(status: str, history: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        results = {**base, "status": status, **_summary(history), **extra, "wall_time_s": round(time.time() - started, 3)}
+        if rank_zero_only.rank == 0:
+            write_results(output_dir, results)
+        return results
+
+    write("running", [])
+    loggers: list = []
+    trainer: pl.Trainer | None = None
+    recorder: EpochRecorder | None = None
+    status: str = "failed"
+    error: tuple[str, str | None] | None = None
+    if spec.trainer.num_threads:
+        torch.set_num_threads(spec.trainer.num_threads)
+    with _sigterm_raises() as in_fit:
+        try:
+            datamodule = ImageDataModule(spec.data, seed=spec.seed)
+            module = build_module(spec, datamodule)
+            loggers = build_loggers(spec)
+            schedule = MomentumScheduleCallback(spec.epochs)
+            progress_bar = spec.trainer.progress_bar if spec.trainer.progress_bar is not None else sys.stdout.isatty()
+            recorder = EpochRecorder(
+                schedule,
+                on_epoch=lambda history: write("running", history),
+                log_lines=not progress_bar,
+                total_epochs=spec.epochs,
+            )
+            trainer = build_trainer(spec, [schedule, recorder, *callbacks], loggers)
+            if resume_from is not None:
+                log.info("resuming %s from %s", spec.run_name, resume_from)
+            in_fit.set()
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+            finally:
+                in_fit.clear()
+            status = "completed"
+        except DivergedError as exc:
+            status, error = "diverged", _error(exc)
+        except (KeyboardInterrupt, SIGTERMException, RunInterrupted) as exc:
+            status, error = "interrupted", _error(exc, with_traceback=False)
+        except SystemExit as exc:
+            # Lightning turns Ctrl-C during fit into sys.exit(1) after a graceful shutdown.
+            if trainer is not None and trainer.interrupted:
+                status, error = "interrupted", ("KeyboardInterrupt", None)
+            else:
+                status, error = "failed", _error(exc)
+        except Exception as exc:  # noqa: BLE001 - every failure must end up in results.json
+            status, error = "failed", _error(exc)
+        finally:
+            # The recorder's history includes the rows restored from a resumed checkpoint.
+            history = recorder.history if recorder is not None else []
+            extra: dict[str, Any] = {"finished_at": _now()}
+            if error is not None:
+                extra["error"], extra["traceback"] = error
+            results = write(status, history, **extra)
+            finish_loggers(loggers, exit_code=0 if status == "completed" else 1)
+    return results
+
+
+def _base_results(spec: RunSpec, started: float, resume_from: Path | None) -> dict[str, Any]:
+    return {
+        "error": None,
+        "config_hash": spec.config_hash,
+        "config": spec.config,
+        "overrides": list(spec.overrides),
+        "output_dir": str(Path(spec.output_dir).resolve()),
+        "run_name": spec.run_name,
+        "sweep_name": spec.sweep_name,
+        "norm": spec.norm.name,
+        "model": spec.model.name,
+        "dataset": spec.data.kind,
+        "seed": spec.seed,
+        "batch_size": spec.data.batch_size,
+        "world_size": spec.trainer.world_size,
+        "global_batch_size": spec.global_batch_size,
+        "lr": spec.optim.lr(spec.global_batch_size),
+        "epochs": spec.epochs,
+        # Validation runs on the test split (as in the paper), so val and test metrics coincide.
+        "eval_split": "test",
+        "resumed_from": str(resume_from) if resume_from is not None else None,
+        "started_at": _now(started),
+        "finished_at": None,
+        "versions": {"mbn": mbn.__version__, "torch": torch.__version__, "pytorch_lightning": pl.__version__},
+    }
+
+
+def _summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    metrics: dict[str, Any] = {
+        "final_val_acc1": None, "best_val_acc1": None, "best_epoch": None, "final_val_acc5": None,
+        "final_val_loss": None, "final_test_acc1": None, "best_test_acc1": None, "final_train_loss": None,
+    }
+    if history:
+        last = history[-1]
+        scored = [row for row in history if row.get("val_acc1") is not None]
+        best = max(scored, key=lambda row: row["val_acc1"]) if scored else None
+        metrics.update(
+            final_val_acc1=last.get("val_acc1"),
+            final_val_acc5=last.get("val_acc5"),
+            final_val_loss=last.get("val_loss"),
+            final_train_loss=last.get("train_loss"),
+            best_val_acc1=best["val_acc1"] if best else None,
+            best_epoch=best["epoch"] if best else None,
+        )
+        metrics["final_test_acc1"] = metrics["final_val_acc1"]
+        metrics["best_test_acc1"] = metrics["best_val_acc1"]
+    return {"epochs_completed": len(history), "metrics": metrics, "history": [_clean(row) for row in history]}
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    # JSON has no NaN/inf: a non-finite number is recorded as null.
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def _error(exc: BaseException, with_traceback: bool = True) -> tuple[str, str | None]:
+    message = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    text = "".join(traceback.format_exception(exc)) if with_traceback else None
+    return message, text
+
+
+def _now(timestamp: float | None = None) -> str:
+    moment = _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc) if timestamp else _dt.datetime.now(_dt.timezone.utc)
+    return moment.isoformat(timespec="seconds")
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[threading.Event]:
+    """Turn SIGTERM into :class:`RunInterrupted` while not inside ``trainer.fit``.
+
+    Inside fit, Lightning's own handler (which chains to this one) stops the loop at the next batch
+    and raises ``SIGTERMException``; this handler then does nothing so that shutdown stays graceful.
+    Yields the event that marks "inside fit".
+    """
+    in_fit = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield in_fit
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if not in_fit.is_set():
+            raise RunInterrupted(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield in_fit
+    finally:
+        signal.signal(signal.SIGTERM, previous)

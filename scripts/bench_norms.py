@@ -1,0 +1,123 @@
+"""Side-by-side CPU speed of the normalization layers in a ResNet-18 (width 16, CIFAR-style stem).
+
+Prints, per batch size, the median training-step time (forward + backward + SGD step) and eval-step
+time (no-grad forward) of each norm, and its ratio to nn.BatchNorm2d. Ratios are the median of
+per-round ratios: every round times each norm back to back (in rotating order), so slow drift of a
+shared machine cancels. MBN runs mid-schedule (epoch 5 of 10), so at batch 2 lam > 0.
+
+Target of issue 2: MBN/BN training ratio <= 1.10 at batch sizes 2 and 32, eval ratio <= 1.02.
+
+    python scripts/bench_norms.py                 # defaults used in BENCHMARKS.md
+    python scripts/bench_norms.py --threads 2 --rounds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from mbn.models import build_model
+from mbn.nn import NORM_NAMES, norm_layer, set_progress
+
+# Width-16 channels (16..128) are not divisible into GroupNorm's default 32 groups.
+NORM_KWARGS = {"gn": {"num_groups": 8}, "mbn": {"ideal_batch_size": 32}}
+
+
+def build(norm: str, width: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("resnet18", num_classes=10, norm_layer=norm_layer(norm, **NORM_KWARGS.get(norm, {})), width=width)
+    set_progress(model, epoch=5, total_epochs=10)
+    return model
+
+
+def make_train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(images), labels).backward()
+        optimizer.step()
+
+    return step
+
+
+def make_eval_step(model: nn.Module, images: torch.Tensor):
+    def step() -> None:
+        model.eval()
+        with torch.inference_mode():
+            model(images)
+
+    return step
+
+
+def time_steps(step, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def bench(norms: list[str], batch_size: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 10, (batch_size,), generator=generator)
+    models = {norm: build(norm, args.width, seed=0) for norm in norms}
+    steps = max(1, args.samples_per_round // batch_size)
+    results = {}
+    for mode in ("train", "eval"):
+        fns = {
+            norm: make_train_step(model, images, labels) if mode == "train" else make_eval_step(model, images)
+            for norm, model in models.items()
+        }
+        for fn in fns.values():  # warm-up: allocator, lazy init, MBN momentum initialization
+            time_steps(fn, max(3, steps // 2))
+        times: dict[str, list[float]] = {norm: [] for norm in norms}
+        for round_index in range(args.rounds):
+            order = norms[round_index % len(norms):] + norms[: round_index % len(norms)]
+            for norm in order:
+                times[norm].append(time_steps(fns[norm], steps))
+        for norm in norms:
+            ratios = [t / b for t, b in zip(times[norm], times["bn"])]
+            results.setdefault(norm, {})[f"{mode}_ms"] = 1e3 * statistics.median(times[norm])
+            results[norm][f"{mode}_ratio"] = statistics.median(ratios)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 32])
+    parser.add_argument("--norms", nargs="+", default=["bn", "gn", "brn", "mbn"], choices=[n for n in NORM_NAMES if n != "none"])
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the whole run")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per batch size and mode")
+    parser.add_argument("--samples-per-round", type=int, default=64, help="images per timed block (steps = this // batch)")
+    parser.add_argument("--width", type=int, default=16)
+    args = parser.parse_args(argv)
+    norms = ["bn"] + [n for n in args.norms if n != "bn"]
+    torch.set_num_threads(args.threads)
+
+    print(f"# bench_norms  {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"# command: python scripts/bench_norms.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
+    print(
+        f"# torch {torch.__version__}, python {platform.python_version()}, {platform.processor() or platform.machine()}, "
+        f"threads={torch.get_num_threads()}, ResNet-18 width={args.width}, 32x32 inputs, rounds={args.rounds}"
+    )
+    print(f"{'batch':>5} {'norm':>5} {'train ms':>9} {'train/BN':>9} {'eval ms':>8} {'eval/BN':>8}")
+    for batch_size in args.batch_sizes:
+        for norm, row in bench(norms, batch_size, args).items():
+            print(
+                f"{batch_size:>5} {norm:>5} {row['train_ms']:>9.2f} {row['train_ratio']:>9.3f} "
+                f"{row['eval_ms']:>8.2f} {row['eval_ratio']:>8.3f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

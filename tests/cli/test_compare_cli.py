@@ -1,0 +1,164 @@
+"""``mbn-compare`` end to end on a fake sweep dir: output streams, files and exit codes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# The fake sweep generator is shared with tests/compare (it is not a package, so put its dir on the path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compare"))
+from fake_sweep import BATCH_SIZES, NORMS, make_fake_sweep, write_fake_run  # noqa: E402
+
+from mbn.cli.compare import main  # noqa: E402
+from mbn.results import RESULTS_FILENAME  # noqa: E402
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    return make_fake_sweep(tmp_path / "sweeps" / "fake")
+
+
+def cell(sweep, norm, m, metric="best_val_acc1"):
+    values = sweep.completed_values(norm, m, metric)
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f} ({len(values)})"
+
+
+def test_default_table_on_stdout_problems_on_stderr(sweep, capsys):
+    assert main([str(sweep.root)]) == 0
+    out, err = capsys.readouterr()
+    for norm in NORMS:
+        for m in BATCH_SIZES:
+            assert cell(sweep, norm, m) in out
+    assert "3 of 26 runs are not in the table" in err
+    for status in ("failed", "diverged", "running"):
+        key = next(k for k, s in sweep.statuses.items() if s == status)
+        assert any(line.split()[0] == status and str(sweep.run_dirs[key]) in line for line in err.splitlines())
+    assert "missing seeds: norm=bn, m=8: n=2 of 3; seed=1 (no run found)" in err
+
+
+def test_explicit_layout_and_other_metric(sweep, capsys):
+    assert main([str(sweep.root), "--rows", "norm", "--cols", "data.batch_size", "--over", "seed",
+                 "--metric", "final_val_acc1", "--format", "markdown"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| norm | m=2 | m=8 | m=32 |")
+    assert cell(sweep, "mbn", 8, "final_val_acc1") in out
+
+
+def test_csv_stdout_is_pure_csv(sweep, capsys):
+    assert main([str(sweep.root), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 9
+    gn2 = next(r for r in rows if r["norm.name"] == "gn" and r["data.batch_size"] == "2")
+    assert float(gn2["mean_pct"]) == pytest.approx(100 * statistics.mean(sweep.completed_values("gn", 2)), rel=1e-5)
+
+
+def test_out_dir_gets_everything(sweep, tmp_path, capsys):
+    out_dir = tmp_path / "compare"
+    assert main([str(sweep.root), "--out", str(out_dir), "--curve-batch-size", "8"]) == 0
+    names = {p.name for p in out_dir.iterdir()}
+    assert {"table.txt", "table.md", "table.csv", "table.tex", "runs.csv", "report.html",
+            "val_acc1_vs_epoch_m8.png", "val_acc1_vs_epoch_m8.svg"} <= names
+    assert f"open {out_dir}/report.html" in capsys.readouterr().err
+    assert cell(sweep, "bn", 32) in (out_dir / "table.txt").read_text()
+
+
+def test_partial_sweep_with_only_running_runs(tmp_path, capsys):
+    write_fake_run(tmp_path / "a", "bn", 2, 0, status="running")
+    assert main([str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "no usable run yet" in err and "running" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give at least one SWEEP_DIR or --wandb"),
+    (["{root}", "--rows", "normalization"], "--rows: unknown key 'normalization'"),
+    (["{root}", "--cols", "batch"], "--cols: unknown key 'batch'"),
+    (["{root}", "--metric", "best_acc"], "--metric: unknown metric 'best_acc'"),
+    (["{root}", "--curve-batch-size", "3"], "--curve-batch-size 3 is not among the data.batch_size values [2, 8, 32]"),
+    (["{root}", "--rows", "seed"], "must be different keys"),
+    (["{root}/nope"], "no such sweep or run dir"),
+    (["{root}", "--wandb", "justaproject"], "--wandb must be ENTITY/PROJECT, got 'justaproject'"),
+    (["{root}", "--wandb-group", "demo"], "--wandb-group needs --wandb"),
+])
+def test_bad_arguments_exit_2_with_a_message(sweep, capsys, argv, message):
+    argv = [a.format(root=sweep.root) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mbn-compare: error:") and message in err
+
+
+def test_no_runs_found_exits_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
+    assert "no runs found in" in capsys.readouterr().err
+
+
+def test_only_unreadable_runs_exit_2_and_are_listed(tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / RESULTS_FILENAME).write_text("{")
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "JSONDecodeError" in err and "no readable runs" in err
+
+
+def test_bad_choice_is_argparse_exit_2(sweep):
+    with pytest.raises(SystemExit) as exc:
+        main([str(sweep.root), "--format", "xml"])
+    assert exc.value.code == 2
+
+
+def test_unreachable_wandb_exits_1_with_hint(sweep, capsys, monkeypatch):
+    import wandb
+
+    class OfflineApi:
+        def __init__(self, **kwargs):
+            raise wandb.errors.CommError("Failed to verify credentials: connection refused")
+
+    monkeypatch.setattr(wandb, "Api", OfflineApi)
+    assert main([str(sweep.root), "--wandb", "ent/proj"]) == 1
+    err = capsys.readouterr().err
+    assert "could not read W&B runs of 'ent/proj'" in err and "connection refused" in err and "WANDB_API_KEY" in err
+
+
+def test_wandb_runs_join_local_runs(sweep, capsys, monkeypatch):
+    import wandb
+
+    class Run:
+        id, name, group, tags, state = "w1", "w1", "demo", [], "finished"
+        url = "https://wandb.example/ent/proj/runs/w1"
+        config = {"norm": {"name": "gn"}, "data": {"batch_size": 4}, "seed": 0}
+        summary = {"best_val_acc1": 0.7}
+
+        def history(self, samples=500, pandas=True, **kwargs):
+            return []
+
+    class Api:
+        def __init__(self, **kwargs):
+            pass
+
+        def runs(self, path, filters=None, **kwargs):
+            assert (path, filters) == ("ent/proj", {"group": "demo"})
+            return [Run()]
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    assert main([str(sweep.root), "--wandb", "ent/proj", "--wandb-group", "demo", "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(out)))
+    gn4 = next(r for r in rows if r["norm.name"] == "gn" and r["data.batch_size"] == "4")
+    assert float(gn4["mean_pct"]) == pytest.approx(70.0) and gn4["n"] == "1"
+    assert "reading W&B run 1/1" in err
+
+
+def test_console_script_exit_codes(sweep, tmp_path):
+    script = Path(sys.executable).with_name("mbn-compare")
+    ok = subprocess.run([str(script), str(sweep.root), "--format", "csv"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("norm.name,data.batch_size,metric,")
+    bad = subprocess.run([str(script), str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no such sweep or run dir" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,158 @@
+"""The Hydra config tree composes, resolves and validates; bad values fail fast with one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from mbn.cli.config import CONFIG_DIR, ConfigError, group_options, job_dirname, resolve, run_spec, validate
+from mbn.cli.train import main
+from mbn.results import config_hash
+
+EXPERIMENTS = group_options("experiment")
+
+
+def composed(overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    return resolve(cfg)
+
+
+def test_config_groups_match_the_library_registries():
+    from mbn.data import DATASET_KINDS
+    from mbn.models import MODEL_NAMES
+    from mbn.nn import NORM_NAMES
+
+    assert set(group_options("norm")) == set(NORM_NAMES)
+    assert set(group_options("model")) == set(MODEL_NAMES)
+    assert set(group_options("data")) == set(DATASET_KINDS)
+    from mbn.cli import config
+
+    assert set(config.NORM_NAMES) == set(NORM_NAMES)
+    for group in ("norm", "model", "data"):
+        for option in group_options(group):
+            assert composed([f"{group}={option}", "data.source.root=/tmp"] if option == "imagefolder" and group == "data"
+                            else [f"{group}={option}"])[group]["name"] == option
+
+
+def test_experiments_exist_and_have_distinct_sweep_names():
+    assert {"demo", "paper_cifar10", "paper_cifar100"} <= set(EXPERIMENTS)
+    names = [composed([f"experiment={name}"])["sweep_name"] for name in EXPERIMENTS]
+    assert len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_resolves_and_builds_a_spec(experiment, tmp_path):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    sweep_params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    assert "norm" in sweep_params and "data.batch_size" in sweep_params
+    with open_dict(cfg):
+        del cfg["hydra"]
+    config = resolve(cfg)
+    if config["data"]["name"] == "cifar100":
+        # No CIFAR-100 on this machine: point at a stand-in dir so the path check passes.
+        config["data"]["source"]["root"] = str(tmp_path)
+    validate(config)
+    spec = run_spec(config, tmp_path / "run", "run", [f"experiment={experiment}"], config_hash(config))
+    assert spec.sweep_name == config["sweep_name"] == experiment
+    assert spec.epochs == config["epochs"] >= 1
+
+
+def test_paper_experiments_follow_the_paper():
+    for experiment, dataset in (("paper_cifar10", "cifar10_archive"), ("paper_cifar100", "cifar100")):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+        params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+        assert [int(m) for m in params["data.batch_size"].split(",")] == [2, 4, 8, 16, 32]
+        assert set(params["norm"].split(",")) == {"bn", "gn", "brn", "mbn"}
+        assert (cfg.epochs, cfg.model.name, cfg.model.width, cfg.data.name) == (200, "resnet18", 64, dataset)
+        assert (cfg.optim.base_lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.9, 1e-4)
+        assert list(cfg.optim.milestones) == [0.3, 0.6, 0.9] and cfg.trainer.accelerator == "gpu"
+
+
+def test_defaults_are_the_paper_recipe():
+    config = composed([])
+    assert config["norm"]["name"] == "bn" and config["model"]["name"] == "resnet18"
+    assert config["optim"]["base_lr"] == 0.1 and config["optim"]["reference_batch_size"] == 64
+    assert config["logger"] == {"csv": {}}
+    assert Path(config["data"]["source"]["archive"]).name == "cifar10-jpeg.tar.gz"
+
+
+def test_several_loggers_and_env_overrides(monkeypatch, tmp_path):
+    monkeypatch.setenv("MBN_DATA_ROOT", str(tmp_path))
+    monkeypatch.setenv("MBN_OUTPUT_ROOT", str(tmp_path / "out"))
+    config = composed(["logger=[csv,wandb,tensorboard]", "logger.wandb.offline=false"])
+    assert set(config["logger"]) == {"csv", "wandb", "tensorboard"}
+    assert config["logger"]["wandb"]["offline"] is False
+    assert config["data"]["source"]["archive"] == f"{tmp_path}/cifar10-jpeg.tar.gz"
+    assert config["output_root"] == str(tmp_path / "out")
+
+
+def test_config_hash_ignores_location_and_loggers_but_not_the_science(tmp_path):
+    base = config_hash(composed(["data=fake"]))
+    assert config_hash(composed(["data=fake", f"output_root={tmp_path}", "sweep_name=x", "logger=[csv,wandb]"])) == base
+    assert config_hash(composed(["data=fake", "norm=mbn"])) != base
+    assert config_hash(composed(["data=fake", "data.batch_size=2"])) != base
+
+
+def test_job_dirname_is_deterministic_sorted_and_excludes_keys():
+    assert job_dirname([]) == "default"
+    name = job_dirname(["norm=mbn", "data.batch_size=2", "+logger.wandb.offline=false", "output_root=/x"], ["logger", "output_root"])
+    assert name == "data.batch_size=2,norm=mbn"
+    assert job_dirname(["data.source.archive=/a/b.tar.gz"]) == "data.source.archive=_a_b.tar.gz"
+    assert job_dirname(["hydra.launcher.n_jobs=2", "seed=1"]) == "seed=1"
+    long_a = job_dirname([f"x{i}=1" for i in range(40)] + ["y=1"])
+    long_b = job_dirname([f"x{i}=1" for i in range(40)] + ["y=2"])
+    assert len(long_a) <= 120 and long_a != long_b
+
+
+BAD_OVERRIDES = [
+    (["data.batch_size=0"], "data.batch_size: must be a positive integer, got 0"),
+    (["norm.name=foo"], "norm.name: unknown value 'foo'; expected one of bn, gn, brn, mbn, none"),
+    (["norm=gn", "model.width=8", "norm.num_groups=3"], "norm.num_groups: 3 groups do not divide model.width=8 channels"),
+    (["norm=gn", "model.width=8", "norm.num_groups=null", "norm.group_size=3"], "norm.group_size: 3 does not divide model.width=8"),
+    (["epochs=0"], "epochs: must be a positive integer, got 0"),
+    (["data.source.archive=/no/such/archive.tar.gz"], "data.source.archive: no such file: /no/such/archive.tar.gz"),
+    (["data=imagefolder"], "data.source.root: a value is required (set data.source.root=...)"),
+    (["data=fake", "data.batch_size=abc"], "data.batch_size: must be a positive integer, got 'abc'"),
+    (["data=fake", "data.train_subset=4", "data.batch_size=8"], "data.train_subset: 4 images cannot fill one batch"),
+    (["optim.milestones=[0.6,0.3]"], "optim.milestones: must be increasing, got [0.6, 0.3]"),
+    (["optim.schedule=linear"], "optim.schedule: unknown value 'linear'; expected one of step, cosine"),
+    (["norm=mbn", "norm.tau0=1.5"], "norm.tau0: must be a number in [0, 1], got 1.5"),
+    (["norm=mbn", "norm.schedule=fixed"], "norm.fixed_lam: must be a number in [0, 1), got None"),
+    (["norm=mbn", "norm.ideal_batch_size=0"], "norm.ideal_batch_size: must be a number in [1, inf), got 0"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_OVERRIDES, ids=[o[0][-1] for o in BAD_OVERRIDES])
+def test_bad_values_fail_with_one_line_naming_the_key(overrides, message, run_env, capsys):
+    code = main([*overrides, f"output_root={run_env}"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mbn-train: invalid config: {message}"), err
+    assert "Traceback" not in out + err
+    # Nothing but Hydra's bookkeeping was created, and that is cleaned up.
+    assert not run_env.exists() or not any(p.is_file() for p in (run_env / "runs").rglob("*"))
+
+
+def test_unknown_key_and_unknown_group_option_fail_before_training(run_env):
+    # These are Hydra's own errors (struct mode, missing group option): no traceback, exit 1.
+    for overrides, expected in ((["data.batch_sise=3"], "Key 'batch_sise' is not in struct"),
+                                (["norm=foo"], "Could not find 'norm/foo'")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "mbn.cli.train", *overrides, f"output_root={run_env}"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 1 and expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_config_error_carries_key():
+    error = ConfigError("data.batch_size", "must be a positive integer, got 0")
+    assert error.key == "data.batch_size" and str(error) == "data.batch_size: must be a positive integer, got 0"

@@ -1,0 +1,99 @@
+"""The grid: cell statistics recomputed here with the statistics module from the fixture's numbers."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from fake_sweep import BATCH_SIZES, NORMS, write_fake_run
+from mbn.compare.aggregate import GridSpec, build_grid, default_rows, exclusion_reasons
+from mbn.compare.collect import collect_runs
+
+
+@pytest.mark.parametrize("metric", ["best_val_acc1", "final_val_acc1"])
+def test_cells_are_mean_and_sample_std_over_completed_seeds(fake_sweep, metric):
+    grid = build_grid(collect_runs([fake_sweep.root]), GridSpec(metric=metric))
+    assert grid.row_keys == [(n,) for n in NORMS]
+    assert grid.col_keys == list(BATCH_SIZES)
+    for norm in NORMS:
+        for m in BATCH_SIZES:
+            values = fake_sweep.completed_values(norm, m, metric)
+            cell = grid.cell((norm,), m)
+            assert cell.n == len(values)
+            assert cell.mean == pytest.approx(statistics.mean(values), abs=1e-12)
+            assert cell.std == pytest.approx(statistics.stdev(values), abs=1e-12)
+
+
+def test_best_per_column_and_incomplete_cells(fake_sweep):
+    grid = build_grid(collect_runs([fake_sweep.root]), GridSpec())
+    for m in BATCH_SIZES:
+        means = {norm: statistics.mean(fake_sweep.completed_values(norm, m)) for norm in NORMS}
+        best = max(means, key=means.get)
+        assert [norm for norm in NORMS if grid.cell((norm,), m).best] == [best]
+    assert grid.max_n == 3
+    incomplete = {(row[0], col) for (row, col), cell in grid.cells.items() if grid.is_incomplete(cell)}
+    assert incomplete == {("bn", 2), ("bn", 8), ("gn", 32), ("mbn", 32)}
+    assert grid.cell(("bn",), 8).missing_over == [1]
+    assert grid.cell(("gn",), 32).missing_over == [1]
+
+
+def test_every_run_is_in_a_cell_or_has_a_reason(fake_sweep):
+    runset = collect_runs([fake_sweep.root])
+    spec = GridSpec()
+    grid = build_grid(runset, spec)
+    reasons = exclusion_reasons(runset, spec)
+    in_cells = sorted(i for cell in grid.cells.values() for i in cell.run_ids)
+    assert in_cells == sorted(reasons.index[reasons.isna()])
+    assert sorted(reasons.dropna()) == ["diverged", "failed", "running"]
+
+
+def test_single_seed_has_no_std_and_loss_metric_prefers_lower(tmp_path):
+    write_fake_run(tmp_path / "a", "bn", 2, 0)
+    write_fake_run(tmp_path / "b", "mbn", 2, 0)
+    runset = collect_runs([tmp_path])
+    grid = build_grid(runset, GridSpec(metric="final_val_loss"))
+    cells = [grid.cell((n,), 2) for n in ("bn", "mbn")]
+    assert all(c.n == 1 and c.std is None for c in cells)
+    assert grid.lower_is_better
+    assert [c.best for c in cells] == [c.mean == min(x.mean for x in cells) for c in cells]
+
+
+def test_empty_cell_when_all_its_runs_failed(tmp_path):
+    write_fake_run(tmp_path / "a", "bn", 2, 0)
+    write_fake_run(tmp_path / "b", "bn", 4, 0, status="failed")
+    grid = build_grid(collect_runs([tmp_path]), GridSpec())
+    assert grid.col_keys == [2, 4]
+    assert grid.cell(("bn",), 4).n == 0 and not grid.cell(("bn",), 4).best
+
+
+def test_completed_run_without_metric_or_key_is_excluded_with_reason(tmp_path):
+    write_fake_run(tmp_path / "a", "bn", 2, 0)
+    path = tmp_path / "a" / "results.json"
+    data = json.loads(path.read_text())
+    data["metrics"]["best_val_acc1"] = None
+    path.write_text(json.dumps(data))
+    runset = collect_runs([tmp_path])
+    reasons = exclusion_reasons(runset, GridSpec())
+    assert reasons.iloc[0].startswith("metric best_val_acc1 missing")
+
+
+def test_duplicates_are_all_counted(tmp_path):
+    write_fake_run(tmp_path / "a", "bn", 2, 0)
+    write_fake_run(tmp_path / "b", "bn", 2, 0, model="resnet18")
+    grid = build_grid(collect_runs([tmp_path]), GridSpec())
+    cell = grid.cell(("bn",), 2)
+    assert cell.n == 2 and cell.duplicated_over == [0]
+
+
+def test_default_rows_add_model_and_dataset_only_when_they_vary(tmp_path):
+    write_fake_run(tmp_path / "a", "bn", 2, 0)
+    write_fake_run(tmp_path / "b", "bn", 2, 1)
+    assert default_rows(collect_runs([tmp_path])) == ("norm.name",)
+    write_fake_run(tmp_path / "c", "bn", 2, 0, model="vgg11")
+    runset = collect_runs([tmp_path])
+    assert default_rows(runset) == ("norm.name", "model.name")
+    grid = build_grid(runset, GridSpec(rows=default_rows(runset)))
+    assert grid.row_keys == [("bn", "resnet18"), ("bn", "vgg11")]
+    assert grid.cell(("bn", "resnet18"), 2).n == 2

@@ -1,0 +1,83 @@
+"""Reading results.json files into a RunSet: every file becomes a row, unreadable ones too."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fake_sweep import EPOCHS, write_fake_run
+from mbn.compare.collect import UNREADABLE, collect_runs, load_runs, plain
+from mbn.results import RESULTS_FILENAME
+
+
+def test_every_results_json_becomes_one_row(fake_sweep):
+    runset = collect_runs([fake_sweep.root])
+    assert len(runset) == fake_sweep.n_files == 26
+    assert sorted(runset.runs["source"]) == sorted(str(d / RESULTS_FILENAME) for d in fake_sweep.run_dirs.values())
+    by_dir = runset.runs.set_index("run_dir")
+    for key, run_dir in fake_sweep.run_dirs.items():
+        row = by_dir.loc[str(run_dir)]
+        assert row["status"] == fake_sweep.statuses[key]
+        assert (row["norm.name"], plain(row["data.batch_size"]), plain(row["seed"])) == key
+        expected = fake_sweep.results[key]["metrics"]["best_val_acc1"]
+        assert (plain(row["best_val_acc1"]) is None) if expected is None else row["best_val_acc1"] == expected
+
+
+def test_config_metrics_and_errors_are_columns(fake_sweep):
+    runset = collect_runs([fake_sweep.root])
+    assert {"norm.name", "data.batch_size", "seed", "epochs", "model.name", "optim.base_lr"} <= set(runset.config_keys)
+    assert {"best_val_acc1", "final_val_acc1", "best_epoch"} <= set(runset.metric_keys)
+    failed = runset.runs[runset.runs["status"] == "failed"].iloc[0]
+    assert failed["error"] == "RuntimeError: DataLoader worker (pid 4242) is killed by signal: Killed."
+    # list values are kept as comparable text
+    assert runset.runs["optim.milestones"].iloc[0] == "[0.3, 0.6, 0.9]"
+
+
+def test_history_is_long_table_with_lam_tau(fake_sweep):
+    runset = collect_runs([fake_sweep.root])
+    history = runset.history
+    mbn_ids = runset.runs.index[(runset.runs["norm.name"] == "mbn") & (runset.runs["status"] == "completed")]
+    mbn_rows = history[history["run_id"].isin(mbn_ids)]
+    assert len(mbn_rows) == len(mbn_ids) * EPOCHS
+    assert mbn_rows["tau"].notna().all() and mbn_rows["lam"].notna().all()
+    bn_ids = runset.runs.index[runset.runs["norm.name"] == "bn"]
+    assert history[history["run_id"].isin(bn_ids)]["lam"].isna().all()
+    diverged_id = runset.runs.index[runset.runs["status"] == "diverged"][0]
+    losses = history[history["run_id"] == diverged_id]["train_loss"].tolist()
+    assert len(losses) == 2 and math.isnan(losses[-1])
+
+
+def test_corrupt_and_foreign_files_are_unreadable_rows_not_crashes(fake_sweep):
+    broken = fake_sweep.root / "norm=bn,data.batch_size=4,seed=0"
+    broken.mkdir()
+    (broken / RESULTS_FILENAME).write_text('{"status": "completed", "metrics": {')  # truncated write
+    foreign = fake_sweep.root / "other"
+    foreign.mkdir()
+    (foreign / RESULTS_FILENAME).write_text('{"accuracy": 0.9}')
+    runset = collect_runs([fake_sweep.root])
+    assert len(runset) == fake_sweep.n_files + 2
+    unreadable = runset.runs[runset.runs["status"] == UNREADABLE].set_index("run_dir")
+    assert set(unreadable.index) == {str(broken), str(foreign)}
+    assert unreadable.loc[str(broken), "error"].startswith("JSONDecodeError")
+    assert "no 'status' key" in unreadable.loc[str(foreign), "error"]
+
+
+def test_several_sweeps_combine_and_single_run_dirs_work(tmp_path):
+    write_fake_run(tmp_path / "a" / "run1", "bn", 2, 0)
+    write_fake_run(tmp_path / "b" / "run1", "mbn", 2, 0)
+    runs = load_runs([tmp_path / "a", tmp_path / "b" / "run1" / RESULTS_FILENAME])
+    assert sorted(runs["norm.name"]) == ["bn", "mbn"]
+
+
+def test_missing_dir_is_an_error_naming_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        collect_runs([tmp_path / "nope"])
+
+
+def test_resolve_key_aliases_and_suggests(fake_sweep):
+    runset = collect_runs([fake_sweep.root])
+    assert runset.resolve_key("norm") == "norm.name"
+    assert runset.resolve_key("data.batch_size") == "data.batch_size"
+    with pytest.raises(KeyError, match="data.batch_size"):
+        runset.resolve_key("data.batchsize")

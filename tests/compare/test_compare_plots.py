@@ -1,0 +1,78 @@
+"""Figures: axes carry the data and labels; files are real PNG/SVG."""
+
+from __future__ import annotations
+
+import statistics
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from fake_sweep import BATCH_SIZES, NORMS, lam_schedule, tau_value, write_fake_run
+from mbn.compare.aggregate import GridSpec, build_grid
+from mbn.compare.collect import collect_runs
+from mbn.compare.plots import plot_curves, plot_mbn_schedule, plot_metric_vs_batch_size, save_figure
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def runset(fake_sweep):
+    return collect_runs([fake_sweep.root])
+
+
+@pytest.fixture
+def grid(runset):
+    return build_grid(runset, GridSpec())
+
+
+def test_accuracy_vs_batch_size_has_log2_axis_lines_and_labels(fake_sweep, grid):
+    fig = plot_metric_vs_batch_size(grid)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    assert list(ax.get_xticks()) == list(BATCH_SIZES)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(m) for m in BATCH_SIZES]
+    assert "batch size" in ax.get_xlabel() and "log2" in ax.get_xlabel()
+    assert ax.get_ylabel() == "best_val_acc1 (%)" and ax.get_title()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(NORMS)
+    bn_line = ax.get_lines()[0]
+    assert list(bn_line.get_xdata()) == list(BATCH_SIZES)
+    expected = [100 * statistics.mean(fake_sweep.completed_values("bn", m)) for m in BATCH_SIZES]
+    assert list(bn_line.get_ydata()) == pytest.approx(expected)
+
+
+def test_curves_at_the_chosen_batch_size(fake_sweep, runset, grid):
+    fig = plot_curves(runset, grid, 8)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "val_acc1 (%)" and "m=8" in ax.get_title()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["bn (n=2)", "gn (n=3)", "mbn (n=3)"]
+    mbn_line = ax.get_lines()[2]
+    last_epoch = [100 * fake_sweep.results[("mbn", 8, s)]["history"][-1]["val_acc1"] for s in (0, 1, 2)]
+    assert mbn_line.get_ydata()[-1] == pytest.approx(statistics.mean(last_epoch))
+    assert plot_curves(runset, grid, 8, metric="no_such_key") is None
+    assert plot_curves(runset, grid, 3) is None
+
+
+def test_mbn_schedule_plots_lam_and_tau_per_batch_size(runset, grid):
+    fig = plot_mbn_schedule(runset, grid)
+    lam_ax, tau_ax = fig.axes
+    assert [t.get_text() for t in lam_ax.get_legend().get_texts()] == [f"m={m}" for m in BATCH_SIZES]
+    lam_m2 = lam_ax.get_lines()[0]
+    assert list(lam_m2.get_ydata()) == pytest.approx([lam_schedule(e, 2) for e in (1, 2, 3, 4)], abs=1e-6)
+    assert tau_ax.get_lines()[1].get_ydata()[0] == pytest.approx(tau_value(8), abs=1e-6)
+    assert "λ" in lam_ax.get_ylabel() and "τ" in tau_ax.get_ylabel() and lam_ax.get_xlabel() == "epoch"
+
+
+def test_no_mbn_run_no_schedule_plot(tmp_path):
+    write_fake_run(tmp_path / "a", "bn", 2, 0)
+    runset = collect_runs([tmp_path])
+    assert plot_mbn_schedule(runset, build_grid(runset, GridSpec())) is None
+
+
+def test_saved_png_and_svg_are_valid_files(grid, tmp_path):
+    encoded = save_figure(plot_metric_vs_batch_size(grid), tmp_path / "plots", "acc")
+    png, svg = tmp_path / "plots" / "acc.png", tmp_path / "plots" / "acc.svg"
+    assert png.read_bytes() == encoded["png"] and svg.read_bytes() == encoded["svg"]
+    assert encoded["png"].startswith(PNG_MAGIC) and len(encoded["png"]) > 5000
+    root = ET.fromstring(encoded["svg"])
+    assert root.tag.endswith("svg")
+    assert "best_val_acc1" in svg.read_text()

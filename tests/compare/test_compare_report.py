@@ -1,0 +1,175 @@
+"""report.html: valid, self-contained, and listing the table, plots, problems and config differences."""
+
+from __future__ import annotations
+
+import base64
+import re
+import statistics
+from html.parser import HTMLParser
+
+import pytest
+
+from fake_sweep import NORMS, make_fake_sweep, write_fake_run
+from mbn.compare.aggregate import GridSpec
+from mbn.compare.collect import collect_runs
+from mbn.compare.comparison import compare, write_outputs
+from mbn.compare.report import ReportInput, render_report
+from mbn.results import RESULTS_FILENAME
+
+VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+class StrictHTMLChecker(HTMLParser):
+    """Collects structure errors html.parser tolerates: unclosed/mismatched tags, external references."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.doctype = False
+        self.images: list[str] = []
+        self.text: list[str] = []
+        self.cells: list[str] = []
+        self._cell: list[str] | None = None
+
+    def handle_decl(self, decl: str) -> None:
+        self.doctype = self.doctype or decl.lower() == "doctype html"
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        for name in ("src", "href"):
+            if attrs.get(name) and not attrs[name].startswith(("data:", "#")):
+                self.errors.append(f"external reference <{tag} {name}={attrs[name][:60]!r}>")
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+            if not attrs.get("alt"):
+                self.errors.append("img without alt")
+        if tag in ("script", "link", "iframe"):
+            self.errors.append(f"<{tag}> in a self-contained report")
+        if tag in ("td", "th"):
+            self._cell = []
+        if tag not in VOID_TAGS:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if tag in VOID_TAGS:
+            return
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1] if self.stack else 'nothing'}")
+            return
+        self.stack.pop()
+        if tag in ("td", "th") and self._cell is not None:
+            self.cells.append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def check_html(text: str) -> StrictHTMLChecker:
+    checker = StrictHTMLChecker()
+    checker.feed(text)
+    checker.close()
+    assert checker.doctype, "missing <!DOCTYPE html>"
+    assert not checker.errors, checker.errors
+    assert not checker.stack, f"unclosed tags: {checker.stack}"
+    return checker
+
+
+@pytest.fixture(scope="module")
+def module_sweep(tmp_path_factory):
+    return make_fake_sweep(tmp_path_factory.mktemp("sweeps") / "fake")
+
+
+@pytest.fixture(scope="module")
+def written(module_sweep, tmp_path_factory):
+    """The full output dir, written once for the tests of this module (rendering plots is the slow part)."""
+    comparison = compare(collect_runs([module_sweep.root]), GridSpec())
+    out = tmp_path_factory.mktemp("out")
+    paths = write_outputs(comparison, out, sources=[str(module_sweep.root)])
+    return out, paths
+
+
+def report_without_plots(root) -> str:
+    comparison = compare(collect_runs([root]), GridSpec())
+    return render_report(ReportInput(runset=comparison.runset, grid=comparison.grid, problems=comparison.problems,
+                                     notes=comparison.notes, sources=[str(root)]))
+
+
+def test_outputs_written(written):
+    out, paths = written
+    names = sorted(p.name for p in paths)
+    assert names == sorted([
+        "table.txt", "table.md", "table.csv", "table.tex", "runs.csv", "report.html",
+        "best_val_acc1_vs_m.png", "best_val_acc1_vs_m.svg", "val_acc1_vs_epoch_m2.png", "val_acc1_vs_epoch_m2.svg",
+        "mbn_lam_tau_vs_epoch.png", "mbn_lam_tau_vs_epoch.svg",
+    ])
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_report_is_valid_self_contained_html_with_embedded_pngs(written):
+    out, _ = written
+    checker = check_html((out / "report.html").read_text(encoding="utf-8"))
+    assert len(checker.images) == 3
+    for src in checker.images:
+        prefix = "data:image/png;base64,"
+        assert src.startswith(prefix)
+        assert base64.b64decode(src[len(prefix):]).startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_report_contains_the_table(written, module_sweep):
+    out, _ = written
+    checker = check_html((out / "report.html").read_text(encoding="utf-8"))
+    for norm in NORMS:
+        for m in (2, 8, 32):
+            values = module_sweep.completed_values(norm, m)
+            expected = f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f} ({len(values)})"
+            assert any(cell.startswith(expected) for cell in checker.cells), expected
+    html_text = (out / "report.html").read_text(encoding="utf-8")
+    assert len(re.findall(r'<td class="best[^"]*"><strong>', html_text)) == 3
+
+
+def test_report_lists_every_run_outside_the_table(written, module_sweep):
+    out, _ = written
+    checker = check_html((out / "report.html").read_text(encoding="utf-8"))
+    text = " ".join(checker.text)
+    assert "RuntimeError: DataLoader worker (pid 4242) is killed by signal: Killed." in text
+    assert "second line of detail" not in text  # first line of the error only
+    assert "loss is nan at epoch 2, step 1234" in text
+    for key, status in module_sweep.statuses.items():
+        if status != "completed":
+            assert module_sweep.run_dirs[key].name in text
+            assert status in checker.cells
+    assert "seed=1 (no run found)" in text  # bn m=8 seed 1 never ran
+    assert "seed=2 (failed)" in text
+
+
+def test_report_config_diff_and_row_settings(fake_sweep):
+    odd = fake_sweep.root / "odd"
+    write_fake_run(odd, "bn", 2, 2)
+    results = (odd / RESULTS_FILENAME).read_text().replace('"base_lr": 0.1', '"base_lr": 0.05')
+    (odd / RESULTS_FILENAME).write_text(results)
+    checker = check_html(report_without_plots(fake_sweep.root))
+    assert "optim.base_lr=0.05" in checker.cells
+    assert "num_groups=8" in checker.cells  # GN's setting, shown once per norm instead of as a diff
+    assert "ideal_batch_size=32, tau0=0.9, schedule=epoch" in checker.cells
+    assert "optim.base_lr" in " ".join(checker.text)
+
+
+def test_unreadable_results_are_listed(fake_sweep):
+    broken = fake_sweep.root / "broken"
+    broken.mkdir()
+    (broken / RESULTS_FILENAME).write_text("{not json")
+    checker = check_html(report_without_plots(fake_sweep.root))
+    assert "unreadable" in checker.cells
+    assert any(cell.startswith("JSONDecodeError") for cell in checker.cells)
+    assert "Runs not in the table (4)" in " ".join(checker.text)
+
+
+def test_checker_catches_broken_html():
+    checker = StrictHTMLChecker()
+    checker.feed('<!DOCTYPE html><html><body><table><tr><td>x</tr></table><img src="https://x/y.png"></body></html>')
+    assert any("closes td" in e for e in checker.errors)
+    assert any("external reference" in e for e in checker.errors)

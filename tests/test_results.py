@@ -1,0 +1,62 @@
+import json
+
+import pytest
+
+from mbn.results import (
+    RESULTS_FILENAME,
+    config_hash,
+    flatten,
+    iter_results,
+    read_results,
+    write_results,
+)
+
+
+def test_config_hash_ignores_key_order_and_excluded_keys():
+    a = {"seed": 0, "data": {"batch_size": 2, "name": "c10"}, "output_root": "/x", "hydra": {"a": 1}}
+    b = {"data": {"name": "c10", "batch_size": 2}, "seed": 0, "output_root": "/elsewhere"}
+    assert config_hash(a) == config_hash(b)
+    assert len(config_hash(a)) == 16
+
+
+def test_config_hash_changes_with_what_the_run_computes():
+    base = {"seed": 0, "data": {"batch_size": 2}}
+    assert config_hash(base) != config_hash({"seed": 1, "data": {"batch_size": 2}})
+    assert config_hash(base) != config_hash({"seed": 0, "data": {"batch_size": 4}})
+
+
+def test_write_then_read_results(tmp_path):
+    write_results(tmp_path, {"status": "completed", "metrics": {"best_val_acc1": 0.9}})
+    data = read_results(tmp_path)
+    assert data["schema_version"] == 1
+    assert data["metrics"]["best_val_acc1"] == 0.9
+    assert data["output_dir"] == str(tmp_path)
+
+
+def test_write_results_rejects_unknown_status(tmp_path):
+    with pytest.raises(ValueError, match="status must be one of"):
+        write_results(tmp_path, {"status": "done"})
+    assert not (tmp_path / RESULTS_FILENAME).exists()
+
+
+def test_read_results_rejects_foreign_json(tmp_path):
+    (tmp_path / RESULTS_FILENAME).write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="not an mbn results.json"):
+        read_results(tmp_path)
+
+
+def test_iter_results_finds_nested_runs_and_skips_hidden_dirs(tmp_path):
+    for rel in ["a/0", "b/1/deep", ".hidden/2"]:
+        write_results(tmp_path / rel, {"status": "running"})
+    found = [p.relative_to(tmp_path).parent.as_posix() for p in iter_results(tmp_path)]
+    assert found == ["a/0", "b/1/deep"]
+    with pytest.raises(FileNotFoundError, match="no such sweep"):
+        list(iter_results(tmp_path / "missing"))
+
+
+def test_flatten_uses_dotted_keys():
+    assert flatten({"data": {"batch_size": 2, "aug": {"flip": True}}, "seed": 0}) == {
+        "data.batch_size": 2,
+        "data.aug.flip": True,
+        "seed": 0,
+    }
