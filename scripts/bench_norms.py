@@ -24,16 +24,17 @@ import torch
 from torch import nn
 
 from mbn.models import build_model
-from mbn.nn import NORM_NAMES, norm_layer, set_progress
+from mbn.nn import NORM_NAMES, norm_layer, schedule, set_progress
 
 # Width-16 channels (16..128) are not divisible into GroupNorm's default 32 groups.
 NORM_KWARGS = {"gn": {"num_groups": 8}, "mbn": {"ideal_batch_size": 32}}
+EPOCH, TOTAL_EPOCHS = 5, 10  # MBN mid-schedule
 
 
 def build(norm: str, width: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     model = build_model("resnet18", num_classes=10, norm_layer=norm_layer(norm, **NORM_KWARGS.get(norm, {})), width=width)
-    set_progress(model, epoch=5, total_epochs=10)
+    set_progress(model, EPOCH, TOTAL_EPOCHS)
     return model
 
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--norms", nargs="+", default=["bn", "gn", "brn", "mbn"], choices=[n for n in NORM_NAMES if n != "none"])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the whole run")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per batch size and mode")
-    parser.add_argument("--samples-per-round", type=int, default=64, help="images per timed block (steps = this // batch)")
+    parser.add_argument("--samples-per-round", type=int, default=128, help="images per timed block (steps = this // batch)")
     parser.add_argument("--width", type=int, default=16)
     args = parser.parse_args(argv)
     norms = ["bn"] + [n for n in args.norms if n != "bn"]
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
         f"# torch {torch.__version__}, python {platform.python_version()}, {platform.processor() or platform.machine()}, "
         f"threads={torch.get_num_threads()}, ResNet-18 width={args.width}, 32x32 inputs, rounds={args.rounds}"
     )
+    m0 = NORM_KWARGS["mbn"]["ideal_batch_size"]
+    lams = ", ".join(f"m={m}: lam={schedule.lam(EPOCH, TOTAL_EPOCHS, m, m0):.3f}" for m in args.batch_sizes)
+    print(f"# mbn: m0={m0}, epoch {EPOCH}/{TOTAL_EPOCHS} ({lams}); gn: num_groups=8; brn: defaults")
     print(f"{'batch':>5} {'norm':>5} {'train ms':>9} {'train/BN':>9} {'eval ms':>8} {'eval/BN':>8}")
     for batch_size in args.batch_sizes:
         for norm, row in bench(norms, batch_size, args).items():

@@ -1,6 +1,6 @@
 """Real activations for Theorem 1: the inputs of one BN layer of a CIFAR-10 ResNet-18, over a dataset.
 
-A narrow ResNet-18 (``width=16``, ``BatchNorm2d``) is optionally trained for a fixed wall-clock budget,
+A narrow ResNet-18 (``width=16``, ``BatchNorm2d``) is optionally trained for a few SGD steps,
 then run in eval mode over the training images; a forward pre-hook on the chosen BN layer records, per
 image and channel, the value at the centre pixel and the spatial mean and mean square of its input. That
 is all Theorem 1 needs (see :func:`experiments.theory.theorem1.run_real`) and stays small for 50k images.
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from experiments.theory.common import positive_int
 from mbn.data import load_dataset
 from mbn.models import build_model
 
@@ -37,11 +38,11 @@ def add_real_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--real-fake", action="store_true",
                        help="use the generated 'fake' dataset instead of the archive (tests, machines without data)")
     group.add_argument("--real-layer", default=DEFAULT_LAYER, help="name of the BN module whose input is recorded")
-    group.add_argument("--real-images", type=int, default=None,
+    group.add_argument("--real-images", type=positive_int, default=None,
                        help="record this many training images (stratified subset; default: all)")
-    group.add_argument("--train-seconds", type=float, default=60.0,
-                       help="train the ResNet this long before recording (0: random init)")
-    group.add_argument("--train-max-steps", type=int, default=None, help="cap on training steps")
+    group.add_argument("--train-steps", type=int, default=30,
+                       help="SGD steps (batch 64) before recording; 0: random init. A step count, not a time "
+                            "budget, keeps the run reproducible (30 steps ~ 1 min on 2 cores)")
     group.add_argument("--cache-dir", type=Path, default=None, help="decoded-dataset cache (default: mbn's)")
 
 
@@ -53,49 +54,46 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
 
 
 def train_briefly(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: tuple[float, ...],
-                  std: tuple[float, ...], seconds: float, max_steps: int | None = None, batch_size: int = 64,
-                  lr: float = 0.05, seed: int = 0) -> dict[str, Any]:
-    """SGD (momentum 0.9, weight decay 5e-4, random horizontal flips) for a wall-clock budget.
+                  std: tuple[float, ...], steps: int, batch_size: int = 64, lr: float = 0.05,
+                  seed: int = 0) -> dict[str, Any]:
+    """A few SGD steps (momentum 0.9, weight decay 5e-4, random horizontal flips) on random batches.
 
     Args:
-        model: the classifier, trained in place.
+        model: the classifier, trained in place and left in eval mode.
         images: uint8 training images.
         labels: their labels.
         mean: dataset per-channel mean.
         std: dataset per-channel std.
-        seconds: time budget; 0 skips training.
-        max_steps: optional cap on steps.
+        steps: SGD steps; 0 skips training (random init).
         batch_size: training batch size.
         lr: learning rate.
         seed: data order and flips.
 
     Returns:
-        ``steps``, ``seconds`` and the mean training loss/accuracy of the first and last 20 steps.
+        ``steps``, ``seconds`` and the mean training loss/accuracy of the first and last 10 steps
+        (first and last quarter when shorter).
     """
-    if seconds < 0:
-        raise ValueError(f"seconds must be >= 0, got {seconds}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     model.train()
-    losses, hits, steps = [], [], 0
+    losses, hits = [], []
     started = time.perf_counter()
-    with tqdm(desc="train resnet18", unit="step", total=max_steps) as bar:
-        while time.perf_counter() - started < seconds and (max_steps is None or steps < max_steps):
-            idx = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
-            x = normalize(images[idx], mean, std)
-            flip = torch.rand(batch_size, generator=generator) < 0.5
-            x[flip] = x[flip].flip(-1)
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits, labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            hits.append((logits.argmax(1) == labels[idx]).float().mean().item())
-            steps += 1
-            bar.update(1)
+    for _ in tqdm(range(steps), desc="train resnet18", unit="step"):
+        idx = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
+        x = normalize(images[idx], mean, std)
+        flip = torch.rand(batch_size, generator=generator) < 0.5
+        x[flip] = x[flip].flip(-1)
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        hits.append((logits.argmax(1) == labels[idx]).float().mean().item())
     model.eval()
-    window = min(20, max(steps, 1))
+    window = min(10, max(steps // 4, 1))
     return {
         "steps": steps,
         "seconds": time.perf_counter() - started,
@@ -173,7 +171,7 @@ def record_from_args(args: argparse.Namespace) -> dict[str, Any]:
     load_seconds = time.perf_counter() - started
     model = build_model("resnet18", num_classes=splits.num_classes, norm_layer=nn.BatchNorm2d, width=16)
     training = train_briefly(model, splits.train.images, splits.train.labels, splits.mean, splits.std,
-                             args.train_seconds, args.train_max_steps, seed=args.seed)
+                             args.train_steps, seed=args.seed)
     train = splits.train
     if args.real_images is not None and args.real_images < len(train):
         train = train.subset(args.real_images, seed=args.seed)

@@ -29,7 +29,8 @@ MBN_SCHEDULES = ("epoch", "iteration", "fixed")
 LR_SCHEDULES = ("step", "cosine")
 LOGGER_NAMES = ("csv", "wandb", "tensorboard")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
-MAX_DIRNAME = 120
+PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "transformer-engine")
+MAX_DIRNAME = 200
 
 
 class ConfigError(ValueError):
@@ -55,7 +56,7 @@ def job_dirname(overrides: Iterable[str], exclude: Iterable[str] = ()) -> str:
     ``key=value`` pairs sorted by key and joined with commas (``data.batch_size=2,norm=mbn``);
     overrides of keys in ``exclude`` (or below them, e.g. ``logger.wandb.offline`` for ``logger``)
     and of ``hydra`` are left out; ``/`` becomes ``_``; no overrides gives ``default``; names
-    longer than 120 characters are cut and end with a hash of the full name, so distinct jobs never
+    longer than 200 characters are cut and end with a hash of the full name, so distinct jobs never
     share a dir.
 
     Args:
@@ -135,6 +136,7 @@ def validate(config: Mapping[str, Any]) -> None:
 
 def _validate_trainer(config: Mapping[str, Any]) -> None:
     _choice(config, "trainer.accelerator", ACCELERATORS)
+    _choice(config, "trainer.precision", PRECISIONS)
     _integer(config, "trainer.devices", minimum=1)
     _integer(config, "trainer.num_nodes", minimum=1)
     _integer(config, "trainer.check_finite_every_n_steps", minimum=1)

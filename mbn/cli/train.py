@@ -111,6 +111,8 @@ def _quiet_lightning() -> None:
     """Drop Lightning messages that are noise for these runs (the metrics are logged per epoch on purpose)."""
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    # Expected when resuming: last.ckpt and best.ckpt are already there.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     rank_zero_logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if not any(isinstance(f, _DropAdverts) for f in rank_zero_logger.filters):
         rank_zero_logger.addFilter(_DropAdverts())

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mbn.nn._input_checks import check_input, check_training_batch
+
 __all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
 
@@ -113,27 +115,12 @@ class BatchRenorm(nn.Module):
         d_frac = 1.0 if ramp >= self.d_max_ramp_steps else ramp / self.d_max_ramp_steps
         return 1.0 + (self.r_max - 1.0) * r_frac, self.d_max * d_frac
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if self._input_dims and input.dim() not in self._input_dims:
-            raise ValueError(
-                f"{type(self).__name__}: expected a {' or '.join(f'{d}D' for d in self._input_dims)} input, "
-                f"got {input.dim()}D with shape {tuple(input.shape)}"
-            )
-        if input.dim() < 2 or input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}): expected input of shape (N, {self.num_features}, ...), "
-                f"got {tuple(input.shape)}"
-            )
-
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` of shape ``(N, C, *)``; see the class docstring."""
-        self._check_input_dim(input)
+        check_input(self, input, self._input_dims)
         if not self.training:
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        if input.numel() <= self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}: expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}"
-            )
+        check_training_batch(self, input)
         if self._step is None:
             self._step = int(self.num_batches_tracked)
         r_max, d_max = self.limits(self._step)

@@ -1,4 +1,4 @@
-"""Fused training-mode Momentum Batch Normalization (one custom autograd Function).
+"""Training-mode Momentum Batch Normalization: native BN kernels plus one small custom autograd Function.
 
 Per channel, over the batch and spatial dims (``n`` values):
 
@@ -16,96 +16,77 @@ and ``Phi`` are constants. With ``s = 1 / sqrt(Phi + eps)``, ``k = (1 - lam) / n
 
 Why not a chain of elementwise torch ops: that costs ~8 passes over the activation plus as many
 autograd nodes, 1.3x-1.6x the step time of native BN on CPU. Here every pass over the activation is a
-native kernel, and the per-channel arithmetic is a handful of tiny ops:
+native BN kernel:
 
-* statistics and running-statistics update: ``torch.batch_norm_update_stats`` (one op). Its CPU
-  kernel is a scalar loop for channels-first inputs with spatial dims, so above
-  ``_FAST_STATS_NUMEL`` values those use the corrected two-pass algorithm on vectorized kernels
-  instead: ``m = mean(x)``, ``z = x - m`` (eval-mode ``batch_norm``), ``sum(z)`` and ``sum(z * z)``
-  in one pass (the reduction of ``native_batch_norm_backward`` with ``g = z``, mean 0, invstd 1),
-  ``mu = m + mean(z)``, ``var = mean(z^2) - mean(z)^2``. Equally accurate (no ``E[x^2] - E[x]^2``
-  cancellation), 2-3x faster than the statistics kernel of PyTorch's own CPU BN;
-* normalization: eval-mode ``batch_norm`` with ``M``/``Phi`` as its statistics (one pass);
-* backward with ``lam == 0``: exactly BN's backward, one native ``native_batch_norm_backward``;
-  with ``lam > 0``: one native reduction for ``sum(g)`` and ``sum(g * (x - M)) * s`` (which are
-  also the bias/weight gradients), then ``dx = a * g + b * x + c`` per channel in two passes.
+* ``lam == 0`` (first epoch, ``m >= m0``, first batch): MBN *is* BN, so it runs the native training
+  ``native_batch_norm`` (momentum ``1 - tau``) and copies its batch statistics into ``M``/``Phi``.
+* ``lam > 0``: ``batch_norm_update_stats`` (batch statistics + running-statistics update, one
+  call), eval-mode ``batch_norm`` with ``M``/``Phi`` as its statistics (one pass). The backward is
+  one native training-mode ``native_batch_norm_backward`` called with weight ``w / c``, mean ``M``
+  and invstd ``s * c`` (``c = sqrt(1 - lam)``): that reproduces every term of ``dx`` above except
+  a per-channel constant, added in one in-place pass. The remaining cost over BN is a handful of
+  per-channel ops and the Python autograd Function, which dominate at tiny batches.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 __all__ = ["momentum_batch_norm"]
 
 _batch_norm_backward = torch.ops.aten.native_batch_norm_backward
 
-# Channels-first inputs with at least this many values take the vectorized statistics path
-# (crossover measured on a 2-core Xeon: ~35 us either way at 32k values).
-_FAST_STATS_NUMEL = 32768
-
-
-def _update_batch_stats(input: Tensor, running_mean: Tensor, running_var: Tensor, momentum: float) -> tuple[Tensor, Tensor]:
-    """Batch mean and biased variance (dtype of the running stats); updates the running stats in place."""
-    if input.numel() < _FAST_STATS_NUMEL or input.dim() == 2 or not input.is_contiguous():
-        return torch.batch_norm_update_stats(input, running_mean, running_var, momentum)
-    n = input.numel() // input.shape[1]
-    shift = torch.mean(input, [0, *range(2, input.dim())], dtype=running_mean.dtype)
-    ones = torch.ones_like(running_mean)
-    centered = torch.batch_norm(input, None, None, shift, ones, False, 0.0, 0.0, False)  # x - shift, exactly
-    _, sum_sq, total = _batch_norm_backward(
-        centered, centered, None, None, None, torch.zeros_like(running_mean), ones, True, 0.0, [False, True, True]
-    )
-    offset = total.div_(n)
-    var = sum_sq.div_(n).addcmul_(offset, offset, value=-1.0).clamp_min_(0.0)
-    mean = shift.add_(offset)
-    running_mean.lerp_(mean, momentum)
-    running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * n / (n - 1))
-    return mean, var
-
 
 class _MomentumBatchNormFunction(torch.autograd.Function):
+    """Training-mode MBN with ``0 < lam < 1`` (``lam == 0`` takes the native BN path)."""
+
     @staticmethod
     def forward(ctx, input, weight, bias, stats, lam, tau, eps):  # noqa: D102 (see module docstring)
         momentum_mean, momentum_var, running_mean, running_var = stats
-        mean, var = _update_batch_stats(input, running_mean, running_var, 1.0 - tau)
-        if lam == 0.0:
-            torch._foreach_copy_((momentum_mean, momentum_var), (mean, var))
-            center, phi = mean, var
-        else:
-            torch._foreach_lerp_((momentum_mean, momentum_var), (mean, var), 1.0 - lam)
-            center, phi = momentum_mean, momentum_var
+        mean, var = torch.batch_norm_update_stats(input, running_mean, running_var, 1.0 - tau)
+        # Out of place, so the backward sees this step's M/Phi even if the layer runs again first.
+        center, phi = torch._foreach_lerp((momentum_mean, momentum_var), (mean, var), 1.0 - lam)
+        torch._foreach_copy_((momentum_mean, momentum_var), (center, phi))
         output = torch.batch_norm(input, weight, bias, center, phi, False, 0.0, eps, False)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # Saved tensors are fresh: a later in-place update of the buffers (module reused
-            # within one forward) cannot change what this backward sees.
-            ctx.save_for_backward(input, weight, mean, center if lam == 0.0 else center.clone(), (phi + eps).rsqrt_())
-            ctx.lam = lam
+            # Per-channel intermediates live on ctx: cheaper than save_for_backward, and they are
+            # neither inputs nor outputs of the Function.
+            ctx.save_for_backward(input)
+            ctx.lam, ctx.center = lam, center
+            invstd = torch.add(phi, eps).rsqrt_()
+            root = math.sqrt(1.0 - lam)
+            # Arguments of the native backward and of the correction (see backward). Plain
+            # tensor-tensor ops: on CPU they are cheaper than _foreach_* or Python-scalar ops.
+            ctx.invstd = invstd * root
+            ctx.scale = scale = invstd if weight is None else weight * invstd  # w * s
+            ctx.weight = scale / ctx.invstd  # w / c
+            ctx.shift = (mean - center).mul_(invstd)  # s * (mu - M)
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):  # noqa: D102
-        input, weight, mean, center, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: this backward is not itself differentiable
+            raise RuntimeError("MomentumBatchNorm does not support double backward (create_graph=True)")
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if ctx.lam == 0.0:  # exactly BN: center == mean, invstd == 1 / sqrt(var + eps)
-            grads = _batch_norm_backward(grad_output, input, weight, None, None, mean, invstd, True, 0.0, [need_input, need_weight, need_bias])
-            return (*grads, None, None, None, None)
-        # grad_weight = sum(g * (x - M)) * s and grad_bias = sum(g), both from one native pass.
-        _, grad_weight, grad_bias = _batch_norm_backward(
-            grad_output, input, weight, None, None, center, invstd, True, 0.0, [False, True, True]
+        (input,) = ctx.saved_tensors
+        lam = ctx.lam
+        root = math.sqrt(1.0 - lam)
+        # The native training-mode backward with weight w / c, mean M and invstd s * c gives every
+        # term of the MBN gradient except a per-channel constant:
+        #   dx = native + w * s * lam / n * (sum(g) + c / lam * s * (mu - M) * grad_weight_native)
+        # and grad_weight = sum(g * (x - M)) * s = grad_weight_native / c, grad_bias = sum(g).
+        grad_input, grad_weight_native, grad_bias = _batch_norm_backward(
+            grad_output, input, ctx.weight, None, None, ctx.center, ctx.invstd, True, 0.0, [need_input, True, True]
         )
-        grad_input = None
         if need_input:
-            k = (1.0 - ctx.lam) / (input.numel() // input.shape[1])
-            scale = invstd if weight is None else weight * invstd
-            # dx = scale * g + coef_c + coef_x * x with coef_x = -k * u, coef_c = -k * (scale * sum(g) - u * mu)
-            u = (grad_weight * invstd).mul_(scale)
-            coef_c = (scale * grad_bias).addcmul_(u, mean, value=-1.0).mul_(-k)
-            grad_input = torch.batch_norm(grad_output, scale, coef_c, torch.zeros_like(scale), torch.ones_like(scale), False, 0.0, 0.0, False)
-            grad_input.addcmul_(input, u.to(input.dtype).view((1, -1) + (1,) * (input.dim() - 2)), value=-k)
-        return grad_input, grad_weight if need_weight else None, grad_bias if need_bias else None, None, None, None, None
+            correction = torch.addcmul(grad_bias, ctx.shift, grad_weight_native, value=root / lam).mul_(ctx.scale)
+            shape = (1, -1) + (1,) * (input.dim() - 2)
+            grad_input.add_(correction.view(shape), alpha=lam * input.shape[1] / input.numel())
+        grad_weight = grad_weight_native.div_(root) if need_weight else None
+        return grad_input, grad_weight, grad_bias if need_bias else None, None, None, None, None
 
 
 def momentum_batch_norm(
@@ -137,6 +118,12 @@ def momentum_batch_norm(
     Returns:
         The normalized tensor, same shape and dtype as ``input``.
     """
-    return _MomentumBatchNormFunction.apply(
-        input, weight, bias, (momentum_mean, momentum_var, running_mean, running_var), lam, tau, eps
-    )
+    if lam != 0.0:
+        return _MomentumBatchNormFunction.apply(
+            input, weight, bias, (momentum_mean, momentum_var, running_mean, running_var), lam, tau, eps
+        )
+    output, mean, invstd = torch.native_batch_norm(input, weight, bias, running_mean, running_var, True, 1.0 - tau, eps)
+    with torch.no_grad():  # M, Phi = this batch's mean and biased variance
+        momentum_mean.copy_(mean)
+        torch.pow(invstd, -2, out=momentum_var).sub_(eps).clamp_min_(0.0)
+    return output

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mbn.nn import schedule as _schedule
+from mbn.nn._input_checks import check_input, check_training_batch
 from mbn.nn.functional import momentum_batch_norm
 
 __all__ = [
@@ -145,7 +146,7 @@ class MomentumBatchNorm(nn.Module):
 
     def _lam_tau(self, m: int) -> tuple[float, float]:
         key = (self._epoch, self._total_epochs, m)
-        if key != self._cache_key:
+        if key != self._cache_key:  # recomputed only when the progress or the batch size changes
             if self.schedule == "fixed":
                 lam = self.fixed_lam
             elif self._epoch is None:
@@ -180,41 +181,27 @@ class MomentumBatchNorm(nn.Module):
         return self._lam_tau(self._last_m)[1]
 
     # -- forward ------------------------------------------------------------------------------
-    def _check_input_dim(self, input: Tensor) -> None:
-        if self._input_dims and input.dim() not in self._input_dims:
-            raise ValueError(
-                f"{type(self).__name__}: expected a {' or '.join(f'{d}D' for d in self._input_dims)} input, "
-                f"got {input.dim()}D with shape {tuple(input.shape)}"
-            )
-        if input.dim() < 2 or input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}): expected input of shape (N, {self.num_features}, ...), "
-                f"got {tuple(input.shape)}"
-            )
-
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` of shape ``(N, C, *)``; see the class docstring."""
-        self._check_input_dim(input)
+        check_input(self, input, self._input_dims)
         if not self.training:
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        if input.numel() <= self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}: expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}"
-            )
-        m = self.batch_size if self.batch_size is not None else input.shape[0]
+        check_training_batch(self, input)
+        m = input.shape[0] if self.batch_size is None else self.batch_size
         self._last_m = m
         lam, tau = self._lam_tau(m)
+        buffers = self._buffers  # direct access: this runs for every layer at every step
         if self._initialized is None:
-            self._initialized = bool(self.momentum_initialized)
+            self._initialized = bool(buffers["momentum_initialized"])
         if not self._initialized:
             lam = 0.0
         output = momentum_batch_norm(
-            input, self.weight, self.bias, self.momentum_mean, self.momentum_var,
-            self.running_mean, self.running_var, lam, tau, self.eps,
+            input, self.weight, self.bias, buffers["momentum_mean"], buffers["momentum_var"],
+            buffers["running_mean"], buffers["running_var"], lam, tau, self.eps,
         )  # fmt: skip
-        self.num_batches_tracked.add_(1)
+        buffers["num_batches_tracked"].add_(1)
         if not self._initialized:
-            self.momentum_initialized.fill_(True)
+            buffers["momentum_initialized"].fill_(True)
             self._initialized = True
         return output
 

@@ -24,7 +24,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 import mbn
 from mbn.models import build_model
 from mbn.nn import norm_layer
-from mbn.results import write_results
+from mbn.results import read_results, write_results
 from mbn.train.callbacks import EpochRecorder, MomentumScheduleCallback
 from mbn.train.datamodule import ImageDataModule
 from mbn.train.loggers import build_loggers, finish_loggers
@@ -73,6 +73,13 @@ def build_module(spec: RunSpec, datamodule: ImageDataModule) -> ClassificationMo
     )
 
 
+def show_progress_bar(spec: RunSpec) -> bool:
+    """Lightning's progress bar when configured so, else only on an interactive terminal."""
+    if spec.trainer.progress_bar is not None:
+        return spec.trainer.progress_bar
+    return sys.stdout.isatty()
+
+
 def build_trainer(spec: RunSpec, callbacks: Sequence[Callback], loggers: list) -> pl.Trainer:
     """The Lightning Trainer of a run: epoch-level logging only, checkpoints last + best.
 
@@ -81,9 +88,7 @@ def build_trainer(spec: RunSpec, callbacks: Sequence[Callback], loggers: list) -
         callbacks: extra callbacks (the checkpoint callback is added here).
         loggers: metric loggers.
     """
-    progress_bar = spec.trainer.progress_bar
-    if progress_bar is None:
-        progress_bar = sys.stdout.isatty()
+    progress_bar = show_progress_bar(spec)
     checkpoint = ModelCheckpoint(
         dirpath=Path(spec.output_dir) / CHECKPOINT_DIR,
         filename=Path(BEST_CHECKPOINT).stem,
@@ -136,6 +141,8 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     started = time.time()
     resume_from = last_checkpoint(output_dir)
     base = _base_results(spec, started, resume_from)
+    # Until the checkpoint restores the recorder, keep showing the epochs an earlier attempt finished.
+    earlier_history = _earlier_history(output_dir, spec.config_hash) if resume_from is not None else []
 
     def write(status: str, history: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         results = {**base, "status": status, **_summary(history), **extra, "wall_time_s": round(time.time() - started, 3)}
@@ -143,7 +150,7 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
             write_results(output_dir, results)
         return results
 
-    write("running", [])
+    write("running", earlier_history)
     loggers: list = []
     trainer: pl.Trainer | None = None
     recorder: EpochRecorder | None = None
@@ -151,17 +158,16 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     error: tuple[str, str | None] | None = None
     if spec.trainer.num_threads:
         torch.set_num_threads(spec.trainer.num_threads)
-    with _sigterm_raises() as in_fit:
+    with _signal_handling() as in_fit:
         try:
             datamodule = ImageDataModule(spec.data, seed=spec.seed)
             module = build_module(spec, datamodule)
             loggers = build_loggers(spec)
             schedule = MomentumScheduleCallback(spec.epochs)
-            progress_bar = spec.trainer.progress_bar if spec.trainer.progress_bar is not None else sys.stdout.isatty()
             recorder = EpochRecorder(
                 schedule,
                 on_epoch=lambda history: write("running", history),
-                log_lines=not progress_bar,
+                log_lines=not show_progress_bar(spec),
                 total_epochs=spec.epochs,
             )
             trainer = build_trainer(spec, [schedule, recorder, *callbacks], loggers)
@@ -187,13 +193,21 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
             status, error = "failed", _error(exc)
         finally:
             # The recorder's history includes the rows restored from a resumed checkpoint.
-            history = recorder.history if recorder is not None else []
+            history = recorder.history if recorder is not None and recorder.history else earlier_history
             extra: dict[str, Any] = {"finished_at": _now()}
             if error is not None:
                 extra["error"], extra["traceback"] = error
             results = write(status, history, **extra)
             finish_loggers(loggers, exit_code=0 if status == "completed" else 1)
     return results
+
+
+def _earlier_history(output_dir: Path, config_hash: str) -> list[dict[str, Any]]:
+    try:
+        earlier = read_results(output_dir)
+    except (OSError, ValueError):
+        return []
+    return list(earlier.get("history") or []) if earlier.get("config_hash") == config_hash else []
 
 
 def _base_results(spec: RunSpec, started: float, resume_from: Path | None) -> dict[str, Any]:
@@ -262,11 +276,12 @@ def _now(timestamp: float | None = None) -> str:
 
 
 @contextmanager
-def _sigterm_raises() -> Iterator[threading.Event]:
-    """Turn SIGTERM into :class:`RunInterrupted` while not inside ``trainer.fit``.
+def _signal_handling() -> Iterator[threading.Event]:
+    """Turn SIGTERM into :class:`RunInterrupted` while not inside ``trainer.fit``; restore SIGINT after.
 
     Inside fit, Lightning's own handler (which chains to this one) stops the loop at the next batch
     and raises ``SIGTERMException``; this handler then does nothing so that shutdown stays graceful.
+    Lightning ignores SIGINT after a Ctrl-C; the previous SIGINT handler is put back on exit.
     Yields the event that marks "inside fit".
     """
     in_fit = threading.Event()
@@ -278,8 +293,10 @@ def _sigterm_raises() -> Iterator[threading.Event]:
         if not in_fit.is_set():
             raise RunInterrupted(f"signal {signal.Signals(signum).name}")
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    previous_sigterm = signal.signal(signal.SIGTERM, handler)
     try:
         yield in_fit
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        signal.signal(signal.SIGINT, previous_sigint)

@@ -107,9 +107,9 @@ def test_job_dirname_is_deterministic_sorted_and_excludes_keys():
     assert name == "data.batch_size=2,norm=mbn"
     assert job_dirname(["data.source.archive=/a/b.tar.gz"]) == "data.source.archive=_a_b.tar.gz"
     assert job_dirname(["hydra.launcher.n_jobs=2", "seed=1"]) == "seed=1"
-    long_a = job_dirname([f"x{i}=1" for i in range(40)] + ["y=1"])
-    long_b = job_dirname([f"x{i}=1" for i in range(40)] + ["y=2"])
-    assert len(long_a) <= 120 and long_a != long_b
+    long_a = job_dirname([f"x{i}=1" for i in range(60)] + ["y=1"])
+    long_b = job_dirname([f"x{i}=1" for i in range(60)] + ["y=2"])
+    assert len(long_a) <= 200 and long_a != long_b
 
 
 BAD_OVERRIDES = [
@@ -126,6 +126,7 @@ BAD_OVERRIDES = [
     (["optim.schedule=linear"], "optim.schedule: unknown value 'linear'; expected one of step, cosine"),
     (["norm=mbn", "norm.tau0=1.5"], "norm.tau0: must be a number in [0, 1], got 1.5"),
     (["norm=mbn", "norm.schedule=fixed"], "norm.fixed_lam: must be a number in [0, 1), got None"),
+    (["trainer.precision=fp8"], "trainer.precision: unknown value 'fp8'; expected one of 64-true"),
     (["norm=mbn", "norm.ideal_batch_size=0"], "norm.ideal_batch_size: must be a number in [1, inf), got 0"),
 ]
 

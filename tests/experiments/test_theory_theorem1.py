@@ -91,7 +91,7 @@ def test_command_quick_with_fake_real_activations(tmp_path):
     out = tmp_path / "theorem1"
     # layer1 (16 channels) keeps the fake-data forward passes and per-channel statistics cheap.
     summary = theorem1.main(["--out", str(out), "--quick", "--batches", "1000", "--real-fake", "--real-images", "256",
-                             "--real-layer", "layer1.0.norm1", "--train-seconds", "5", "--train-max-steps", "2"])
+                             "--real-layer", "layer1.0.norm1", "--train-steps", "2"])
     for name in ("theorem1.csv", "summary.json", "real_neuron.csv", "real_channel.csv", "theorem1_qq.png",
                  "theorem1_variance_ks.png", "theorem1_real_kurtosis.png"):
         assert (out / name).is_file(), name
@@ -99,8 +99,32 @@ def test_command_quick_with_fake_real_activations(tmp_path):
         assert png.stat().st_size < 200_000
     saved = json.loads((out / "summary.json").read_text())
     assert [r["m"] for r in saved["real"]["neuron"]] == list(theorem1.BATCH_SIZES)
-    assert saved["real"]["setup"]["training"]["steps"] <= 2
+    assert saved["real"]["setup"]["training"]["steps"] == 2
     assert saved["real"]["setup"]["images_recorded"] == 256
     assert len(summary["synthetic"]) == len(theorem1.KURTOSIS) * len(theorem1.BATCH_SIZES)
     for row in saved["real"]["neuron"]:
         assert row["mean_sigma"] == pytest.approx((row["m"] - 1) / row["m"], abs=0.05)
+
+
+def test_command_rejects_conflicting_real_sources(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        theorem1.main(["--out", str(tmp_path), "--real-fake", "--real-archive", "x.tar.gz"])
+    assert "exclude each other" in capsys.readouterr().err
+
+
+def test_brief_training_is_reproducible_and_learns():
+    from experiments.theory.activations import train_briefly
+
+    data = load_dataset("fake", num_train=64, num_test=2, num_classes=2, image_size=8, seed=0)
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_model("resnet18", num_classes=2, width=4)
+        report = train_briefly(model, data.train.images, data.train.labels, data.mean, data.std, steps=8,
+                               batch_size=16, seed=3)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert report["steps"] == 8 and not model.training
+    assert torch.equal(weights[0], weights[1])
+    assert report["last_loss"] < report["first_loss"]
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        train_briefly(model, data.train.images, data.train.labels, data.mean, data.std, steps=-1)

@@ -1,0 +1,78 @@
+"""convert_norm / convert: swap the norm layers of existing models, keeping what eval depends on."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from mbn.nn import BatchRenorm2d, GroupNorm, MomentumBatchNorm1d, MomentumBatchNorm2d, convert, convert_norm
+
+
+def trained_resnet():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(2, 3, 32, 32))
+    return model.eval()
+
+
+def test_torchvision_resnet_to_mbn_and_back():
+    model = trained_resnet()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    bn_count = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    converted = convert_norm(model, "mbn", ideal_batch_size=8)
+    layers = [m for m in converted.modules() if isinstance(m, MomentumBatchNorm2d)]
+    assert len(layers) == bn_count and not any(isinstance(m, nn.BatchNorm2d) for m in converted.modules())
+    assert all(layer.ideal_batch_size == 8 and not layer.training for layer in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), expected, rtol=0, atol=0)  # running stats and affine copied
+        converted.train()
+        converted(x)  # a training step moves the running statistics
+        converted.eval()
+        expected_mbn = converted(x)
+    assert not torch.equal(expected_mbn, expected)
+    back = convert(converted)
+    assert sum(type(m) is nn.BatchNorm2d for m in back.modules()) == bn_count
+    with torch.no_grad():
+        assert torch.equal(back(x), expected_mbn)
+
+
+def test_convert_to_bn_preserves_eval_outputs_and_eps():
+    model = nn.Sequential(nn.Linear(4, 6), MomentumBatchNorm1d(6, eps=1e-3), nn.Conv2d(1, 5, 1), BatchRenorm2d(5, eps=1e-4))
+    with torch.no_grad():
+        model[1](torch.randn(8, 6) * 3 + 1)
+        model[3](torch.randn(4, 5, 2, 2) * 2 - 1)
+        model[1].weight.uniform_()
+        model[3].bias.uniform_()
+    model.eval()
+    x1, x3 = torch.randn(3, 6), torch.randn(2, 5, 3, 3)
+    expected = model[1](x1), model[3](x3)
+    converted = convert(model)
+    assert type(converted[1]) is nn.BatchNorm1d and converted[1].eps == 1e-3
+    assert type(converted[3]) is nn.BatchNorm2d and converted[3].eps == 1e-4
+    assert torch.equal(converted[1](x1), expected[0]) and torch.equal(converted[3](x3), expected[1])
+
+
+def test_to_groupnorm_copies_affine_and_keeps_dtype_mode_grad_flags():
+    bn = nn.BatchNorm2d(8).double().train()
+    with torch.no_grad():
+        bn.weight.uniform_()
+    bn.bias.requires_grad_(False)
+    gn = convert_norm(bn, "gn", num_groups=4)  # the root itself is converted
+    assert type(gn) is GroupNorm and gn.num_groups == 4 and gn.training
+    assert gn.weight.dtype == torch.float64 and torch.equal(gn.weight, bn.weight)
+    assert gn.weight.requires_grad and not gn.bias.requires_grad
+
+
+def test_to_none_and_errors():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), GroupNorm(4, num_groups=2))
+    converted = convert_norm(model, "none")
+    assert type(converted[1]) is nn.Identity and type(converted[2]) is GroupNorm  # GN is not a batch-stat layer
+    with pytest.raises(ValueError, match="valid names"):
+        convert_norm(model, "ln")
+    with pytest.raises(TypeError, match="ideal_batch_size"):
+        convert_norm(model, "bn", ideal_batch_size=4)

@@ -1,0 +1,88 @@
+"""``mbn.train`` without Hydra: a RunSpec in, a trained run and its results.json out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pytorch_lightning.callbacks import Callback
+
+from mbn.nn import schedule
+from mbn.results import read_results
+from mbn.train import DataSpec, LoggerSpec, ModelSpec, NormSpec, RunSpec, TrainerSpec, train
+from mbn.train.run import build_trainer
+
+
+def fake_spec(output_dir: Path, **changes) -> RunSpec:
+    spec = RunSpec(
+        data=DataSpec(kind="fake", source={"num_train": 64, "num_test": 32, "image_size": 8},
+                      batch_size=8, eval_batch_size=32, augment=True, crop_padding=1),
+        model=ModelSpec("resnet18", width=4),
+        norm=NormSpec("mbn", {"schedule": "iteration"}),
+        trainer=TrainerSpec(num_threads=1),
+        epochs=2,
+        output_dir=output_dir,
+        run_name="unit",
+        config={"note": "hand-made"},
+        config_hash="0123456789abcdef",
+    )
+    for key, value in changes.items():
+        setattr(spec, key, value)
+    return spec
+
+
+class SeeResultsAtEpochStart(Callback):
+    """Reads results.json when epoch 2 starts: the run must already report epoch 1."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self.seen: dict | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1:
+            self.seen = read_results(self.output_dir)
+
+
+def test_train_without_hydra_records_every_epoch(tmp_path):
+    spec = fake_spec(tmp_path / "run")
+    probe = SeeResultsAtEpochStart(spec.output_dir)
+    results = train(spec, callbacks=[probe])
+    on_disk = read_results(spec.output_dir)
+    assert on_disk.pop("schema_version") == 1 and on_disk == results
+    assert probe.seen["status"] == "running" and probe.seen["epochs_completed"] == 1
+    assert results["status"] == "completed" and results["config_hash"] == "0123456789abcdef"
+    assert results["config"] == {"note": "hand-made"}
+    # Per-iteration MBN schedule: the logged lam is the value at the epoch's last batch.
+    batches = 64 // 8
+    expected = [schedule.lam(epoch + (batches - 1) / batches, 2, 8, 32) for epoch in (1, 2)]
+    assert [row["lam"] for row in results["history"]] == pytest.approx(expected)
+    assert 0 < expected[0] < expected[1] <= 0.75
+    # lr at each epoch start: the first decay (30% of 16 steps) falls inside epoch 1.
+    assert [row["lr"] for row in results["history"]] == pytest.approx([0.1 * 8 / 64, 0.1 * 8 / 64 / 10])
+
+
+def test_keyboard_interrupt_is_recorded_as_interrupted(tmp_path):
+    class CtrlC(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.current_epoch == 1 and batch_idx == 2:
+                raise KeyboardInterrupt
+
+    spec = fake_spec(tmp_path / "run")
+    results = train(spec, callbacks=[CtrlC()])
+    assert results["status"] == "interrupted" and results["epochs_completed"] == 1
+    assert results["error"] == "KeyboardInterrupt"
+    assert (spec.output_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_tensorboard_logger_writes_events(tmp_path):
+    spec = fake_spec(tmp_path / "run", epochs=1, loggers=LoggerSpec(tensorboard=True))
+    assert train(spec)["status"] == "completed"
+    assert list((spec.output_dir / "tensorboard").glob("version_0/events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("setting, expected", [(None, False), (True, True), (False, False)])
+def test_progress_bar_only_on_terminals_unless_forced(tmp_path, setting, expected):
+    # pytest's stdout is not a terminal, so "auto" (None) means no bar.
+    spec = fake_spec(tmp_path / "run", trainer=TrainerSpec(progress_bar=setting))
+    trainer = build_trainer(spec, [], [])
+    assert (trainer.progress_bar_callback is not None) is expected
