@@ -23,7 +23,8 @@ test: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=offline $(BIN)/python -m pytest -n $(WORKERS) --durations=15
 
 demo: setup
-	$(BIN)/python -m mbn.cli.demo
+	$(BIN)/mbn-train -m experiment=demo
+	$(BIN)/mbn-compare outputs/sweeps/demo --out outputs/compare/demo
 
 bench: setup
 	$(BIN)/python scripts/bench_norms.py

@@ -26,14 +26,17 @@ from torch import nn
 from mbn.models import build_model
 from mbn.nn import NORM_NAMES, norm_layer, schedule, set_progress
 
-# Width-16 channels (16..128) are not divisible into GroupNorm's default 32 groups.
-NORM_KWARGS = {"gn": {"num_groups": 8}, "mbn": {"ideal_batch_size": 32}}
 EPOCH, TOTAL_EPOCHS = 5, 10  # MBN mid-schedule
 
 
-def build(norm: str, width: int, seed: int) -> nn.Module:
+def norm_kwargs(norm: str, args: argparse.Namespace) -> dict:
+    # Width-16 channels (16..128) are not divisible into GroupNorm's default 32 groups.
+    return {"gn": {"num_groups": 8}, "mbn": {"ideal_batch_size": args.mbn_m0}}.get(norm, {})
+
+
+def build(norm: str, args: argparse.Namespace, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = build_model("resnet18", num_classes=10, norm_layer=norm_layer(norm, **NORM_KWARGS.get(norm, {})), width=width)
+    model = build_model("resnet18", num_classes=10, norm_layer=norm_layer(norm, **norm_kwargs(norm, args)), width=args.width)
     set_progress(model, EPOCH, TOTAL_EPOCHS)
     return model
 
@@ -71,7 +74,7 @@ def bench(norms: list[str], batch_size: int, args: argparse.Namespace) -> dict[s
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, 32, 32, generator=generator)
     labels = torch.randint(0, 10, (batch_size,), generator=generator)
-    models = {norm: build(norm, args.width, seed=0) for norm in norms}
+    models = {norm: build(norm, args, seed=0) for norm in norms}
     steps = max(1, args.samples_per_round // batch_size)
     results = {}
     for mode in ("train", "eval"):
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per batch size and mode")
     parser.add_argument("--samples-per-round", type=int, default=128, help="images per timed block (steps = this // batch)")
     parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--mbn-m0", type=int, default=32, help="MBN ideal batch size (lam = 0 at every epoch when batch >= m0)")
     args = parser.parse_args(argv)
     norms = ["bn"] + [n for n in args.norms if n != "bn"]
     torch.set_num_threads(args.threads)
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         f"# torch {torch.__version__}, python {platform.python_version()}, {platform.processor() or platform.machine()}, "
         f"threads={torch.get_num_threads()}, ResNet-18 width={args.width}, 32x32 inputs, rounds={args.rounds}"
     )
-    m0 = NORM_KWARGS["mbn"]["ideal_batch_size"]
+    m0 = args.mbn_m0
     lams = ", ".join(f"m={m}: lam={schedule.lam(EPOCH, TOTAL_EPOCHS, m, m0):.3f}" for m in args.batch_sizes)
     print(f"# mbn: m0={m0}, epoch {EPOCH}/{TOTAL_EPOCHS} ({lams}); gn: num_groups=8; brn: defaults")
     print(f"{'batch':>5} {'norm':>5} {'train ms':>9} {'train/BN':>9} {'eval ms':>8} {'eval/BN':>8}")

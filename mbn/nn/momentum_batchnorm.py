@@ -141,6 +141,11 @@ class MomentumBatchNorm(nn.Module):
         self._set_progress_unchecked(float(epoch), float(total_epochs))
 
     def _set_progress_unchecked(self, epoch: float, total_epochs: float) -> None:
+        # Store what the schedule uses, so lam/tau stay cached while it does not change.
+        if self.schedule == "epoch":
+            epoch = float(math.floor(epoch))
+        elif self.schedule == "fixed":
+            return
         self._epoch = epoch
         self._total_epochs = total_epochs
 
@@ -152,8 +157,7 @@ class MomentumBatchNorm(nn.Module):
             elif self._epoch is None:
                 lam = 0.0
             else:
-                t = math.floor(self._epoch) if self.schedule == "epoch" else self._epoch
-                lam = _schedule.lam(t, self._total_epochs, m, self.ideal_batch_size)
+                lam = _schedule.lam(self._epoch, self._total_epochs, m, self.ideal_batch_size)
             self._cached_lam = lam
             self._cached_tau = _schedule.tau(m, self.ideal_batch_size, self.tau0)
             self._cache_key = key

@@ -190,7 +190,8 @@ def test_a_completed_dir_of_another_config_is_moved_aside(tmp_path):
 
 # --- interruption and resume --------------------------------------------------------------------
 
-RESUME_OVERRIDES = {"data.source.num_train": 768, "epochs": 2, "norm": "mbn", "data.eval_batch_size": 32}
+# Epoch 2 (256 steps) must outlast the signal sent right after epoch 1 is on disk.
+RESUME_OVERRIDES = {"data.source.num_train": 2048, "epochs": 2, "norm": "mbn", "data.eval_batch_size": 32}
 
 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:

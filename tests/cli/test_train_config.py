@@ -84,6 +84,15 @@ def test_defaults_are_the_paper_recipe():
     assert Path(config["data"]["source"]["archive"]).name == "cifar10-jpeg.tar.gz"
 
 
+def test_trainer_configs_gpu_and_ddp():
+    gpu, ddp = composed(["trainer=gpu"])["trainer"], composed(["trainer=ddp", "trainer.devices=4"])["trainer"]
+    assert (gpu["accelerator"], gpu["precision"], gpu["benchmark"], gpu["devices"]) == ("gpu", "bf16-mixed", True, 1)
+    assert (ddp["strategy"], ddp["devices"], ddp["precision"]) == ("ddp", 4, "bf16-mixed")
+    spec = run_spec(composed(["trainer=ddp", "data.batch_size=2"]), "/tmp/x", "x", [], "h")
+    assert (spec.data.batch_size, spec.trainer.world_size, spec.global_batch_size) == (2, 2, 4)
+    assert spec.optim.lr(spec.global_batch_size) == pytest.approx(0.1 * 4 / 64)
+
+
 def test_several_loggers_and_env_overrides(monkeypatch, tmp_path):
     monkeypatch.setenv("MBN_DATA_ROOT", str(tmp_path))
     monkeypatch.setenv("MBN_OUTPUT_ROOT", str(tmp_path / "out"))

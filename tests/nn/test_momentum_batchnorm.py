@@ -182,13 +182,25 @@ def test_momentum_statistics_start_from_first_batch():
 
 
 def test_float32_accuracy_with_large_mean():
-    # The statistics must not lose precision when |mean| >> std (no E[x^2] - E[x]^2 cancellation).
+    # |mean| >> std must not cost precision (no E[x^2] - E[x]^2 cancellation), on the lam > 0 path too.
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, C, 16, 16, generator=gen) * 0.01 + 100.0
-    expected = nn.BatchNorm2d(C).double()(x.double())
-    error = (MomentumBatchNorm2d(C)(x).double() - expected).abs().max().item()
+    expected = nn.BatchNorm2d(C).double()(x.double())  # same batch twice: M, Phi = batch statistics
+    layer = MomentumBatchNorm2d(C, schedule="fixed", fixed_lam=0.5)
+    layer(x)
+    error = (layer(x).double() - expected).abs().max().item()
     bn_error = (nn.BatchNorm2d(C)(x).double() - expected).abs().max().item()
     assert error <= max(2 * bn_error, 1e-5), (error, bn_error)
+
+
+def test_double_backward_is_rejected():
+    layer = MomentumBatchNorm2d(C, schedule="fixed", fixed_lam=0.5)
+    layer(torch.randn(4, C, 2, 2))
+    x = torch.randn(4, C, 2, 2, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=False)
+    assert torch.isfinite(grad).all()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
 
 
 # -- module reuse, batch size 1, dtypes ----------------------------------------------------------------
@@ -224,13 +236,14 @@ def test_batch_size_one():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_cpu(dtype):
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_autocast_cpu(dtype, lam):
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 8, 3)
-    mbn = MomentumBatchNorm2d(8, schedule="fixed", fixed_lam=0.5)
+    mbn = MomentumBatchNorm2d(8, schedule="fixed", fixed_lam=lam)
     bn = nn.BatchNorm2d(8)
     x = torch.randn(4, 3, 8, 8)
-    mbn(conv(x).detach())  # initialize, so the next step uses lam = 0.5
+    mbn(conv(x).detach())  # initialize, so the next step uses lam
     reference = copy.deepcopy(mbn)
     with torch.autocast("cpu", dtype=dtype):
         features = conv(x)
@@ -242,6 +255,7 @@ def test_autocast_cpu(dtype):
     assert torch.isfinite(mbn.weight.grad).all() and mbn.momentum_mean.dtype == torch.float32
     expected = reference(features.detach().float())
     torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(mbn.momentum_var, reference.momentum_var, rtol=0.02, atol=0.02)
 
 
 # -- schedule plumbing -----------------------------------------------------------------------------
