@@ -180,6 +180,10 @@ def _validate_data(config: Mapping[str, Any]) -> None:
             )
 
 
+# GroupNorm's num_groups when neither num_groups nor group_size is set (mbn.nn.GroupNorm's default).
+DEFAULT_GN_GROUPS = 32
+
+
 def _validate_model_and_norm(config: Mapping[str, Any]) -> None:
     _choice(config, "model.name", group_options("model"))
     width = _integer(config, "model.width", minimum=1)
@@ -192,8 +196,9 @@ def _validate_model_and_norm(config: Mapping[str, Any]) -> None:
         # Every layer's channel count is a multiple of model.width, so dividing it is enough.
         if group_size is not None and width % group_size:
             raise ConfigError("norm.group_size", f"{group_size} does not divide model.width={width}")
-        if num_groups is not None and width % num_groups:
-            raise ConfigError("norm.num_groups", f"{num_groups} groups do not divide model.width={width} channels")
+        if group_size is None and width % (num_groups or DEFAULT_GN_GROUPS):
+            raise ConfigError("norm.num_groups", f"{num_groups or DEFAULT_GN_GROUPS} groups do not divide model.width={width} channels"
+                              + ("" if num_groups else " (null means the default of 32 groups; set norm.num_groups or norm.group_size)"))
     elif norm == "mbn":
         _number(config, "norm.ideal_batch_size", low=1.0)
         _number(config, "norm.tau0", low=0.0, high=1.0)

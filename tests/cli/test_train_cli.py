@@ -145,13 +145,27 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
+def read_finished_wandb_records(path: Path, timeout: float = 30.0) -> list:
+    """Records of a finished run's ``run-*.wandb`` file.
+
+    ``run.finish()`` returns once wandb's service process has the exit record, which then writes
+    the transaction log on its own schedule: wait until the file holds the exit record.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def test_wandb_offline_run_files_contain_the_metrics(tiny, run_env):
     assert main(tiny(logger="[csv,wandb]", norm="mbn", epochs=2, sweep_name="wb")) == 0
     run_dir = only_run_dir(run_env)
     results = read_results(run_dir)
     (offline_run,) = run_dir.glob("wandb/offline-run-*")
     (run_file,) = offline_run.glob("run-*.wandb")
-    records = read_wandb_records(run_file)
+    records = read_finished_wandb_records(run_file)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run.run_group == "wb" and run.job_type == "train" and run.display_name == run_dir.name
     assert {"norm=mbn", "m=8", "model=resnet18", "data=fake"} <= set(run.tags)
@@ -172,7 +186,7 @@ def test_wandb_offline_run_files_contain_the_metrics(tiny, run_env):
 def test_a_crashed_run_still_finishes_its_wandb_run(tiny, run_env):
     assert main(tiny(logger="[csv,wandb]", **{"optim.base_lr": 1e12, "epochs": 3})) == 3
     (run_file,) = run_env.glob("runs/*/wandb/offline-run-*/run-*.wandb")
-    (exit_record,) = [r.exit for r in read_wandb_records(run_file) if r.WhichOneof("record_type") == "exit"]
+    (exit_record,) = [r.exit for r in read_finished_wandb_records(run_file) if r.WhichOneof("record_type") == "exit"]
     assert exit_record.exit_code == 1
 
 
