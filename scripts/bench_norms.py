@@ -9,6 +9,11 @@ Target of issue 2: MBN/BN training ratio <= 1.10 at batch sizes 2 and 32, eval r
 
     python scripts/bench_norms.py                 # defaults used in BENCHMARKS.md
     python scripts/bench_norms.py --threads 2 --rounds 20
+    TORCHINDUCTOR_COMPILE_THREADS=1 python scripts/bench_norms.py --compile --norms bn mbn
+
+``--compile`` times ``torch.compile(model)`` (inductor; the SGD step stays eager) for every norm and
+prints the one-off compile time of each (first two training / eval steps) as comment lines. Only a
+first run compiles cold: inductor caches compiled graphs on disk (``/tmp/torchinductor_$USER``).
 """
 
 from __future__ import annotations
@@ -41,24 +46,24 @@ def build(norm: str, args: argparse.Namespace, seed: int) -> nn.Module:
     return model
 
 
-def make_train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+def make_train_step(model: nn.Module, forward: nn.Module, images: torch.Tensor, labels: torch.Tensor):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(images), labels).backward()
+        loss_fn(forward(images), labels).backward()
         optimizer.step()
 
     return step
 
 
-def make_eval_step(model: nn.Module, images: torch.Tensor):
+def make_eval_step(model: nn.Module, forward: nn.Module, images: torch.Tensor):
     def step() -> None:
         model.eval()
         with torch.inference_mode():
-            model(images)
+            forward(images)
 
     return step
 
@@ -75,15 +80,21 @@ def bench(norms: list[str], batch_size: int, args: argparse.Namespace) -> dict[s
     images = torch.randn(batch_size, 3, 32, 32, generator=generator)
     labels = torch.randint(0, 10, (batch_size,), generator=generator)
     models = {norm: build(norm, args, seed=0) for norm in norms}
+    # Fresh compiled code per batch size: no dynamic-shape graphs from the previous batch size.
+    torch._dynamo.reset()
+    forwards = {norm: torch.compile(model) if args.compile else model for norm, model in models.items()}
     steps = max(1, args.samples_per_round // batch_size)
     results = {}
     for mode in ("train", "eval"):
         fns = {
-            norm: make_train_step(model, images, labels) if mode == "train" else make_eval_step(model, images)
+            norm: make_train_step(model, forwards[norm], images, labels) if mode == "train" else make_eval_step(model, forwards[norm], images)
             for norm, model in models.items()
         }
-        for fn in fns.values():  # warm-up: allocator, lazy init, MBN momentum initialization
-            time_steps(fn, max(3, steps // 2))
+        for norm, fn in fns.items():
+            if args.compile:  # MBN compiles twice: the first step initializes M/Phi (lam = 0)
+                seconds = 2 * time_steps(fn, 2)
+                print(f"# compile {mode} batch={batch_size} {norm}: {seconds:.1f} s (first two steps)", flush=True)
+            time_steps(fn, max(3, steps // 2))  # warm-up: allocator, lazy init, MBN momentum initialization
         times: dict[str, list[float]] = {norm: [] for norm in norms}
         for round_index in range(args.rounds):
             order = norms[round_index % len(norms):] + norms[: round_index % len(norms)]
@@ -105,15 +116,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples-per-round", type=int, default=128, help="images per timed block (steps = this // batch)")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--mbn-m0", type=int, default=32, help="MBN ideal batch size (lam = 0 at every epoch when batch >= m0)")
+    parser.add_argument("--compile", action="store_true", help="time torch.compile(model) (inductor) instead of eager")
     args = parser.parse_args(argv)
     norms = ["bn"] + [n for n in args.norms if n != "bn"]
     torch.set_num_threads(args.threads)
+    # Every model of a batch size shares ResNet.forward's compiled-code cache (one entry per norm and mode).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(norms))
 
     print(f"# bench_norms  {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"# command: python scripts/bench_norms.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     print(
         f"# torch {torch.__version__}, python {platform.python_version()}, {platform.processor() or platform.machine()}, "
         f"threads={torch.get_num_threads()}, ResNet-18 width={args.width}, 32x32 inputs, rounds={args.rounds}"
+        + (", torch.compile (inductor)" if args.compile else ", eager")
     )
     m0 = args.mbn_m0
     lams = ", ".join(f"m={m}: lam={schedule.lam(EPOCH, TOTAL_EPOCHS, m, m0):.3f}" for m in args.batch_sizes)

@@ -7,8 +7,8 @@ Usage::
 
 The grid is split into chunks of one ``mbn-train -m`` sweep each (one norm and one seed, over the
 batch sizes of ``configs/experiment/<experiment>.yaml``); ``--jobs`` workers take chunks from a
-shared queue, each a separate 1-thread process (at small batch sizes two 1-thread processes do
-about twice the work of one 2-thread process). All chunks write into the same sweep dir
+shared queue, each a separate 1-thread process (a small-batch step gains little from a second
+thread, so one process per core uses the cores better than one process with two threads). All chunks write into the same sweep dir
 ``<out>/sweeps/<sweep_name>/<job overrides>``, so rerunning the command skips completed runs and
 resumes interrupted ones. Afterwards ``mbn-compare`` writes the table, plots and report to
 ``<out>/compare``; ``--publish DIR`` copies the commit-ready subset there.
@@ -26,7 +26,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from mbn.utils.io import atomic_write
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Norm-specific options the study adds (they are keys of one norm config only, so they cannot be
 # set in the experiment file, which applies to every norm of the sweep).
@@ -36,12 +41,18 @@ NORM_OVERRIDES: Mapping[str, tuple[str, ...]] = {
     # GN-32-at-width-64 group size (2 channels per group in the first stage).
     "gn": ("norm.num_groups=8",),
     "brn": (),
-    # With 8 epochs the per-epoch schedule moves lam in 8 large jumps (at m=2: 0.61 in epoch 7,
-    # 0.94 in epoch 8); per-iteration follows the same curve smoothly, as 200 epochs nearly do.
+    # With 6 epochs the per-epoch schedule moves lam in 6 large jumps (at m=2: 0.51 in epoch 5,
+    # 0.94 in epoch 6); per-iteration follows the same curve smoothly, as 200 epochs nearly do.
     "mbn": ("norm.schedule=iteration",),
 }
 DEFAULT_SEEDS = (0, 1)
-PUBLISHED_FILES = ("table.md", "runs.csv")
+# The accuracy after the last epoch: no choice of epoch on the test images (best_val_acc1 would be one).
+TABLE_METRIC = "final_val_acc1"
+# Columns of the published runs CSV besides the config keys that vary between runs.
+RUN_COLUMNS = ("status", "epochs_completed", "final_val_acc1", "best_val_acc1", "best_epoch", "final_val_acc5",
+               "final_val_loss", "final_train_loss", "wall_time_s", "config_hash")
+# mbn-train's exit code when stopped (a negative code = killed by a signal).
+INTERRUPTED_EXIT_CODE = 130
 
 
 @dataclass(frozen=True)
@@ -98,15 +109,19 @@ def train_command(chunk: Chunk, experiment: str, output_root: str | os.PathLike,
     ]
 
 
-def compare_command(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike, curve_batch_size: int | None = None) -> list[str]:
+def compare_command(
+    sweep_dir: str | os.PathLike, out_dir: str | os.PathLike, metric: str = TABLE_METRIC, curve_batch_size: int | None = None
+) -> list[str]:
     """The ``mbn-compare`` command writing the table, plots and report of the study.
 
     Args:
         sweep_dir: the study's sweep dir.
         out_dir: where mbn-compare writes its outputs.
+        metric: the metric of the table and the accuracy-vs-m plot.
         curve_batch_size: batch size of the per-epoch plot; None = mbn-compare's default (the smallest).
     """
-    command = [sys.executable, "-m", "mbn.cli.compare", str(sweep_dir), "--out", str(out_dir), "--format", "markdown"]
+    command = [sys.executable, "-m", "mbn.cli.compare", str(sweep_dir), "--out", str(out_dir), "--format", "markdown",
+               "--metric", metric]
     if curve_batch_size is not None:
         command += ["--curve-batch-size", str(curve_batch_size)]
     return command
@@ -128,7 +143,8 @@ def run_chunks(commands: Mapping[str, list[str]], jobs: int, log_dir: Path) -> d
         log_dir: dir of the per-chunk logs.
 
     Returns:
-        chunk name -> exit code.
+        chunk name -> exit code of every chunk started; after an interrupted or killed chunk no
+        further chunk starts.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
@@ -138,10 +154,12 @@ def run_chunks(commands: Mapping[str, list[str]], jobs: int, log_dir: Path) -> d
         pending.put(name)
     codes: dict[str, int] = {}
     lock = threading.Lock()
+    # Set when a chunk was interrupted or killed: start no further chunks (rerun to continue).
+    stop = threading.Event()
     env = single_thread_env()
 
     def worker() -> None:
-        while True:
+        while not stop.is_set():
             try:
                 name = pending.get_nowait()
             except queue.Empty:
@@ -152,6 +170,8 @@ def run_chunks(commands: Mapping[str, list[str]], jobs: int, log_dir: Path) -> d
                 code = subprocess.call(commands[name], stdout=log, stderr=subprocess.STDOUT, env=env)
             with lock:
                 codes[name] = code
+            if code < 0 or code == INTERRUPTED_EXIT_CODE:
+                stop.set()
             _say(f"done  {name}: exit {code}, {time.monotonic() - started:.0f} s")
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(jobs, len(commands)))]
@@ -162,20 +182,36 @@ def run_chunks(commands: Mapping[str, list[str]], jobs: int, log_dir: Path) -> d
     return codes
 
 
+def compact_runs(runs_csv: Path) -> "pd.DataFrame":
+    """mbn-compare's ``runs.csv`` cut to one row per run: the config keys that vary, then the metrics.
+
+    Args:
+        runs_csv: the ``runs.csv`` written by ``mbn-compare --out``.
+    """
+    import pandas as pd
+
+    runs = pd.read_csv(runs_csv)
+    config_keys = [c for c in runs.columns if "." in c or c in ("seed", "epochs")]
+    varying = [c for c in config_keys if runs[c].astype(str).nunique(dropna=False) > 1]
+    first = [c for c in ("norm.name", "data.batch_size", "seed") if c in varying]
+    columns = first + [c for c in varying if c not in first] + [c for c in RUN_COLUMNS if c in runs.columns]
+    return runs[columns].sort_values(first).reset_index(drop=True)
+
+
 def publish(compare_dir: Path, target: Path) -> list[Path]:
-    """Copy the commit-ready outputs of ``mbn-compare`` (table, runs CSV, PNG plots) to ``target``.
+    """Copy the commit-ready outputs of ``mbn-compare`` to ``target``: ``table.md``, the PNG plots and
+    ``runs.csv`` cut to the varying config keys and the metrics (:func:`compact_runs`).
 
     Args:
         compare_dir: mbn-compare's ``--out`` dir.
         target: e.g. ``experiments/batch_size_study/results``.
     """
     target.mkdir(parents=True, exist_ok=True)
-    sources = [compare_dir / name for name in PUBLISHED_FILES] + sorted(compare_dir.glob("*.png"))
-    copied = []
-    for source in sources:
-        if source.exists():
-            copied.append(Path(shutil.copy2(source, target / source.name)))
-    return copied
+    copied = [Path(shutil.copy2(source, target / source.name))
+              for source in [compare_dir / "table.md", *sorted(compare_dir.glob("*.png"))] if source.exists()]
+    runs = compact_runs(compare_dir / "runs.csv")
+    atomic_write(target / "runs.csv", lambda f: f.write(runs.to_csv(index=False, float_format="%.4f").encode()))
+    return [*copied, target / "runs.csv"]
 
 
 def _say(message: str) -> None:
@@ -191,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output_root of the study (runs go to OUT/sweeps/<sweep_name>)")
     parser.add_argument("--experiment", default="study_cpu", help="experiment config (default study_cpu)")
     parser.add_argument("--norms", default=",".join(NORM_OVERRIDES), help="comma-separated norms (default bn,gn,brn,mbn)")
-    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), type=_int_list, help="comma-separated seeds (default 0,1)")
+    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), type=_int_list,
+                        help="comma-separated seeds (default 0,1)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel 1-thread sweeps (default 2)")
     parser.add_argument("--sweep-name", default="study_cpu", help="sweep_name of the experiment (default study_cpu)")
     parser.add_argument("--publish", metavar="DIR", help="copy the table, runs CSV and plots here")
@@ -203,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the study; returns 0 when every chunk and the comparison succeeded."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     out = Path(args.out).resolve()
     norms = [n for n in args.norms.split(",") if n]
     try:

@@ -31,6 +31,9 @@ LOGGER_NAMES = ("csv", "wandb", "tensorboard")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
 PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "transformer-engine")
 MAX_DIRNAME = 200
+# Top-level keys that steer mbn-train itself (what to do with a job), not the run: they are taken out
+# of the config before it is hashed and recorded, so they never make a finished run look different.
+CONTROL_KEYS = ("dry_run", "rerun_diverged", "debug")
 
 
 class ConfigError(ValueError):
@@ -114,6 +117,34 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
 def group_options(group: str, config_dir: Path = CONFIG_DIR) -> tuple[str, ...]:
     """Names of the configs in a config group dir (e.g. ``norm`` -> ``bn, brn, gn, mbn, none``)."""
     return tuple(sorted(path.stem for path in (config_dir / group).glob("*.yaml")))
+
+
+def split_control(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Separate the run's config from mbn-train's control keys (:data:`CONTROL_KEYS`), checking the latter.
+
+    Args:
+        config: the resolved config (:func:`resolve`).
+
+    Returns:
+        ``(run_config, control)``: the config without the control keys, and the control values with
+        defaults (``dry_run``, ``rerun_diverged``: bool; ``fail_at_epoch``: int or None).
+
+    Raises:
+        ConfigError: a control value has the wrong type.
+    """
+    run_config = {k: v for k, v in config.items() if k not in CONTROL_KEYS}
+    control = {
+        "dry_run": config.get("dry_run", False),
+        "rerun_diverged": config.get("rerun_diverged", False),
+        "fail_at_epoch": (config.get("debug") or {}).get("fail_at_epoch"),
+    }
+    for key in ("dry_run", "rerun_diverged"):
+        if not isinstance(control[key], bool):
+            raise ConfigError(key, f"must be true or false, got {control[key]!r}")
+    fail_at = control["fail_at_epoch"]
+    if fail_at is not None and (isinstance(fail_at, bool) or not isinstance(fail_at, int) or fail_at < 1):
+        raise ConfigError("debug.fail_at_epoch", f"must be a positive integer or null, got {fail_at!r}")
+    return run_config, control
 
 
 def validate(config: Mapping[str, Any]) -> None:
@@ -370,3 +401,22 @@ def run_spec(
         config_hash=config_hash,
         overrides=list(overrides),
     )
+
+
+def check_buildable(spec: "RunSpec") -> None:
+    """Build the norm factory and the model once on the CPU to turn bad layer options into a ConfigError.
+
+    Args:
+        spec: the run (:func:`run_spec`).
+    """
+    from mbn.models import build_model
+    from mbn.nn import norm_layer
+
+    try:
+        factory = norm_layer(spec.norm.name, **spec.norm.options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("norm", str(exc)) from None
+    try:
+        build_model(spec.model.name, num_classes=2, norm_layer=factory, width=spec.model.width, **spec.model.options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("model/norm", str(exc)) from None

@@ -26,6 +26,10 @@ native BN kernel:
   and invstd ``s * c`` (``c = sqrt(1 - lam)``): that reproduces every term of ``dx`` above except
   a per-channel constant, added in one in-place pass. The remaining cost over BN is a handful of
   per-channel ops and the Python autograd Function, which dominate at tiny batches.
+
+Under ``torch.compile`` the Function is traced into the graph (no graph break; the compiled layer
+matches eager, ``tests/nn/test_compile.py``) and inductor fuses the per-channel ops. ``lam`` only
+enters as a factor of tensor arithmetic, so a new ``lam`` (every epoch or step) does not recompile.
 """
 
 from __future__ import annotations
@@ -48,23 +52,30 @@ class _MomentumBatchNormFunction(torch.autograd.Function):
         momentum_mean, momentum_var, running_mean, running_var = stats
         mean, var = torch.batch_norm_update_stats(input, running_mean, running_var, 1.0 - tau)
         # Out of place, so the backward sees this step's M/Phi even if the layer runs again first.
-        center, phi = torch._foreach_lerp((momentum_mean, momentum_var), (mean, var), 1.0 - lam)
-        torch._foreach_copy_((momentum_mean, momentum_var), (center, phi))
-        output = torch.batch_norm(input, weight, bias, center, phi, False, 0.0, eps, False)
+        # Under torch.compile: a tensor weight (a number weight recompiles for every new lam), and no
+        # plain arithmetic here, which the partitioner would recompute in the backward from the
+        # buffers after their update below (silently wrong gradients with inductor).
+        weight_new = 1.0 - lam
+        if torch.compiler.is_compiling():
+            weight_new = torch.ones((), dtype=mean.dtype, device=mean.device).mul_(weight_new)
+            weight_new = (weight_new, weight_new)
+        center, phi = torch._foreach_lerp((momentum_mean, momentum_var), (mean, var), weight_new)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # Per-channel intermediates live on ctx: cheaper than save_for_backward, and they are
-            # neither inputs nor outputs of the Function.
+            # Arguments of the native backward and of the correction (see backward), kept on ctx:
+            # cheaper than save_for_backward, and they are neither inputs nor outputs of the Function.
+            # lam only enters as a tensor-times-number factor, which torch.compile keeps symbolic
+            # (alpha=/value= arguments would recompile for every new lam); nothing here reads the
+            # M/Phi buffers (see above).
             ctx.save_for_backward(input)
-            ctx.lam, ctx.center = lam, center
-            invstd = torch.add(phi, eps).rsqrt_()
-            root = math.sqrt(1.0 - lam)
-            # Arguments of the native backward and of the correction (see backward). Plain
-            # tensor-tensor ops: on CPU they are cheaper than _foreach_* or Python-scalar ops.
-            ctx.invstd = invstd * root
-            ctx.scale = scale = invstd if weight is None else weight * invstd  # w * s
-            ctx.weight = scale / ctx.invstd  # w / c
-            ctx.shift = (mean - center).mul_(invstd)  # s * (mu - M)
-        return output
+            ctx.center = center
+            ctx.root = root = math.sqrt(1.0 - lam)
+            ctx.invstd = invstd = torch.add(phi, eps).rsqrt_().mul_(root)  # s * c
+            ctx.lam = lam
+            ctx.shift = torch.sub(mean, center).mul_(invstd)  # c * s * (mu - M)
+            ctx.weight = (torch.ones_like(invstd) if weight is None else weight) / root  # w / c
+            ctx.scale = torch.mul(ctx.weight, invstd)  # w * s
+        torch._foreach_copy_((momentum_mean, momentum_var), (center, phi))
+        return torch.batch_norm(input, weight, bias, center, phi, False, 0.0, eps, False)
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
@@ -72,20 +83,19 @@ class _MomentumBatchNormFunction(torch.autograd.Function):
             raise RuntimeError("MomentumBatchNorm does not support double backward (create_graph=True)")
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         (input,) = ctx.saved_tensors
-        lam = ctx.lam
-        root = math.sqrt(1.0 - lam)
         # The native training-mode backward with weight w / c, mean M and invstd s * c gives every
         # term of the MBN gradient except a per-channel constant:
-        #   dx = native + w * s * lam / n * (sum(g) + c / lam * s * (mu - M) * grad_weight_native)
+        #   dx = native + w * s / n * (lam * sum(g) + c * s * (mu - M) * grad_weight_native)
         # and grad_weight = sum(g * (x - M)) * s = grad_weight_native / c, grad_bias = sum(g).
         grad_input, grad_weight_native, grad_bias = _batch_norm_backward(
             grad_output, input, ctx.weight, None, None, ctx.center, ctx.invstd, True, 0.0, [need_input, True, True]
         )
         if need_input:
-            correction = torch.addcmul(grad_bias, ctx.shift, grad_weight_native, value=root / lam).mul_(ctx.scale)
             shape = (1, -1) + (1,) * (input.dim() - 2)
-            grad_input.add_(correction.view(shape), alpha=lam * input.shape[1] / input.numel())
-        grad_weight = grad_weight_native.div_(root) if need_weight else None
+            correction = torch.addcmul(grad_bias * ctx.lam, ctx.shift, grad_weight_native).mul_(ctx.scale)
+            # 1 / n depends on the shape only: as alpha= it costs no op and no recompile.
+            grad_input.add_(correction.view(shape), alpha=input.shape[1] / input.numel())
+        grad_weight = grad_weight_native.div_(ctx.root) if need_weight else None
         return grad_input, grad_weight, grad_bias if need_bias else None, None, None, None, None
 
 

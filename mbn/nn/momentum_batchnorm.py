@@ -120,11 +120,15 @@ class MomentumBatchNorm(nn.Module):
 
         self._epoch: float | None = None  # progress as last given to set_progress
         self._total_epochs: float | None = None
-        self._last_m: int | None = batch_size  # m of the last training forward
-        self._cache_key: tuple | None = None  # (epoch, total_epochs, m) of the cached lam/tau
+        # lam/tau for (progress, m), recomputed only when either changes (see _update_lam_tau).
+        self._last_m: int | None = None  # m of the cached lam/tau: batch_size or the last training batch
         self._cached_lam = 0.0
         self._cached_tau = self.tau0
-        self._initialized: bool | None = None  # python mirror of momentum_initialized; None = unread
+        if batch_size is not None:
+            self._update_lam_tau(batch_size)
+        # Python mirror of momentum_initialized, so forward never reads a tensor into Python (that
+        # would break torch.compile's graph); kept in sync by reset_running_stats and loading.
+        self._initialized = False
 
     # -- schedule -----------------------------------------------------------------------------
     def set_progress(self, epoch: float, total_epochs: float) -> None:
@@ -146,22 +150,26 @@ class MomentumBatchNorm(nn.Module):
             epoch = float(math.floor(epoch))
         elif self.schedule == "fixed":
             return
+        if (epoch, total_epochs) == (self._epoch, self._total_epochs):
+            return
         self._epoch = epoch
         self._total_epochs = total_epochs
+        if self._last_m is not None:
+            self._update_lam_tau(self._last_m)
 
-    def _lam_tau(self, m: int) -> tuple[float, float]:
-        key = (self._epoch, self._total_epochs, m)
-        if key != self._cache_key:  # recomputed only when the progress or the batch size changes
-            if self.schedule == "fixed":
-                lam = self.fixed_lam
-            elif self._epoch is None:
-                lam = 0.0
-            else:
-                lam = _schedule.lam(self._epoch, self._total_epochs, m, self.ideal_batch_size)
-            self._cached_lam = lam
-            self._cached_tau = _schedule.tau(m, self.ideal_batch_size, self.tau0)
-            self._cache_key = key
-        return self._cached_lam, self._cached_tau
+    def _update_lam_tau(self, m: int) -> None:
+        # Runs from set_progress and when m changes, never per step: forward only reads the two
+        # cached floats, which torch.compile turns into graph inputs (tracing the schedule's checks
+        # in forward would break the graph or recompile whenever the progress changes).
+        if self.schedule == "fixed":
+            lam = self.fixed_lam
+        elif self._epoch is None:
+            lam = 0.0
+        else:
+            lam = _schedule.lam(self._epoch, self._total_epochs, m, self.ideal_batch_size)
+        self._cached_lam = lam
+        self._cached_tau = _schedule.tau(m, self.ideal_batch_size, self.tau0)
+        self._last_m = m
 
     @property
     def lam(self) -> float:
@@ -175,14 +183,12 @@ class MomentumBatchNorm(nn.Module):
             return self.fixed_lam
         if self._last_m is None:
             return 0.0
-        return self._lam_tau(self._last_m)[0]
+        return self._cached_lam
 
     @property
     def tau(self) -> float:
         """Momentum of the running statistics at the current batch size (``tau0`` while ``m`` is unknown)."""
-        if self._last_m is None:
-            return self.tau0
-        return self._lam_tau(self._last_m)[1]
+        return self._cached_tau
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, input: Tensor) -> Tensor:
@@ -192,11 +198,10 @@ class MomentumBatchNorm(nn.Module):
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         check_training_batch(self, input)
         m = input.shape[0] if self.batch_size is None else self.batch_size
-        self._last_m = m
-        lam, tau = self._lam_tau(m)
+        if m != self._last_m:
+            self._update_lam_tau(m)
+        lam, tau = self._cached_lam, self._cached_tau
         buffers = self._buffers  # direct access: this runs for every layer at every step
-        if self._initialized is None:
-            self._initialized = bool(buffers["momentum_initialized"])
         if not self._initialized:
             lam = 0.0
         output = momentum_batch_norm(
@@ -237,7 +242,7 @@ class MomentumBatchNorm(nn.Module):
         if prefix + "num_batches_tracked" not in state_dict:  # very old BN checkpoints
             state_dict[prefix + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        self._initialized = None
+        self._initialized = bool(self.momentum_initialized)
 
     def extra_repr(self) -> str:
         text = f"{self.num_features}, eps={self.eps}, ideal_batch_size={self.ideal_batch_size}, tau0={self.tau0}, affine={self.affine}, schedule={self.schedule!r}"

@@ -10,9 +10,14 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "AtomicCheckpointIO": "mbn.train.checkpoint_io",
     "ClassificationModule": "mbn.train.module",
     "DivergedError": "mbn.train.module",
     "EpochRecorder": "mbn.train.callbacks",
+    "FailAtEpoch": "mbn.train.callbacks",
+    "JobResources": "mbn.train.resources",
+    "NormLayerGuard": "mbn.train.callbacks",
+    "job_resources": "mbn.train.resources",
     "MomentumScheduleCallback": "mbn.train.callbacks",
     "ImageDataModule": "mbn.train.datamodule",
     "build_optimizer": "mbn.train.optim",

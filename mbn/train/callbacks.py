@@ -8,11 +8,15 @@ import time
 from typing import Any, Callable
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 
-from mbn.nn import MomentumBatchNorm, mbn_layers, set_progress
+from mbn.nn import BatchRenorm, GroupNorm, MomentumBatchNorm, mbn_layers, set_progress
 
 log = logging.getLogger("mbn.train")
+
+# Layers whose class must survive the strategy's model wrapping (SyncBatchNorm counts too: it must not appear).
+NORM_CLASSES = (MomentumBatchNorm, BatchRenorm, GroupNorm, torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm)
 
 
 class MomentumScheduleCallback(Callback):
@@ -134,3 +138,55 @@ def _format_row(row: dict[str, Any], total_epochs: int | None) -> str:
             parts.append(f"{key} {row[key]:{fmt}}")
     parts.append(f"({row['time_s']:.1f} s)")
     return "  ".join(parts)
+
+
+class InjectedFailure(RuntimeError):
+    """The failure :class:`FailAtEpoch` raises (``debug.fail_at_epoch``; tests of sweeps only)."""
+
+
+class FailAtEpoch(Callback):
+    """Fault injection for tests: raise :class:`InjectedFailure` when epoch ``epoch`` (1-based) starts.
+
+    The epochs before it finish and are checkpointed, so a rerun without the injection resumes.
+
+    Args:
+        epoch: the epoch that fails.
+    """
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 == self.epoch:
+            raise InjectedFailure(f"debug.fail_at_epoch={self.epoch}: injected failure at the start of epoch {self.epoch}")
+
+
+def norm_layer_counts(module: torch.nn.Module) -> dict[str, int]:
+    """How many modules of each normalization class ``module`` holds (class name -> count)."""
+    counts: dict[str, int] = {}
+    for layer in module.modules():
+        if isinstance(layer, NORM_CLASSES):
+            name = type(layer).__name__
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+class NormLayerGuard(Callback):
+    """Fail the run if the strategy replaced any normalization layer (e.g. ``sync_batchnorm``).
+
+    MBN and BRN normalize each device's own batch of m samples: the quantity the study varies.
+    The layer classes are counted when the callback is built and again once the strategy has
+    wrapped the model (DDP), right before training starts.
+
+    Args:
+        model: the network as built.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.expected = norm_layer_counts(model)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        wrapped = trainer.strategy.model if trainer.strategy.model is not None else pl_module
+        found = norm_layer_counts(wrapped)
+        if found != self.expected:
+            raise RuntimeError(f"normalization layers changed when the strategy wrapped the model: built {self.expected}, training {found}")

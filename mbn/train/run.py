@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -18,6 +19,7 @@ from typing import Any, Iterator, Sequence
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
@@ -25,7 +27,8 @@ import mbn
 from mbn.models import build_model
 from mbn.nn import norm_layer
 from mbn.results import read_results, write_results
-from mbn.train.callbacks import EpochRecorder, MomentumScheduleCallback
+from mbn.train.callbacks import EpochRecorder, MomentumScheduleCallback, NormLayerGuard
+from mbn.train.checkpoint_io import AtomicCheckpointIO
 from mbn.train.datamodule import ImageDataModule
 from mbn.train.loggers import build_loggers, finish_loggers
 from mbn.train.module import ClassificationModule, DivergedError
@@ -81,7 +84,7 @@ def show_progress_bar(spec: RunSpec) -> bool:
 
 
 def build_trainer(spec: RunSpec, callbacks: Sequence[Callback], loggers: list) -> pl.Trainer:
-    """The Lightning Trainer of a run: epoch-level logging only, checkpoints last + best.
+    """The Lightning Trainer of a run: epoch-level logging only, checkpoints last (every epoch) + best.
 
     Args:
         spec: the run.
@@ -89,13 +92,27 @@ def build_trainer(spec: RunSpec, callbacks: Sequence[Callback], loggers: list) -
         loggers: metric loggers.
     """
     progress_bar = show_progress_bar(spec)
-    checkpoint = ModelCheckpoint(
+    # Checkpoints are written temp + rename and loaded weights-only.
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # Time limits are handled by the launcher (submitit requeues the job, which resumes from
+        # last.ckpt); Lightning's own SIGUSR1 requeue would race it.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    # last.ckpt after every epoch (what a rerun resumes from; Lightning's save_last=True only
+    # rewrites it in epochs that also save a top-k checkpoint), best.ckpt by val/acc1.
+    last = ModelCheckpoint(
+        dirpath=Path(spec.output_dir) / CHECKPOINT_DIR,
+        filename=Path(LAST_CHECKPOINT).stem,
+        monitor=None,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    best = ModelCheckpoint(
         dirpath=Path(spec.output_dir) / CHECKPOINT_DIR,
         filename=Path(BEST_CHECKPOINT).stem,
         monitor="val/acc1",
         mode="max",
         save_top_k=1,
-        save_last=True,
         enable_version_counter=False,
     )
     return pl.Trainer(
@@ -111,7 +128,8 @@ def build_trainer(spec: RunSpec, callbacks: Sequence[Callback], loggers: list) -
         # TensorBatchLoader splits the data between ranks itself.
         use_distributed_sampler=False,
         logger=loggers,
-        callbacks=[*callbacks, checkpoint],
+        callbacks=[*callbacks, last, best],
+        plugins=plugins,
         enable_progress_bar=progress_bar,
         enable_model_summary=progress_bar,
         num_sanity_val_steps=0,
@@ -127,7 +145,9 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     ``results.json`` says ``running`` from the start (updated after every epoch) and ends as
     ``completed``, ``diverged`` (NaN/inf loss), ``failed`` (any exception; error and traceback
     recorded) or ``interrupted`` (Ctrl-C / SIGTERM). If ``checkpoints/last.ckpt`` exists the run
-    resumes from it and ends exactly as an uninterrupted run would. W&B runs are always finished.
+    resumes from it (loaded weights-only) and ends exactly as an uninterrupted run would. Each call
+    appends one entry to ``attempts`` (start, end, status, resumed checkpoint, host, pid, threads,
+    GPUs), kept across resumes. W&B runs are always finished. Under DDP only rank 0 writes.
 
     Args:
         spec: the run.
@@ -140,12 +160,19 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     resume_from = last_checkpoint(output_dir)
+    if spec.trainer.num_threads:
+        torch.set_num_threads(spec.trainer.num_threads)
     base = _base_results(spec, started, resume_from)
     # Until the checkpoint restores the recorder, keep showing the epochs an earlier attempt finished.
-    earlier_history = _earlier_history(output_dir, spec.config_hash) if resume_from is not None else []
+    earlier_history, earlier_attempts = _earlier_record(output_dir, spec.config_hash)
+    if resume_from is None:
+        earlier_history = []
+    attempt = _attempt(started, resume_from)
 
     def write(status: str, history: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        results = {**base, "status": status, **_summary(history), **extra, "wall_time_s": round(time.time() - started, 3)}
+        this_attempt = {**attempt, "status": status, "finished_at": extra.get("finished_at")}
+        results = {**base, "status": status, **_summary(history), **extra, "wall_time_s": round(time.time() - started, 3),
+                   "attempts": [*earlier_attempts, this_attempt]}
         if rank_zero_only.rank == 0:
             write_results(output_dir, results)
         return results
@@ -156,8 +183,6 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     recorder: EpochRecorder | None = None
     status: str = "failed"
     error: tuple[str, str | None] | None = None
-    if spec.trainer.num_threads:
-        torch.set_num_threads(spec.trainer.num_threads)
     with _signal_handling() as in_fit:
         try:
             datamodule = ImageDataModule(spec.data, seed=spec.seed)
@@ -170,12 +195,13 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
                 log_lines=not show_progress_bar(spec),
                 total_epochs=spec.epochs,
             )
-            trainer = build_trainer(spec, [schedule, recorder, *callbacks], loggers)
+            trainer = build_trainer(spec, [schedule, recorder, NormLayerGuard(module.model), *callbacks], loggers)
+            _log_batch_sizes(spec, loggers)
             if resume_from is not None:
                 log.info("resuming %s from %s", spec.run_name, resume_from)
             in_fit.set()
             try:
-                trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+                trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
             finally:
                 in_fit.clear()
             status = "completed"
@@ -202,12 +228,46 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     return results
 
 
-def _earlier_history(output_dir: Path, config_hash: str) -> list[dict[str, Any]]:
+def _earlier_record(output_dir: Path, config_hash: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """History and attempts recorded by earlier attempts of this same config in ``output_dir``."""
     try:
         earlier = read_results(output_dir)
     except (OSError, ValueError):
-        return []
-    return list(earlier.get("history") or []) if earlier.get("config_hash") == config_hash else []
+        return [], []
+    if earlier.get("config_hash") != config_hash:
+        return [], []
+    return list(earlier.get("history") or []), list(earlier.get("attempts") or [])
+
+
+def _attempt(started: float, resume_from: Path | None) -> dict[str, Any]:
+    """Where and how this attempt runs (one ``attempts`` entry of results.json)."""
+    return {
+        "started_at": _now(started),
+        "finished_at": None,
+        "status": "running",
+        "resumed_from": str(resume_from) if resume_from is not None else None,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "num_threads": torch.get_num_threads(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+
+
+def _log_batch_sizes(spec: RunSpec, loggers: list) -> None:
+    """Record the per-device (normalization) and global batch sizes and the scaled lr."""
+    sizes = {
+        "batch_size_per_device": spec.data.batch_size,
+        "world_size": spec.trainer.world_size,
+        "global_batch_size": spec.global_batch_size,
+        "lr": spec.optim.lr(spec.global_batch_size),
+    }
+    if rank_zero_only.rank == 0:
+        log.info(
+            "%s: batch %d per device x %d device(s) = global batch %d, lr %.4g",
+            spec.run_name, sizes["batch_size_per_device"], sizes["world_size"], sizes["global_batch_size"], sizes["lr"],
+        )
+    for logger in loggers:
+        logger.log_hyperparams(sizes)
 
 
 def _base_results(spec: RunSpec, started: float, resume_from: Path | None) -> dict[str, Any]:

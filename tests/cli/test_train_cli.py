@@ -84,12 +84,12 @@ def test_multirun_sweep_writes_one_result_per_job_and_rerun_skips_them(tiny, run
     assert all(r["status"] == "completed" and r["sweep_name"] == "grid" for r in runs.values())
     assert len({r["config_hash"] for r in runs.values()}) == 4
     assert runs[("mbn", 4)]["lr"] == pytest.approx(0.1 * 4 / 64)
-    assert "sweep done: 4 completed" in capsys.readouterr().out
+    assert "sweep done: 4 completed, 0 failed, 0 skipped (of 4 jobs)" in capsys.readouterr().out
 
     started = {p: read_results(p)["started_at"] for p in paths}
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert out.count("mbn-train: skipped") == 4 and "sweep done: 4 skipped" in out
+    assert out.count("mbn-train: skipped") == 4 and "sweep done: 0 completed, 0 failed, 4 skipped (of 4 jobs)" in out
     assert {p: read_results(p)["started_at"] for p in paths} == started
 
 

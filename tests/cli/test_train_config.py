@@ -51,7 +51,8 @@ def test_every_experiment_composes_resolves_and_builds_a_spec(experiment, tmp_pa
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
     sweep_params = OmegaConf.to_container(cfg.hydra.sweeper.params)
-    assert "norm" in sweep_params and "data.batch_size" in sweep_params
+    # Every experiment is a batch-size study (some fix the norm, e.g. study_cpu runs one per norm).
+    assert "data.batch_size" in sweep_params
     with open_dict(cfg):
         del cfg["hydra"]
     config = resolve(cfg)

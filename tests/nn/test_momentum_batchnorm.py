@@ -277,6 +277,21 @@ def test_lam_before_progress_and_schedules():
     assert fixed.lam == 0.25
 
 
+def test_forward_uses_lam_of_current_progress_and_batch_size():
+    # lam is cached and refreshed by set_progress and on a new m, never recomputed per step.
+    layer = MomentumBatchNorm2d(C, ideal_batch_size=8, schedule="iteration").double()
+    x0, x1, x2 = (x.detach() for x in inputs((4, C, 2, 2), steps=3))
+    x3 = inputs((2, C, 2, 2), steps=1, seed=5)[0].detach()
+    layer(x0)  # initializes M from x0
+    for epoch, x in ((2.5, x1), (4.0, x2), (4.0, x3)):
+        set_progress(layer, epoch, 5)
+        lam = schedule.lam(epoch, 5, x.shape[0], 8)
+        expected = lam * layer.momentum_mean + (1 - lam) * x.mean((0, 2, 3))
+        layer(x)
+        assert layer.lam == pytest.approx(lam) and lam > 0
+        torch.testing.assert_close(layer.momentum_mean, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_batch_size_argument_fixes_m():
     layer = MomentumBatchNorm2d(C, batch_size=8, ideal_batch_size=32)
     set_progress(layer, 4, 5)

@@ -1,0 +1,88 @@
+"""What a rerun does with a job's dir (``mbn.cli.run_dir``): every case of the plan, and the lock."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+
+import pytest
+
+from mbn.cli.run_dir import JobBusy, is_locked, job_lock, plan_job, prepare_output_dir
+
+
+def write_run(run_dir, status="completed", config_hash="aaaa", epochs=2, checkpoint=True):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps({"status": status, "config_hash": config_hash, "epochs_completed": epochs}))
+    if checkpoint:
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
+
+
+@pytest.mark.parametrize(
+    "status, checkpoint, rerun_diverged, action, reason",
+    [
+        ("completed", True, False, "skip", "completed"),
+        ("diverged", True, False, "skip", "diverged (final; rerun_diverged=true restarts it)"),
+        ("diverged", True, True, "replace", "diverged, rerun_diverged=true"),
+        ("running", True, False, "resume", "killed after epoch 2"),
+        ("interrupted", True, False, "resume", "interrupted after epoch 2"),
+        ("failed", True, False, "resume", "failed after epoch 2"),
+        ("failed", False, False, "start", "failed before its first checkpoint"),
+    ],
+)
+def test_plan_of_a_run_of_the_same_config(tmp_path, status, checkpoint, rerun_diverged, action, reason):
+    write_run(tmp_path / "run", status=status, checkpoint=checkpoint)
+    plan = plan_job(tmp_path / "run", "aaaa", rerun_diverged=rerun_diverged)
+    assert (plan.action, plan.reason, plan.previous_status) == (action, reason, status)
+
+
+def test_runs_that_can_never_be_resumed_as_this_job_are_replaced(tmp_path):
+    assert plan_job(tmp_path / "fresh", "aaaa").action == "start"
+    write_run(tmp_path / "other", config_hash="bbbb")
+    assert plan_job(tmp_path / "other", "aaaa").reason == "holds another config (hash bbbb)"
+    (tmp_path / "garbled").mkdir()
+    (tmp_path / "garbled" / "results.json").write_text('{"status": "runn')  # not written by mbn (mbn writes atomically)
+    assert plan_job(tmp_path / "garbled", "aaaa").action == "replace"
+    write_run(tmp_path / "orphan")
+    (tmp_path / "orphan" / "results.json").unlink()
+    assert plan_job(tmp_path / "orphan", "aaaa").reason == "checkpoints without a results.json"
+
+    for name in ("garbled", "orphan"):
+        assert prepare_output_dir(tmp_path / name, "aaaa") is None
+        assert not (tmp_path / name / "checkpoints").exists() and not (tmp_path / name / "results.json").exists()
+        assert len(list((tmp_path / name / ".replaced").iterdir())) == 1
+
+
+def test_replacing_twice_keeps_both_earlier_runs(tmp_path):
+    write_run(tmp_path / "run", status="diverged")
+    assert prepare_output_dir(tmp_path / "run", "aaaa", rerun_diverged=True) is None
+    write_run(tmp_path / "run", status="diverged")
+    assert prepare_output_dir(tmp_path / "run", "aaaa", rerun_diverged=True) is None
+    assert sorted(p.name for p in (tmp_path / "run" / ".replaced").iterdir()) == ["aaaa", "aaaa-2"]
+
+
+def hold_lock(run_dir, ready, release) -> None:
+    with job_lock(run_dir):
+        ready.set()
+        release.wait(30)
+
+
+def test_the_lock_is_held_across_processes_and_released_when_the_holder_ends(tmp_path):
+    run_dir = tmp_path / "run"
+    write_run(run_dir, status="running")
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=hold_lock, args=(run_dir, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        assert is_locked(run_dir)
+        assert plan_job(run_dir, "aaaa").action == "skip"
+        with pytest.raises(JobBusy, match="is being run by another process"):
+            with job_lock(run_dir):
+                pass
+    finally:
+        release.set()
+        holder.join(30)
+    assert not is_locked(run_dir)
+    assert plan_job(run_dir, "aaaa").action == "resume"
