@@ -29,6 +29,10 @@ Schema (``schema_version`` 1)::
         {"epoch": 1, "train_loss": ..., "train_acc1": ..., "val_loss": ..., "val_acc1": ...,
          "val_acc5": ..., "lr": ..., "lam": ... or null, "tau": ... or null, "time_s": ...}
       ],
+      "attempts": [                         # one per start of this run dir (resumes add one)
+        {"started_at": ..., "finished_at": ..., "status": ..., "resumed_from": null or ckpt path,
+         "host": ..., "pid": ..., "num_threads": ..., "cuda_visible_devices": ...}
+      ],
       "wall_time_s": 123.4,
       "started_at": "2026-11-25T12:00:00+00:00", "finished_at": "...",
       "versions": {"mbn": "0.1.0", "torch": "...", "pytorch_lightning": "..."}
