@@ -172,7 +172,7 @@ def _validate_trainer(config: Mapping[str, Any]) -> None:
     _integer(config, "trainer.num_nodes", minimum=1)
     _integer(config, "trainer.check_finite_every_n_steps", minimum=1)
     _integer(config, "trainer.num_threads", minimum=1, optional=True)
-    for key in ("trainer.benchmark",):
+    for key in ("trainer.benchmark", "trainer.compile"):
         _boolean(config, key)
     if _get(config, "trainer.progress_bar") is not None:
         _boolean(config, "trainer.progress_bar")

@@ -67,6 +67,8 @@ def build_module(spec: RunSpec, datamodule: ImageDataModule) -> ClassificationMo
         in_channels=datamodule.in_channels,
         **spec.model.options,
     )
+    if spec.trainer.compile:
+        model.compile()
     return ClassificationModule(
         model,
         spec.optim,

@@ -114,6 +114,9 @@ class TrainerSpec:
         num_threads: ``torch.set_num_threads`` when set.
         progress_bar: Lightning's progress bar; ``None`` = only when stdout is a terminal.
         check_finite_every_n_steps: how often (in steps) the summed training loss is checked for NaN/inf.
+        compile: ``torch.compile`` the model in place (``nn.Module.compile``: state_dict keys and
+            checkpoints stay the same). Pays a one-off compile time per run; at small batch sizes it
+            removes most of MBN's per-op overhead (BENCHMARKS.md).
     """
 
     accelerator: str = "cpu"
@@ -125,6 +128,7 @@ class TrainerSpec:
     num_threads: int | None = None
     progress_bar: bool | None = None
     check_finite_every_n_steps: int = 25
+    compile: bool = False
 
     @property
     def world_size(self) -> int:

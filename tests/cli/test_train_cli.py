@@ -261,3 +261,22 @@ def test_interrupted_run_resumes_to_the_same_weights(signum, tiny, run_env, tmp_
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
+
+
+def test_compiled_model_trains_like_the_eager_one_with_the_same_checkpoint_keys(tiny, run_env):
+    from torch._dynamo.utils import counters
+
+    states, graphs = {}, {}
+    for compile_model in (False, True):
+        counters.clear()
+        assert main(tiny(norm="mbn", **{"trainer.compile": compile_model})) == 0
+        graphs[compile_model] = counters["stats"]["unique_graphs"]
+    assert graphs[False] == 0 and graphs[True] >= 1
+    for path in iter_results(run_env):
+        compile_model = read_results(path)["config"]["trainer"]["compile"]
+        ckpt = torch.load(path.parent / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        states[compile_model] = ckpt["state_dict"]
+    eager, compiled = states[False], states[True]
+    assert list(compiled) == list(eager)  # in-place compile: no "_orig_mod." prefixes in checkpoints
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-3, atol=1e-4, msg=key)
