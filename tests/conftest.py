@@ -30,6 +30,8 @@ def _tiny_overrides(output_root: Path, **extra: object) -> list[str]:
         "model.width": 4,
         "epochs": 1,
         "trainer.num_threads": 1,
+        # W&B is on by default; its start-up costs seconds per run, so only its own tests use it.
+        "logger": "[csv]",
         "output_root": str(output_root),
     }
     overrides.update({key.replace("__", "."): value for key, value in extra.items()})

@@ -81,7 +81,7 @@ def test_defaults_are_the_paper_recipe():
     config = composed([])
     assert config["norm"]["name"] == "bn" and config["model"]["name"] == "resnet18"
     assert config["optim"]["base_lr"] == 0.1 and config["optim"]["reference_batch_size"] == 64
-    assert config["logger"] == {"csv": {}}
+    assert set(config["logger"]) == {"csv", "wandb"} and config["logger"]["wandb"]["offline"] is True
     assert Path(config["data"]["source"]["archive"]).name == "cifar10-jpeg.tar.gz"
 
 

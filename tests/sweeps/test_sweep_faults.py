@@ -116,7 +116,7 @@ def test_diverged_runs_are_final_unless_rerun_diverged(tiny, run_env, capsys):
 
 def test_a_job_running_in_another_process_is_not_run_twice(tiny, run_env, capsys):
     argv = ["-m", *tiny(), "seed=0,1", "sweep_name=busy"]
-    busy_dir = run_env / "sweeps" / "busy" / job_dirname([*tiny(), "seed=1"], ["output_root"])
+    busy_dir = run_env / "sweeps" / "busy" / job_dirname([*tiny(), "seed=1"], ["output_root", "logger"])
     with job_lock(busy_dir):  # as another mbn-train process running that job would
         assert main(argv) == 1
     out = capsys.readouterr().out
