@@ -211,7 +211,8 @@ def _validate_data(config: Mapping[str, Any]) -> None:
             )
 
 
-# GroupNorm's num_groups when neither num_groups nor group_size is set (mbn.nn.GroupNorm's default).
+# mbn.nn.group_norm.DEFAULT_NUM_GROUPS, repeated because these checks run before torch is imported
+# (a test keeps the two equal).
 DEFAULT_GN_GROUPS = 32
 
 

@@ -9,6 +9,9 @@ from torch import nn
 
 __all__ = ["GroupNorm"]
 
+# Groups when neither num_groups nor group_size is given (Wu & He, 2018).
+DEFAULT_NUM_GROUPS = 32
+
 
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` taking the channel count first, with ``num_groups`` or ``group_size``.
@@ -57,7 +60,7 @@ class GroupNorm(nn.GroupNorm):
                 )
             num_groups = num_channels // group_size
         elif num_groups is None:
-            num_groups = 32
+            num_groups = DEFAULT_NUM_GROUPS
         elif not positive_int(num_groups):
             raise ValueError(f"GroupNorm({num_channels}): num_groups must be a positive int, got {num_groups!r}")
         if num_channels % num_groups:

@@ -168,3 +168,10 @@ def test_unknown_key_and_unknown_group_option_fail_before_training(run_env):
 def test_config_error_carries_key():
     error = ConfigError("data.batch_size", "must be a positive integer, got 0")
     assert error.key == "data.batch_size" and str(error) == "data.batch_size: must be a positive integer, got 0"
+
+
+def test_start_up_gn_default_is_the_layers_default():
+    from mbn.cli.config import DEFAULT_GN_GROUPS
+    from mbn.nn.group_norm import DEFAULT_NUM_GROUPS, GroupNorm
+
+    assert DEFAULT_GN_GROUPS == DEFAULT_NUM_GROUPS == GroupNorm(64).num_groups
