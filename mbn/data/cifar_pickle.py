@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 
 from mbn.data.arrays import ImageArrays
+from mbn.data.cifar_unpickler import CifarPickleRefused, load_cifar_pickle
 
 # name -> (folder under root, train files, test files, label key, meta file, class-names key)
 CIFAR_LAYOUTS: dict[str, tuple[str, list[str], list[str], str, str, str]] = {
@@ -50,6 +50,9 @@ def read_cifar(name: str, root: str | Path) -> tuple[ImageArrays, ImageArrays]:
     Args:
         name: ``"cifar10"`` or ``"cifar100"`` (CIFAR-100 uses the 100 fine labels).
         root: directory that contains ``cifar-10-batches-py/`` or ``cifar-100-python/``.
+
+    Raises:
+        CifarPickleRefused: a file names a global no CIFAR batch holds (nothing it names is run).
     """
     folder_name, train_files, test_files, label_key, meta_file, names_key = CIFAR_LAYOUTS[name]
     folder = Path(root) / folder_name
@@ -78,8 +81,9 @@ def _unpickle(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"missing CIFAR file {path}")
     try:
-        with open(path, "rb") as f:
-            content = pickle.load(f, encoding="latin1")
+        content = load_cifar_pickle(path)
+    except CifarPickleRefused:
+        raise
     except Exception as exc:
         raise ValueError(f"cannot read CIFAR file {path}: {type(exc).__name__}: {exc}") from exc
     # The official batches were pickled by Python 2; keys may come back as bytes.

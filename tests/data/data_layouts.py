@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
 import tarfile
 from pathlib import Path
 
@@ -57,13 +58,53 @@ def write_tar(path: Path, files: dict[str, bytes], prefix: str = "", order: list
     return path
 
 
+NUMPY_RECONSTRUCT = np.zeros(0).__reduce__()[0]  # what ndarray pickles with (numpy._core.multiarray's on numpy 2)
+
+
+class Python2Pickler(pickle._Pickler):
+    """Writes what Python 2's cPickle wrote for the official CIFAR batches (protocol 2): bytes as Python 2
+    str opcodes, and numpy's ``_reconstruct`` under its numpy 1 module name ``numpy.core.multiarray``."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_python2_str(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_python2_str
+
+    def save_global(self, obj, name=None) -> None:
+        if obj is NUMPY_RECONSTRUCT:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
 def write_cifar_pickles(root: Path, name: str, train: tuple[np.ndarray, list[int]], test: tuple[np.ndarray, list[int]],
-                        class_names: list[str]) -> Path:
-    """The official python-pickle layout: rows of 3072 bytes (R plane, G plane, B plane)."""
+                        class_names: list[str], style: str = "python3") -> Path:
+    """The official python-pickle layout: rows of 3072 bytes (R plane, G plane, B plane).
+
+    ``style``: ``"python3"`` str keys, default protocol; ``"protocol2"`` bytes keys plus the official files'
+    ``batch_label``/``filenames``, ``pickle.dump(protocol=2)``; ``"python2"`` the same content as the
+    official files' Python 2 byte stream.
+    """
 
     def dump(path: Path, content: dict) -> None:
+        if style != "python3":
+            content = {key.encode(): _python2_text(value) if style == "python2" else value
+                       for key, value in content.items()}
+            if b"data" in content:
+                content[b"batch_label"] = f"{path.name} of {name}".encode()
+                content[b"filenames"] = [f"image_{i:05d}.png".encode() for i in range(len(content[b"data"]))]
         with open(path, "wb") as f:
-            pickle.dump(content, f)
+            if style == "python2":
+                Python2Pickler(f, protocol=2).dump(content)
+            else:
+                pickle.dump(content, f, **({"protocol": 2} if style == "protocol2" else {}))
 
     if name == "cifar10":
         folder = root / "cifar-10-batches-py"
@@ -82,6 +123,11 @@ def write_cifar_pickles(root: Path, name: str, train: tuple[np.ndarray, list[int
                                   "coarse_labels": [label // 5 for label in labels]})
         dump(folder / "meta", {"fine_label_names": class_names, "coarse_label_names": ["unused"]})
     return folder
+
+
+def _python2_text(value):
+    """Class names as the official files hold them: Python 2 str, written as bytes."""
+    return [v.encode() if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
 
 def flat_images(rng: np.random.Generator, count: int, size: tuple[int, int]) -> list[np.ndarray]:
