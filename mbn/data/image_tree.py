@@ -87,8 +87,10 @@ def _directory_entries(root: Path, split_dirs: tuple[str, str]) -> list[tuple[tu
 
 def _tar_entries(archive: Path, split_dirs: tuple[str, str]) -> Iterator[tuple[tuple[str, str, str], bytes]]:
     prefix: tuple[str, ...] | None = None
+    opened = False
     try:
         with tarfile.open(archive, "r:*") as tar:
+            opened = True
             for member in tar:
                 if not member.isfile():
                     continue
@@ -106,7 +108,28 @@ def _tar_entries(archive: Path, split_dirs: tuple[str, str]) -> Iterator[tuple[t
                 assert file is not None  # regular file members always have content
                 yield (parts[-3], parts[-2], parts[-1]), file.read()
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
-        raise ValueError(f"cannot read dataset archive {archive}: {type(exc).__name__}: {exc}") from exc
+        if isinstance(exc, OSError) and exc.errno is not None:  # the disk or permissions, not the content
+            raise ValueError(f"cannot read dataset archive {archive}: {type(exc).__name__}: {exc}") from exc
+        # One line: the mbn-train outcome shows only the first line of the message.
+        raise ValueError(
+            f"cannot read dataset archive {archive}: it is not a readable tar archive (gzip or plain): "
+            f"{_archive_problem(archive, exc, opened)}; re-download it, or point the data source "
+            "(data.source.archive, or data.source.root for imagefolder) at the real file"
+        ) from exc
+
+
+def _archive_problem(archive: Path, exc: BaseException, opened: bool) -> str:
+    """Why ``archive`` is not a readable tar, in a few words; ``opened``: ``tarfile.open`` had succeeded."""
+    if archive.stat().st_size == 0:
+        return "the file is empty"
+    if not opened and isinstance(exc, tarfile.ReadError):  # tarfile tried every compression it knows
+        with open(archive, "rb") as f:
+            gzip_magic = f.read(2) == b"\x1f\x8b"
+        return "it is gzip data that holds no tar" if gzip_magic else "it starts with neither a gzip nor a tar header"
+    if isinstance(exc, EOFError) or str(exc) == "unexpected end of data":
+        return "it ends early (an interrupted download or copy?)"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def _decode_all(

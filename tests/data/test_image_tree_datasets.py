@@ -169,19 +169,44 @@ def test_cifar10_archive_on_a_generated_archive_in_the_real_layout(tmp_path, rng
         assert (arrays.images.float() - images.float()).abs().max() <= 6
 
 
+def first_half_of_a_tar_gz(tmp_path, rng) -> bytes:
+    """A valid image-tree .tar.gz cut in the middle, as an interrupted download leaves it."""
+    splits = {"train": {"a": random_images(rng, 20, (32, 32))}, "test": {"a": random_images(rng, 2, (32, 32))}}
+    full = write_tar(tmp_path / "full.tar.gz", make_tree(splits)).read_bytes()
+    return full[: len(full) // 2]
+
+
 @pytest.mark.parametrize("content", [b"", b"garbage, not gzip", "truncated"])
 def test_corrupt_or_missing_archive_names_the_path(tmp_path, rng, content):
     archive = tmp_path / "cifar10-jpeg.tar.gz"
     if content == "truncated":
-        splits = {"train": {"a": random_images(rng, 20, (32, 32))}, "test": {"a": random_images(rng, 2, (32, 32))}}
-        files = make_tree(splits)
-        full = write_tar(tmp_path / "full.tar.gz", files).read_bytes()
-        content = full[: len(full) // 2]
+        content = first_half_of_a_tar_gz(tmp_path, rng)
     archive.write_bytes(content)
     with pytest.raises(ValueError, match=f"cannot read dataset archive {archive}"):
         load_dataset("cifar10_archive", archive=archive, cache_dir=tmp_path / "cache")
     with pytest.raises(FileNotFoundError, match=f"CIFAR-10 archive not found: {tmp_path / 'nope.tar.gz'}"):
         load_dataset("cifar10_archive", archive=tmp_path / "nope.tar.gz", cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("random", "it starts with neither a gzip nor a tar header"),
+    ("truncated", "it ends early (an interrupted download or copy?)"),
+    (b"", "the file is empty"),
+])
+def test_an_archive_that_is_no_tar_says_so_in_the_first_line(tmp_path, rng, content, problem):
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    if content == "random":
+        content = rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    elif content == "truncated":
+        content = first_half_of_a_tar_gz(tmp_path, rng)
+    archive.write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        load_dataset("cifar10_archive", archive=archive, cache_dir=tmp_path / "cache")
+    assert str(error.value).splitlines()[0] == (  # what the mbn-train outcome line shows
+        f"cannot read dataset archive {archive}: it is not a readable tar archive (gzip or plain): {problem}; "
+        "re-download it, or point the data source (data.source.archive, or data.source.root for imagefolder) "
+        "at the real file"
+    )
 
 
 @pytest.mark.skipif(not REAL_CIFAR10_ARCHIVE.is_file(), reason=f"real CIFAR-10 archive not at {REAL_CIFAR10_ARCHIVE}")
