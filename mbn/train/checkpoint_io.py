@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -10,6 +12,48 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from mbn.utils.io import atomic_write
+
+# How torch's weights-only unpickler says it refused an object: with the global it names (names only, so
+# nothing the file spells out, like terminal escapes, reaches the message), or, past the GLOBAL opcode,
+# with the allow-list it would have needed. Any other failure is a damaged or foreign file.
+_REFUSED_GLOBAL = re.compile(r"[Uu]nsupported (?:global: GLOBAL|GLOBAL|class) ([\w.]+)")
+_REFUSED_OBJECT = ("allowlisted", "unrecognized function")
+
+
+def checkpoint_refusal_message(path: str | os.PathLike, exc: BaseException) -> str:
+    """This project's one-line message for a checkpoint that ``torch.load(weights_only=True)`` refused.
+
+    Names the file, whether it was refused for safety (it holds pickled objects beyond tensors and plain
+    containers) or as corrupt, and what to do; a file the system could not read is not called corrupt. None of torch's own text is kept: its advice (retry with
+    weights-only loading turned off, or allow-list the global) would run whatever the file holds.
+    The CLI's dry run can say the same as a failed resume by passing what ``torch.load`` raised.
+
+    Args:
+        path: the checkpoint file.
+        exc: the exception ``torch.load(path, weights_only=True)`` raised.
+
+    Returns:
+        ``cannot load checkpoint <path> with weights_only=True: <exception type>: refused ...; remove it ...``
+    """
+    if isinstance(exc, OSError) and exc.errno is not None:  # the disk or permissions: the file may be fine
+        return (
+            f"cannot load checkpoint {path}: {type(exc).__name__}: {exc.strerror}; fix the file's permissions "
+            "or the disk and rerun (the checkpoint was not read, so keep it)"
+        )
+    torch_message = str(exc) if isinstance(exc, pickle.UnpicklingError) else ""
+    refused_global = _REFUSED_GLOBAL.search(torch_message)
+    if refused_global or any(marker in torch_message for marker in _REFUSED_OBJECT):
+        content = f"it references {refused_global.group(1)}" if refused_global else "it holds a pickled object"
+        why = (
+            f"refused for safety: {content}, which is not a tensor or plain container and could run code when "
+            "loaded (a crafted file, or one saved by other code)"
+        )
+    else:
+        why = "refused as corrupt: it is not a complete checkpoint file (truncated, damaged or not a checkpoint)"
+    return (
+        f"cannot load checkpoint {path} with weights_only=True: {type(exc).__name__}: {why}; "
+        "remove it to restart the run from the beginning"
+    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -53,7 +97,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: the file is not a loadable weights-only checkpoint.
+            ValueError: the file is not a loadable weights-only checkpoint; the message is
+                :func:`checkpoint_refusal_message`'s and the cause is what torch raised.
         """
         path = Path(path)
         if not path.is_file():
@@ -61,5 +106,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise ValueError(f"cannot load checkpoint {path} with weights_only=True: {type(exc).__name__}: {first_line}") from exc
+            raise ValueError(checkpoint_refusal_message(path, exc)) from exc

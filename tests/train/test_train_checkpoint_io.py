@@ -16,7 +16,7 @@ from mbn.models import build_model
 from mbn.results import read_results
 from mbn.train import DataSpec, ModelSpec, NormSpec, RunSpec, TrainerSpec, train
 from mbn.train.callbacks import NormLayerGuard, norm_layer_counts
-from mbn.train.checkpoint_io import AtomicCheckpointIO
+from mbn.train.checkpoint_io import AtomicCheckpointIO, checkpoint_refusal_message
 
 STEPS_PER_EPOCH = 64 // 8
 
@@ -112,6 +112,62 @@ def test_checkpoint_io_saves_atomically_and_loads_weights_only(tmp_path):
     path.write_bytes(path.read_bytes()[:100])  # truncated by something other than mbn
     with pytest.raises(ValueError, match="cannot load checkpoint .* with weights_only=True"):
         io.load_checkpoint(path)
+
+
+class Settings:
+    """A custom class: weights-only loading refuses it, whatever it holds."""
+
+    def __init__(self) -> None:
+        self.lr = 0.1
+
+
+# Torch's own advice (retry with weights-only loading off, allow-list the global) that the message never passes on.
+TORCH_ADVICE = ("weights_only=False", "weights_only` set to `False`", "WeightsUnpickler", "add_safe_globals", "\x1b[")
+
+
+def assert_refused_in_mbn_words(error: pytest.ExceptionInfo, path: Path, why: str) -> None:
+    message = str(error.value)
+    assert type(error.value) is ValueError and "\n" not in message
+    assert message == f"cannot load checkpoint {path} with weights_only=True: {why}; remove it to restart the run from the beginning"
+    assert not [advice for advice in TORCH_ADVICE if advice in message]
+    assert error.value.__cause__ is not None  # torch's error, kept for debugging
+    assert message == checkpoint_refusal_message(path, error.value.__cause__)  # what the CLI's dry run can say
+
+
+def test_a_checkpoint_holding_a_custom_object_is_refused_for_safety_in_this_projects_words(tmp_path):
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "settings": Settings()}, path)
+    with pytest.raises(ValueError) as error:
+        AtomicCheckpointIO().load_checkpoint(path)
+    assert_refused_in_mbn_words(
+        error, path,
+        f"UnpicklingError: refused for safety: it references {Settings.__module__}.Settings, which is not a tensor or "
+        "plain container and could run code when loaded (a crafted file, or one saved by other code)",
+    )
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_a_corrupt_checkpoint_is_refused_as_corrupt_in_this_projects_words(tmp_path, damage):
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(100)}, "epoch": 3}, path)
+    content = {"truncated": path.read_bytes()[:-200], "empty": b"", "garbage": b"not a checkpoint at all"}[damage]
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        AtomicCheckpointIO().load_checkpoint(path)
+    exception_type = type(error.value.__cause__).__name__
+    assert_refused_in_mbn_words(
+        error, path,
+        f"{exception_type}: refused as corrupt: it is not a complete checkpoint file (truncated, damaged or not a checkpoint)",
+    )
+
+
+def test_a_checkpoint_the_disk_could_not_read_is_not_called_corrupt(tmp_path):
+    path = tmp_path / "last.ckpt"
+    message = checkpoint_refusal_message(path, OSError(errno.EIO, "Input/output error"))
+    assert message == (
+        f"cannot load checkpoint {path}: OSError: Input/output error; fix the file's permissions or the disk and "
+        "rerun (the checkpoint was not read, so keep it)"
+    )
 
 
 class ValAccuracyFalls(Callback):
