@@ -5,6 +5,7 @@ Examples::
     mbn-compare outputs/sweeps/demo                      # table to stdout, problems to stderr
     mbn-compare outputs/sweeps/a outputs/sweeps/b --format markdown --metric final_val_acc1
     mbn-compare outputs/sweeps/demo --out outputs/compare/demo   # + all formats, PNG/SVG, report.html
+    mbn-compare outputs/sweeps/demo --baseline bn --interval ci95  # + differences to BN, 95% intervals
     mbn-compare --wandb me/mbn --wandb-group demo --out outputs/compare/demo-wandb
 
 Exit codes: 0 ok, 1 W&B unreachable, 2 bad arguments or no runs found.
@@ -20,8 +21,10 @@ from mbn.compare.aggregate import DEFAULT_COLS, DEFAULT_METRIC, DEFAULT_OVER, Gr
 from mbn.compare.collect import UNREADABLE, RunSet, read_records, runset_from_records
 from mbn.compare.comparison import Comparison, UnknownColumnValue, compare, write_outputs
 from mbn.compare.configdiff import summarize_config
+from mbn.compare.differences import DEFAULT_DETECT, UnknownBaseline
 from mbn.compare.problems import short_key
-from mbn.compare.table import FORMATS, format_table
+from mbn.compare.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, INTERVALS, STD
+from mbn.compare.table import FORMATS
 from mbn.compare.wandb_source import WandbReadError, check_project, fetch_records
 
 EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2
@@ -61,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="column value (batch size) of the accuracy-vs-epoch plot (default: the smallest)")
     parser.add_argument("--curve-metric", default="val_acc1", metavar="KEY",
                         help="history key of the per-epoch plot (default val_acc1)")
+    parser.add_argument("--interval", default=STD, choices=INTERVALS,
+                        help="what each cell and error bar shows around the mean: std = sample std (default), "
+                             "ci95 = 95%% t confidence interval, bootstrap = 95%% percentile bootstrap of the mean "
+                             f"({BOOTSTRAP_RESAMPLES} resamples, fixed seed {BOOTSTRAP_SEED}); needs >= 2 seeds per cell")
+    parser.add_argument("--baseline", metavar="ROW",
+                        help="also print the difference of every other row to this row (e.g. bn), per column: mean "
+                             "difference with 95%% CI, p-value (paired by seed when both cells have the same seeds, "
+                             "else Welch; Holm-adjusted over the columns), probability of improvement and the "
+                             "seeds needed; with several row keys a value of one key (bn: each model vs its bn row) "
+                             "or a full row label ('bn / resnet18')")
+    parser.add_argument("--detect", type=float, default=DEFAULT_DETECT, metavar="POINTS",
+                        help=f"difference (accuracy points) the 'seeds needed' of --baseline is for, with 80%% power "
+                             f"at the 5%% level (default {DEFAULT_DETECT:g})")
     return parser
 
 
@@ -85,6 +101,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--wandb-group needs --wandb ENTITY/PROJECT")
     if args.decimals < 0:
         raise UsageError(f"--decimals must be >= 0, got {args.decimals}")
+    if not args.detect > 0:
+        raise UsageError(f"--detect must be > 0 (points), got {args.detect}")
     if args.wandb:
         try:
             check_project(args.wandb)
@@ -98,10 +116,11 @@ def _run(args: argparse.Namespace) -> int:
                          + (f" ({len(runset)} unreadable results.json listed above)" if len(runset) else ""))
     spec = _spec(args, runset)
     try:
-        comparison = compare(runset, spec, curve_col=args.curve_batch_size, curve_metric=args.curve_metric)
-    except UnknownColumnValue as exc:
+        comparison = compare(runset, spec, curve_col=args.curve_batch_size, curve_metric=args.curve_metric,
+                             interval=args.interval, baseline=args.baseline, detect=args.detect)
+    except (UnknownColumnValue, UnknownBaseline) as exc:
         raise UsageError(str(exc)) from exc
-    sys.stdout.write(format_table(comparison.grid, args.format, decimals=args.decimals))
+    sys.stdout.write(comparison.format(args.format, decimals=args.decimals))
     sys.stdout.flush()
     _print_problems(comparison, sys.stderr)
     if args.out:

@@ -1,7 +1,8 @@
 """Read run results (``results.json`` files or converted W&B runs) into pandas tables.
 
 Every results.json found becomes one row of :attr:`RunSet.runs`, including the ones that cannot be
-read (status ``unreadable``), so later stages can account for every run instead of dropping some.
+read or whose ``schema_version`` this code does not know (status ``unreadable``), so later stages can
+account for every run instead of dropping some.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from mbn.results import flatten, iter_results, read_results
+from mbn.results import SCHEMA_VERSION, flatten, iter_results, read_results
 
 UNREADABLE = "unreadable"
+# results.json layouts this module can read; a record without the key (a converted W&B run) is taken
+# to be in the current one.
+KNOWN_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
 
 # Per-run columns that are not config keys or metrics.
 META_COLUMNS = (
@@ -130,6 +134,9 @@ def load_runs(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
 def runset_from_records(records: Iterable[tuple[str, Mapping[str, Any] | Exception]]) -> RunSet:
     """Build a :class:`RunSet` from ``(source, results dict or read error)`` pairs.
 
+    A record whose ``schema_version`` is not in :data:`KNOWN_SCHEMA_VERSIONS` becomes an ``unreadable``
+    run: its fields may mean something else, so none of them is used.
+
     Args:
         records: ``source`` names where the run came from (a results.json path or a W&B run URL);
             the second item is the results dict (schema of :mod:`mbn.results`) or the exception raised
@@ -141,8 +148,14 @@ def runset_from_records(records: Iterable[tuple[str, Mapping[str, Any] | Excepti
     metric_keys: dict[str, None] = dict.fromkeys(SCHEMA_METRICS)
     for run_id, (source, results) in enumerate(records):
         if isinstance(results, Exception):
-            rows.append({"source": source, "run_dir": str(Path(source).parent), "status": UNREADABLE,
+            rows.append({"source": source, "run_dir": run_location(source), "status": UNREADABLE,
                          "error": first_line(f"{type(results).__name__}: {results}")})
+            continue
+        version = results.get("schema_version", SCHEMA_VERSION)
+        if not _is_known_schema(version):
+            known = ", ".join(str(v) for v in KNOWN_SCHEMA_VERSIONS)
+            rows.append({"source": source, "run_dir": run_location(source, results), "status": UNREADABLE,
+                         "error": f"unknown schema_version {version!r} (this mbn-compare reads {known})"})
             continue
         row = _meta_row(source, results)
         metrics = results.get("metrics") or {}
@@ -167,6 +180,22 @@ def runset_from_records(records: Iterable[tuple[str, Mapping[str, Any] | Excepti
     if history.empty:
         history = pd.DataFrame(columns=["run_id", "epoch"])
     return RunSet(runs=runs, history=history, config_keys=list(config_keys), metric_keys=list(metric_keys))
+
+
+def run_location(source: str, results: Mapping[str, Any] | None = None) -> str:
+    """Where a run was found: the dir of its results.json for a file read from disk, else (a W&B run)
+    the ``output_dir`` its record names.
+
+    The ``output_dir`` inside a results.json is where the run was written; a copied or moved sweep
+    still carries the old path, so local runs are listed where their file is now.
+
+    Args:
+        source: the results.json path or a W&B run URL.
+        results: the run's record, when it could be read.
+    """
+    if "://" in source:
+        return str((results or {}).get("output_dir") or source)
+    return str(Path(source).parent)
 
 
 def first_line(text: str | None) -> str:
@@ -200,7 +229,7 @@ def _meta_row(source: str, results: Mapping[str, Any]) -> dict[str, Any]:
     error = results.get("error")
     return {
         "source": source,
-        "run_dir": str(results.get("output_dir") or Path(source).parent),
+        "run_dir": run_location(source, results),
         "status": str(results.get("status")),
         "error": first_line(error if isinstance(error, str) else (json.dumps(error) if error else "")),
         "epochs_completed": results.get("epochs_completed"),
@@ -209,6 +238,11 @@ def _meta_row(source: str, results: Mapping[str, Any]) -> dict[str, Any]:
         "started_at": results.get("started_at"),
         "finished_at": results.get("finished_at"),
     }
+
+
+def _is_known_schema(version: Any) -> bool:
+    # bool is an int subclass: True must not pass for version 1
+    return isinstance(version, int) and not isinstance(version, bool) and version in KNOWN_SCHEMA_VERSIONS
 
 
 def _scalar(value: Any) -> Any:

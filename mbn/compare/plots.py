@@ -1,4 +1,5 @@
-"""The paper's figures: accuracy vs batch size, accuracy vs epoch, and MBN's lam/tau vs epoch.
+"""The paper's figures: accuracy vs batch size, accuracy vs epoch, MBN's lam/tau vs epoch, and the
+differences to a baseline row with their confidence intervals.
 
 Figures are built with matplotlib's object API (``Figure``, no pyplot), which renders through Agg
 without touching the global backend or leaking figures.
@@ -18,17 +19,14 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
 from mbn.compare.aggregate import Grid
 from mbn.compare.collect import RunSet
-from mbn.compare.problems import short_key
-from mbn.compare.table import is_fraction_metric, metric_label
+from mbn.compare.differences import DifferenceTable, title as difference_title
+from mbn.compare.problems import row_label, short_key
+from mbn.compare.stats import CONFIDENCE, STD, spread_interval
+from mbn.compare.table import interval_label, is_fraction_metric, metric_label, metric_scale
 from mbn.utils.io import atomic_write
 
 FIGSIZE = (7.0, 4.5)
 DPI = 120
-
-
-def row_label(grid: Grid, row: tuple) -> str:
-    """Legend text of a table row, e.g. ``"mbn"`` or ``"mbn / resnet18"``."""
-    return " / ".join(str(v) for v in row)
 
 
 def row_colors(grid: Grid) -> dict[tuple, Any]:
@@ -37,18 +35,18 @@ def row_colors(grid: Grid) -> dict[tuple, Any]:
     return {row: palette[i % len(palette)] for i, row in enumerate(grid.row_keys)}
 
 
-def plot_metric_vs_batch_size(grid: Grid) -> Figure:
+def plot_metric_vs_batch_size(grid: Grid, interval: str = STD) -> Figure:
     """The table as lines: metric vs the column key (log2 axis for positive numbers), one line per row.
 
-    Error bars are the sample std over the repeats (none for n=1).
+    Error bars are the cells' ``interval`` (none for n=1), named in the title.
 
     Args:
         grid: the aggregated table.
+        interval: one of :data:`~mbn.compare.stats.INTERVALS` (default the sample std over the repeats).
     """
     spec = grid.spec
-    scale = 100.0 if is_fraction_metric(spec.metric) else 1.0
-    numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in grid.col_keys)
-    positions = {col: (col if numeric else i) for i, col in enumerate(grid.col_keys)}
+    scale = metric_scale(spec.metric)
+    positions, numeric = _column_positions(grid)
     fig = Figure(figsize=FIGSIZE, layout="constrained")
     ax = fig.add_subplot()
     colors = row_colors(grid)
@@ -56,21 +54,74 @@ def plot_metric_vs_batch_size(grid: Grid) -> Figure:
         cells = [grid.cell(row, col) for col in grid.col_keys if grid.cell(row, col).n]
         if not cells:
             continue
+        bounds = [spread_interval(c.values, interval) for c in cells]
+        below = [(c.mean - b.low) * scale if b else 0.0 for c, b in zip(cells, bounds)]
+        above = [(b.high - c.mean) * scale if b else 0.0 for c, b in zip(cells, bounds)]
         ax.errorbar([positions[c.col] for c in cells], [c.mean * scale for c in cells],
-                    yerr=[(c.std or 0.0) * scale for c in cells], marker="o", capsize=3,
-                    color=colors[row], label=row_label(grid, row))
-    if numeric:
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_major_locator(FixedLocator(list(positions.values())))
-    ax.set_xticklabels([str(c) for c in grid.col_keys])
-    cols_name = "per-device batch size m" if spec.cols == "data.batch_size" else spec.cols
-    ax.set_xlabel(f"{cols_name} (log2 scale)" if numeric else cols_name)
+                    yerr=[below, above], marker="o", capsize=3, color=colors[row], label=row_label(row))
+    _column_axis(ax, grid, positions, numeric)
     ax.set_ylabel(metric_label(spec.metric))
-    ax.set_title(f"{spec.metric} vs {cols_name} (mean ± std over {spec.over})")
+    if interval == STD:
+        ax.set_title(f"{spec.metric} vs {_cols_name(grid)} (mean ± std over {spec.over})")
+    else:  # the interval's name is long: on its own line
+        ax.set_title(f"{spec.metric} vs {_cols_name(grid)}\n(mean, error bars: {interval_label(interval, spec.over)})",
+                     fontsize="medium")
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(title=" / ".join(short_key(k) for k in spec.rows))
+    return fig
+
+
+def plot_differences(table: DifferenceTable) -> Figure | None:
+    """Each compared row's difference to its baseline vs the column key, with the t intervals, zero marked.
+
+    Points without an interval (fewer than two seeds) are drawn hollow. Rows are shifted slightly
+    sideways so the intervals of one column do not hide each other.
+
+    Args:
+        table: the differences.
+
+    Returns:
+        The figure, or None when no difference could be computed.
+    """
+    grid = table.grid
+    spec = grid.spec
+    scale = metric_scale(spec.metric)
+    positions, numeric = _column_positions(grid)
+    fig = Figure(figsize=FIGSIZE, layout="constrained")
+    ax = fig.add_subplot()
+    colors = row_colors(grid)
+    rows = list(table.baselines)
+    plotted = False
+    for index, row in enumerate(rows):
+        diffs = [table.differences[(row, col)] for col in grid.col_keys
+                 if table.differences[(row, col)].mean_difference is not None]
+        if not diffs:
+            continue
+        shift = (index - (len(rows) - 1) / 2) * 0.04
+        xs = [positions[d.col] * 2 ** shift if numeric else positions[d.col] + shift for d in diffs]
+        ys = [d.mean_difference * scale for d in diffs]
+        below = [(d.mean_difference - d.test.difference.low) * scale if d.test else 0.0 for d in diffs]
+        above = [(d.test.difference.high - d.mean_difference) * scale if d.test else 0.0 for d in diffs]
+        # one shared baseline: the row names the line; baselines per row (bn per model): name both
+        label = (row_label(row) if len(set(table.baselines.values())) == 1
+                 else f"{row_label(row)} − {row_label(table.baselines[row])}")
+        ax.errorbar(xs, ys, yerr=[below, above], marker="o", capsize=3, color=colors[row], label=label)
+        hollow = [(x, y) for x, y, d in zip(xs, ys, diffs) if d.test is None]
+        if hollow:
+            ax.plot(*zip(*hollow), linestyle="none", marker="o", markerfacecolor="white", color=colors[row])
+        plotted = True
+    if not plotted:
+        return None
+    ax.axhline(0.0, color="black", linewidth=0.9, zorder=0)
+    _column_axis(ax, grid, positions, numeric)
+    units = "points" if is_fraction_metric(spec.metric) else spec.metric
+    ax.set_ylabel(f"{difference_title(table)} ({units})")
+    ax.set_title(f"{spec.metric}: {difference_title(table)} vs {_cols_name(grid)}\n"
+                 f"(mean difference, error bars: {CONFIDENCE:.0%} t CI, paired by {spec.over} or Welch)",
+                 fontsize="medium")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title=" / ".join(short_key(k) for k in spec.rows))
     return fig
 
 
@@ -103,7 +154,7 @@ def plot_curves(runset: RunSet, grid: Grid, col: Any, metric: str = "val_acc1") 
         stats = rows.astype(float).groupby("epoch")[metric].agg(["mean", "std", "count"])
         mean, std = stats["mean"] * scale, stats["std"].fillna(0.0) * scale
         ax.plot(stats.index, mean, marker="o", markersize=3, color=colors[row],
-                label=f"{row_label(grid, row)} (n={grid.cell(row, col).n})")
+                label=f"{row_label(row)} (n={grid.cell(row, col).n})")
         ax.fill_between(stats.index, mean - std, mean + std, color=colors[row], alpha=0.2, linewidth=0)
         plotted = True
     if not plotted:
@@ -145,7 +196,7 @@ def plot_mbn_schedule(runset: RunSet, grid: Grid) -> Figure | None:
             values = rows[["epoch", key]].dropna().astype(float).groupby("epoch")[key].mean()
             if values.empty:
                 continue
-            text = f"{row_label(grid, row)}, {label}" if several_rows else label
+            text = f"{row_label(row)}, {label}" if several_rows else label
             # Sequential colors: the lines are ordered by batch size.
             color = colormaps["viridis"](0.85 * index / max(len(lines) - 1, 1))
             ax.plot(values.index, values.to_numpy(), marker="o", markersize=3, color=color, label=text)
@@ -157,6 +208,25 @@ def plot_mbn_schedule(runset: RunSet, grid: Grid) -> Figure | None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     return fig
+
+
+def _column_positions(grid: Grid) -> tuple[dict[Any, float], bool]:
+    """x position of each column: the value itself on a log2 axis when all are positive numbers, else its index."""
+    numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in grid.col_keys)
+    return {col: (col if numeric else i) for i, col in enumerate(grid.col_keys)}, numeric
+
+
+def _column_axis(ax: Any, grid: Grid, positions: dict[Any, float], numeric: bool) -> None:
+    if numeric:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_locator(FixedLocator(list(positions.values())))
+    ax.set_xticklabels([str(c) for c in grid.col_keys])
+    ax.set_xlabel(f"{_cols_name(grid)} (log2 scale)" if numeric else _cols_name(grid))
+
+
+def _cols_name(grid: Grid) -> str:
+    return "per-device batch size m" if grid.spec.cols == "data.batch_size" else grid.spec.cols
 
 
 def figure_bytes(fig: Figure, fmt: str = "png") -> bytes:

@@ -112,6 +112,11 @@ def cell_label(spec: GridSpec, row: tuple, col: Any) -> str:
     return ", ".join(parts)
 
 
+def row_label(row: tuple) -> str:
+    """Text of a table row label, e.g. ``"mbn"`` or ``"mbn / resnet18"`` (legends, difference tables)."""
+    return " / ".join(str(v) for v in row)
+
+
 def short_key(key: str) -> str:
     """Display name of a config key: ``norm.name`` -> ``norm``, ``data.batch_size`` -> ``m``."""
     if key == "data.batch_size":

@@ -14,7 +14,9 @@ import mbn
 from mbn.compare.aggregate import Grid
 from mbn.compare.collect import RunSet, plain
 from mbn.compare.configdiff import summarize_config
+from mbn.compare.differences import DifferenceTable, format_differences, title as difference_title
 from mbn.compare.problems import GridNote, RunProblem, short_key
+from mbn.compare.stats import STD
 from mbn.compare.table import format_table
 from mbn.utils.io import atomic_write
 
@@ -36,6 +38,7 @@ table.results td.incomplete { background: #fff8c5; }
 table.results td.best.incomplete { background: linear-gradient(90deg, #dafbe1 70%, #fff8c5); }
 table.results td.empty { color: #8c959f; text-align: center; }
 table.results th.value { text-align: right; padding-right: 1.4em; }
+table.differences td.text { text-align: left; white-space: normal; }
 table.results td sup { display: inline-block; width: 0.7em; text-align: left; }
 table.list td.dir { word-break: break-all; max-width: 420px; }
 table.list td.error { max-width: 380px; }
@@ -64,6 +67,9 @@ class ReportInput:
         figures: ``(title, PNG bytes)`` of each plot, in display order.
         sources: what was read (sweep dirs or W&B projects).
         title: page heading.
+        interval: what the table's cells show around the mean (:data:`~mbn.compare.stats.INTERVALS`).
+        differences: the rows against the baseline; None for no differences section.
+        difference_figure: ``(title, PNG bytes)`` of the differences plot, shown in that section.
     """
 
     runset: RunSet
@@ -73,6 +79,9 @@ class ReportInput:
     figures: list[tuple[str, bytes]] = field(default_factory=list)
     sources: Sequence[str] = ()
     title: str = "mbn-compare report"
+    interval: str = STD
+    differences: DifferenceTable | None = None
+    difference_figure: tuple[str, bytes] | None = None
 
 
 def render_report(report: ReportInput) -> str:
@@ -98,10 +107,12 @@ def render_report(report: ReportInput) -> str:
         parts.append(f'<p class="meta">Run dirs below are relative to <code>{html.escape(base)}</code></p>')
     parts += ['<section id="table"><h2>Results</h2>']
     if report.grid.row_keys and report.grid.max_n:
-        parts.append(format_table(report.grid, "html"))
+        parts.append(format_table(report.grid, "html", interval=report.interval))
     else:
         parts.append("<p>No usable run yet: the table is empty (see the runs below).</p>")
     parts.append("</section>")
+    if report.differences is not None:
+        parts += _differences_section(report.differences, report.difference_figure)
     parts += _figures_section(report.figures)
     parts += _problems_section(report, base)
     parts += _notes_section(report.notes)
@@ -116,16 +127,32 @@ def write_report(path: str | os.PathLike, report: ReportInput) -> Path:
     return atomic_write(path, lambda f: f.write(text))
 
 
+def _differences_section(differences: DifferenceTable, figure: tuple[str, bytes] | None) -> list[str]:
+    heading = difference_title(differences)
+    parts = [f'<section id="differences"><h2>{html.escape(heading[0].upper() + heading[1:])}</h2>']
+    if differences.differences:
+        parts.append(format_differences(differences, "html"))
+    else:
+        parts.append("<p>No row to compare with the baseline.</p>")
+    if figure is not None:
+        parts.append(_figure(*figure))
+    parts.append("</section>")
+    return parts
+
+
 def _figures_section(figures: list[tuple[str, bytes]]) -> list[str]:
     parts = ['<section id="plots"><h2>Plots</h2>']
     if not figures:
         parts.append("<p>No plot: no usable run.</p>")
-    for title, png in figures:
-        data = base64.b64encode(png).decode("ascii")
-        parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(title)}">'
-                     f"<figcaption>{html.escape(title)}</figcaption></figure>")
+    parts += [_figure(title, png) for title, png in figures]
     parts.append("</section>")
     return parts
+
+
+def _figure(title: str, png: bytes) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(title)}">'
+            f"<figcaption>{html.escape(title)}</figcaption></figure>")
 
 
 def _problems_section(report: ReportInput, base: str) -> list[str]:

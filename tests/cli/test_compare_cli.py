@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from scipy import stats as scipy_stats
 
 # The fake sweep generator is shared with tests/compare (it is not a package, so put its dir on the path).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compare"))
@@ -85,6 +86,8 @@ def test_partial_sweep_with_only_running_runs(tmp_path, capsys):
     (["{root}/nope"], "no such sweep or run dir"),
     (["{root}", "--wandb", "justaproject"], "--wandb must be ENTITY/PROJECT, got 'justaproject'"),
     (["{root}", "--wandb-group", "demo"], "--wandb-group needs --wandb"),
+    (["{root}", "--baseline", "batchnorm"], "--baseline 'batchnorm' matches no row; rows: bn, gn, mbn"),
+    (["{root}", "--baseline", "bn", "--detect", "0"], "--detect must be > 0 (points), got 0.0"),
 ])
 def test_bad_arguments_exit_2_with_a_message(sweep, capsys, argv, message):
     argv = [a.format(root=sweep.root) for a in argv]
@@ -162,3 +165,43 @@ def test_console_script_exit_codes(sweep, tmp_path):
     assert ok.stdout.startswith("norm.name,data.batch_size,metric,")
     bad = subprocess.run([str(script), str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no such sweep or run dir" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_baseline_prints_the_difference_table_after_the_table(sweep, capsys):
+    assert main([str(sweep.root), "--baseline", "bn", "--interval", "ci95", "--detect", "2"]) == 0
+    out = capsys.readouterr().out
+    table, differences = out.split("\ndifference to bn (best_val_acc1, row − bn):\n")
+    assert "95% t confidence interval" in table.splitlines()[0]
+    gn, bn = sweep.completed_values("gn", 8), sweep.completed_values("bn", 8)
+    welch = scipy_stats.ttest_ind(gn, bn, equal_var=False)
+    ci = welch.confidence_interval()
+    line = next(line for line in differences.splitlines() if line.split()[:2] == ["gn", "8"])
+    assert f"{100 * (statistics.mean(gn) - statistics.mean(bn)):+.2f}" in line
+    assert f"[{100 * ci.low:+.2f}, {100 * ci.high:+.2f}]" in line and f"{welch.pvalue:.3f}" in line
+    assert "Welch t (n=3, 2)" in line
+    assert "gn, m=8: Welch (unpaired), seeds differ (gn: 0, 1, 2; bn: 0, 2)" in differences
+    assert "to detect 2.00 points with 80% power" in differences
+
+
+def test_baseline_csv_on_stdout_is_one_csv(sweep, capsys):
+    assert main([str(sweep.root), "--baseline", "bn", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 9
+    mbn2 = next(r for r in rows if r["norm.name"] == "mbn" and r["data.batch_size"] == "2")
+    expected = 100 * (statistics.mean(sweep.completed_values("mbn", 2)) - statistics.mean(sweep.completed_values("bn", 2)))
+    assert float(mbn2["diff_pct"]) == pytest.approx(expected, rel=1e-5) and mbn2["baseline"] == "bn"
+
+
+def test_without_baseline_no_difference_table(sweep, tmp_path, capsys):
+    out_dir = tmp_path / "compare"
+    assert main([str(sweep.root), "--out", str(out_dir)]) == 0
+    assert "difference to" not in capsys.readouterr().out
+    assert not (out_dir / "differences.csv").exists()
+
+
+def test_help_lists_the_statistics_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for option in ("--baseline ROW", "--interval {std,ci95,bootstrap}", "--detect POINTS", "Holm"):
+        assert option in out

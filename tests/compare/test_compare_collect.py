@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 
 from fake_sweep import EPOCHS, write_fake_run
+from mbn.compare.aggregate import GridSpec, build_grid
 from mbn.compare.collect import UNREADABLE, collect_runs, load_runs, plain
+from mbn.compare.problems import run_problems
 from mbn.results import RESULTS_FILENAME
 
 
@@ -81,3 +84,29 @@ def test_resolve_key_aliases_and_suggests(fake_sweep):
     assert runset.resolve_key("data.batch_size") == "data.batch_size"
     with pytest.raises(KeyError, match="data.batch_size"):
         runset.resolve_key("data.batchsize")
+
+
+def test_unknown_schema_version_is_a_problem_run_not_a_table_cell(fake_sweep):
+    path = fake_sweep.run_dirs[("gn", 8, 0)] / RESULTS_FILENAME
+    path.write_text(path.read_text().replace('"schema_version": 1', '"schema_version": 2'))
+    runset = collect_runs([fake_sweep.root])
+    run = runset.runs.set_index("run_dir").loc[str(path.parent)]
+    assert run["status"] == UNREADABLE
+    assert run["error"] == "unknown schema_version 2 (this mbn-compare reads 1)"
+    grid = build_grid(runset, GridSpec())
+    assert grid.cell(("gn",), 8).n == 2 and 0 not in grid.cell(("gn",), 8).over_values
+    problems = run_problems(runset, GridSpec())
+    assert [(p.reason, p.run_dir) for p in problems if "schema_version" in p.error] == [(UNREADABLE, str(path.parent))]
+
+
+def test_runs_are_listed_where_they_were_found_not_where_they_were_written(fake_sweep, tmp_path):
+    copy = tmp_path / "copied" / "fake"
+    shutil.copytree(fake_sweep.root, copy)
+    shutil.rmtree(fake_sweep.root)  # the paths recorded inside the files no longer exist
+    runset = collect_runs([copy])
+    assert all(run_dir.startswith(str(copy)) for run_dir in runset.runs["run_dir"])
+    problems = run_problems(runset, GridSpec())
+    assert len(problems) == 3
+    for problem in problems:
+        key = (problem.labels["norm.name"], problem.labels["data.batch_size"], problem.labels["seed"])
+        assert problem.run_dir == str(copy / fake_sweep.run_dirs[key].name)

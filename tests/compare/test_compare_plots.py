@@ -10,7 +10,9 @@ import pytest
 from fake_sweep import BATCH_SIZES, NORMS, lam_schedule, tau_value, write_fake_run
 from mbn.compare.aggregate import GridSpec, build_grid
 from mbn.compare.collect import collect_runs
-from mbn.compare.plots import plot_curves, plot_mbn_schedule, plot_metric_vs_batch_size, save_figure
+from mbn.compare.differences import compute_differences
+from mbn.compare.plots import plot_curves, plot_differences, plot_mbn_schedule, plot_metric_vs_batch_size, save_figure
+from mbn.compare.stats import spread_interval
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -76,3 +78,48 @@ def test_saved_png_and_svg_are_valid_files(grid, tmp_path):
     root = ET.fromstring(encoded["svg"])
     assert root.tag.endswith("svg")
     assert "best_val_acc1" in svg.read_text()
+
+
+def error_bar_ends(container):
+    """(low, high) of each error bar of an ``ax.errorbar`` container, in plot order."""
+    return [(segment[0][1], segment[1][1]) for segment in container.lines[2][0].get_segments()]
+
+
+@pytest.mark.parametrize("interval, title", [("std", "mean ± std over seed"),
+                                             ("ci95", "95% t confidence interval of the mean over seed"),
+                                             ("bootstrap", "95% percentile-bootstrap interval")])
+def test_error_bars_follow_the_interval_and_the_title_names_it(fake_sweep, grid, interval, title):
+    ax = plot_metric_vs_batch_size(grid, interval).axes[0]
+    assert title in ax.get_title()
+    gn_bars = error_bar_ends(ax.containers[1])
+    for m, (low, high) in zip(BATCH_SIZES, gn_bars):
+        expected = spread_interval(fake_sweep.completed_values("gn", m), interval)
+        assert (low, high) == pytest.approx((100 * expected.low, 100 * expected.high))
+    if interval == "std":
+        values = fake_sweep.completed_values("gn", 2)
+        assert gn_bars[0][1] - gn_bars[0][0] == pytest.approx(2 * 100 * statistics.stdev(values))
+
+
+def test_differences_plot_has_one_line_per_row_intervals_and_zero(fake_sweep, grid):
+    table = compute_differences(grid, "bn")
+    ax = plot_differences(table).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["gn", "mbn"]
+    assert "difference to bn" in ax.get_ylabel() and "points" in ax.get_ylabel()
+    assert "95% t CI" in ax.get_title() and ax.get_xscale() == "log"
+    assert any(list(line.get_ydata()) == [0.0, 0.0] for line in ax.get_lines())  # the zero line
+    mbn = ax.containers[1]
+    bn_means = [statistics.mean(fake_sweep.completed_values("bn", m)) for m in BATCH_SIZES]
+    mbn_means = [statistics.mean(fake_sweep.completed_values("mbn", m)) for m in BATCH_SIZES]
+    expected = [100 * (a - b) for a, b in zip(mbn_means, bn_means)]
+    assert list(mbn.lines[0].get_ydata()) == pytest.approx(expected)
+    assert list(mbn.lines[0].get_xdata()) == pytest.approx(list(BATCH_SIZES), rel=0.05)  # nudged sideways
+    for m, (low, high) in zip(BATCH_SIZES, error_bar_ends(mbn)):
+        test = table.differences[(("mbn",), m)].test
+        assert (low, high) == pytest.approx((100 * test.difference.low, 100 * test.difference.high))
+
+
+def test_no_difference_no_differences_plot(tmp_path):
+    write_fake_run(tmp_path / "a", "bn", 2, 0)
+    write_fake_run(tmp_path / "b", "mbn", 8, 0)
+    grid = build_grid(collect_runs([tmp_path]), GridSpec())
+    assert plot_differences(compute_differences(grid, "bn")) is None

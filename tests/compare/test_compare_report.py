@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import csv
+import io
 import re
 import statistics
 from html.parser import HTMLParser
@@ -173,3 +175,43 @@ def test_checker_catches_broken_html():
     checker.feed('<!DOCTYPE html><html><body><table><tr><td>x</tr></table><img src="https://x/y.png"></body></html>')
     assert any("closes td" in e for e in checker.errors)
     assert any("external reference" in e for e in checker.errors)
+
+
+@pytest.fixture(scope="module")
+def written_with_baseline(module_sweep, tmp_path_factory):
+    comparison = compare(collect_runs([module_sweep.root]), GridSpec(), interval="ci95", baseline="bn")
+    out = tmp_path_factory.mktemp("out-baseline")
+    return out, write_outputs(comparison, out, sources=[str(module_sweep.root)])
+
+
+def test_baseline_adds_differences_csv_plot_and_report_section(written_with_baseline, module_sweep):
+    out, paths = written_with_baseline
+    names = {p.name for p in paths}
+    assert {"differences.csv", "best_val_acc1_difference_to_bn_vs_m.png",
+            "best_val_acc1_difference_to_bn_vs_m.svg"} <= names
+    rows = list(csv.DictReader(io.StringIO((out / "differences.csv").read_text())))
+    assert len(rows) == 6 and {r["norm.name"] for r in rows} == {"gn", "mbn"}
+    gn2 = next(r for r in rows if r["norm.name"] == "gn" and r["data.batch_size"] == "2")
+    expected = 100 * (statistics.mean(module_sweep.completed_values("gn", 2))
+                      - statistics.mean(module_sweep.completed_values("bn", 2)))
+    assert float(gn2["diff_pct"]) == pytest.approx(expected, rel=1e-5)
+    assert gn2["test"] == "Welch t" and gn2["baseline"] == "bn"  # bn m=2 lost seed 2
+
+    html_text = (out / "report.html").read_text(encoding="utf-8")
+    checker = check_html(html_text)
+    assert len(checker.images) == 4
+    section = html_text[html_text.index('<section id="differences">'):html_text.index('<section id="plots">')]
+    assert "<h2>Difference to bn</h2>" in section and '<table class="results differences">' in section
+    assert "data:image/png;base64," in section and "95% t CI" in section
+    assert f"{expected:+.2f}" in checker.cells
+    assert "95% t confidence interval of the mean over seed" in html_text  # the results table's caption
+
+
+def test_every_table_file_holds_the_difference_table(written_with_baseline):
+    out, _ = written_with_baseline
+    for name in ("table.txt", "table.md", "table.tex"):
+        text = (out / name).read_text()
+        assert "difference to bn" in text and "Welch t (n=3, 2)" in text, name
+    rows = list(csv.DictReader(io.StringIO((out / "table.csv").read_text())))
+    assert len(rows) == 9  # one CSV: the cells, with the difference columns on the compared rows
+    assert all((r["diff_pct"] == "") == (r["norm.name"] == "bn") for r in rows)

@@ -7,10 +7,12 @@ import io
 import statistics
 
 import pytest
+from scipy import stats as scipy_stats
 
 from fake_sweep import BATCH_SIZES, NORMS, write_fake_run
 from mbn.compare.aggregate import GridSpec, build_grid
 from mbn.compare.collect import collect_runs
+from mbn.compare.stats import INTERVALS, bootstrap_interval
 from mbn.compare.table import format_table
 
 
@@ -91,3 +93,53 @@ def test_single_run_cell_shows_no_std(tmp_path):
 def test_unknown_format_is_rejected(grid):
     with pytest.raises(ValueError, match="'xml'"):
         format_table(grid, "xml")
+
+
+def t_half_width_pct(values):
+    return 100 * scipy_stats.t.ppf(0.975, len(values) - 1) * scipy_stats.sem(values)
+
+
+def test_ci95_cells_are_mean_plus_minus_the_t_half_width(fake_sweep, grid):
+    text = format_table(grid, "text", interval="ci95")
+    assert "mean ± half-width of the 95% t confidence interval of the mean over seed" in text.splitlines()[0]
+    for norm in NORMS:
+        for m in BATCH_SIZES:
+            values = fake_sweep.completed_values(norm, m)
+            mean = 100 * statistics.mean(values)
+            assert f"{mean:.2f} ± {t_half_width_pct(values):.2f} ({len(values)})" in text
+
+
+def test_bootstrap_cells_show_both_ends_and_are_reproducible(fake_sweep, grid):
+    text = format_table(grid, "markdown", interval="bootstrap")
+    assert text == format_table(grid, "markdown", interval="bootstrap")
+    assert "95% percentile-bootstrap interval of the mean over seed (10000 resamples, numpy seed 0)" in text
+    values = fake_sweep.completed_values("gn", 8)
+    interval = bootstrap_interval(values)
+    assert f"{100 * statistics.mean(values):.2f} [{100 * interval.low:.2f}, {100 * interval.high:.2f}] (3)" in text
+
+
+def test_csv_with_an_interval_has_its_ends(fake_sweep, grid):
+    rows = list(csv.DictReader(io.StringIO(format_table(grid, "csv", interval="ci95"))))
+    for row in rows:
+        values = fake_sweep.completed_values(row["norm.name"], int(row["data.batch_size"]))
+        assert row["interval"] == "ci95"
+        assert float(row["low_pct"]) == pytest.approx(100 * statistics.mean(values) - t_half_width_pct(values), rel=1e-5)
+        assert float(row["high_pct"]) == pytest.approx(100 * statistics.mean(values) + t_half_width_pct(values), rel=1e-5)
+    assert "low_pct" not in format_table(grid, "csv").splitlines()[0]
+
+
+@pytest.mark.parametrize("interval", INTERVALS)
+def test_single_seed_cells_say_intervals_need_two_seeds(tmp_path, interval):
+    single = write_fake_run(tmp_path / "a", "bn", 2, 0)["metrics"]["best_val_acc1"]
+    write_fake_run(tmp_path / "b", "bn", 8, 0)
+    write_fake_run(tmp_path / "c", "bn", 8, 1)
+    text = format_table(build_grid(collect_runs([tmp_path]), GridSpec()), "text", interval=interval)
+    assert "cells with n=1 show no interval (intervals need >= 2 seeds)" in text.splitlines()[0]
+    m2, m8 = text.splitlines()[-1].split("(1)")
+    assert m2.split() == ["bn", f"{100 * single:.2f}"]  # the mean alone
+    assert ("[" if interval == "bootstrap" else "±") in m8 and m8.rstrip(" *†").endswith("(2)")
+
+
+def test_unknown_interval_is_rejected(grid):
+    with pytest.raises(ValueError, match="'sem'"):
+        format_table(grid, "text", interval="sem")
