@@ -41,11 +41,18 @@ Schema (``schema_version`` 1)::
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as _dt
 import hashlib
 import json
+import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+if TYPE_CHECKING:
+    from mbn.train.spec import RunSpec
 
 from mbn.utils.io import atomic_write_json
 
@@ -71,6 +78,125 @@ def config_hash(config: Mapping[str, Any], exclude: tuple[str, ...] = HASH_EXCLU
     kept = {k: v for k, v in config.items() if k not in exclude}
     canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+METRIC_KEYS = ("final_val_acc1", "best_val_acc1", "best_epoch", "final_val_acc5", "final_val_loss",
+               "final_test_acc1", "best_test_acc1", "final_train_loss")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One ``results.json``, field by field (see the schema above); :mod:`mbn.train.job` writes it.
+
+    ``to_dict`` gives the JSON object (``schema_version`` is added on write); ``from_dict`` reads
+    one back, keeping keys this version does not know.
+    """
+
+    status: str
+    config_hash: str
+    config: dict[str, Any]
+    overrides: list[str]
+    output_dir: str
+    run_name: str
+    sweep_name: str
+    norm: str
+    model: str
+    dataset: str
+    seed: int
+    batch_size: int
+    world_size: int
+    global_batch_size: int
+    lr: float
+    epochs: int
+    started_at: str
+    error: str | None = None
+    traceback: str | None = None
+    # Validation runs on the test split (as in the paper), so val and test metrics coincide.
+    eval_split: str = "test"
+    resumed_from: str | None = None
+    finished_at: str | None = None
+    epochs_completed: int = 0
+    metrics: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(METRIC_KEYS))
+    history: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    versions: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_run(cls, spec: "RunSpec", started_at: str, resume_from: Path | None, versions: dict[str, str]) -> "RunRecord":
+        """The record of a run that is starting (status ``running``)."""
+        return cls(
+            status="running",
+            config_hash=spec.config_hash,
+            config=spec.config,
+            overrides=list(spec.overrides),
+            output_dir=str(Path(spec.output_dir).resolve()),
+            run_name=spec.run_name,
+            sweep_name=spec.sweep_name,
+            norm=spec.norm.name,
+            model=spec.model.name,
+            dataset=spec.data.name,
+            seed=spec.seed,
+            batch_size=spec.data.batch_size,
+            world_size=spec.trainer.world_size,
+            global_batch_size=spec.global_batch_size,
+            lr=spec.optim.lr(spec.global_batch_size),
+            epochs=spec.epochs,
+            started_at=started_at,
+            resumed_from=str(resume_from) if resume_from is not None else None,
+            versions=dict(versions),
+        )
+
+    def updated(self, **changes: Any) -> "RunRecord":
+        """A copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object (without ``schema_version``)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        if data["traceback"] is None:
+            del data["traceback"]
+        return {**self.extra, **data}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunRecord":
+        """Read a record back (unknown keys are kept in ``extra`` and written again)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names and k != "schema_version"}
+        return cls(**known, extra=extra)
+
+
+def summarize_history(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """``epochs_completed``, ``metrics`` and ``history`` (non-finite numbers as null) of a run's epochs."""
+    metrics: dict[str, Any] = dict.fromkeys(METRIC_KEYS)
+    if history:
+        last = history[-1]
+        scored = [row for row in history if row.get("val_acc1") is not None]
+        best = max(scored, key=lambda row: row["val_acc1"]) if scored else None
+        metrics.update(
+            final_val_acc1=last.get("val_acc1"),
+            final_val_acc5=last.get("val_acc5"),
+            final_val_loss=last.get("val_loss"),
+            final_train_loss=last.get("train_loss"),
+            best_val_acc1=best["val_acc1"] if best else None,
+            best_epoch=best["epoch"] if best else None,
+        )
+        metrics["final_test_acc1"] = metrics["final_val_acc1"]
+        metrics["best_test_acc1"] = metrics["best_val_acc1"]
+    return {"epochs_completed": len(history), "metrics": metrics, "history": [_finite(row) for row in history]}
+
+
+def _finite(row: dict[str, Any]) -> dict[str, Any]:
+    # JSON has no NaN/inf: a non-finite number is recorded as null.
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def now_iso(timestamp: float | None = None) -> str:
+    """A UTC time as ISO 8601 to the second (now, or ``timestamp``)."""
+    moment = _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc) if timestamp else _dt.datetime.now(_dt.timezone.utc)
+    return moment.isoformat(timespec="seconds")
 
 
 def write_results(output_dir: str | os.PathLike, results: Mapping[str, Any]) -> Path:

@@ -32,7 +32,7 @@ from mbn.train.datamodule import ImageDataModule
 from mbn.train.loggers import build_loggers
 from mbn.train.optim import build_optimizer
 from mbn.train.run import build_module, build_trainer
-from mbn.train.spec import DataSpec, ModelSpec, NormSpec, OptimSpec, RunSpec, TrainerSpec
+from mbn.train.spec import FakeDataSpec, FakeSource, MomentumBatchNormSpec, OptimSpec, ResNetSpec, RunSpec, TrainerSpec
 
 WARMUP_STEPS = 10
 
@@ -53,15 +53,14 @@ class StepTimer(Callback):
 
 def make_spec(batch_size: int, steps: int, output_dir: Path, width: int) -> RunSpec:
     return RunSpec(
-        data=DataSpec(
-            kind="fake",
-            source={"num_train": batch_size * steps, "num_test": 64, "image_size": 32, "seed": 0},
+        data=FakeDataSpec(
+            source=FakeSource(num_train=batch_size * steps, num_test=64, image_size=32, seed=0),
             batch_size=batch_size,
             eval_batch_size=64,
             augment=True,
         ),
-        model=ModelSpec("resnet18", width=width),
-        norm=NormSpec("mbn", {}),
+        model=ResNetSpec("resnet18", width=width),
+        norm=MomentumBatchNormSpec(),
         optim=OptimSpec(),
         trainer=TrainerSpec(progress_bar=False),
         epochs=1,
@@ -82,7 +81,7 @@ def lightning_seconds_per_step(spec: RunSpec) -> float:
 
 
 def bare_seconds_per_step(spec: RunSpec) -> float:
-    splits = load_dataset(spec.data.kind, **spec.data.source)
+    splits = load_dataset(spec.data.name, **spec.data.source_options)
     pl.seed_everything(spec.seed, verbose=False)
     model = build_model("resnet18", splits.num_classes, norm_layer("mbn"), width=spec.model.width)
     loader = TensorBatchLoader(

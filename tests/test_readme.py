@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from cli_runner import mbn_train as train_main
+
 from mbn.cli.compare import build_parser
 from mbn.cli.compare import main as compare_main
-from mbn.cli.train import main as train_main
 
 sys.path.insert(0, str(Path(__file__).parent / "compare"))
 from fake_sweep import make_fake_sweep  # noqa: E402

@@ -8,7 +8,7 @@ launches the jobs, whichever launcher runs them (in-process, joblib workers, SLU
 - with ``dry_run=true`` it lists what each job would do (start, resume, skip, replace) and stops;
 - after the last job it prints one summary line (completed / failed / diverged / skipped counts)
   and the dirs of the jobs that did not complete, read from their ``results.json``; ``mbn-train``
-  turns it into the exit code.
+  raises it as the exit code (a non-zero one), after which ``mbn-train`` returns it.
 
 The job list is the one Hydra's basic sweeper builds (``hydra.sweeper.params`` then command-line
 overrides); with another sweeper the callback does nothing.
@@ -16,21 +16,28 @@ overrides); with another sweeper the callback does nothing.
 
 from __future__ import annotations
 
+import itertools
+import os
 import sys
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from mbn.cli.config import ConfigError, check_buildable, resolve, run_spec, split_control, validate
-from mbn.cli.run_dir import JobPlan, plan_job
-from mbn.results import config_hash, read_results
+from mbn.cli.config import ConfigError, check_buildable, composition_error
+from mbn.cli.schema import load_job, to_run_spec
+from mbn.results import config_hash
+from mbn.train.job import INVOCATION_ENV, JobOutcome, JobPlan, job_outcome, plan_job, verify_checkpoint
 
-EXIT_CODES = {"completed": 0, "skipped": 0, "dry_run": 0, "failed": 1, "busy": 1, "config_error": 2, "diverged": 3, "interrupted": 130}
+EXIT_CODES = {"completed": 0, "skipped": 0, "dry_run": 0, "busy": 0, "failed": 1, "config_error": 2, "diverged": 3, "interrupted": 130}
+# The sweeper whose job list expand_jobs reproduces (the cartesian product of the swept values).
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
@@ -55,55 +62,44 @@ class SweepJob:
 
 @dataclass
 class SweepSummary:
-    """Final status of every job of a sweep.
+    """Final outcome of every job of a sweep, in launch order.
 
     Args:
-        jobs: ``(status, output_dir, error)`` per job, in launch order; status is a results.json
-            status, ``skipped`` (already final before the sweep), or ``busy`` (another process runs it).
+        jobs: one :class:`~mbn.train.job.JobOutcome` per job.
     """
 
-    jobs: list[tuple[str, Path, str | None]] = field(default_factory=list)
+    jobs: list[JobOutcome] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        """Jobs per status."""
+        """Jobs per status (jobs another command ran are counted under ``<status> elsewhere``)."""
         counts: dict[str, int] = {}
-        for status, _, _ in self.jobs:
-            counts[status] = counts.get(status, 0) + 1
+        for outcome in self.jobs:
+            label = _label(outcome)
+            counts[label] = counts.get(label, 0) + 1
         return counts
 
     @property
     def exit_code(self) -> int:
-        """0 when every job completed or was skipped as completed, else the worst status's code."""
-        return max((EXIT_CODES.get(status, 1) for status, _, _ in self.jobs), default=0)
+        """0 when every job completed, was skipped as completed or runs elsewhere, else the worst status's code."""
+        return max((EXIT_CODES.get(outcome.status, 1) for outcome in self.jobs), default=0)
 
     def lines(self) -> list[str]:
         """The summary line, then one line per job that did not complete."""
         order = ("completed", "failed", "diverged", "interrupted", "busy", "skipped")
         counts = self.counts()
-        parts = [f"{counts.get(status, 0)} {status}" for status in order if status in counts or status in ("completed", "failed", "skipped")]
+        labels = [*order, *sorted(label for label in counts if label not in order)]
+        parts = [f"{counts.get(label, 0)} {label}" for label in labels if label in counts or label in ("completed", "failed", "skipped")]
         lines = [f"mbn-train: sweep done: {', '.join(parts)} (of {len(self.jobs)} jobs)"]
-        for status, output_dir, error in self.jobs:
-            if status not in ("completed", "skipped"):
-                lines.append(f"mbn-train:   {status}: {output_dir}" + (f" - {error.splitlines()[0]}" if error else ""))
+        for outcome in self.jobs:
+            if outcome.status not in ("completed", "skipped"):
+                lines.append(f"mbn-train:   {_label(outcome)}: {outcome.output_dir}" + (f" - {outcome.error}" if outcome.error else ""))
         return lines
 
 
-_last: list[SweepSummary] = []
-
-
-def reset() -> None:
-    """Forget the previous sweep's summary (``mbn-train`` calls this before each command)."""
-    _last.clear()
-
-
-def last_summary() -> SweepSummary | None:
-    """Summary of the last sweep run in this process, if any."""
-    return _last[-1] if _last else None
-
-
-def format_plan(output_dir: Path, plan: JobPlan) -> str:
-    """One dry-run line: ``mbn-train: would resume <dir> (interrupted after epoch 3)``."""
-    return f"mbn-train: would {plan.action} {output_dir} ({plan.reason})"
+def _label(outcome: JobOutcome) -> str:
+    if outcome.status == "busy":
+        return "busy"
+    return f"{outcome.status} elsewhere" if outcome.elsewhere else outcome.status
 
 
 def ensure_writable(directory: str | Path) -> None:
@@ -120,6 +116,32 @@ def ensure_writable(directory: str | Path) -> None:
         raise ConfigError("output_root", f"cannot write to {directory}: {exc.strerror or exc}") from None
 
 
+def sweep_overrides(config: DictConfig) -> list[list[str]] | None:
+    """Every job's overrides, in launch order, as Hydra's basic sweeper builds them.
+
+    ``hydra.sweeper.params`` then the command line; a comma list (or ``range``/``choice``) is swept,
+    and the jobs are the cartesian product in that order. None with another sweeper (its job list
+    is its own).
+
+    Args:
+        config: the multirun's master config (with its ``hydra`` node).
+    """
+    if OmegaConf.select(config, "hydra.sweeper._target_") != BASIC_SWEEPER:
+        return None
+    params = OmegaConf.to_container(config.hydra.sweeper.params) if config.hydra.sweeper.get("params") else {}
+    arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+    # One entry per key, in first-seen order; a later override of the same key wins (as in Hydra).
+    values: dict[str, list[str]] = {}
+    for override in OverridesParser.create().parse_overrides(arguments):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            values[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            values[key] = [f"{key}={override.get_value_element_as_str()}"]
+    lists = list(values.values())
+    return [list(job) for job in itertools.product(*lists)]
+
+
 def expand_jobs(config: DictConfig) -> list[SweepJob] | None:
     """Every job of the multirun ``config`` with its dir, config hash and plan, or its config error.
 
@@ -128,23 +150,16 @@ def expand_jobs(config: DictConfig) -> list[SweepJob] | None:
     Args:
         config: the multirun's master config (with its ``hydra`` node).
     """
-    if OmegaConf.select(config, "hydra.sweeper._target_") != BASIC_SWEEPER:
+    job_overrides = sweep_overrides(config)
+    if job_overrides is None:
         return None
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     loader = GlobalHydra.instance().config_loader()
-    params = OmegaConf.to_container(config.hydra.sweeper.params) if config.hydra.sweeper.get("params") else {}
-    arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
-    parsed = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
-    (job_overrides,) = BasicSweeper.split_arguments(parsed, None)
     hydra_config = HydraConfig.instance().cfg
     built: dict[str, ConfigError | None] = {}
     jobs = []
     try:
         for overrides in job_overrides:
-            jobs.append(_plan_one(loader, config, list(overrides), built))
+            jobs.append(_plan_one(loader, config, overrides, built))
     finally:
         if hydra_config is not None:
             HydraConfig.instance().set_config(hydra_config)
@@ -162,34 +177,40 @@ def expand_jobs(config: DictConfig) -> list[SweepJob] | None:
 def _plan_one(loader: Any, config: DictConfig, overrides: list[str], built: dict[str, ConfigError | None]) -> SweepJob:
     job = SweepJob(overrides)
     try:
-        job_config = loader.load_sweep_config(config, overrides)
+        try:
+            job_config = loader.load_sweep_config(config, overrides)
+        except Exception as exc:  # noqa: BLE001 - Hydra composition errors (e.g. an unknown group option)
+            raise composition_error(exc) from None
         job.output_dir = Path(str(OmegaConf.select(job_config, "hydra.sweep.dir"))) / str(
             OmegaConf.select(job_config, "hydra.sweep.subdir")
         )
         HydraConfig.instance().set_config(job_config)
-        task_config = OmegaConf.create(OmegaConf.to_container(job_config, resolve=False))
-        with open_dict(task_config):
-            del task_config["hydra"]
-        resolved, control = split_control(resolve(task_config))
-        validate(resolved)
-        _check_buildable_once(resolved, job.output_dir, built)
+        task = load_job(_task_node(job_config))
+        digest = config_hash(task.config)
+        spec = to_run_spec(task, job.output_dir, overrides, digest)
+        _check_buildable_once(spec, built)
     except ConfigError as exc:
         job.error = str(exc)
         return job
-    except Exception as exc:  # noqa: BLE001 - Hydra composition errors (e.g. an unknown group option)
-        job.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        return job
-    job.config_hash = config_hash(resolved)
-    job.plan = plan_job(job.output_dir, job.config_hash, control["rerun_diverged"])
+    job.config_hash = digest
+    job.plan = plan_job(job.output_dir, digest, task.rerun_diverged)
     return job
 
 
-def _check_buildable_once(config: dict[str, Any], output_dir: Path, built: dict[str, ConfigError | None]) -> None:
+def _task_node(job_config: DictConfig) -> DictConfig:
+    """A job's composed config without its ``hydra`` node, keeping the schema types."""
+    task_config = job_config.copy()
+    with read_write(task_config), open_dict(task_config):
+        del task_config["hydra"]
+    return task_config
+
+
+def _check_buildable_once(spec: Any, built: dict[str, ConfigError | None]) -> None:
     """Build each distinct (model, norm) once, as the job would, to catch bad layer options up front."""
-    key = repr((config["model"], config["norm"]))
+    key = repr((spec.model, spec.norm))
     if key not in built:
         try:
-            check_buildable(run_spec(config, output_dir, output_dir.name, [], ""))
+            check_buildable(spec)
             built[key] = None
         except ConfigError as exc:
             built[key] = exc
@@ -221,40 +242,34 @@ class SweepCallback(Callback):
         if config.get("dry_run", False) is True:
             counts: dict[str, int] = {}
             for job in self.jobs:
-                print(format_plan(job.output_dir, job.plan), flush=True)
-                counts[job.plan.action] = counts.get(job.plan.action, 0) + 1
+                plan = verify_checkpoint(job.plan, job.output_dir, job.config_hash)
+                print(plan.line(job.output_dir), flush=True)
+                counts[plan.action] = counts.get(plan.action, 0) + 1
             listing = ", ".join(f"{n} {action}" for action, n in sorted(counts.items()))
             print(f"mbn-train: dry run of {len(self.jobs)} jobs: {listing}; nothing was run", flush=True)
-            _last.append(SweepSummary([("dry_run", job.output_dir, None) for job in self.jobs]))
             raise SystemExit(0)
+        _tag_jobs_with_invocation(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.jobs is None:
             return
-        summary = SweepSummary([_final_status(job) for job in self.jobs])
+        invocation = os.environ.get(INVOCATION_ENV)
+        summary = SweepSummary([job_outcome(job.output_dir, job.config_hash, job.plan, invocation) for job in self.jobs])
         for line in summary.lines():
             print(line, flush=True)
-        _last.append(summary)
+        if summary.exit_code:
+            raise SystemExit(summary.exit_code)
 
 
-def _final_status(job: SweepJob) -> tuple[str, Path, str | None]:
-    assert job.output_dir is not None and job.plan is not None
-    if job.plan.action == "skip":
-        if job.plan.previous_status is None:  # held by another process when the sweep started
-            return "busy", job.output_dir, job.plan.reason
-        return ("skipped" if job.plan.previous_status == "completed" else job.plan.previous_status), job.output_dir, job.plan.reason
-    try:
-        results = read_results(job.output_dir)
-    except (OSError, ValueError) as exc:
-        return "failed", job.output_dir, f"no readable results.json ({type(exc).__name__})"
-    if results.get("config_hash") != job.config_hash:
-        return "failed", job.output_dir, "results.json is from another config"
-    status = results.get("status")
-    if status == "running":
-        return "failed", job.output_dir, "the job's process ended without a final status (killed?)"
-    return status, job.output_dir, results.get("error")
+def _tag_jobs_with_invocation(config: DictConfig) -> None:
+    """Have every job of this command record its invocation id, in whatever process a launcher runs it.
 
-
+    Jobs are composed again from ``hydra.overrides.hydra`` (in the launching process, a joblib
+    worker or a SLURM task), so the id travels as Hydra's ``hydra.job.env_set`` for the job.
+    """
+    invocation = os.environ.setdefault(INVOCATION_ENV, uuid.uuid4().hex[:12])
+    with read_write(config.hydra):
+        config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{INVOCATION_ENV}={invocation}")
 def _swept_values(job: SweepJob, jobs: list[SweepJob]) -> str:
     """The overrides that tell ``job`` apart from the sweep's other jobs (all of them for a 1-job sweep)."""
     shared = set.intersection(*(set(other.overrides) for other in jobs)) if len(jobs) > 1 else set()

@@ -9,15 +9,15 @@ Examples::
     mbn-train -m experiment=paper_cifar10 hydra/launcher=slurm hydra.launcher.partition=gpu
     mbn-train trainer=ddp trainer.devices=4 data.batch_size=8     # m=8 per GPU, global batch 32
 
-Each job runs in a deterministic dir (``<output_root>/runs/<overrides>`` or
-``<output_root>/sweeps/<sweep_name>/<overrides>``) and holds its lock while it runs. Rerunning a
-command skips jobs whose ``results.json`` says ``completed`` (or ``diverged``, unless
-``rerun_diverged=true``) for the same config hash, resumes the others from their ``last.ckpt``,
-and moves a dir's run of another config aside. A failing job never stops a sweep; before the
+A thin Hydra adapter: it checks the composed config (:mod:`mbn.cli.schema`) and hands the job to
+:func:`mbn.train.job.run_job`, which owns the job's life (plan, lock, dir, run, record). Each job
+runs in a deterministic dir (``<output_root>/runs/<overrides>`` or
+``<output_root>/sweeps/<sweep_name>/<overrides>``). A failing job never stops a sweep; before the
 first job starts every job's config is checked (see :mod:`mbn.cli.sweep`). DDP jobs
 (``trainer.devices > 1``) run as that many processes started with torchrun, also inside a sweep.
-Exit code: 0 when every job completed (or was skipped as completed), 1 if one failed, 2 for an
-invalid config or an unwritable output dir, 3 if one diverged, 130 when interrupted.
+Exit code: 0 when every job completed (or was skipped as completed, or is running in another
+command), 1 if one failed, 2 for an invalid config or an unwritable output dir, 3 if one
+diverged, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -28,19 +28,23 @@ import shutil
 import signal
 import subprocess
 import sys
+import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mbn.cli import sweep
-from mbn.cli.config import CONFIG_DIR, ConfigError, check_buildable, resolve, run_spec, split_control, validate
-from mbn.cli.run_dir import LOCK_FILENAME, JobBusy, job_lock, plan_job, prepare_output_dir
-from mbn.results import config_hash, read_results, write_results
+from mbn.cli.config import CONFIG_DIR, ConfigError, check_buildable, composition_error
+from mbn.cli.schema import load_job, to_run_spec
+from mbn.results import config_hash
+from mbn.train.job import INVOCATION_ENV, LOCK_FILENAME, JobOutcome, plan_job, record_failure, run_job, verify_checkpoint
 
 log = logging.getLogger("mbn.cli")
 
@@ -50,17 +54,14 @@ DDP_CHILD_ENV = "MBN_DDP_CHILD"
 # DDP strategies whose processes mbn-train launches itself (torchrun) instead of Lightning re-running argv.
 RELAUNCHED_STRATEGIES = ("ddp", "auto")
 
-__all__ = ["main", "prepare_output_dir", "run_job", "EXIT_CODES"]
-
-# Final status of a single (non-multirun) run in this process; sweeps are summarized by mbn.cli.sweep.
-_run_status: list[str] = []
-# A joblib worker keeps the slot (GPU, threads) of its first job: CUDA_VISIBLE_DEVICES only counts
-# before CUDA starts in a process, and the worker serves its later jobs from the same process.
-_worker_slot: dict[str, Any] = {}
+__all__ = ["main", "EXIT_CODES"]
 
 
-def run_job(cfg: DictConfig) -> str:
-    """Validate, then skip, resume or start one job; returns its final status.
+def run_task(cfg: DictConfig) -> JobOutcome | None:
+    """Check one composed job, then run it (or, with ``dry_run=true``, say what it would do).
+
+    Returns:
+        The job's outcome; None for a dry run.
 
     Raises:
         ConfigError: invalid config (before any heavy import).
@@ -68,78 +69,66 @@ def run_job(cfg: DictConfig) -> str:
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
-    config, control = split_control(resolve(cfg))
-    validate(config)
-    digest = config_hash(config)
-    if control["dry_run"]:
-        plan = plan_job(output_dir, digest, control["rerun_diverged"])
-        print(sweep.format_plan(output_dir, plan), flush=True)
-        return "dry_run"
-
-    spec = run_spec(config, output_dir, output_dir.name, overrides, digest)
+    job = load_job(cfg)
+    digest = config_hash(job.config)
+    spec = to_run_spec(job, output_dir, overrides, digest)
+    if job.dry_run:
+        plan = verify_checkpoint(plan_job(output_dir, digest, job.rerun_diverged), output_dir, digest)
+        print(plan.line(output_dir), flush=True)
+        return None
     check_buildable(spec)
     callbacks = []
-    if control["fail_at_epoch"] is not None:
+    if job.fail_at_epoch is not None:
         from mbn.train.callbacks import FailAtEpoch
 
-        callbacks.append(FailAtEpoch(control["fail_at_epoch"]))
+        callbacks.append(FailAtEpoch(job.fail_at_epoch))
+
+    def train_here(run: Any) -> dict:
+        from mbn.train.run import train  # Lightning import: only once the job is known to train
+
+        _quiet_lightning()
+        return train(run, callbacks=callbacks)
 
     if os.environ.get(DDP_CHILD_ENV):
         # One of the DDP processes this job's own mbn-train started: the parent planned and locked
         # the dir, and reports the outcome.
-        return _train(spec, callbacks, report=False)
+        train_here(spec)
+        return None
     rank = _external_rank()
     if rank is not None and rank > 0:
         # Started by a cluster launcher (SLURM tasks, torchrun): rank 0 decides; the others follow it.
-        if plan_job(output_dir, digest, control["rerun_diverged"], check_lock=False).action == "skip":
-            return "skipped"
-        return _train(spec, callbacks)
-    try:
-        with job_lock(output_dir):
-            previous = prepare_output_dir(output_dir, digest, control["rerun_diverged"])
-            if previous in ("completed", "diverged"):
-                print(f"mbn-train: skipped {output_dir} (already {previous}, config hash {digest})", flush=True)
-                return "skipped"
-            _pin_parallel_job(spec, hydra_cfg)
-            if rank is None and spec.trainer.world_size > 1 and spec.trainer.strategy in RELAUNCHED_STRATEGIES:
-                if spec.trainer.num_nodes > 1:
-                    raise ConfigError("trainer.num_nodes", f"{spec.trainer.num_nodes} nodes need a cluster launcher "
-                                      "(hydra/launcher=slurm) that starts one process per device")
-                return _train_ddp_processes(spec, overrides)
-            return _train(spec, callbacks)
-    except JobBusy as exc:
-        print(f"mbn-train: skipped {output_dir} ({exc})", flush=True)
-        return "skipped"
+        return run_job(spec, rerun_diverged=job.rerun_diverged, trainer=train_here, locked=False)
+    _pin_parallel_job(spec, hydra_cfg)
+    relaunch = rank is None and spec.trainer.world_size > 1 and spec.trainer.strategy in RELAUNCHED_STRATEGIES
+    if relaunch and spec.trainer.num_nodes > 1:
+        raise ConfigError("trainer.num_nodes", f"{spec.trainer.num_nodes} nodes need a cluster launcher "
+                          "(hydra/launcher=slurm) that starts one process per device")
+    trainer = (lambda run: _train_ddp_processes(run, overrides)) if relaunch else train_here
+    outcome = run_job(spec, rerun_diverged=job.rerun_diverged, trainer=trainer)
+    _print_outcome(outcome)
+    return outcome
 
 
-def _train(spec: Any, callbacks: list, report: bool = True) -> str:
-    """Train in this process and (with ``report``) print the run's one-line outcome."""
-    from mbn.train.run import train  # Lightning import: only once the config is known to be good
+def _print_outcome(outcome: JobOutcome) -> None:
+    from mbn.results import read_results
 
-    _quiet_lightning()
-    try:
-        results = train(spec, callbacks=callbacks)
-    except OSError as exc:
-        # results.json itself could not be written (read-only or full disk): nothing else can record it.
-        print(f"mbn-train: failed {spec.output_dir} - cannot write its results: {exc}", file=sys.stderr, flush=True)
-        return "failed"
-    if report:
-        _print_outcome(spec.output_dir, results)
-    return results["status"]
-
-
-def _print_outcome(output_dir: Path, results: dict[str, Any]) -> None:
-    from mbn.train.run import rank_zero_only
-
-    if rank_zero_only.rank != 0:
+    if outcome.status == "skipped":
+        print(f"mbn-train: skipped {outcome.output_dir} ({outcome.error})", flush=True)
         return
+    if outcome.status == "busy":
+        print(f"mbn-train: skipped {outcome.output_dir} ({outcome.error})", flush=True)
+        return
+    try:
+        results = read_results(outcome.output_dir)
+    except (OSError, ValueError):
+        results = {}
     metrics = results.get("metrics") or {}
-    summary = f"mbn-train: {results['status']} {output_dir}"
+    summary = f"mbn-train: {outcome.status} {outcome.output_dir}"
     if metrics.get("final_val_acc1") is not None:
         summary += f": final val acc1 {metrics['final_val_acc1']:.4f}, best {metrics['best_val_acc1']:.4f} (epoch {metrics['best_epoch']})"
     summary += f", {results.get('wall_time_s', 0):.1f} s"
-    if results.get("error"):
-        summary += f" - {str(results['error']).splitlines()[0]}"
+    if outcome.error:
+        summary += f" - {outcome.error}"
     print(summary, flush=True)
 
 
@@ -150,6 +139,14 @@ def _external_rank() -> int | None:
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return int(os.environ.get("SLURM_PROCID", "0"))
     return None
+
+
+class _WorkerSlot:
+    """A joblib worker keeps the slot (GPU, threads) of its first job: CUDA_VISIBLE_DEVICES only
+    counts before CUDA starts in a process, and the worker serves its later jobs from the same process."""
+
+    slot: int | None = None
+    gpu_ids: list[int] = []
 
 
 def _pin_parallel_job(spec: Any, hydra_cfg: Any) -> None:
@@ -163,24 +160,26 @@ def _pin_parallel_job(spec: Any, hydra_cfg: Any) -> None:
     n_jobs = int(launcher.get("n_jobs") or -1)
     if n_jobs < 0:  # joblib: -1 = one job per core, -2 = all but one, ...
         n_jobs = max(1, cores + 1 + n_jobs)
-    if not _worker_slot:
-        _worker_slot["slot"] = int(hydra_cfg.job.num) % n_jobs
+    if _WorkerSlot.slot is None:
+        _WorkerSlot.slot = int(hydra_cfg.job.num) % n_jobs
         gpu = spec.trainer.accelerator in ("gpu", "cuda", "auto")
-        _worker_slot["gpu_ids"] = visible_gpu_ids() if gpu else []
-    resources = job_resources(_worker_slot["slot"], n_jobs, cores, _worker_slot["gpu_ids"], spec.trainer.devices)
+        _WorkerSlot.gpu_ids = visible_gpu_ids() if gpu else []
+    resources = job_resources(_WorkerSlot.slot, n_jobs, cores, _WorkerSlot.gpu_ids, spec.trainer.devices)
     if resources.cuda_visible_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = resources.cuda_visible_devices
     if spec.trainer.num_threads is None:
         spec.trainer.num_threads = resources.num_threads
 
 
-def _train_ddp_processes(spec: Any, overrides: list[str]) -> str:
-    """Run a DDP job as ``trainer.devices`` processes started with torchrun, and wait for them.
+def _train_ddp_processes(spec: Any, overrides: list[str]) -> dict:
+    """Run a DDP job as ``trainer.devices`` processes started with torchrun, wait, return the record.
 
     Lightning's own DDP launcher re-runs ``sys.argv``, which inside a Hydra multirun (or a joblib /
     submitit worker) is the whole sweep or not mbn-train at all. Instead each process runs exactly
     this job: its overrides, with ``hydra.run.dir`` set to the job's dir. Rank 0 writes results.json.
     """
+    from mbn.results import read_results
+
     output_dir = Path(spec.output_dir).resolve()
     if '"' in str(output_dir):
         raise ConfigError("output_root", f"a DDP job's dir cannot contain '\"': {output_dir}")
@@ -213,16 +212,12 @@ def _train_ddp_processes(spec: Any, overrides: list[str]) -> str:
     except (OSError, ValueError):
         results = None
     if results is None or results.get("config_hash") != spec.config_hash:
-        print(f"mbn-train: failed {output_dir} - DDP processes exited with code {code} before writing results.json",
-              file=sys.stderr, flush=True)
-        return "interrupted" if interrupted else "failed"
+        error = f"DDP processes exited with code {code} before writing results.json"
+        return {"status": "interrupted" if interrupted else "failed", "error": error}
     if code != 0 and results["status"] in ("running", "interrupted") and not interrupted:
         # A rank died (or torchrun stopped the others after one failed): record it as a failure.
-        results = {**results, "status": "failed", "error": results.get("error") or f"DDP process exited with code {code}"}
-        results.pop("schema_version", None)
-        write_results(output_dir, results)
-    _print_outcome(output_dir, results)
-    return results["status"]
+        results = record_failure(output_dir, spec.config_hash, f"DDP process exited with code {code}") or results
+    return results
 
 
 def _main_thread() -> bool:
@@ -262,51 +257,57 @@ def _hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        status = run_job(cfg)
+        outcome = run_task(cfg)
     except ConfigError as exc:
         print(f"mbn-train: invalid config: {exc}", file=sys.stderr, flush=True)
         _remove_if_only_bookkeeping(Path(hydra_cfg.runtime.output_dir))
         if multirun:  # (the sweep checks every job's config first; this is a last line of defense)
             return
         raise SystemExit(EXIT_CODES["config_error"]) from None
-    if not multirun:
-        if status == "dry_run":
-            _remove_if_only_bookkeeping(Path(hydra_cfg.runtime.output_dir))
-        _run_status.append(status)
-    elif status == "interrupted" and "BasicLauncher" in str(hydra_cfg.launcher.get("_target_", "")):
-        # Stop the whole sweep: the user (or the scheduler) asked to stop. (Jobs of other launchers
-        # run in other processes; their launcher stops on its own, and the sweep summary reports it.)
-        raise SystemExit(EXIT_CODES["interrupted"])
+    if multirun:
+        if outcome is not None and outcome.status == "interrupted" and "BasicLauncher" in str(hydra_cfg.launcher.get("_target_", "")):
+            # Stop the whole sweep: the user (or the scheduler) asked to stop. (Jobs of other launchers
+            # run in other processes; their launcher stops on its own, and the sweep summary reports it.)
+            raise SystemExit(EXIT_CODES["interrupted"])
+        return
+    if outcome is None:
+        _remove_if_only_bookkeeping(Path(hydra_cfg.runtime.output_dir))
+        return
+    # A single run's exit code; a sweep's is set by its summary (mbn.cli.sweep.SweepCallback).
+    raise SystemExit(EXIT_CODES.get(outcome.status, 1))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point (``mbn-train``).
+def main() -> int:
+    """Console entry point (``mbn-train``); the arguments are ``sys.argv`` (``hydra.main`` reads
+    them itself and takes no argument list: facebookresearch/hydra#2064).
 
-    Args:
-        argv: command-line arguments without the program name; None = ``sys.argv[1:]``.
+    Composition errors (an unknown group option or key, a wrong type) are reported in one line
+    naming the key, with exit code 2, as every other config error: ``HYDRA_FULL_ERROR`` makes
+    Hydra raise them to this function instead of printing its own report.
 
     Returns:
-        The exit code: 0 when every job completed (or was skipped), 1 if one failed, 2 for an
-        invalid config (of any job of a sweep: checked before the first starts) or an unwritable
-        output dir, 3 if one diverged, 130 when interrupted.
+        The exit code: 0 when every job completed (or was skipped, or runs in another command),
+        1 if one failed, 2 for an invalid config (of any job of a sweep: checked before the first
+        starts) or an unwritable output dir, 3 if one diverged, 130 when interrupted.
     """
-    _run_status.clear()
-    sweep.reset()
-    saved_argv = sys.argv
-    if argv is not None:
-        sys.argv = [saved_argv[0] if saved_argv else "mbn-train", *argv]
+    if not os.environ.get(DDP_CHILD_ENV):
+        os.environ[INVOCATION_ENV] = uuid.uuid4().hex[:12]
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _hydra_main()
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if code != 0:
-            return code
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except (HydraException, OmegaConfBaseException) as exc:  # composition; a job records its own failures
+        error = composition_error(exc)
+        print(f"mbn-train: invalid config: {error}", file=sys.stderr, flush=True)
+        return EXIT_CODES["config_error"]
     finally:
-        sys.argv = saved_argv
-    summary = sweep.last_summary()
-    if summary is not None:
-        return summary.exit_code
-    return max((EXIT_CODES.get(status, 1) for status in _run_status), default=0)
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
+    return 0
 
 
 if __name__ == "__main__":

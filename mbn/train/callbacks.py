@@ -190,3 +190,19 @@ class NormLayerGuard(Callback):
         found = norm_layer_counts(wrapped)
         if found != self.expected:
             raise RuntimeError(f"normalization layers changed when the strategy wrapped the model: built {self.expected}, training {found}")
+
+
+class ConfigHashStamp(Callback):
+    """Writes the run's config hash into every checkpoint, so a resume can check it loads its own run.
+
+    Args:
+        config_hash: :func:`mbn.results.config_hash` of the run's config.
+    """
+
+    def __init__(self, config_hash: str) -> None:
+        self.config_hash = config_hash
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        from mbn.train.job import CHECKPOINT_HASH_KEY
+
+        checkpoint[CHECKPOINT_HASH_KEY] = self.config_hash

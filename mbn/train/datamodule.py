@@ -18,21 +18,23 @@ class ImageDataModule(pl.LightningDataModule):
     Args:
         spec: dataset and batching settings.
         seed: seed of the shuffle order and augmentation.
+        cache_dir: decoded-dataset cache for kinds that take one (``None`` = :mod:`mbn.data`'s default).
     """
 
-    def __init__(self, spec: DataSpec, seed: int = 0) -> None:
+    def __init__(self, spec: DataSpec, seed: int = 0, cache_dir: str | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.seed = seed
+        self.cache_dir = cache_dir
         self.splits: DatasetSplits | None = None
 
     def load(self) -> DatasetSplits:
         """Load the splits (from cache after the first time), applying the configured subsets."""
         if self.splits is None:
-            source = dict(self.spec.source)
-            if self.spec.cache_dir is not None and "cache_dir" in dataset_arguments(self.spec.kind):
-                source.setdefault("cache_dir", self.spec.cache_dir)
-            splits = load_dataset(self.spec.kind, **source)
+            source = self.spec.source_options
+            if self.cache_dir is not None and "cache_dir" in dataset_arguments(self.spec.name):
+                source.setdefault("cache_dir", self.cache_dir)
+            splits = load_dataset(self.spec.name, **source)
             if self.spec.train_subset is not None:
                 splits.train = splits.train.subset(min(self.spec.train_subset, len(splits.train)), self.spec.subset_seed)
             if self.spec.test_subset is not None:

@@ -15,7 +15,7 @@ def run_tags(spec: RunSpec) -> list[str]:
         f"norm={spec.norm.name}",
         f"m={spec.data.batch_size}",
         f"model={spec.model.name}",
-        f"data={spec.data.kind}",
+        f"data={spec.data.name}",
     ]
 
 

@@ -10,7 +10,6 @@ from torch import nn
 
 from mbn.train.spec import OptimSpec
 
-SCHEDULES = ("step", "cosine")
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_params: bool) -> list[dict]:
@@ -41,8 +40,6 @@ def lr_factor(spec: OptimSpec, total_steps: int, steps_per_epoch: int) -> Callab
         total_steps: optimizer steps of the whole run.
         steps_per_epoch: optimizer steps per epoch (for ``warmup_epochs``).
     """
-    if spec.schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {spec.schedule!r}")
     total_steps = max(1, total_steps)
     warmup_steps = int(round(spec.warmup_epochs * steps_per_epoch))
     boundaries = [int(round(fraction * total_steps)) for fraction in spec.milestones]

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
-import math
-import os
 import signal
-import socket
 import sys
 import threading
-import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,29 +21,19 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 import mbn
 from mbn.models import build_model
 from mbn.nn import norm_layer
-from mbn.results import read_results, write_results
-from mbn.train.callbacks import EpochRecorder, MomentumScheduleCallback, NormLayerGuard
+from mbn.train.callbacks import ConfigHashStamp, EpochRecorder, MomentumScheduleCallback, NormLayerGuard
 from mbn.train.checkpoint_io import AtomicCheckpointIO
 from mbn.train.datamodule import ImageDataModule
+from mbn.train.job import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, JobRecord, last_checkpoint
 from mbn.train.loggers import build_loggers, finish_loggers
 from mbn.train.module import ClassificationModule, DivergedError
 from mbn.train.spec import RunSpec
 
 log = logging.getLogger("mbn.train")
 
-CHECKPOINT_DIR = "checkpoints"
-LAST_CHECKPOINT = "last.ckpt"
-BEST_CHECKPOINT = "best.ckpt"
-
 
 class RunInterrupted(BaseException):
     """SIGTERM outside ``trainer.fit`` (inside it Lightning raises its own ``SIGTERMException``)."""
-
-
-def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The run's ``last.ckpt`` if it exists (what a rerun resumes from)."""
-    path = Path(output_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
-    return path if path.is_file() else None
 
 
 def build_module(spec: RunSpec, datamodule: ImageDataModule) -> ClassificationModule:
@@ -130,7 +115,7 @@ def build_trainer(spec: RunSpec, callbacks: Sequence[Callback], loggers: list) -
         # TensorBatchLoader splits the data between ranks itself.
         use_distributed_sampler=False,
         logger=loggers,
-        callbacks=[*callbacks, last, best],
+        callbacks=[*callbacks, ConfigHashStamp(spec.config_hash), last, best],
         plugins=plugins,
         enable_progress_bar=progress_bar,
         enable_model_summary=progress_bar,
@@ -160,26 +145,12 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """
     output_dir = Path(spec.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     resume_from = last_checkpoint(output_dir)
     if spec.trainer.num_threads:
         torch.set_num_threads(spec.trainer.num_threads)
-    base = _base_results(spec, started, resume_from)
-    # Until the checkpoint restores the recorder, keep showing the epochs an earlier attempt finished.
-    earlier_history, earlier_attempts = _earlier_record(output_dir, spec.config_hash)
-    if resume_from is None:
-        earlier_history = []
-    attempt = _attempt(started, resume_from)
-
-    def write(status: str, history: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        this_attempt = {**attempt, "status": status, "finished_at": extra.get("finished_at")}
-        results = {**base, "status": status, **_summary(history), **extra, "wall_time_s": round(time.time() - started, 3),
-                   "attempts": [*earlier_attempts, this_attempt]}
-        if rank_zero_only.rank == 0:
-            write_results(output_dir, results)
-        return results
-
-    write("running", earlier_history)
+    record = JobRecord(spec, resume_from, rank=rank_zero_only.rank,
+                       versions={"mbn": mbn.__version__, "torch": torch.__version__, "pytorch_lightning": pl.__version__})
+    record.write("running")
     loggers: list = []
     trainer: pl.Trainer | None = None
     recorder: EpochRecorder | None = None
@@ -187,13 +158,13 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     error: tuple[str, str | None] | None = None
     with _signal_handling() as in_fit:
         try:
-            datamodule = ImageDataModule(spec.data, seed=spec.seed)
+            datamodule = ImageDataModule(spec.data, seed=spec.seed, cache_dir=spec.cache_dir)
             module = build_module(spec, datamodule)
             loggers = build_loggers(spec)
             schedule = MomentumScheduleCallback(spec.epochs)
             recorder = EpochRecorder(
                 schedule,
-                on_epoch=lambda history: write("running", history),
+                on_epoch=lambda history: record.write("running", history),
                 log_lines=not show_progress_bar(spec),
                 total_epochs=spec.epochs,
             )
@@ -221,38 +192,10 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
             status, error = "failed", _error(exc)
         finally:
             # The recorder's history includes the rows restored from a resumed checkpoint.
-            history = recorder.history if recorder is not None and recorder.history else earlier_history
-            extra: dict[str, Any] = {"finished_at": _now()}
-            if error is not None:
-                extra["error"], extra["traceback"] = error
-            results = write(status, history, **extra)
+            history = recorder.history if recorder is not None and recorder.history else None
+            results = record.write(status, history, error=error, finished=True)
             finish_loggers(loggers, exit_code=0 if status == "completed" else 1)
     return results
-
-
-def _earlier_record(output_dir: Path, config_hash: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """History and attempts recorded by earlier attempts of this same config in ``output_dir``."""
-    try:
-        earlier = read_results(output_dir)
-    except (OSError, ValueError):
-        return [], []
-    if earlier.get("config_hash") != config_hash:
-        return [], []
-    return list(earlier.get("history") or []), list(earlier.get("attempts") or [])
-
-
-def _attempt(started: float, resume_from: Path | None) -> dict[str, Any]:
-    """Where and how this attempt runs (one ``attempts`` entry of results.json)."""
-    return {
-        "started_at": _now(started),
-        "finished_at": None,
-        "status": "running",
-        "resumed_from": str(resume_from) if resume_from is not None else None,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "num_threads": torch.get_num_threads(),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-    }
 
 
 def _log_batch_sizes(spec: RunSpec, loggers: list) -> None:
@@ -272,69 +215,10 @@ def _log_batch_sizes(spec: RunSpec, loggers: list) -> None:
         logger.log_hyperparams(sizes)
 
 
-def _base_results(spec: RunSpec, started: float, resume_from: Path | None) -> dict[str, Any]:
-    return {
-        "error": None,
-        "config_hash": spec.config_hash,
-        "config": spec.config,
-        "overrides": list(spec.overrides),
-        "output_dir": str(Path(spec.output_dir).resolve()),
-        "run_name": spec.run_name,
-        "sweep_name": spec.sweep_name,
-        "norm": spec.norm.name,
-        "model": spec.model.name,
-        "dataset": spec.data.kind,
-        "seed": spec.seed,
-        "batch_size": spec.data.batch_size,
-        "world_size": spec.trainer.world_size,
-        "global_batch_size": spec.global_batch_size,
-        "lr": spec.optim.lr(spec.global_batch_size),
-        "epochs": spec.epochs,
-        # Validation runs on the test split (as in the paper), so val and test metrics coincide.
-        "eval_split": "test",
-        "resumed_from": str(resume_from) if resume_from is not None else None,
-        "started_at": _now(started),
-        "finished_at": None,
-        "versions": {"mbn": mbn.__version__, "torch": torch.__version__, "pytorch_lightning": pl.__version__},
-    }
-
-
-def _summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    metrics: dict[str, Any] = {
-        "final_val_acc1": None, "best_val_acc1": None, "best_epoch": None, "final_val_acc5": None,
-        "final_val_loss": None, "final_test_acc1": None, "best_test_acc1": None, "final_train_loss": None,
-    }
-    if history:
-        last = history[-1]
-        scored = [row for row in history if row.get("val_acc1") is not None]
-        best = max(scored, key=lambda row: row["val_acc1"]) if scored else None
-        metrics.update(
-            final_val_acc1=last.get("val_acc1"),
-            final_val_acc5=last.get("val_acc5"),
-            final_val_loss=last.get("val_loss"),
-            final_train_loss=last.get("train_loss"),
-            best_val_acc1=best["val_acc1"] if best else None,
-            best_epoch=best["epoch"] if best else None,
-        )
-        metrics["final_test_acc1"] = metrics["final_val_acc1"]
-        metrics["best_test_acc1"] = metrics["best_val_acc1"]
-    return {"epochs_completed": len(history), "metrics": metrics, "history": [_clean(row) for row in history]}
-
-
-def _clean(row: dict[str, Any]) -> dict[str, Any]:
-    # JSON has no NaN/inf: a non-finite number is recorded as null.
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-
-
 def _error(exc: BaseException, with_traceback: bool = True) -> tuple[str, str | None]:
     message = f"{type(exc).__name__}: {exc}".rstrip(": ")
     text = "".join(traceback.format_exception(exc)) if with_traceback else None
     return message, text
-
-
-def _now(timestamp: float | None = None) -> str:
-    moment = _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc) if timestamp else _dt.datetime.now(_dt.timezone.utc)
-    return moment.isoformat(timespec="seconds")
 
 
 @contextmanager

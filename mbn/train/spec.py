@@ -1,22 +1,189 @@
-"""Plain descriptions of one training run: what ``mbn.cli`` builds from a Hydra config.
+"""What one training run is: typed dataclasses that are also the schemas of the Hydra configs.
 
-Nothing here knows about Hydra; tests and scripts can build a :class:`RunSpec` by hand.
+Each config group option has its schema here (``norm/bn`` is :class:`BatchNormSpec`, ``data/fake``
+is :class:`FakeDataSpec`, ...): ``mbn.cli`` registers them in Hydra's ConfigStore, so OmegaConf
+rejects wrong types, unknown keys and missing values with the full dotted key, and builds these
+objects from the composed config (``OmegaConf.to_object``). The rules a type cannot say (ranges,
+choices, "milestones increasing in (0, 1)") live in each class's ``__post_init__``, once; rules
+that span groups ("GN groups divide the width") live in :class:`RunSpec`. A broken rule raises
+:class:`SpecError` naming the field. Nothing here imports Hydra, Lightning or torch: tests and
+scripts build a :class:`RunSpec` by hand just as well.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+# A required value: OmegaConf's "???" (omegaconf.MISSING), spelled out so this module needs no OmegaConf.
+MISSING: Any = "???"
+
+NORM_NAMES = ("bn", "gn", "brn", "mbn", "none")
+MBN_SCHEDULES = ("epoch", "iteration", "fixed")
+LR_SCHEDULES = ("step", "cosine")
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
+PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "transformer-engine")
+# mbn.nn.group_norm.DEFAULT_NUM_GROUPS, repeated because specs are checked before torch is imported
+# (a test keeps the two equal).
+DEFAULT_GN_GROUPS = 32
+
+
+class SpecError(ValueError):
+    """A value that breaks its field's rule; ``str()`` is the one-line message for the user.
+
+    Args:
+        key: the field, dotted below the object that raised (``num_groups``, ``source.archive``);
+            callers that know where the object sits prefix it (``norm.num_groups``).
+        problem: what is wrong, e.g. ``must be an integer >= 1, got 0``.
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}")
+
+    def under(self, prefix: str) -> "SpecError":
+        """The same error with ``prefix.`` in front of its key."""
+        return SpecError(f"{prefix}.{self.key}", self.problem)
+
+
+# --- rules ----------------------------------------------------------------------------------------
+
+
+def _at_least(key: str, value: int | None, minimum: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value is None or isinstance(value, bool) or not value >= minimum:
+        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise SpecError(key, f"must be {bound}{' or null' if optional else ''}, got {value!r}")
+
+
+def _within(key: str, value: float | None, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    ok = value is not None and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open or high == math.inf else value <= high)
+    if not ok:
+        closing = ")" if high_open or high == math.inf else "]"
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{closing}"
+        raise SpecError(key, f"must be a number in {interval}, got {value!r}")
+
+
+def _one_of(key: str, value: str, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise SpecError(key, f"unknown value {value!r}; expected one of {', '.join(choices)}")
+
+
+def _existing(key: str, path: str, file: bool = False) -> None:
+    if path == MISSING or "${" in str(path):
+        return  # a schema default still to be resolved (OmegaConf resolves before it builds the spec)
+    resolved = Path(os.path.expanduser(str(path)))
+    if not (resolved.is_file() if file else resolved.exists()):
+        raise SpecError(key, f"no such {'file' if file else 'file or directory'}: {path}")
+
+
+def options_of(spec: Any, exclude: Iterable[str] = ("name",)) -> dict[str, Any]:
+    """The fields of a spec dataclass as keyword arguments (nested specs as dicts), minus ``exclude``."""
+    skipped = set(exclude)
+    return {f.name: _plain(getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.name not in skipped}
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArchiveSource:
+    """The CIFAR-10 JPEG archive (see ``../shared/data/README.md``).
+
+    Args:
+        archive: path of ``cifar10-jpeg.tar.gz``.
+    """
+
+    archive: str = "${paths.data_root}/cifar10-jpeg.tar.gz"
+
+    def __post_init__(self) -> None:
+        _existing("archive", self.archive, file=True)
+
+
+@dataclass
+class CifarSource:
+    """torchvision's CIFAR layout (the python pickle batches).
+
+    Args:
+        root: the dir holding ``cifar-10-batches-py/`` or ``cifar-100-python/``.
+        download: fetch the archive when missing (needs network access).
+    """
+
+    root: str = MISSING
+    download: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.download:
+            _existing("root", self.root)
+
+
+@dataclass
+class ImageFolderSource:
+    """``train/`` and ``val/`` class folders (or a .tar/.tar.gz of them), e.g. Mini-ImageNet.
+
+    Args:
+        root: the dir (or archive) holding the split folders.
+        image_size: images are resized to ``image_size`` x ``image_size``.
+        train_dir: the training split's folder name.
+        val_dir: the evaluation split's folder name.
+    """
+
+    root: str = MISSING
+    image_size: int = 84
+    train_dir: str = "train"
+    val_dir: str = "val"
+
+    def __post_init__(self) -> None:
+        _existing("root", self.root)
+        _at_least("image_size", self.image_size, 1)
+
+
+@dataclass
+class FakeSource:
+    """Generated, learnable images (class-dependent patterns) for tests and quick checks.
+
+    Args:
+        num_train: training images.
+        num_test: test images.
+        num_classes: classes (at least 2).
+        image_size: square image side.
+        channels: image channels.
+        seed: the images are a function of all these arguments.
+    """
+
+    num_train: int = 256
+    num_test: int = 64
+    num_classes: int = 10
+    image_size: int = 16
+    channels: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("num_train", "num_test", "image_size", "channels"):
+            _at_least(key, getattr(self, key), 1)
+        _at_least("seed", self.seed, 0)
 
 
 @dataclass
 class DataSpec:
-    """Dataset and batching.
+    """Dataset and batching; one subclass per dataset kind (the ``data`` config group).
 
     Args:
-        kind: dataset kind for :func:`mbn.data.load_dataset` (``cifar10_archive``, ``fake``, ...).
-        source: keyword arguments for that kind (archive path, root, sizes, ...).
+        name: dataset kind for :func:`mbn.data.load_dataset` (``cifar10_archive``, ``fake``, ...).
+        source: that kind's options (archive path, root, sizes, ...).
         batch_size: per-device (= normalization) batch size m.
         eval_batch_size: batch size for validation (does not affect results: eval uses running statistics).
         train_subset: use only this many training images (stratified); ``None`` = all.
@@ -24,11 +191,10 @@ class DataSpec:
         subset_seed: which images the subsets take.
         augment: random crop (with ``crop_padding``) and horizontal flip on training batches.
         crop_padding: zero padding before the random crop.
-        cache_dir: decoded-dataset cache for kinds that take one (``None`` = :mod:`mbn.data`'s default).
     """
 
-    kind: str
-    source: dict[str, Any] = field(default_factory=dict)
+    name: str = MISSING
+    source: Any = MISSING
     batch_size: int = 32
     eval_batch_size: int = 500
     train_subset: int | None = None
@@ -36,42 +202,269 @@ class DataSpec:
     subset_seed: int = 0
     augment: bool = True
     crop_padding: int = 4
-    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("eval_batch_size", self.eval_batch_size, 1)
+        _at_least("train_subset", self.train_subset, 1, optional=True)
+        _at_least("test_subset", self.test_subset, 1, optional=True)
+        _at_least("subset_seed", self.subset_seed, 0)
+        _at_least("crop_padding", self.crop_padding, 0)
+
+    @property
+    def source_options(self) -> dict[str, Any]:
+        """``source`` as keyword arguments for :func:`mbn.data.load_dataset`."""
+        return _plain(self.source) if dataclasses.is_dataclass(self.source) else dict(self.source)
+
+
+@dataclass
+class Cifar10ArchiveDataSpec(DataSpec):
+    """The real CIFAR-10 JPEG archive, decoded once into the cache."""
+
+    name: str = "cifar10_archive"
+    source: ArchiveSource = field(default_factory=ArchiveSource)
+
+
+@dataclass
+class Cifar10DataSpec(DataSpec):
+    """CIFAR-10 in torchvision's layout under ``source.root``."""
+
+    name: str = "cifar10"
+    source: CifarSource = field(default_factory=lambda: CifarSource(root="${paths.data_root}/cifar10"))
+
+
+@dataclass
+class Cifar100DataSpec(DataSpec):
+    """CIFAR-100 (fine labels) in torchvision's layout under ``source.root``."""
+
+    name: str = "cifar100"
+    source: CifarSource = field(default_factory=lambda: CifarSource(root="${paths.data_root}/cifar100"))
+
+
+@dataclass
+class ImageFolderDataSpec(DataSpec):
+    """Any class-folder tree (e.g. Mini-ImageNet at 84 px)."""
+
+    name: str = "imagefolder"
+    source: ImageFolderSource = field(default_factory=ImageFolderSource)
+    eval_batch_size: int = 250
+    crop_padding: int = 8
+
+
+@dataclass
+class FakeDataSpec(DataSpec):
+    """Generated images: tiny, fast, learnable."""
+
+    name: str = "fake"
+    source: FakeSource = field(default_factory=FakeSource)
+    batch_size: int = 8
+    eval_batch_size: int = 64
+    augment: bool = False
+    crop_padding: int = 2
+
+
+# --- model ----------------------------------------------------------------------------------------
 
 
 @dataclass
 class ModelSpec:
-    """Backbone (see :func:`mbn.models.build_model`).
+    """Backbone (see :func:`mbn.models.build_model`); the ``model`` config group.
 
     Args:
         name: one of :data:`mbn.models.MODEL_NAMES`.
-        width: base channels.
-        options: further keyword arguments for ``build_model`` (e.g. ``zero_init_residual``).
+        width: base channels (64 = the standard network; e.g. 16 for narrow CPU runs).
     """
 
-    name: str
+    name: str = MISSING
     width: int = 64
-    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _at_least("width", self.width, 1)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Further keyword arguments for ``build_model`` (the fields besides name and width)."""
+        return options_of(self, exclude=("name", "width"))
+
+
+@dataclass
+class ResNetSpec(ModelSpec):
+    """A ResNet (CIFAR-style 3x3 stem, or ``imagenet_resnet*`` with the 7x7/2 stem and max-pool).
+
+    Args:
+        zero_init_residual: zero the last norm weight of each residual block.
+    """
+
+    zero_init_residual: bool = False
+
+
+@dataclass
+class VGGSpec(ModelSpec):
+    """A CIFAR-style VGG with a norm layer after every convolution."""
+
+
+# --- norm -----------------------------------------------------------------------------------------
 
 
 @dataclass
 class NormSpec:
-    """Normalization layer (see :func:`mbn.nn.norm_layer`).
+    """Normalization layer (see :func:`mbn.nn.norm_layer`); one subclass per ``norm`` config option.
 
     Args:
         name: one of :data:`mbn.nn.NORM_NAMES`.
-        options: keyword arguments for ``norm_layer`` (e.g. ``num_groups``, ``ideal_batch_size``).
     """
 
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
+    name: str = MISSING
+
+    def __post_init__(self) -> None:
+        _one_of("name", self.name, NORM_NAMES)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for ``norm_layer`` (every field but ``name``)."""
+        return options_of(self)
+
+
+@dataclass
+class BatchNormSpec(NormSpec):
+    """Batch normalization (``torch.nn.BatchNorm2d``).
+
+    Args:
+        eps: added to the variance.
+        momentum: running-statistics update factor.
+    """
+
+    name: str = "bn"
+    eps: float = 1e-5
+    momentum: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _within("eps", self.eps, 0.0, math.inf)
+        _within("momentum", self.momentum, 0.0, 1.0)
+
+
+@dataclass
+class GroupNormSpec(NormSpec):
+    """Group normalization: set ``num_groups`` (must divide every layer's channel count, i.e.
+    ``model.width``) or ``group_size`` (channels per group), not both; both null = 32 groups
+    (Wu & He, 2018).
+
+    Args:
+        num_groups: groups per layer.
+        group_size: channels per group.
+        eps: added to the variance.
+    """
+
+    name: str = "gn"
+    num_groups: int | None = None
+    group_size: int | None = None
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least("num_groups", self.num_groups, 1, optional=True)
+        _at_least("group_size", self.group_size, 1, optional=True)
+        if self.num_groups is not None and self.group_size is not None:
+            raise SpecError("group_size", f"set num_groups or group_size, not both (num_groups={self.num_groups})")
+        _within("eps", self.eps, 0.0, math.inf)
+
+    def check_width(self, width: int) -> None:
+        """Raise :class:`SpecError` when the groups do not divide a network of base ``width``.
+
+        Every layer's channel count is a multiple of the width, so dividing it is enough.
+        """
+        if self.group_size is not None:
+            if width % self.group_size:
+                raise SpecError("group_size", f"{self.group_size} does not divide model.width={width}")
+        elif width % (self.num_groups or DEFAULT_GN_GROUPS):
+            default = "" if self.num_groups else f" (null means the default of {DEFAULT_GN_GROUPS} groups; set norm.num_groups or norm.group_size)"
+            raise SpecError("num_groups", f"{self.num_groups or DEFAULT_GN_GROUPS} groups do not divide model.width={width} channels{default}")
+
+
+@dataclass
+class BatchRenormSpec(NormSpec):
+    """Batch Renormalization (Ioffe, 2017): r/d corrections clipped to r_max/d_max, which ramp up
+    in training steps after ``warmup_steps`` of plain BN.
+
+    Args:
+        r_max: final clip of the std ratio r.
+        d_max: final clip of the mean shift d.
+        warmup_steps: steps of plain BN (r = 1, d = 0) first.
+        r_max_ramp_steps: steps over which r_max ramps from 1.
+        d_max_ramp_steps: steps over which d_max ramps from 0.
+        momentum: running-statistics update factor.
+        eps: added to the variance.
+    """
+
+    name: str = "brn"
+    r_max: float = 3.0
+    d_max: float = 5.0
+    warmup_steps: int = 0
+    r_max_ramp_steps: int = 5000
+    d_max_ramp_steps: int = 5000
+    momentum: float = 0.1
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _within("r_max", self.r_max, 1.0, math.inf)
+        _within("d_max", self.d_max, 0.0, math.inf)
+        for key in ("warmup_steps", "r_max_ramp_steps", "d_max_ramp_steps"):
+            _at_least(key, getattr(self, key), 0)
+        _within("momentum", self.momentum, 0.0, 1.0)
+        _within("eps", self.eps, 0.0, math.inf)
+
+
+@dataclass
+class MomentumBatchNormSpec(NormSpec):
+    """Momentum Batch Normalization (Yong et al., ECCV 2020): training statistics with momentum
+    lam(t) from 0 (epoch 1) to 1 - m/m0 (last epoch); running statistics with tau = tau0 ** (m/m0).
+
+    Args:
+        ideal_batch_size: m0.
+        tau0: running-statistics momentum at m = m0.
+        schedule: ``epoch`` (lam changes once per epoch, the paper), ``iteration`` (per step) or
+            ``fixed`` (``fixed_lam`` throughout).
+        fixed_lam: lam for ``schedule=fixed``.
+        eps: added to the variance.
+    """
+
+    name: str = "mbn"
+    ideal_batch_size: float = 32
+    tau0: float = 0.9
+    schedule: str = "epoch"
+    fixed_lam: float | None = None
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _within("ideal_batch_size", self.ideal_batch_size, 1.0, math.inf)
+        _within("tau0", self.tau0, 0.0, 1.0)
+        _one_of("schedule", self.schedule, MBN_SCHEDULES)
+        if self.schedule == "fixed":
+            _within("fixed_lam", self.fixed_lam, 0.0, 1.0, high_open=True)
+        elif self.fixed_lam is not None:
+            raise SpecError("fixed_lam", f"only applies with norm.schedule=fixed, got {self.fixed_lam!r}")
+        _within("eps", self.eps, 0.0, math.inf)
+
+
+@dataclass
+class NoNormSpec(NormSpec):
+    """No normalization (identity)."""
+
+    name: str = "none"
+
+
+# --- optimization, trainer, loggers ---------------------------------------------------------------
 
 
 @dataclass
 class OptimSpec:
-    """SGD with linear lr scaling and a step or cosine schedule over the whole run.
+    """SGD with linear lr scaling and a step or cosine schedule over the whole run (the paper's recipe).
 
     Args:
+        name: the optimizer (``sgd``).
         base_lr: lr at ``reference_batch_size``; the run uses ``base_lr * global_batch / reference_batch_size``.
         reference_batch_size: batch size at which ``base_lr`` applies.
         momentum: SGD momentum.
@@ -79,11 +472,12 @@ class OptimSpec:
         weight_decay: L2 penalty.
         decay_norm_params: apply weight decay to norm-layer parameters and biases too (the paper does).
         schedule: ``step`` (multiply by ``gamma`` at each milestone) or ``cosine`` (to zero).
-        milestones: fractions of training, in (0, 1), at which the step schedule decays.
+        milestones: fractions of training, increasing in (0, 1), at which the step schedule decays.
         gamma: step decay factor.
         warmup_epochs: linear warmup length in epochs (fractional allowed).
     """
 
+    name: str = "sgd"
     base_lr: float = 0.1
     reference_batch_size: int = 64
     momentum: float = 0.9
@@ -94,6 +488,22 @@ class OptimSpec:
     milestones: tuple[float, ...] = (0.3, 0.6, 0.9)
     gamma: float = 0.1
     warmup_epochs: float = 0.0
+
+    def __post_init__(self) -> None:
+        _one_of("name", self.name, ("sgd",))
+        _within("base_lr", self.base_lr, 0.0, math.inf, low_open=True)
+        _at_least("reference_batch_size", self.reference_batch_size, 1)
+        _within("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        _within("weight_decay", self.weight_decay, 0.0, math.inf)
+        _one_of("schedule", self.schedule, LR_SCHEDULES)
+        _within("gamma", self.gamma, 0.0, 1.0, low_open=True)
+        _within("warmup_epochs", self.warmup_epochs, 0.0, math.inf)
+        # OmegaConf hands sequences over as lists.
+        self.milestones = tuple(self.milestones)
+        if any(isinstance(m, bool) or not 0 < m < 1 for m in self.milestones):
+            raise SpecError("milestones", f"must be a list of fractions of training in (0, 1), got {list(self.milestones)!r}")
+        if list(self.milestones) != sorted(self.milestones):
+            raise SpecError("milestones", f"must be increasing, got {list(self.milestones)!r}")
 
     def lr(self, global_batch_size: int) -> float:
         """Peak learning rate for a global batch size (linear scaling rule)."""
@@ -110,10 +520,12 @@ class TrainerSpec:
         num_nodes: nodes.
         strategy: Lightning strategy name (``auto``, ``ddp``, ``ddp_spawn``, ...).
         precision: Lightning precision (``32-true``, ``bf16-mixed``, ...).
-        benchmark: ``torch.backends.cudnn.benchmark``.
-        num_threads: ``torch.set_num_threads`` when set.
-        progress_bar: Lightning's progress bar; ``None`` = only when stdout is a terminal.
-        check_finite_every_n_steps: how often (in steps) the summed training loss is checked for NaN/inf.
+        benchmark: ``torch.backends.cudnn.benchmark`` (GPU only).
+        num_threads: ``torch.set_num_threads`` when set; null = PyTorch's default.
+        progress_bar: Lightning's progress bar; ``None`` = only when stdout is a terminal (plain
+            per-epoch log lines otherwise).
+        check_finite_every_n_steps: how often (in steps) the summed training loss is checked for
+            NaN/inf (one host sync); a non-finite loss stops the run as ``diverged``.
         compile: ``torch.compile`` the model in place (``nn.Module.compile``: state_dict keys and
             checkpoints stay the same). Pays a one-off compile time per run; at small batch sizes it
             removes most of MBN's per-op overhead (BENCHMARKS.md).
@@ -130,6 +542,14 @@ class TrainerSpec:
     check_finite_every_n_steps: int = 25
     compile: bool = False
 
+    def __post_init__(self) -> None:
+        _one_of("accelerator", self.accelerator, ACCELERATORS)
+        _one_of("precision", self.precision, PRECISIONS)
+        _at_least("devices", self.devices, 1)
+        _at_least("num_nodes", self.num_nodes, 1)
+        _at_least("num_threads", self.num_threads, 1, optional=True)
+        _at_least("check_finite_every_n_steps", self.check_finite_every_n_steps, 1)
+
     @property
     def world_size(self) -> int:
         """Number of processes (devices x nodes)."""
@@ -138,7 +558,9 @@ class TrainerSpec:
 
 @dataclass
 class WandbSpec:
-    """Weights & Biases logging (one W&B run per training run).
+    """Weights & Biases logging (one W&B run per training run). Offline unless ``offline=false``
+    (then ``wandb login`` first); offline runs land in ``<run dir>/wandb/`` and upload with
+    ``wandb sync <run dir>/wandb/offline-run-*``.
 
     Args:
         project: W&B project.
@@ -156,6 +578,16 @@ class WandbSpec:
 
 
 @dataclass
+class CsvLoggerSpec:
+    """``metrics.csv`` under ``<run dir>/csv/`` (always on, even when not selected)."""
+
+
+@dataclass
+class TensorBoardSpec:
+    """TensorBoard event files under ``<run dir>/tensorboard/``."""
+
+
+@dataclass
 class LoggerSpec:
     """Which metric loggers run (CSV always does).
 
@@ -168,9 +600,12 @@ class LoggerSpec:
     tensorboard: bool = False
 
 
+# --- the run --------------------------------------------------------------------------------------
+
+
 @dataclass
 class RunSpec:
-    """Everything one training run needs.
+    """Everything one training run needs; checks the rules that span its parts.
 
     Args:
         data: dataset and batching.
@@ -187,6 +622,8 @@ class RunSpec:
         config: the resolved config, recorded verbatim in ``results.json``.
         config_hash: :func:`mbn.results.config_hash` of ``config``.
         overrides: the command-line overrides of this run.
+        cache_dir: decoded-dataset cache for kinds that take one (``None`` = :mod:`mbn.data`'s
+            default); where the cache lives never changes what a run computes.
     """
 
     data: DataSpec
@@ -203,6 +640,28 @@ class RunSpec:
     config: dict[str, Any] = field(default_factory=dict)
     config_hash: str = ""
     overrides: list[str] = field(default_factory=list)
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _at_least("seed", self.seed, 0)
+        _at_least("epochs", self.epochs, 1)
+        if not self.sweep_name or "/" in self.sweep_name:
+            raise SpecError("sweep_name", f"must be a non-empty name without '/', got {self.sweep_name!r}")
+        one_batch = self.data.batch_size * self.trainer.world_size
+        devices = f"{self.trainer.world_size} device(s)"
+        if self.data.train_subset is not None and self.data.train_subset < one_batch:
+            raise SpecError("data.train_subset",
+                            f"{self.data.train_subset} images cannot fill one batch of data.batch_size={self.data.batch_size} on {devices}")
+        if isinstance(self.data.source, FakeSource) and self.data.train_subset is None and self.data.source.num_train < one_batch:
+            raise SpecError("data.source.num_train",
+                            f"{self.data.source.num_train} images cannot fill one batch of data.batch_size={self.data.batch_size} on {devices}")
+        if isinstance(self.norm, GroupNormSpec):
+            try:
+                self.norm.check_width(self.model.width)
+            except SpecError as exc:
+                raise exc.under("norm") from None
+        if self.optim.warmup_epochs >= self.epochs:
+            raise SpecError("optim.warmup_epochs", f"{self.optim.warmup_epochs:g} must be shorter than epochs={self.epochs}")
 
     @property
     def global_batch_size(self) -> int:

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mbn.cli.train import main, prepare_output_dir
+from cli_runner import mbn_train as main
+
 from mbn.nn import NORM_NAMES, schedule
 from mbn.results import config_hash, iter_results, read_results
+from mbn.train.job import prepare_output_dir
 
 CIFAR10_ARCHIVE = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 

@@ -10,8 +10,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from mbn.cli.config import CONFIG_DIR, ConfigError, group_options, job_dirname, resolve, run_spec, validate
-from mbn.cli.train import main
+from cli_runner import mbn_train as main
+
+from mbn.cli.config import CONFIG_DIR, ConfigError, group_options, job_dirname
+from mbn.cli.schema import load_job, to_run_spec
 from mbn.results import config_hash
 
 EXPERIMENTS = group_options("experiment")
@@ -20,7 +22,7 @@ EXPERIMENTS = group_options("experiment")
 def composed(overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    return resolve(cfg)
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def test_config_groups_match_the_library_registries():
@@ -31,9 +33,9 @@ def test_config_groups_match_the_library_registries():
     assert set(group_options("norm")) == set(NORM_NAMES)
     assert set(group_options("model")) == set(MODEL_NAMES)
     assert set(group_options("data")) == set(DATASET_KINDS)
-    from mbn.cli import config
+    from mbn.train import spec
 
-    assert set(config.NORM_NAMES) == set(NORM_NAMES)
+    assert set(spec.NORM_NAMES) == set(NORM_NAMES)
     for group in ("norm", "model", "data"):
         for option in group_options(group):
             assert composed([f"{group}={option}", "data.source.root=/tmp"] if option == "imagefolder" and group == "data"
@@ -55,12 +57,12 @@ def test_every_experiment_composes_resolves_and_builds_a_spec(experiment, tmp_pa
     assert "data.batch_size" in sweep_params
     with open_dict(cfg):
         del cfg["hydra"]
-    config = resolve(cfg)
-    if config["data"]["name"] == "cifar100":
-        # No CIFAR-100 on this machine: point at a stand-in dir so the path check passes.
-        config["data"]["source"]["root"] = str(tmp_path)
-    validate(config)
-    spec = run_spec(config, tmp_path / "run", "run", [f"experiment={experiment}"], config_hash(config))
+        if cfg.data.name == "cifar100":
+            # No CIFAR-100 on this machine: point at a stand-in dir so the path check passes.
+            cfg.data.source.root = str(tmp_path)
+    job = load_job(cfg)
+    config = job.config
+    spec = to_run_spec(job, tmp_path / "run", [f"experiment={experiment}"], config_hash(config))
     assert spec.sweep_name == config["sweep_name"] == experiment
     assert spec.epochs == config["epochs"] >= 1
 
@@ -89,7 +91,9 @@ def test_trainer_configs_gpu_and_ddp():
     gpu, ddp = composed(["trainer=gpu"])["trainer"], composed(["trainer=ddp", "trainer.devices=4"])["trainer"]
     assert (gpu["accelerator"], gpu["precision"], gpu["benchmark"], gpu["devices"]) == ("gpu", "bf16-mixed", True, 1)
     assert (ddp["strategy"], ddp["devices"], ddp["precision"]) == ("ddp", 4, "bf16-mixed")
-    spec = run_spec(composed(["trainer=ddp", "data.batch_size=2"]), "/tmp/x", "x", [], "h")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        job = load_job(compose(config_name="train", overrides=["trainer=ddp", "data.batch_size=2"]))
+    spec = to_run_spec(job, "/tmp/x", [], "h")
     assert (spec.data.batch_size, spec.trainer.world_size, spec.global_batch_size) == (2, 2, 4)
     assert spec.optim.lr(spec.global_batch_size) == pytest.approx(0.1 * 4 / 64)
 
@@ -131,7 +135,8 @@ BAD_OVERRIDES = [
     (["epochs=0"], "epochs: must be a positive integer, got 0"),
     (["data.source.archive=/no/such/archive.tar.gz"], "data.source.archive: no such file: /no/such/archive.tar.gz"),
     (["data=imagefolder"], "data.source.root: a value is required (set data.source.root=...)"),
-    (["data=fake", "data.batch_size=abc"], "data.batch_size: must be a positive integer, got 'abc'"),
+    # A wrong type is OmegaConf's check, by the schema's type (the range check runs on integers).
+    (["data=fake", "data.batch_size=abc"], "data.batch_size: Value 'abc' of type 'str' could not be converted to Integer"),
     (["data=fake", "data.train_subset=4", "data.batch_size=8"], "data.train_subset: 4 images cannot fill one batch"),
     (["optim.milestones=[0.6,0.3]"], "optim.milestones: must be increasing, got [0.6, 0.3]"),
     (["optim.schedule=linear"], "optim.schedule: unknown value 'linear'; expected one of step, cosine"),
@@ -155,14 +160,14 @@ def test_bad_values_fail_with_one_line_naming_the_key(overrides, message, run_en
 
 
 def test_unknown_key_and_unknown_group_option_fail_before_training(run_env):
-    # These are Hydra's own errors (struct mode, missing group option): no traceback, exit 1.
-    for overrides, expected in ((["data.batch_sise=3"], "Key 'batch_sise' is not in struct"),
-                                (["norm=foo"], "Could not find 'norm/foo'")):
+    # Hydra's own composition errors get the same contract as every config error: one line, exit 2.
+    for overrides, expected in ((["data.batch_sise=3"], "data.batch_sise: unknown key; did you mean data.batch_size?"),
+                                (["norm=foo"], "norm: unknown option 'foo'; expected one of bn, brn, gn, mbn, none")):
         proc = subprocess.run(
             [sys.executable, "-m", "mbn.cli.train", *overrides, f"output_root={run_env}"],
             capture_output=True, text=True, timeout=60,
         )
-        assert proc.returncode == 1 and expected in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.returncode == 2 and proc.stderr.strip() == f"mbn-train: invalid config: {expected}", proc.stderr
 
 
 def test_config_error_carries_key():
@@ -171,7 +176,7 @@ def test_config_error_carries_key():
 
 
 def test_start_up_gn_default_is_the_layers_default():
-    from mbn.cli.config import DEFAULT_GN_GROUPS
+    from mbn.train.spec import DEFAULT_GN_GROUPS
     from mbn.nn.group_norm import DEFAULT_NUM_GROUPS, GroupNorm
 
     assert DEFAULT_GN_GROUPS == DEFAULT_NUM_GROUPS == GroupNorm(64).num_groups

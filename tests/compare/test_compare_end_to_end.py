@@ -8,10 +8,10 @@ import statistics
 from html.parser import HTMLParser
 
 import pytest
+from cli_runner import mbn_train as train_main
 from scipy import stats as scipy_stats
 
 from mbn.cli.compare import main as compare_main
-from mbn.cli.train import main as train_main
 from mbn.results import iter_results, read_results
 
 

@@ -12,7 +12,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
 from experiments.batch_size_study import run as study
-from mbn.cli.config import CONFIG_DIR, resolve, validate
+from cli_runner import checked_config
+
+from mbn.cli.config import CONFIG_DIR
 from mbn.models import build_model
 from mbn.nn import norm_layer
 from mbn.results import read_results
@@ -27,7 +29,7 @@ def compose_study(overrides: list[str], data_root: Path) -> tuple[dict, dict]:
     params = OmegaConf.to_container(cfg.hydra.sweeper.params)
     with open_dict(cfg):
         del cfg["hydra"]
-    return resolve(cfg), params
+    return checked_config(cfg), params
 
 
 def hydra_args(command: list[str]) -> list[str]:
@@ -46,7 +48,6 @@ def sweep_jobs(params: dict, command: list[str]) -> list[dict[str, str]]:
 
 def test_study_config_is_the_cpu_recipe(tmp_path):
     config, params = compose_study(["norm=mbn", "norm.schedule=iteration"], tmp_path)
-    validate(config)
     assert (config["model"]["name"], config["model"]["width"], config["data"]["name"]) == ("resnet18", 16, "cifar10_archive")
     assert config["epochs"] >= 1 and config["data"]["train_subset"] < 50_000 and config["trainer"]["num_threads"] == 1
     optim = config["optim"]
@@ -60,7 +61,6 @@ def test_study_config_is_the_cpu_recipe(tmp_path):
 def test_every_norm_of_the_study_validates_and_builds(norm, tmp_path):
     command = study.train_command(study.Chunk(norm, 0), "study_cpu", tmp_path / "out")
     config, _ = compose_study(hydra_args(command), tmp_path)
-    validate(config)
     options = {k: v for k, v in config["norm"].items() if k != "name"}
     model = build_model("resnet18", num_classes=10, norm_layer=norm_layer(norm, **options), width=config["model"]["width"])
     assert sum(p.numel() for p in model.parameters()) > 0

@@ -12,7 +12,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from experiments.paper import run as paper
-from mbn.cli.config import CONFIG_DIR, resolve, validate
+from cli_runner import checked_config
+
+from mbn.cli.config import CONFIG_DIR
 from mbn.models import build_model
 from mbn.nn import norm_layer
 
@@ -51,8 +53,7 @@ def test_every_sweep_of_every_target_composes_and_validates(target_name, index, 
         if setting["data.batch_size"] != "2" or setting["seed"] != "0":
             continue
         cfg = compose_config([*job, *stand_ins])
-        config = resolve(cfg)
-        validate(config)
+        config = checked_config(cfg)
         assert (config["model"]["name"], config["epochs"], config["sweep_name"]) == (model, 200, target.sweep_name(model))
         assert config["data"]["name"] == {"cifar10": "cifar10_archive", "cifar100": "cifar100"}[target.dataset]
         assert config["trainer"]["accelerator"] == "gpu" and config["model"]["width"] == 64

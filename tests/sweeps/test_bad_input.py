@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mbn.cli.train import main
+from cli_runner import mbn_train as main
 from mbn.results import iter_results, read_results
 
 CIFAR10_ARCHIVE = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-jpeg.tar.gz"

@@ -11,7 +11,7 @@ import torch
 import yaml
 from sweep_helpers import sweep_runs
 
-from mbn.cli.train import main
+from cli_runner import mbn_train as main
 from mbn.results import iter_results, read_results
 
 M = 4  # per-device (normalization) batch size

@@ -6,7 +6,7 @@ import os
 
 from sweep_helpers import sweep_runs
 
-from mbn.cli.train import main
+from cli_runner import mbn_train as main
 from mbn.train.resources import cpu_cores
 
 

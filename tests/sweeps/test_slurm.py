@@ -8,8 +8,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from sweep_helpers import sweep_runs
 
+from cli_runner import mbn_train as main
+
 from mbn.cli.config import CONFIG_DIR
-from mbn.cli.train import main
 
 
 def launcher_config(overrides: list[str]) -> dict:

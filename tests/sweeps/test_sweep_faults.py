@@ -9,9 +9,10 @@ import json
 
 from sweep_helpers import job_dir, sweep_runs
 
+from cli_runner import mbn_train as main
+
 from mbn.cli.config import job_dirname
-from mbn.cli.run_dir import job_lock
-from mbn.cli.train import main
+from mbn.train.job import job_lock
 from mbn.results import iter_results, read_results
 
 
@@ -53,7 +54,7 @@ def test_an_invalid_swept_value_stops_the_sweep_before_any_job_runs(tiny, run_en
     # An unknown config-group option in a sweep is caught the same way (Hydra composition error).
     assert main(["-m", *tiny(), "norm=bn,foo", "sweep_name=bad"]) == 2
     err = capsys.readouterr().err
-    assert "norm=foo: MissingConfigException: In 'train': Could not find 'norm/foo'" in err
+    assert "norm=foo: norm: unknown option 'foo'; expected one of bn, brn, gn, mbn, none" in err
     assert not list(run_env.rglob("results.json"))
 
 
@@ -118,7 +119,7 @@ def test_a_job_running_in_another_process_is_not_run_twice(tiny, run_env, capsys
     argv = ["-m", *tiny(), "seed=0,1", "sweep_name=busy"]
     busy_dir = run_env / "sweeps" / "busy" / job_dirname([*tiny(), "seed=1"], ["output_root", "logger"])
     with job_lock(busy_dir):  # as another mbn-train process running that job would
-        assert main(argv) == 1
+        assert main(argv) == 0  # running elsewhere is not a failure of this command
     out = capsys.readouterr().out
     assert "sweep done: 1 completed, 0 failed, 1 busy, 0 skipped (of 2 jobs)" in out
     assert f"mbn-train:   busy: {busy_dir} - running in another process" in out
@@ -131,3 +132,19 @@ def test_dry_run_of_a_single_run_trains_nothing(tiny, run_env, capsys):
     assert line.startswith(f"mbn-train: would start {run_env / 'runs'}/") and line.endswith(" (new)")
     assert "dry_run" not in line.split("/")[-1]  # control keys never name a dir
     assert not list(run_env.rglob("results.json")) and not list(run_env.rglob("*.ckpt"))
+
+
+def test_the_sweep_pre_check_expands_jobs_exactly_as_hydras_basic_sweeper():
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # the reference, in the test only
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from mbn.cli.sweep import BASIC_SWEEPER, sweep_overrides
+
+    params = {"norm": "bn,mbn", "data.batch_size": "2,8,32"}
+    task = ["seed=0,1", "data.batch_size=4,8", "epochs=3", "norm=gn"]
+    config = OmegaConf.create({"hydra": {"sweeper": {"_target_": BASIC_SWEEPER, "params": params},
+                                         "overrides": {"task": task}}})
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + task)
+    (expected,) = BasicSweeper.split_arguments(parsed, None)
+    assert sweep_overrides(config) == expected and len(expected) == 4

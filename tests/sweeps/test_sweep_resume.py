@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from sweep_helpers import assert_same_run, job_dir, sweep_runs
 
-from mbn.cli.train import main
+from cli_runner import mbn_train as main
 from mbn.results import read_results
 
 # 2 epochs of 128 steps: epoch 2 of a job outlasts the poll that sees its epoch 1 on disk.

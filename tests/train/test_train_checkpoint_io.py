@@ -14,7 +14,8 @@ from pytorch_lightning.callbacks import Callback
 from mbn.nn import norm_layer
 from mbn.models import build_model
 from mbn.results import read_results
-from mbn.train import DataSpec, ModelSpec, NormSpec, RunSpec, TrainerSpec, train
+from mbn.train import RunSpec, TrainerSpec, train
+from mbn.train.spec import FakeDataSpec, FakeSource, MomentumBatchNormSpec, ResNetSpec
 from mbn.train.callbacks import NormLayerGuard, norm_layer_counts
 from mbn.train.checkpoint_io import AtomicCheckpointIO, checkpoint_refusal_message
 
@@ -23,10 +24,10 @@ STEPS_PER_EPOCH = 64 // 8
 
 def spec_in(output_dir: Path, epochs: int = 2) -> RunSpec:
     return RunSpec(
-        data=DataSpec(kind="fake", source={"num_train": 64, "num_test": 32, "image_size": 8}, batch_size=8,
+        data=FakeDataSpec(source=FakeSource(num_train=64, num_test=32, image_size=8), batch_size=8,
                       eval_batch_size=32, augment=False),
-        model=ModelSpec("resnet18", width=4),
-        norm=NormSpec("mbn"),
+        model=ResNetSpec("resnet18", width=4),
+        norm=MomentumBatchNormSpec(),
         trainer=TrainerSpec(num_threads=1),
         epochs=epochs,
         output_dir=output_dir,

@@ -9,16 +9,17 @@ from pytorch_lightning.callbacks import Callback
 
 from mbn.nn import schedule
 from mbn.results import read_results
-from mbn.train import DataSpec, LoggerSpec, ModelSpec, NormSpec, RunSpec, TrainerSpec, train
+from mbn.train import LoggerSpec, RunSpec, TrainerSpec, train
+from mbn.train.spec import FakeDataSpec, FakeSource, MomentumBatchNormSpec, ResNetSpec
 from mbn.train.run import build_trainer
 
 
 def fake_spec(output_dir: Path, **changes) -> RunSpec:
     spec = RunSpec(
-        data=DataSpec(kind="fake", source={"num_train": 64, "num_test": 32, "image_size": 8},
+        data=FakeDataSpec(source=FakeSource(num_train=64, num_test=32, image_size=8),
                       batch_size=8, eval_batch_size=32, augment=True, crop_padding=1),
-        model=ModelSpec("resnet18", width=4),
-        norm=NormSpec("mbn", {"schedule": "iteration"}),
+        model=ResNetSpec("resnet18", width=4),
+        norm=MomentumBatchNormSpec(schedule="iteration"),
         trainer=TrainerSpec(num_threads=1),
         epochs=2,
         output_dir=output_dir,

@@ -1,4 +1,4 @@
-"""What a rerun does with a job's dir (``mbn.cli.run_dir``): every case of the plan, and the lock."""
+"""What a rerun does with a job's dir (``mbn.train.job``): every case of the plan, and the lock."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import multiprocessing
 
 import pytest
 
-from mbn.cli.run_dir import JobBusy, is_locked, job_lock, plan_job, prepare_output_dir
+from mbn.train.job import JobBusy, is_locked, job_lock, plan_job, prepare_output_dir
 
 
 def write_run(run_dir, status="completed", config_hash="aaaa", epochs=2, checkpoint=True):
@@ -86,3 +86,44 @@ def test_the_lock_is_held_across_processes_and_released_when_the_holder_ends(tmp
         holder.join(30)
     assert not is_locked(run_dir)
     assert plan_job(run_dir, "aaaa").action == "resume"
+
+
+def save_checkpoint(path, **extra) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {"w": torch.zeros(2)}, **extra}, path)
+
+
+def test_verify_checkpoint_resumes_only_this_configs_loadable_checkpoint(tmp_path):
+    from mbn.train.job import CHECKPOINT_HASH_KEY, JobPlan, verify_checkpoint
+
+    resume = JobPlan("resume", "failed after epoch 1", "failed", "aaaa")
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    save_checkpoint(ckpt, **{CHECKPOINT_HASH_KEY: "aaaa"})
+    assert verify_checkpoint(resume, tmp_path, "aaaa") is resume
+    save_checkpoint(ckpt, **{CHECKPOINT_HASH_KEY: "bbbb"})
+    plan = verify_checkpoint(resume, tmp_path, "aaaa")
+    assert plan.action == "replace" and "from another config (hash bbbb, this run's is aaaa)" in plan.reason
+    save_checkpoint(ckpt)  # written before checkpoints carried their config's hash
+    assert verify_checkpoint(resume, tmp_path, "aaaa").action == "replace"
+    ckpt.write_bytes(b"garbage")
+    plan = verify_checkpoint(resume, tmp_path, "aaaa")
+    assert plan.action == "refuse" and str(ckpt) in plan.reason and "remove it to restart the run" in plan.reason
+    assert plan.line(tmp_path).startswith(f"mbn-train: cannot resume {tmp_path}: ")
+    # Plans that load nothing are left as they are.
+    skip = JobPlan("skip", "completed", "completed", "aaaa")
+    assert verify_checkpoint(skip, tmp_path, "aaaa") is skip
+
+
+def test_results_json_has_one_writer_and_the_cli_no_hydra_internals_globals_or_argv_swaps():
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[2] / "mbn"
+    writers = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if "write_results(" in p.read_text()
+                     and p.name != "results.py")
+    assert writers == ["train/job.py"]
+    for path in package.rglob("*.py"):
+        text = path.read_text()
+        assert "import hydra._internal" not in text and "from hydra._internal" not in text, path
+        assert "sys.argv =" not in text, path

@@ -1,0 +1,238 @@
+"""The config's schema: :mod:`mbn.train.spec`'s dataclasses registered in Hydra's ConfigStore.
+
+``configs/train.yaml`` extends :class:`TrainConfig` and every group option extends its schema
+(``configs/norm/gn.yaml`` starts with ``defaults: [/schema/norm/gn@_here_]``), so the defaults
+live in the dataclasses only and OmegaConf checks types, unknown keys and missing values while
+Hydra composes. :func:`to_run_spec` then builds the :class:`~mbn.train.spec.RunSpec` with
+``OmegaConf.to_object``, which runs every schema's own rules; a broken rule comes back as a
+:class:`~mbn.cli.config.ConfigError` naming the full dotted key.
+
+Adding a norm: its layer and factory entry in :mod:`mbn.nn`, its spec in :mod:`mbn.train.spec`,
+one line in :data:`NORM_SCHEMAS`, and ``configs/norm/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from mbn.cli.config import ConfigError
+from mbn.train import spec as specs
+
+NORM_SCHEMAS: dict[str, type[specs.NormSpec]] = {
+    "bn": specs.BatchNormSpec,
+    "gn": specs.GroupNormSpec,
+    "brn": specs.BatchRenormSpec,
+    "mbn": specs.MomentumBatchNormSpec,
+    "none": specs.NoNormSpec,
+}
+DATA_SCHEMAS: dict[str, type[specs.DataSpec]] = {
+    "cifar10_archive": specs.Cifar10ArchiveDataSpec,
+    "cifar10": specs.Cifar10DataSpec,
+    "cifar100": specs.Cifar100DataSpec,
+    "imagefolder": specs.ImageFolderDataSpec,
+    "fake": specs.FakeDataSpec,
+}
+MODEL_SCHEMAS: dict[str, type[specs.ModelSpec]] = {
+    **{name: specs.ResNetSpec for name in ("resnet18", "resnet34", "resnet50")},
+    **{name: specs.ResNetSpec for name in ("imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50")},
+    **{name: specs.VGGSpec for name in ("vgg11", "vgg16")},
+}
+LOGGER_SCHEMAS: dict[str, type] = {
+    "csv": specs.CsvLoggerSpec,
+    "wandb": specs.WandbSpec,
+    "tensorboard": specs.TensorBoardSpec,
+}
+# Top-level keys that steer mbn-train itself (what to do with a job), not the run: they are taken out
+# of the config before it is hashed and recorded, so they never make a finished run look different.
+CONTROL_KEYS = ("dry_run", "rerun_diverged", "debug")
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests of sweeps.
+
+    Args:
+        fail_at_epoch: the run raises when this epoch starts (null = never).
+    """
+
+    fail_at_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.fail_at_epoch is not None and self.fail_at_epoch < 1:
+            raise specs.SpecError("fail_at_epoch", f"must be a positive integer or null, got {self.fail_at_epoch!r}")
+
+
+@dataclass
+class PathsConfig:
+    """Where things live on this machine; left out of the config hash, so moving them reruns nothing.
+
+    Args:
+        data_root: the folder holding the datasets (default: ``$MBN_DATA_ROOT`` or ``../shared/data``).
+        cache_dir: decoded-dataset cache; null = ``$MBN_CACHE_DIR`` or ``~/.cache/mbn``.
+    """
+
+    data_root: str = "${oc.env:MBN_DATA_ROOT,${mbn.project_root:}/../shared/data}"
+    cache_dir: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """The composed ``mbn-train`` config (``configs/train.yaml`` picks the group options).
+
+    Args:
+        data: dataset and batching (the ``data`` group).
+        model: backbone (the ``model`` group).
+        norm: normalization layer (the ``norm`` group).
+        optim: optimizer and lr schedule (the ``optim`` group).
+        trainer: Lightning trainer (the ``trainer`` group).
+        logger: the selected loggers by name (the ``logger`` group, a list; csv is always on).
+        seed: global seed.
+        epochs: planned epochs T; the lr schedule and the MBN schedule are stretched over it.
+        sweep_name: sweeps go to ``${output_root}/sweeps/${sweep_name}/<job overrides>``; W&B group.
+        output_root: where runs and sweeps go.
+        paths: machine-specific locations.
+        dry_run: list what the command would start, resume, skip or replace, without training.
+        rerun_diverged: a diverged run is final like a completed one (a rerun would diverge the
+            same way); true restarts it.
+        debug: fault injection.
+    """
+
+    data: specs.DataSpec = specs.MISSING
+    model: specs.ModelSpec = specs.MISSING
+    norm: specs.NormSpec = specs.MISSING
+    optim: specs.OptimSpec = field(default_factory=specs.OptimSpec)
+    trainer: specs.TrainerSpec = field(default_factory=specs.TrainerSpec)
+    logger: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    epochs: int = 200
+    sweep_name: str = "default"
+    output_root: str = "${oc.env:MBN_OUTPUT_ROOT,outputs}"
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    dry_run: bool = False
+    rerun_diverged: bool = False
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+def register_schemas() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent): ``train_schema`` and ``schema/<group>/<option>``."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    for group, schemas in (("norm", NORM_SCHEMAS), ("data", DATA_SCHEMAS), ("logger", LOGGER_SCHEMAS)):
+        for option, schema in schemas.items():
+            store.store(group=f"schema/{group}", name=option, node=schema)
+    for option, schema in MODEL_SCHEMAS.items():
+        store.store(group="schema/model", name=option, node=schema(name=option))
+    store.store(group="schema/optim", name="sgd", node=specs.OptimSpec)
+    store.store(group="schema/trainer", name="trainer", node=specs.TrainerSpec)
+
+
+register_schemas()
+
+
+@dataclass(frozen=True)
+class Job:
+    """A composed config taken apart: the run, mbn-train's control values, and the recorded config.
+
+    Args:
+        config: the resolved config without the control keys (what is hashed and recorded).
+        train: the typed config (:class:`TrainConfig`, every rule checked).
+    """
+
+    config: dict[str, Any]
+    train: TrainConfig
+
+    @property
+    def dry_run(self) -> bool:
+        return self.train.dry_run
+
+    @property
+    def rerun_diverged(self) -> bool:
+        return self.train.rerun_diverged
+
+    @property
+    def fail_at_epoch(self) -> int | None:
+        return self.train.debug.fail_at_epoch
+
+
+def load_job(cfg: DictConfig) -> Job:
+    """Check a composed config against its schemas and rules (nothing heavy is imported).
+
+    Args:
+        cfg: the composed task config (without the ``hydra`` node).
+
+    Raises:
+        ConfigError: the first bad value, with its full dotted key.
+    """
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
+        train = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as exc:
+        key = exc.full_key or "?"
+        raise ConfigError(key, f"a value is required (set {key}=...)") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(exc.full_key or "config", str(exc).splitlines()[0]) from None
+    except specs.SpecError:
+        raise _locate(cfg, "") from None
+    if not isinstance(train, TrainConfig):
+        raise ConfigError("config", f"is not an mbn-train config (got {type(train).__name__})")
+    for key in CONTROL_KEYS:
+        config.pop(key, None)
+    return Job(config=config, train=train)
+
+
+def _locate(node: DictConfig, prefix: str) -> ConfigError:
+    """The :class:`SpecError` that building ``node`` raises, with the dotted key of the object that raised it."""
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and OmegaConf.get_type(child) not in (dict, None):
+            try:
+                OmegaConf.to_object(child)
+            except specs.SpecError:
+                return _locate(child, f"{prefix}{key}.")
+    try:
+        OmegaConf.to_object(node)
+    except specs.SpecError as exc:
+        return ConfigError(f"{prefix}{exc.key}", exc.problem)
+    return ConfigError(prefix.rstrip(".") or "config", "invalid value")
+
+
+def to_run_spec(job: Job, output_dir: str | os.PathLike, overrides: Iterable[str], config_hash: str) -> specs.RunSpec:
+    """The :class:`~mbn.train.spec.RunSpec` of a checked job (cross-group rules checked here).
+
+    Args:
+        job: :func:`load_job`'s result.
+        output_dir: the run's directory (its name is the run's name).
+        overrides: the job's command-line overrides.
+        config_hash: :func:`mbn.results.config_hash` of ``job.config``.
+
+    Raises:
+        ConfigError: a rule spanning groups is broken (e.g. GN groups that do not divide the width).
+    """
+    train = job.train
+    try:
+        return specs.RunSpec(
+            data=train.data,
+            model=train.model,
+            norm=train.norm,
+            optim=train.optim,
+            trainer=train.trainer,
+            loggers=specs.LoggerSpec(wandb=train.logger.get("wandb"), tensorboard="tensorboard" in train.logger),
+            seed=train.seed,
+            epochs=train.epochs,
+            output_dir=Path(output_dir),
+            run_name=Path(output_dir).name,
+            sweep_name=train.sweep_name,
+            config=job.config,
+            config_hash=config_hash,
+            overrides=list(overrides),
+            cache_dir=train.paths.cache_dir,
+        )
+    except specs.SpecError as exc:
+        raise ConfigError(exc.key, exc.problem) from None

@@ -1,0 +1,453 @@
+"""One job's life, owned here: plan (skip / resume / start / replace), lock, prepare the dir, run, record.
+
+This module is the only writer of ``results.json`` (:class:`JobRecord`; the record's type and
+schema are :class:`mbn.results.RunRecord`). ``mbn-train`` (any launcher, any process) calls
+:func:`run_job` per job; sweeps plan and summarize with :func:`plan_job` and :func:`job_outcome`.
+Importing it is cheap (no torch or Lightning until a job trains), so a sweep can plan every job
+before the first starts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+from mbn.results import RESULTS_FILENAME, RunRecord, now_iso, read_results, summarize_history, write_results
+
+if TYPE_CHECKING:
+    from mbn.train.spec import RunSpec
+
+log = logging.getLogger("mbn.train")
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+BEST_CHECKPOINT = "best.ckpt"
+CHECKPOINT = Path(CHECKPOINT_DIR) / LAST_CHECKPOINT
+# Key of the config hash inside every checkpoint (see verify_checkpoint).
+CHECKPOINT_HASH_KEY = "mbn_config_hash"
+# Run artifacts moved aside (to .replaced/<old hash>/) when a dir holds a run that must not be resumed.
+RUN_ARTIFACTS = (RESULTS_FILENAME, CHECKPOINT_DIR, "csv", "tensorboard", "wandb")
+# Held (flock) by the process running a job: a second command never trains the same dir at once.
+LOCK_FILENAME = ".lock"
+# Names one mbn-train command (all its jobs, in any process it starts); recorded in each attempt so
+# a sweep's summary can tell its own jobs from those another command ran in the same dirs.
+INVOCATION_ENV = "MBN_INVOCATION"
+# What a job does: run fresh, resume from last.ckpt, skip (final result there, or running
+# elsewhere), move the dir's run aside and run fresh, or refuse (a checkpoint it will not load).
+ACTIONS = ("start", "resume", "skip", "replace", "refuse")
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What a (re)run of one job will do.
+
+    Args:
+        action: one of :data:`ACTIONS`.
+        reason: a few words for the listing (``completed``, ``interrupted at epoch 3``, ...).
+        previous_status: the status recorded in the dir (None for a fresh dir).
+        previous_hash: the config hash recorded in the dir (None for a fresh dir).
+    """
+
+    action: str
+    reason: str
+    previous_status: str | None = None
+    previous_hash: str | None = None
+
+    @property
+    def running_elsewhere(self) -> bool:
+        """Another process holds the job's lock."""
+        return self.action == "skip" and self.previous_status is None
+
+    def line(self, output_dir: Path) -> str:
+        """One dry-run line: ``mbn-train: would resume <dir> (interrupted after epoch 3)``."""
+        if self.action == "refuse":
+            return f"mbn-train: cannot resume {output_dir}: {self.reason}"
+        return f"mbn-train: would {self.action} {output_dir} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How a job ended, as a sweep's summary counts it.
+
+    Args:
+        status: a results.json status, ``skipped`` (final before this command), or ``busy``
+            (another command is running it).
+        output_dir: the job's dir.
+        error: first line of the error, or why it was skipped.
+        elsewhere: another mbn-train command ran it (it is counted once, as that command's).
+    """
+
+    status: str
+    output_dir: Path
+    error: str | None = None
+    elsewhere: bool = False
+
+
+# --- plan -----------------------------------------------------------------------------------------
+
+
+def plan_job(output_dir: str | Path, config_hash: str, rerun_diverged: bool = False, check_lock: bool = True) -> JobPlan:
+    """Decide what rerunning a job does, from the ``results.json`` in its dir (reads only).
+
+    ``completed`` (and ``diverged``, unless ``rerun_diverged``) runs of the same config hash are
+    final: skipped. Other runs of the same config (``running`` = killed, ``interrupted``, ``failed``)
+    resume from ``checkpoints/last.ckpt`` when it exists (:func:`verify_checkpoint` then checks
+    that file itself), else start over. A run of another config, an unreadable ``results.json``,
+    or checkpoints without one are replaced (moved aside): they can never be resumed as this job.
+
+    Args:
+        output_dir: the job's dir.
+        config_hash: this job's config hash.
+        rerun_diverged: restart diverged runs instead of keeping them.
+        check_lock: plan ``skip`` when another process holds the job's lock (:func:`job_lock`).
+    """
+    output_dir = Path(output_dir)
+    if check_lock and is_locked(output_dir):
+        return JobPlan("skip", "running in another process")
+    has_checkpoint = (output_dir / CHECKPOINT).is_file()
+    if not (output_dir / RESULTS_FILENAME).exists():
+        if has_checkpoint:
+            return JobPlan("replace", "checkpoints without a results.json")
+        return JobPlan("start", "new")
+    try:
+        previous = read_results(output_dir)
+        old_hash, status = previous.get("config_hash"), previous.get("status")
+    except (OSError, ValueError):
+        return JobPlan("replace", "unreadable results.json", previous_hash="unreadable")
+    if old_hash != config_hash:
+        return JobPlan("replace", f"holds another config (hash {old_hash})", status, old_hash)
+    if status == "completed":
+        return JobPlan("skip", "completed", status, old_hash)
+    if status == "diverged":
+        if rerun_diverged:
+            return JobPlan("replace", "diverged, rerun_diverged=true", status, old_hash)
+        return JobPlan("skip", "diverged (final; rerun_diverged=true restarts it)", status, old_hash)
+    epochs = previous.get("epochs_completed") or 0
+    state = "killed" if status == "running" else status
+    if has_checkpoint:
+        return JobPlan("resume", f"{state} after epoch {epochs}", status, old_hash)
+    return JobPlan("start", f"{state} before its first checkpoint", status, old_hash)
+
+
+def verify_checkpoint(plan: JobPlan, output_dir: str | Path, config_hash: str) -> JobPlan:
+    """Check the ``last.ckpt`` a ``resume`` plan would load: is it loadable, and this config's?
+
+    A checkpoint that records another config hash (copied from another run) or none is never
+    resumed: the plan becomes ``replace``. One that cannot be loaded weights-only (corrupt, or
+    holding pickled code) becomes ``refuse``, with the message that says to remove it. Other
+    plans are returned unchanged. (Imports torch.)
+
+    Args:
+        plan: :func:`plan_job`'s plan.
+        output_dir: the job's dir.
+        config_hash: this job's config hash.
+    """
+    if plan.action != "resume":
+        return plan
+    import torch
+
+    from mbn.train.checkpoint_io import checkpoint_refusal_message
+
+    path = Path(output_dir) / CHECKPOINT
+    try:
+        # mmap: only the few bytes of the hash are read, however large the weights.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+        return JobPlan("refuse", checkpoint_refusal_message(path, exc), plan.previous_status, plan.previous_hash)
+    recorded = checkpoint.get(CHECKPOINT_HASH_KEY) if isinstance(checkpoint, dict) else None
+    if recorded != config_hash:
+        found = f"hash {recorded}" if recorded else "no config hash"
+        return JobPlan("replace", f"{CHECKPOINT} is from another config ({found}, this run's is {config_hash})",
+                       plan.previous_status, plan.previous_hash)
+    return plan
+
+
+def prepare_output_dir(output_dir: str | Path, new_hash: str, rerun_diverged: bool = False) -> str | None:
+    """Plan a job (:func:`plan_job`) and clear its dir when the plan says ``replace``.
+
+    The caller should hold the job's lock (:func:`job_lock`).
+
+    Args:
+        output_dir: the job's dir.
+        new_hash: config hash of this job.
+        rerun_diverged: restart diverged runs instead of keeping them.
+
+    Returns:
+        The recorded status when the job is skipped or resumed (``completed``, ``diverged``,
+        ``failed``, ...), None when it starts fresh.
+    """
+    plan = plan_job(output_dir, new_hash, rerun_diverged, check_lock=False)
+    if plan.action == "replace":
+        move_aside(output_dir, plan)
+        return None
+    return plan.previous_status
+
+
+def move_aside(output_dir: str | Path, plan: JobPlan) -> Path:
+    """Move a run that must not be resumed to ``.replaced/<its hash>/`` (hidden: not part of a sweep).
+
+    Args:
+        output_dir: the job's dir.
+        plan: the ``replace`` plan (its hash names the folder; its reason is logged).
+
+    Returns:
+        Where the artifacts went.
+    """
+    output_dir = Path(output_dir)
+    name = str(plan.previous_hash or "unknown")
+    target = output_dir / ".replaced" / name
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = output_dir / ".replaced" / f"{name}-{suffix}"
+    target.mkdir(parents=True)
+    for artifact in RUN_ARTIFACTS:
+        if (output_dir / artifact).exists():
+            shutil.move(str(output_dir / artifact), str(target / artifact))
+    log.warning("%s: %s; moved it to %s", output_dir, plan.reason, target)
+    return target
+
+
+# --- lock -----------------------------------------------------------------------------------------
+
+
+class JobBusy(RuntimeError):
+    """Another process is running this job (it holds the dir's lock)."""
+
+
+@contextmanager
+def job_lock(output_dir: str | Path) -> Iterator[None]:
+    """Hold ``output_dir/.lock`` while a job runs; released when the process dies, even by SIGKILL.
+
+    Raises:
+        JobBusy: another process holds the lock.
+    """
+    path = Path(output_dir) / LOCK_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobBusy(f"{output_dir} is being run by another process") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def is_locked(output_dir: str | Path) -> bool:
+    """Whether another process holds the job's lock (see :func:`job_lock`)."""
+    path = Path(output_dir) / LOCK_FILENAME
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock taken just now
+    return False
+
+
+# --- record ---------------------------------------------------------------------------------------
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The run's ``last.ckpt`` if it exists (what a rerun resumes from)."""
+    path = Path(output_dir) / CHECKPOINT
+    return path if path.is_file() else None
+
+
+class JobRecord:
+    """The ``results.json`` of one attempt of a run: the only code that writes that file.
+
+    It keeps the attempts (and, until a resumed checkpoint restores them, the epochs) that earlier
+    attempts of the same config recorded. Under DDP only rank 0 writes.
+
+    Args:
+        spec: the run.
+        resume_from: the checkpoint this attempt resumes from, if any.
+        rank: this process's global rank (only rank 0 writes).
+        versions: library versions to record.
+    """
+
+    def __init__(self, spec: "RunSpec", resume_from: Path | None, rank: int = 0, versions: dict[str, str] | None = None) -> None:
+        self.output_dir = Path(spec.output_dir)
+        self.rank = rank
+        self.started = time.time()
+        self.base = RunRecord.for_run(spec, started_at=now_iso(self.started), resume_from=resume_from, versions=versions or {})
+        self.earlier_history, self.earlier_attempts = _earlier_record(self.output_dir, spec.config_hash)
+        if resume_from is None:
+            self.earlier_history = []
+        self.attempt = {
+            "started_at": now_iso(self.started),
+            "finished_at": None,
+            "status": "running",
+            "resumed_from": str(resume_from) if resume_from is not None else None,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "invocation": os.environ.get(INVOCATION_ENV),
+            "num_threads": spec.trainer.num_threads,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
+
+    def write(self, status: str, history: Sequence[dict[str, Any]] | None = None, error: tuple[str, str | None] | None = None,
+              finished: bool = False) -> dict[str, Any]:
+        """Write the record with this status and history (``None``: what earlier attempts recorded).
+
+        Args:
+            status: one of :data:`mbn.results.STATUSES`.
+            history: the epochs finished so far.
+            error: ``(message, traceback)`` of a failure.
+            finished: this attempt is over (sets ``finished_at``).
+
+        Returns:
+            The record as written.
+        """
+        finished_at = now_iso() if finished else None
+        attempt = {**self.attempt, "status": status, "finished_at": finished_at}
+        record = self.base.updated(
+            status=status,
+            error=error[0] if error else None,
+            traceback=error[1] if error else None,
+            finished_at=finished_at,
+            wall_time_s=round(time.time() - self.started, 3),
+            attempts=[*self.earlier_attempts, attempt],
+            **summarize_history(list(history) if history else self.earlier_history),
+        )
+        data = record.to_dict()
+        if self.rank == 0:
+            write_results(self.output_dir, data)
+        return data
+
+
+def _earlier_record(output_dir: Path, config_hash: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """History and attempts recorded by earlier attempts of this same config in ``output_dir``."""
+    try:
+        earlier = read_results(output_dir)
+    except (OSError, ValueError):
+        return [], []
+    if earlier.get("config_hash") != config_hash:
+        return [], []
+    return list(earlier.get("history") or []), list(earlier.get("attempts") or [])
+
+
+def record_failure(output_dir: str | Path, config_hash: str, message: str) -> dict[str, Any] | None:
+    """Mark a run whose processes died without a final status as ``failed`` (keeping its history).
+
+    Used when the processes that trained the run (DDP ranks) exited without recording the end.
+
+    Args:
+        output_dir: the run's dir.
+        config_hash: the run's config hash (another config's record is left alone).
+        message: the error to record.
+
+    Returns:
+        The record as written, or None when there is no record of this config to update.
+    """
+    try:
+        data = read_results(output_dir)
+    except (OSError, ValueError):
+        return None
+    if data.get("config_hash") != config_hash:
+        return None
+    attempts = list(data.get("attempts") or [])
+    if attempts and attempts[-1].get("status") in ("running", "interrupted"):
+        attempts[-1] = {**attempts[-1], "status": "failed", "finished_at": now_iso()}
+    record = RunRecord.from_dict(data).updated(status="failed", error=data.get("error") or message, attempts=attempts)
+    data = record.to_dict()
+    write_results(output_dir, data)
+    return data
+
+
+# --- run ------------------------------------------------------------------------------------------
+
+# Trains a run in this process (or in processes it starts) and returns its final record.
+Trainer = Callable[["RunSpec"], dict]
+
+
+def run_job(spec: "RunSpec", *, rerun_diverged: bool = False, trainer: Trainer | None = None, locked: bool = True) -> JobOutcome:
+    """Run one job to its final status: lock, plan, check the checkpoint, prepare, train, record.
+
+    Args:
+        spec: the run.
+        rerun_diverged: restart a diverged run instead of keeping it.
+        trainer: trains the run and returns its record (default: :func:`mbn.train.run.train` in
+            this process); e.g. the CLI's launcher of DDP processes.
+        locked: take the dir's lock and plan (False for processes that follow a rank 0 which did).
+
+    Returns:
+        The outcome (``skipped`` when already final, ``busy`` when another process runs it).
+    """
+    output_dir = Path(spec.output_dir)
+    if not locked:
+        if plan_job(output_dir, spec.config_hash, rerun_diverged, check_lock=False).action == "skip":
+            return JobOutcome("skipped", output_dir)
+        return _outcome(output_dir, _train(spec, trainer))
+    try:
+        with job_lock(output_dir):
+            plan = plan_job(output_dir, spec.config_hash, rerun_diverged, check_lock=False)
+            plan = verify_checkpoint(plan, output_dir, spec.config_hash)
+            if plan.action == "skip":
+                return JobOutcome("skipped", output_dir, f"already {plan.previous_status}")
+            if plan.action == "refuse":
+                record = JobRecord(spec, resume_from=None).write("failed", error=(plan.reason, None), finished=True)
+                return _outcome(output_dir, record)
+            if plan.action == "replace":
+                move_aside(output_dir, plan)
+            return _outcome(output_dir, _train(spec, trainer))
+    except JobBusy as exc:
+        return JobOutcome("busy", output_dir, str(exc))
+
+
+def _train(spec: "RunSpec", trainer: Trainer | None) -> dict:
+    if trainer is None:
+        from mbn.train.run import train  # Lightning import: only once the job is known to train
+
+        trainer = train
+    return trainer(spec)
+
+
+def _outcome(output_dir: Path, record: dict) -> JobOutcome:
+    error = record.get("error")
+    return JobOutcome(record["status"], output_dir, str(error).splitlines()[0] if error else None)
+
+
+def job_outcome(output_dir: str | Path, config_hash: str, plan: JobPlan, invocation: str | None) -> JobOutcome:
+    """How a job of a sweep ended, read from its dir after the sweep (any launcher, any process).
+
+    Args:
+        output_dir: the job's dir.
+        config_hash: the job's config hash.
+        plan: what the sweep planned for it before it started.
+        invocation: this command's :data:`INVOCATION_ENV` (to tell another command's attempts apart).
+    """
+    output_dir = Path(output_dir)
+    if plan.action == "skip" and not plan.running_elsewhere:
+        status = "skipped" if plan.previous_status == "completed" else str(plan.previous_status)
+        return JobOutcome(status, output_dir, plan.reason)
+    if is_locked(output_dir):
+        return JobOutcome("busy", output_dir, "running in another process", elsewhere=True)
+    try:
+        record = read_results(output_dir)
+    except (OSError, ValueError) as exc:
+        return JobOutcome("failed", output_dir, f"no readable results.json ({type(exc).__name__})")
+    if record.get("config_hash") != config_hash:
+        return JobOutcome("failed", output_dir, "results.json is from another config")
+    attempts = record.get("attempts") or []
+    last_invocation = attempts[-1].get("invocation") if attempts else None
+    elsewhere = invocation is not None and last_invocation is not None and last_invocation != invocation
+    status = record.get("status")
+    if status == "running":
+        return JobOutcome("failed", output_dir, "the job's process ended without a final status (killed?)", elsewhere)
+    error = record.get("error")
+    return JobOutcome(str(status), output_dir, str(error).splitlines()[0] if error else None, elsewhere)

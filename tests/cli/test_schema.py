@@ -1,0 +1,90 @@
+"""The config's schema: one typed dataclass per group option, registered in Hydra's ConfigStore."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from cli_runner import mbn_train
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+
+from mbn.cli import schema
+from mbn.cli.config import CONFIG_DIR, group_options
+from mbn.train import spec as specs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_factory_schemas_and_config_group_name_the_same_norms():
+    from mbn.nn import NORM_NAMES
+
+    assert set(NORM_NAMES) == set(schema.NORM_SCHEMAS) == set(group_options("norm")) == set(specs.NORM_NAMES)
+    for name, schema_class in schema.NORM_SCHEMAS.items():
+        assert schema_class().name == name
+    assert set(schema.DATA_SCHEMAS) == set(group_options("data"))
+    assert set(schema.MODEL_SCHEMAS) == set(group_options("model"))
+    assert set(schema.LOGGER_SCHEMAS) == set(group_options("logger"))
+    stored = ConfigStore.instance().repo["schema"]
+    assert {name.removesuffix(".yaml") for name in stored["norm"]} == set(schema.NORM_SCHEMAS)
+
+
+@pytest.mark.parametrize("group", ["norm", "data", "model", "optim", "trainer", "logger"])
+def test_group_yaml_files_extend_their_schema_and_repeat_none_of_its_defaults(group):
+    defaults_of = {"norm": schema.NORM_SCHEMAS, "data": schema.DATA_SCHEMAS, "model": schema.MODEL_SCHEMAS,
+                   "logger": schema.LOGGER_SCHEMAS}
+    for path in (CONFIG_DIR / group).glob("*.yaml"):
+        content = yaml.safe_load(path.read_text()) or {}
+        assert any(str(entry).startswith(f"/schema/{group}/") or entry in group_options(group) for entry in content["defaults"]), path
+        values = {k: v for k, v in content.items() if k != "defaults"}
+        if group in defaults_of:
+            schema_class = defaults_of[group][path.stem]
+            defaults = {f.name: getattr(schema_class(**({"name": path.stem} if group == "model" else {})), f.name)
+                        for f in dataclasses.fields(schema_class)}
+            repeated = {k: v for k, v in values.items() if k in defaults and defaults[k] == v}
+            assert not repeated, f"{path} repeats schema defaults {repeated}"
+
+
+def test_the_run_spec_is_built_by_omegaconf_from_the_typed_config(tmp_path):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["data=fake", "norm=gn", "norm.num_groups=4", "model.width=8",
+                                                       "logger=[csv,tensorboard]"])
+    job = schema.load_job(cfg)
+    run = schema.to_run_spec(job, tmp_path / "run", ["norm=gn"], "abc")
+    assert isinstance(run.norm, specs.GroupNormSpec) and run.norm.options == {"num_groups": 4, "group_size": None, "eps": 1e-5}
+    assert isinstance(run.data, specs.FakeDataSpec) and isinstance(run.data.source, specs.FakeSource)
+    assert isinstance(run.model, specs.ResNetSpec) and run.model.options == {"zero_init_residual": False}
+    assert run.loggers == specs.LoggerSpec(wandb=None, tensorboard=True)
+    assert run.run_name == "run" and run.config == job.config and "dry_run" not in job.config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["norm=foo"], "norm: unknown option 'foo'; expected one of bn, brn, gn, mbn, none"),
+        (["model=foo"], "model: unknown option 'foo'; expected one of imagenet_resnet18"),
+        (["logger=[foo]"], "logger: unknown option 'foo'; expected one of csv, tensorboard, wandb"),
+        (["data.batchsize=2"], "data.batchsize: unknown key; did you mean data.batch_size?"),
+        (["norm.momentum=abc"], "norm.momentum: Value 'abc' of type 'str' could not be converted to Float"),
+        (["norm.momentum=2"], "norm.momentum: must be a number in [0, 1], got 2.0"),
+        (["norm=brn", "norm.momentum=-0.5"], "norm.momentum: must be a number in [0, 1], got -0.5"),
+        (["norm=gn", "norm.eps=-1"], "norm.eps: must be a number in [0, inf), got -1.0"),
+        (["trainer.devices=0"], "trainer.devices: must be a positive integer, got 0"),
+        (["debug.fail_at_epoch=0"], "debug.fail_at_epoch: must be a positive integer or null, got 0"),
+        (["dry_run=maybe"], "dry_run: Value 'maybe' is not a valid bool"),
+    ],
+)
+@pytest.mark.parametrize("multirun", [False, True], ids=["run", "multirun"])
+def test_every_composition_error_is_one_line_and_exit_2(overrides, message, multirun, run_env, capsys):
+    argv = [*overrides, "data=fake", f"output_root={run_env}"]
+    code = mbn_train(["-m", *argv, "seed=0,1"] if multirun else argv)
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if "sweep not started" not in line]
+    composition = "unknown" in message or "Value '" in message  # Hydra stops at the first; rules are checked per job
+    assert len(lines) == (2 if multirun and not composition else 1), err
+    assert all(message in line for line in lines), err
+    assert "Traceback" not in out + err and "HYDRA_FULL_ERROR" not in out + err
+    assert not list(run_env.rglob("results.json"))
