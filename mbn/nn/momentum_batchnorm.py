@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from mbn.nn import schedule as _schedule
 from mbn.nn._batch_stats_norm import BatchStatsNorm
-from mbn.nn.functional import momentum_batch_norm
+from mbn.nn.functional import momentum_batch_norm, momentum_batch_norm_reference
 
 __all__ = [
     "MomentumBatchNorm",
@@ -24,6 +24,9 @@ __all__ = [
 # MBN's own state, on top of nn.BatchNorm's keys.
 _OWN_BUFFERS = ("momentum_mean", "momentum_var", "momentum_initialized")
 
+# The training step per MomentumBatchNorm.impl: same arguments, same results (tested).
+_TRAINING_STEPS = {"fast": momentum_batch_norm, "reference": momentum_batch_norm_reference}
+
 
 class MomentumBatchNorm(BatchStatsNorm):
     """Momentum Batch Normalization; base class of the 1d/2d/3d variants.
@@ -32,7 +35,8 @@ class MomentumBatchNorm(BatchStatsNorm):
     with their history (momentum ``lam`` from :mod:`mbn.nn.schedule`); eval mode is exactly
     ``nn.BatchNorm`` with ``running_mean``/``running_var``, which are updated with momentum
     ``tau = tau0 ** (m / m0)`` from the batch mean and unbiased batch variance.
-    See :mod:`mbn.nn.functional` for the formulas.
+    See :mod:`mbn.nn.functional` for the formulas and their reference implementation
+    (:attr:`impl`).
 
     ``m`` (the normalized batch size in the schedule) is the input's batch dimension at each
     training forward unless ``batch_size`` fixes it. Until :meth:`set_progress` is called, the
@@ -92,6 +96,7 @@ class MomentumBatchNorm(BatchStatsNorm):
         self.schedule = schedule
         self.fixed_lam = None if fixed_lam is None else float(fixed_lam)
         self.batch_size = batch_size
+        self.impl = "fast"
 
         self.register_buffer("momentum_mean", torch.zeros_like(self.running_mean))
         self.register_buffer("momentum_var", torch.ones_like(self.running_var))
@@ -104,6 +109,24 @@ class MomentumBatchNorm(BatchStatsNorm):
         # Python mirror of momentum_initialized (see BatchStatsNorm._sync_with_buffers); the
         # buffer is fresh, so no device read here.
         self._initialized = False
+
+    # -- implementation -----------------------------------------------------------------------
+    @property
+    def impl(self) -> str:
+        """Training-step implementation: ``"fast"`` (default) or ``"reference"``.
+
+        ``"fast"`` runs :func:`~mbn.nn.functional.momentum_batch_norm`; ``"reference"`` runs
+        :func:`~mbn.nn.functional.momentum_batch_norm_reference`, the formulas as plain torch ops
+        (the definition; slow, for tests and debugging). Both give the same outputs, gradients
+        and buffers; eval mode is the same either way. Not part of the state_dict.
+        """
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        if value not in _TRAINING_STEPS:
+            raise ValueError(f"{type(self).__name__}: impl must be one of {tuple(_TRAINING_STEPS)}, got {value!r}")
+        self._impl = value
 
     # -- schedule -----------------------------------------------------------------------------
     def set_progress(self, epoch: float, total_epochs: float) -> None:
@@ -169,7 +192,7 @@ class MomentumBatchNorm(BatchStatsNorm):
             self._update_lam_tau(m)
         lam = self._cached_lam if self._initialized else 0.0  # the first batch initializes M/Phi
         buffers = self._buffers  # direct access: this runs for every layer at every step
-        output = momentum_batch_norm(
+        output = _TRAINING_STEPS[self._impl](
             input, self.weight, self.bias, buffers["momentum_mean"], buffers["momentum_var"],
             buffers["running_mean"], buffers["running_var"], lam, self._cached_tau, self.eps,
         )  # fmt: skip
@@ -203,6 +226,8 @@ class MomentumBatchNorm(BatchStatsNorm):
             text += f", fixed_lam={self.fixed_lam}"
         if self.batch_size is not None:
             text += f", batch_size={self.batch_size}"
+        if self._impl != "fast":
+            text += f", impl={self._impl!r}"
         return text
 
 
