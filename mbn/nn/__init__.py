@@ -9,7 +9,7 @@ from mbn.nn import schedule
 from mbn.nn.batch_renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from mbn.nn.convert import convert, convert_norm
 from mbn.nn.factory import NORM_NAMES, make_norm, norm_class, norm_layer
-from mbn.nn.functional import momentum_batch_norm
+from mbn.nn.functional import momentum_batch_norm, momentum_batch_norm_reference
 from mbn.nn.group_norm import GroupNorm
 from mbn.nn.momentum_batchnorm import (
     MomentumBatchNorm,
@@ -36,6 +36,7 @@ __all__ = [
     "make_norm",
     "mbn_layers",
     "momentum_batch_norm",
+    "momentum_batch_norm_reference",
     "norm_class",
     "norm_layer",
     "schedule",

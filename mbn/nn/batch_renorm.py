@@ -7,14 +7,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from mbn.nn._input_checks import check_input, check_training_batch
+from mbn.nn._batch_stats_norm import BatchStatsNorm
 
 __all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
 
-class BatchRenorm(nn.Module):
+class BatchRenorm(BatchStatsNorm):
     """Batch Renormalization; base class of the 1d/2d/3d variants.
 
     Training, per channel with ``sigma_B = sqrt(var_B + eps)`` and ``sigma = sqrt(running_var + eps)``:
@@ -29,7 +29,8 @@ class BatchRenorm(nn.Module):
     ``r_max_ramp_steps`` and ``d_max`` from 0 to ``d_max`` over ``d_max_ramp_steps``. The step is
     ``num_batches_tracked``, so a resumed run continues the ramp. ``r_max=1, d_max=0`` is plain BN.
 
-    Not a ``_BatchNorm`` subclass, so ``nn.SyncBatchNorm.convert_sync_batchnorm`` leaves it alone.
+    Not a ``_BatchNorm`` subclass, so ``nn.SyncBatchNorm.convert_sync_batchnorm`` leaves it alone
+    (see :class:`~mbn.nn._batch_stats_norm.BatchStatsNorm`).
 
     Args:
         num_features: number of channels ``C``.
@@ -45,8 +46,6 @@ class BatchRenorm(nn.Module):
         dtype: dtype of the parameters and buffers.
     """
 
-    _input_dims: tuple[int, ...] = ()
-
     def __init__(
         self,
         num_features: int,
@@ -61,12 +60,9 @@ class BatchRenorm(nn.Module):
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(num_features, eps, affine, device, dtype)  # validates num_features and eps
         name = type(self).__name__
-        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
-            raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
         checks = {
-            "eps": (eps, 0.0, math.inf),
             "momentum": (momentum, 0.0, 1.0),
             "r_max": (r_max, 1.0, math.inf),
             "d_max": (d_max, 0.0, math.inf),
@@ -77,27 +73,15 @@ class BatchRenorm(nn.Module):
         for arg, value in (("warmup_steps", warmup_steps), ("r_max_ramp_steps", r_max_ramp_steps), ("d_max_ramp_steps", d_max_ramp_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: {arg} must be an int >= 0, got {value!r}")
-        self.num_features = num_features
-        self.eps = float(eps)
         self.momentum = float(momentum)
-        self.affine = affine
         self.r_max = float(r_max)
         self.d_max = float(d_max)
         self.warmup_steps = warmup_steps
         self.r_max_ramp_steps = r_max_ramp_steps
         self.d_max_ramp_steps = d_max_ramp_steps
-
-        factory = {"device": device, "dtype": dtype}
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-        self.register_buffer("running_var", torch.ones(num_features, **factory))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        self._step: int | None = None  # python mirror of num_batches_tracked (no device sync per step)
+        # Python mirror of num_batches_tracked, the ramp's step (see BatchStatsNorm._sync_with_buffers);
+        # the buffer is fresh, so no device read here.
+        self._step = 0
 
     def limits(self, step: int) -> tuple[float, float]:
         """``(r_max, d_max)`` in effect at training step ``step`` (0-based).
@@ -115,14 +99,7 @@ class BatchRenorm(nn.Module):
         d_frac = 1.0 if ramp >= self.d_max_ramp_steps else ramp / self.d_max_ramp_steps
         return 1.0 + (self.r_max - 1.0) * r_frac, self.d_max * d_frac
 
-    def forward(self, input: Tensor) -> Tensor:
-        """Normalize ``input`` of shape ``(N, C, *)``; see the class docstring."""
-        check_input(self, input, self._input_dims)
-        if not self.training:
-            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        check_training_batch(self, input)
-        if self._step is None:
-            self._step = int(self.num_batches_tracked)
+    def _normalize_training_batch(self, input: Tensor) -> Tensor:
         r_max, d_max = self.limits(self._step)
         with torch.no_grad():
             running_std = torch.sqrt(self.running_var + self.eps)
@@ -138,29 +115,11 @@ class BatchRenorm(nn.Module):
         else:
             scale, shift = r, d
         output = F.batch_norm(input, None, None, scale, shift, True, 0.0, self.eps)
-        self.num_batches_tracked.add_(1)
-        self._step += 1
+        self._step += 1  # the base class counts num_batches_tracked
         return output
 
-    def reset_running_stats(self) -> None:
-        """Reset the running statistics and the ramp step."""
-        self.running_mean.zero_()
-        self.running_var.fill_(1)
-        self.num_batches_tracked.zero_()
-        self._step = 0
-
-    def reset_parameters(self) -> None:
-        """Reset the statistics and the affine parameters to ``weight = 1``, ``bias = 0``."""
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        if prefix + "num_batches_tracked" not in state_dict:  # very old BN checkpoints
-            state_dict[prefix + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        self._step = None
+    def _sync_with_buffers(self) -> None:
+        self._step = int(self.num_batches_tracked)
 
     def extra_repr(self) -> str:
         return (
@@ -170,19 +129,13 @@ class BatchRenorm(nn.Module):
         )
 
 
-class BatchRenorm1d(BatchRenorm):
+class BatchRenorm1d(BatchRenorm, input_rank=1):
     """:class:`BatchRenorm` for ``(N, C)`` or ``(N, C, L)`` inputs (see the base class for Args)."""
 
-    _input_dims = (2, 3)
 
-
-class BatchRenorm2d(BatchRenorm):
+class BatchRenorm2d(BatchRenorm, input_rank=2):
     """:class:`BatchRenorm` for ``(N, C, H, W)`` inputs (see the base class for Args)."""
 
-    _input_dims = (4,)
 
-
-class BatchRenorm3d(BatchRenorm):
+class BatchRenorm3d(BatchRenorm, input_rank=3):
     """:class:`BatchRenorm` for ``(N, C, D, H, W)`` inputs (see the base class for Args)."""
-
-    _input_dims = (5,)

@@ -1,4 +1,4 @@
-"""Training-mode Momentum Batch Normalization: native BN kernels plus one small custom autograd Function.
+"""Training-mode Momentum Batch Normalization: its definition, and the fast path tested against it.
 
 Per channel, over the batch and spatial dims (``n`` values):
 
@@ -9,13 +9,19 @@ Per channel, over the batch and spatial dims (``n`` values):
     running_mean <- tau * running_mean + (1 - tau) * mu
     running_var  <- tau * running_var  + (1 - tau) * var * n / (n - 1)   (unbiased, as nn.BatchNorm)
 
+:func:`momentum_batch_norm_reference` is these lines as plain torch ops and autograd: the
+definition. :func:`momentum_batch_norm` is the fast path the layers use; it takes the same
+arguments, and ``tests/nn/test_momentum_batchnorm.py`` checks its outputs, gradients and buffer
+updates against the reference (and the reference against ``nn.BatchNorm`` at ``lam = 0`` and
+against hand computations). Setting ``layer.impl = "reference"`` runs a layer on the reference.
+
 Gradients flow through this batch's ``mu`` and ``var`` only (scaled by ``1 - lam``); the old ``M``
 and ``Phi`` are constants. With ``s = 1 / sqrt(Phi + eps)``, ``k = (1 - lam) / n``:
 
     dx = weight * s * (g - k * sum(g) - k * s**2 * sum(g * (x - M)) * (x - mu))
 
-Why not a chain of elementwise torch ops: that costs ~8 passes over the activation plus as many
-autograd nodes, 1.3x-1.6x the step time of native BN on CPU. Here every pass over the activation is a
+Why the fast path is not the reference's chain of elementwise ops: that costs ~8 passes over the
+activation plus as many autograd nodes, 1.3x-1.6x the step time of native BN on CPU. Here every pass over the activation is a
 native BN kernel:
 
 * ``lam == 0`` (first epoch, ``m >= m0``, first batch): MBN *is* BN, so it runs the native training
@@ -39,7 +45,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["momentum_batch_norm"]
+__all__ = ["momentum_batch_norm", "momentum_batch_norm_reference"]
 
 _batch_norm_backward = torch.ops.aten.native_batch_norm_backward
 
@@ -136,4 +142,50 @@ def momentum_batch_norm(
     with torch.no_grad():  # M, Phi = this batch's mean and biased variance
         momentum_mean.copy_(mean)
         torch.pow(invstd, -2, out=momentum_var).sub_(eps).clamp_min_(0.0)
+    return output
+
+
+def momentum_batch_norm_reference(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum_mean: Tensor,
+    momentum_var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    lam: float,
+    tau: float,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Training-mode MBN written directly from the formulas (module docstring): the definition.
+
+    Same arguments, output, gradients and buffer updates as :func:`momentum_batch_norm`, but plain
+    elementwise ops and autograd: about 8 passes over the activation and as many autograd nodes.
+    For tests and debugging (``layer.impl = "reference"``), not for training speed.
+
+    Args:
+        input, weight, bias, momentum_mean, momentum_var, running_mean, running_var, lam, tau, eps:
+            as for :func:`momentum_batch_norm`; the four buffers are updated in place.
+
+    Returns:
+        The normalized tensor, same shape as ``input``, in the dtype ``input`` and the buffers promote to.
+    """
+    dims = [0, *range(2, input.dim())]  # everything but the channels
+    channel = (1, -1) + (1,) * (input.dim() - 2)  # a (C,) vector broadcast against the input
+    n = input.numel() // input.shape[1]
+    mu = input.mean(dims)
+    var = (input - mu.view(channel)).square().mean(dims)  # biased
+    # The old M and Phi are buffers, constants to autograd: gradients flow through mu and var only.
+    center = lam * momentum_mean + (1 - lam) * mu
+    phi = lam * momentum_var + (1 - lam) * var
+    output = (input - center.view(channel)) / torch.sqrt(phi.view(channel) + eps)
+    if weight is not None:
+        output = output * weight.view(channel)
+    if bias is not None:
+        output = output + bias.view(channel)
+    with torch.no_grad():
+        momentum_mean.copy_(center)
+        momentum_var.copy_(phi)
+        running_mean.copy_(tau * running_mean + (1 - tau) * mu)
+        running_var.copy_(tau * running_var + (1 - tau) * var * n / (n - 1))
     return output

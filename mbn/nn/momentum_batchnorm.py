@@ -6,12 +6,11 @@ import math
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mbn.nn import schedule as _schedule
-from mbn.nn._input_checks import check_input, check_training_batch
-from mbn.nn.functional import momentum_batch_norm
+from mbn.nn._batch_stats_norm import BatchStatsNorm
+from mbn.nn.functional import momentum_batch_norm, momentum_batch_norm_reference
 
 __all__ = [
     "MomentumBatchNorm",
@@ -25,15 +24,19 @@ __all__ = [
 # MBN's own state, on top of nn.BatchNorm's keys.
 _OWN_BUFFERS = ("momentum_mean", "momentum_var", "momentum_initialized")
 
+# The training step per MomentumBatchNorm.impl: same arguments, same results (tested).
+_TRAINING_STEPS = {"fast": momentum_batch_norm, "reference": momentum_batch_norm_reference}
 
-class MomentumBatchNorm(nn.Module):
+
+class MomentumBatchNorm(BatchStatsNorm):
     """Momentum Batch Normalization; base class of the 1d/2d/3d variants.
 
     Training normalizes with momentum statistics ``M``/``Phi`` that mix this batch's statistics
     with their history (momentum ``lam`` from :mod:`mbn.nn.schedule`); eval mode is exactly
     ``nn.BatchNorm`` with ``running_mean``/``running_var``, which are updated with momentum
     ``tau = tau0 ** (m / m0)`` from the batch mean and unbiased batch variance.
-    See :mod:`mbn.nn.functional` for the formulas.
+    See :mod:`mbn.nn.functional` for the formulas and their reference implementation
+    (:attr:`impl`).
 
     ``m`` (the normalized batch size in the schedule) is the input's batch dimension at each
     training forward unless ``batch_size`` fixes it. Until :meth:`set_progress` is called, the
@@ -42,9 +45,8 @@ class MomentumBatchNorm(nn.Module):
     resumed run continues exactly. A plain BN state_dict loads with ``strict=True``: the missing MBN
     buffers are then re-initialized from the next batch.
 
-    Deliberately not a ``torch.nn.modules.batchnorm._BatchNorm`` subclass: Lightning's
-    ``sync_batchnorm=True`` (``nn.SyncBatchNorm.convert_sync_batchnorm``) would silently replace it
-    with plain synchronized BN. MBN normalizes each device's own batch.
+    Not a ``_BatchNorm`` subclass, so ``nn.SyncBatchNorm.convert_sync_batchnorm`` leaves it alone:
+    MBN normalizes each device's own batch (see :class:`~mbn.nn._batch_stats_norm.BatchStatsNorm`).
 
     Args:
         num_features: number of channels ``C``.
@@ -60,8 +62,6 @@ class MomentumBatchNorm(nn.Module):
         dtype: dtype of the parameters and buffers.
     """
 
-    _input_dims: tuple[int, ...] = ()  # allowed input ranks; empty = any rank >= 2
-
     def __init__(
         self,
         num_features: int,
@@ -75,12 +75,8 @@ class MomentumBatchNorm(nn.Module):
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(num_features, eps, affine, device, dtype)  # validates num_features and eps
         name = type(self).__name__
-        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
-            raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"{name}: eps must be a finite number >= 0, got {eps!r}")
         if schedule not in _schedule.SCHEDULES:
             raise ValueError(f"{name}: schedule must be one of {_schedule.SCHEDULES}, got {schedule!r}")
         if schedule == "fixed":
@@ -95,40 +91,42 @@ class MomentumBatchNorm(nn.Module):
         # Validates ideal_batch_size (m0 >= 1) and tau0 (in [0, 1]) with the schedule's messages.
         _schedule.tau(1, ideal_batch_size, tau0)
 
-        self.num_features = num_features
-        self.eps = float(eps)
         self.ideal_batch_size = ideal_batch_size
         self.tau0 = float(tau0)
-        self.affine = affine
         self.schedule = schedule
         self.fixed_lam = None if fixed_lam is None else float(fixed_lam)
         self.batch_size = batch_size
+        self.impl = "fast"
 
-        factory = {"device": device, "dtype": dtype}
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-        self.register_buffer("running_var", torch.ones(num_features, **factory))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        self.register_buffer("momentum_mean", torch.zeros(num_features, **factory))
-        self.register_buffer("momentum_var", torch.ones(num_features, **factory))
-        self.register_buffer("momentum_initialized", torch.tensor(False, device=device))
+        self.register_buffer("momentum_mean", torch.zeros_like(self.running_mean))
+        self.register_buffer("momentum_var", torch.ones_like(self.running_var))
+        self.register_buffer("momentum_initialized", torch.tensor(False, device=self.running_mean.device))
 
         self._epoch: float | None = None  # progress as last given to set_progress
         self._total_epochs: float | None = None
-        # lam/tau for (progress, m), recomputed only when either changes (see _update_lam_tau).
-        self._last_m: int | None = None  # m of the cached lam/tau: batch_size or the last training batch
-        self._cached_lam = 0.0
-        self._cached_tau = self.tau0
-        if batch_size is not None:
-            self._update_lam_tau(batch_size)
-        # Python mirror of momentum_initialized, so forward never reads a tensor into Python (that
-        # would break torch.compile's graph); kept in sync by reset_running_stats and loading.
+        # lam/tau for (progress, m), derived only in _update_lam_tau and only when either changes.
+        self._update_lam_tau(batch_size)
+        # Python mirror of momentum_initialized (see BatchStatsNorm._sync_with_buffers); the
+        # buffer is fresh, so no device read here.
         self._initialized = False
+
+    # -- implementation -----------------------------------------------------------------------
+    @property
+    def impl(self) -> str:
+        """Training-step implementation: ``"fast"`` (default) or ``"reference"``.
+
+        ``"fast"`` runs :func:`~mbn.nn.functional.momentum_batch_norm`; ``"reference"`` runs
+        :func:`~mbn.nn.functional.momentum_batch_norm_reference`, the formulas as plain torch ops
+        (the definition; slow, for tests and debugging). Both give the same outputs, gradients
+        and buffers; eval mode is the same either way. Not part of the state_dict.
+        """
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        if value not in _TRAINING_STEPS:
+            raise ValueError(f"{type(self).__name__}: impl must be one of {tuple(_TRAINING_STEPS)}, got {value!r}")
+        self._impl = value
 
     # -- schedule -----------------------------------------------------------------------------
     def set_progress(self, epoch: float, total_epochs: float) -> None:
@@ -154,22 +152,23 @@ class MomentumBatchNorm(nn.Module):
             return
         self._epoch = epoch
         self._total_epochs = total_epochs
-        if self._last_m is not None:
-            self._update_lam_tau(self._last_m)
+        self._update_lam_tau(self._last_m)
 
-    def _update_lam_tau(self, m: int) -> None:
-        # Runs from set_progress and when m changes, never per step: forward only reads the two
-        # cached floats, which torch.compile turns into graph inputs (tracing the schedule's checks
-        # in forward would break the graph or recompile whenever the progress changes).
+    def _update_lam_tau(self, m: int | None) -> None:
+        # The one place lam/tau are derived. Runs from __init__, set_progress and when m changes,
+        # never per step: forward only reads the two cached floats, which torch.compile turns into
+        # graph inputs (tracing the schedule's checks in forward would break the graph or
+        # recompile whenever the progress changes). m is None until the first training forward
+        # when batch_size does not fix it.
         if self.schedule == "fixed":
             lam = self.fixed_lam
-        elif self._epoch is None:
+        elif self._epoch is None or m is None:
             lam = 0.0
         else:
             lam = _schedule.lam(self._epoch, self._total_epochs, m, self.ideal_batch_size)
         self._cached_lam = lam
-        self._cached_tau = _schedule.tau(m, self.ideal_batch_size, self.tau0)
-        self._last_m = m
+        self._cached_tau = self.tau0 if m is None else _schedule.tau(m, self.ideal_batch_size, self.tau0)
+        self._last_m = m  # m of the cached lam/tau: batch_size or the last training batch
 
     @property
     def lam(self) -> float:
@@ -179,10 +178,6 @@ class MomentumBatchNorm(nn.Module):
         any progress is set, or before the first training forward when ``m`` is not fixed. The very
         first training step uses 0 regardless (it initializes ``M``/``Phi``).
         """
-        if self.schedule == "fixed":
-            return self.fixed_lam
-        if self._last_m is None:
-            return 0.0
         return self._cached_lam
 
     @property
@@ -191,46 +186,30 @@ class MomentumBatchNorm(nn.Module):
         return self._cached_tau
 
     # -- forward ------------------------------------------------------------------------------
-    def forward(self, input: Tensor) -> Tensor:
-        """Normalize ``input`` of shape ``(N, C, *)``; see the class docstring."""
-        check_input(self, input, self._input_dims)
-        if not self.training:
-            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        check_training_batch(self, input)
+    def _normalize_training_batch(self, input: Tensor) -> Tensor:
         m = input.shape[0] if self.batch_size is None else self.batch_size
         if m != self._last_m:
             self._update_lam_tau(m)
-        lam, tau = self._cached_lam, self._cached_tau
+        lam = self._cached_lam if self._initialized else 0.0  # the first batch initializes M/Phi
         buffers = self._buffers  # direct access: this runs for every layer at every step
-        if not self._initialized:
-            lam = 0.0
-        output = momentum_batch_norm(
+        output = _TRAINING_STEPS[self._impl](
             input, self.weight, self.bias, buffers["momentum_mean"], buffers["momentum_var"],
-            buffers["running_mean"], buffers["running_var"], lam, tau, self.eps,
+            buffers["running_mean"], buffers["running_var"], lam, self._cached_tau, self.eps,
         )  # fmt: skip
-        buffers["num_batches_tracked"].add_(1)
         if not self._initialized:
             buffers["momentum_initialized"].fill_(True)
             self._initialized = True
         return output
 
     # -- state --------------------------------------------------------------------------------
-    def reset_running_stats(self) -> None:
-        """Reset running and momentum statistics (momentum ones re-initialize from the next batch)."""
-        self.running_mean.zero_()
-        self.running_var.fill_(1)
-        self.num_batches_tracked.zero_()
+    def _reset_own_buffers(self) -> None:
+        # The momentum statistics re-initialize from the next batch.
         self.momentum_mean.zero_()
         self.momentum_var.fill_(1)
         self.momentum_initialized.fill_(False)
-        self._initialized = False
 
-    def reset_parameters(self) -> None:
-        """Reset the statistics and the affine parameters to ``weight = 1``, ``bias = 0``."""
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+    def _sync_with_buffers(self) -> None:
+        self._initialized = bool(self.momentum_initialized)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # A plain BN checkpoint lacks MBN's own buffers: keep the current placeholders and mark the
@@ -239,10 +218,7 @@ class MomentumBatchNorm(nn.Module):
             for name in _OWN_BUFFERS:
                 state_dict[prefix + name] = getattr(self, name)
             state_dict[prefix + "momentum_initialized"] = torch.tensor(False)
-        if prefix + "num_batches_tracked" not in state_dict:  # very old BN checkpoints
-            state_dict[prefix + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        self._initialized = bool(self.momentum_initialized)
 
     def extra_repr(self) -> str:
         text = f"{self.num_features}, eps={self.eps}, ideal_batch_size={self.ideal_batch_size}, tau0={self.tau0}, affine={self.affine}, schedule={self.schedule!r}"
@@ -250,25 +226,21 @@ class MomentumBatchNorm(nn.Module):
             text += f", fixed_lam={self.fixed_lam}"
         if self.batch_size is not None:
             text += f", batch_size={self.batch_size}"
+        if self._impl != "fast":
+            text += f", impl={self._impl!r}"
         return text
 
 
-class MomentumBatchNorm1d(MomentumBatchNorm):
+class MomentumBatchNorm1d(MomentumBatchNorm, input_rank=1):
     """:class:`MomentumBatchNorm` for ``(N, C)`` or ``(N, C, L)`` inputs (see the base class for Args)."""
 
-    _input_dims = (2, 3)
 
-
-class MomentumBatchNorm2d(MomentumBatchNorm):
+class MomentumBatchNorm2d(MomentumBatchNorm, input_rank=2):
     """:class:`MomentumBatchNorm` for ``(N, C, H, W)`` inputs (see the base class for Args)."""
 
-    _input_dims = (4,)
 
-
-class MomentumBatchNorm3d(MomentumBatchNorm):
+class MomentumBatchNorm3d(MomentumBatchNorm, input_rank=3):
     """:class:`MomentumBatchNorm` for ``(N, C, D, H, W)`` inputs (see the base class for Args)."""
-
-    _input_dims = (5,)
 
 
 def mbn_layers(model: nn.Module) -> list[MomentumBatchNorm]:

@@ -1,6 +1,8 @@
 """Independent float64 references for the normalization layers, written directly from the formulas.
 
-Deliberately naive (plain elementwise torch ops + autograd), sharing no code with ``mbn.nn``.
+Deliberately naive (plain elementwise torch ops + autograd), sharing no code with ``mbn.nn``. MBN's
+reference is part of ``mbn.nn`` (``mbn.nn.functional.momentum_batch_norm_reference``, the
+definition the fast path is tested against); the MBN tests check it against nn.BatchNorm and by hand.
 """
 
 from __future__ import annotations
@@ -15,43 +17,6 @@ def channel_view(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 def reduce_dims(x: torch.Tensor) -> list[int]:
     return [0, *range(2, x.dim())]
-
-
-class MBNReference:
-    """MBN (Yong et al. 2020) from the formulas: the module's state, updated one step at a time."""
-
-    def __init__(self, channels: int, eps: float = 1e-5):
-        self.eps = eps
-        self.M = torch.zeros(channels, dtype=torch.float64)
-        self.Phi = torch.ones(channels, dtype=torch.float64)
-        self.running_mean = torch.zeros(channels, dtype=torch.float64)
-        self.running_var = torch.ones(channels, dtype=torch.float64)
-        self.initialized = False
-
-    def train_step(self, x, weight, bias, lam, tau):
-        """Output of one training step (differentiable in x, weight, bias); updates the state."""
-        dims = reduce_dims(x)
-        n = x.numel() // x.shape[1]
-        mu = x.mean(dims)
-        var = ((x - channel_view(mu, x.dim())) ** 2).mean(dims)  # biased
-        if not self.initialized:  # momentum statistics start from the first batch
-            lam = 0.0
-            self.initialized = True
-        M = lam * self.M + (1 - lam) * mu  # old M, Phi are constants: no gradient through them
-        Phi = lam * self.Phi + (1 - lam) * var
-        y = (x - channel_view(M, x.dim())) / torch.sqrt(channel_view(Phi, x.dim()) + self.eps)
-        if weight is not None:
-            y = y * channel_view(weight, x.dim()) + channel_view(bias, x.dim())
-        self.M, self.Phi = M.detach(), Phi.detach()
-        self.running_mean = tau * self.running_mean + (1 - tau) * mu.detach()
-        self.running_var = tau * self.running_var + (1 - tau) * var.detach() * n / (n - 1)
-        return y
-
-    def eval_output(self, x, weight, bias):
-        y = (x - channel_view(self.running_mean, x.dim())) / torch.sqrt(channel_view(self.running_var, x.dim()) + self.eps)
-        if weight is not None:
-            y = y * channel_view(weight, x.dim()) + channel_view(bias, x.dim())
-        return y
 
 
 def batch_renorm_reference(x, weight, bias, running_mean, running_var, r_max, d_max, eps):

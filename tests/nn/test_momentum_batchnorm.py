@@ -1,4 +1,9 @@
-"""MomentumBatchNorm: exactness against nn.BatchNorm and a float64 reference, state, schedule, dtypes."""
+"""MomentumBatchNorm: exactness against nn.BatchNorm and its reference implementation, state, schedule, dtypes.
+
+The reference (``impl="reference"``, :func:`mbn.nn.functional.momentum_batch_norm_reference`) is the
+definition the fast path is tested against; the tests parametrized over ``impl`` check both against
+independent results (nn.BatchNorm, hand computations).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ from mbn.nn import (
     schedule,
     set_progress,
 )
-from nn_reference import MBNReference
+
+IMPLS = ["fast", "reference"]
 
 C = 3
 # (MBN class, BN class, input shape, channels_last)
@@ -43,6 +49,13 @@ def randomize_affine(*layers):
             layer.bias.copy_(bias)
 
 
+def reference_copy(layer):
+    """The same layer (parameters, buffers, settings) running the reference implementation."""
+    reference = copy.deepcopy(layer)
+    reference.impl = "reference"
+    return reference
+
+
 def inputs(shape, steps, seed=0, channels_last=False):
     gen = torch.Generator().manual_seed(seed)
     xs = []
@@ -57,10 +70,12 @@ def inputs(shape, steps, seed=0, channels_last=False):
 # -- lam = 0: exactly nn.BatchNorm ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mbn_cls, bn_cls, shape, channels_last", CASES, ids=CASE_IDS)
-def test_lam_zero_matches_batchnorm(mbn_cls, bn_cls, shape, channels_last):
+def test_lam_zero_matches_batchnorm(mbn_cls, bn_cls, shape, channels_last, impl):
     # m = m0 gives lam = 0 at every epoch and tau = tau0 = 0.9 = 1 - BN momentum.
     mbn = mbn_cls(C, ideal_batch_size=shape[0], tau0=0.9).double()
+    mbn.impl = impl
     bn = bn_cls(C, momentum=0.1).double()
     randomize_affine(mbn, bn)
     set_progress(mbn, 7, 10)
@@ -100,7 +115,7 @@ def test_eval_is_batchnorm_with_running_stats():
         assert torch.equal(value, before[key]), key
 
 
-# -- 0 < lam < 1: the float64 reference ------------------------------------------------------------
+# -- 0 < lam < 1: the reference, and the reference by hand --------------------------------------------
 
 
 @pytest.mark.parametrize("mbn_cls, bn_cls, shape, channels_last", CASES, ids=CASE_IDS)
@@ -110,19 +125,18 @@ def test_momentum_matches_reference(mbn_cls, bn_cls, shape, channels_last, affin
     mbn = mbn_cls(C, ideal_batch_size=m0, tau0=0.8, affine=affine).double()
     if affine:
         randomize_affine(mbn)
-    ref = MBNReference(C)
-    weight = mbn.weight.detach().clone().requires_grad_() if affine else None
-    bias = mbn.bias.detach().clone().requires_grad_() if affine else None
+    ref = reference_copy(mbn)
     total_epochs = 5
     for step, x in enumerate(inputs(shape, steps=4, channels_last=channels_last)):
         epoch = step + 2  # epochs 2..5; the first step initializes M/Phi (lam = 0), then lam > 0
         set_progress(mbn, epoch, total_epochs)
+        set_progress(ref, epoch, total_epochs)
         lam = schedule.lam(epoch, total_epochs, shape[0], m0)
         tau = schedule.tau(shape[0], m0, 0.8)
         assert 0 < lam < 1
         grad = torch.randn_like(x)
-        y_ref = ref.train_step(x, weight, bias, lam, tau)
-        wrt = (x, weight, bias) if affine else (x,)
+        y_ref = ref(x)
+        wrt = (x, ref.weight, ref.bias) if affine else (x,)
         expected = torch.autograd.grad(y_ref, wrt, grad)
         y = mbn(x)
         actual = torch.autograd.grad(y, (x, mbn.weight, mbn.bias) if affine else (x,), grad)
@@ -130,13 +144,39 @@ def test_momentum_matches_reference(mbn_cls, bn_cls, shape, channels_last, affin
         torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
         for a, e in zip(actual, expected):
             torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(mbn.momentum_mean, ref.M, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(mbn.momentum_var, ref.Phi, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mbn.momentum_mean, ref.momentum_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(mbn.momentum_var, ref.momentum_var, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(mbn.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(mbn.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
     mbn.eval()
+    ref.eval()
     x = inputs(shape, steps=1, seed=9)[0]
-    torch.testing.assert_close(mbn(x), ref.eval_output(x, weight, bias), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mbn(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_step_by_hand(impl):
+    # One channel, x = (1, 3): mu = 2, var = 1. From M = 0, Phi = 1 with lam = 0.5 (eps = 0):
+    # M = 1, Phi = 1, x_hat = x - M = (0, 2). With w = 2, b = 1: y = (1, 5). Jacobian of x_hat (Phi = 1):
+    # d x_hat_i / d x_j = delta_ij - (1 - lam) / n - x_hat_i / 2 * (1 - lam) * 2 * (x_j - mu) / n
+    #                   = ((0.75, -0.25), (0.25, 0.25)).
+    # With g = (1, 2): dx = w * g @ J = (2.5, 0.5), dw = g . x_hat = 4, db = 3.
+    # tau = 0.5 ** (2 / 2): running_mean = 0.5 * 0 + 0.5 * 2 = 1, running_var = 0.5 * 1 + 0.5 * 2 = 1.5.
+    layer = MomentumBatchNorm1d(1, eps=0.0, ideal_batch_size=2, tau0=0.5, schedule="fixed", fixed_lam=0.5).double()
+    layer.impl = impl
+    layer.load_state_dict({**layer.state_dict(), "momentum_initialized": torch.tensor(True)})  # M = 0, Phi = 1
+    with torch.no_grad():
+        layer.weight.fill_(2.0)
+        layer.bias.fill_(1.0)
+    x = torch.tensor([[1.0], [3.0]], dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    grads = torch.autograd.grad(y, (x, layer.weight, layer.bias), torch.tensor([[1.0], [2.0]], dtype=torch.float64))
+    exact = {"rtol": 0, "atol": 1e-14}
+    torch.testing.assert_close(y, torch.tensor([[1.0], [5.0]], dtype=torch.float64), **exact)
+    for actual, expected in zip(grads, ([[2.5], [0.5]], [4.0], [3.0])):
+        torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float64), **exact)
+    for name, expected in (("momentum_mean", 1.0), ("momentum_var", 1.0), ("running_mean", 1.0), ("running_var", 1.5)):
+        torch.testing.assert_close(getattr(layer, name), torch.tensor([expected], dtype=torch.float64), **exact, msg=name)
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.3, 0.9])
@@ -154,8 +194,10 @@ def test_gradcheck(lam):
     assert torch.autograd.gradcheck(step, (x, weight, bias))
 
 
-def test_running_stats_are_tau_ema_of_batch_stats():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_running_stats_are_tau_ema_of_batch_stats(impl):
     layer = MomentumBatchNorm2d(C, ideal_batch_size=8, tau0=0.5).double()
+    layer.impl = impl
     set_progress(layer, 3, 4)
     tau = 0.5 ** (4 / 8)  # m = 4
     running_mean, running_var = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
@@ -169,8 +211,10 @@ def test_running_stats_are_tau_ema_of_batch_stats():
     assert layer.tau == pytest.approx(tau)
 
 
-def test_momentum_statistics_start_from_first_batch():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_momentum_statistics_start_from_first_batch(impl):
     layer = MomentumBatchNorm2d(C, schedule="fixed", fixed_lam=0.5).double()
+    layer.impl = impl
     x1, x2 = (x.detach() for x in inputs((4, C, 3, 3), steps=2))
     layer(x1)
     assert bool(layer.momentum_initialized)
@@ -209,14 +253,12 @@ def test_double_backward_is_rejected():
 def test_layer_reused_twice_in_one_forward():
     # Siamese-style reuse: the second call updates the buffers before the first call's backward.
     layer = MomentumBatchNorm2d(C, schedule="fixed", fixed_lam=0.4).double()
-    ref = MBNReference(C)
+    ref = reference_copy(layer)
     x0, x1, x2 = inputs((4, C, 2, 2), steps=3)
     layer(x0.detach())
-    ref.train_step(x0.detach(), None, None, 0.4, schedule.tau(4))
-    weight = torch.ones(C, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(C, dtype=torch.float64, requires_grad=True)
+    ref(x0.detach())
     y = (layer(x1) * layer(x2)).sum()
-    y_ref = (ref.train_step(x1, weight, bias, 0.4, schedule.tau(4)) * ref.train_step(x2, weight, bias, 0.4, schedule.tau(4))).sum()
+    y_ref = (ref(x1) * ref(x2)).sum()
     for a, e in zip(torch.autograd.grad(y, (x1, x2)), torch.autograd.grad(y_ref, (x1, x2))):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
 
@@ -277,9 +319,11 @@ def test_lam_before_progress_and_schedules():
     assert fixed.lam == 0.25
 
 
-def test_forward_uses_lam_of_current_progress_and_batch_size():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forward_uses_lam_of_current_progress_and_batch_size(impl):
     # lam is cached and refreshed by set_progress and on a new m, never recomputed per step.
     layer = MomentumBatchNorm2d(C, ideal_batch_size=8, schedule="iteration").double()
+    layer.impl = impl
     x0, x1, x2 = (x.detach() for x in inputs((4, C, 2, 2), steps=3))
     x3 = inputs((2, C, 2, 2), steps=1, seed=5)[0].detach()
     layer(x0)  # initializes M from x0
@@ -290,6 +334,22 @@ def test_forward_uses_lam_of_current_progress_and_batch_size():
         layer(x)
         assert layer.lam == pytest.approx(lam) and lam > 0
         torch.testing.assert_close(layer.momentum_mean, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("schedule_name", ["epoch", "iteration"])
+@pytest.mark.parametrize("total_epochs", [6, 200])
+def test_first_epoch_runs_the_native_batchnorm_path(schedule_name, total_epochs):
+    # lam(1, T, m, m0) is exactly 0.0, not a rounding residue, so the run's first step (epoch 1,
+    # batch 0 of the per-iteration schedule) takes the native BN path, not the custom Function.
+    layer = MomentumBatchNorm2d(C, ideal_batch_size=32, schedule=schedule_name)
+    x = torch.randn(2, C, 3, 3, requires_grad=True)
+    layer(x.detach())  # initializes M/Phi
+    set_progress(layer, 1 + 0 / 50, total_epochs)
+    assert layer.lam == 0.0
+    assert type(layer(x).grad_fn).__name__ == "NativeBatchNormBackward0"
+    set_progress(layer, 2, total_epochs)
+    assert layer.lam > 0.0
+    assert type(layer(x).grad_fn).__name__ == "_MomentumBatchNormFunctionBackward"
 
 
 def test_batch_size_argument_fixes_m():
@@ -373,6 +433,16 @@ def test_convert_to_batchnorm_has_identical_eval_outputs():
     assert torch.equal(converted(x), expected)
     for key, value in converted[1].state_dict().items():  # MBN -> BN state_dict round trip
         assert torch.equal(value, state[key]), key
+
+
+def test_impl_is_checked_shown_and_not_saved():
+    layer = MomentumBatchNorm2d(C)
+    assert layer.impl == "fast" and "impl" not in repr(layer)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        layer.impl = "slow"
+    reference = reference_copy(layer)
+    assert "impl='reference'" in repr(reference)
+    assert list(reference.state_dict()) == list(layer.state_dict())
 
 
 def test_reset_running_stats():

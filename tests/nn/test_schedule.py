@@ -1,6 +1,7 @@
-"""The MBN schedule functions against a hand-computed table and their edge cases."""
+"""The MBN schedule functions against a hand-computed table, the formula, and their edge cases."""
 
 import math
+from decimal import Decimal, localcontext
 
 import pytest
 
@@ -47,6 +48,44 @@ def test_lam_is_zero_when_batch_reaches_ideal_size():
     for t in (1, 3, 10):
         assert schedule.lam(t, 10, 32, 32) == 0.0
         assert schedule.lam(t, 10, 100, 32) == 0.0
+
+
+# Exact zeros, not approximate ones: the layers take the native BN path only for lam == 0.0. The
+# paper's form (rho ** (T / (T - 1) * (T - t)) - rho ** T in floats) left 7e-18 .. 6e-15 at t = 1
+# for many of these (e.g. 1.4e-17 for T = 6, m = 2; 4.0e-16 for T = 200, m = 2).
+FIRST_EPOCH_TOTALS = [2, 3, 4, 6, 10, 90, 200, 300, 1000, 7.5]
+
+
+@pytest.mark.parametrize("T", FIRST_EPOCH_TOTALS)
+def test_lam_is_exactly_zero_in_the_first_epoch(T):
+    for m0 in (7, 32, 128):
+        for m in (1, 2, 3, 4, 5, 8, 16, 31, 100):
+            assert schedule.lam(1, T, m, m0) == 0.0, (T, m, m0)  # also the per-iteration t of step 1
+
+
+@pytest.mark.parametrize("T", [1, 2, 6, 10, 200])
+def test_lam_is_exactly_zero_at_every_step_when_m_reaches_m0(T):
+    steps = [1 + (T + 2) * k / 50 for k in range(51)]  # fractional epochs, past T too
+    for m0 in (2, 7, 32):
+        for m in (m0, m0 + 1, 4 * m0):
+            assert all(schedule.lam(t, T, m, m0) == 0.0 for t in steps), (T, m, m0)
+
+
+def paper_lam(t: float, T: float, m: float, m0: float) -> float:
+    """The paper's formula (module docstring) in 50-digit decimal arithmetic."""
+    with localcontext() as context:
+        context.prec = 50
+        t, T, m, m0 = (Decimal(value) for value in (t, T, m, m0))
+        rho = min(m / m0, Decimal(1)) ** (1 / T)
+        return float(rho ** (T / (T - 1) * max(T - t, Decimal(0))) - rho**T)
+
+
+@pytest.mark.parametrize("T", [2, 4, 10, 90, 300])
+def test_lam_matches_the_formula(T):
+    for m in (1, 2, 3, 5, 8, 16, 31):
+        for k in range(33):
+            t = 1 + (T - 1) * k / 32
+            assert schedule.lam(t, T, m, 32) == pytest.approx(paper_lam(t, T, m, 32), rel=0, abs=1e-15), (t, m)
 
 
 def test_single_epoch_and_beyond_schedule_use_final_value():
