@@ -269,7 +269,8 @@ def _tag_jobs_with_invocation(config: DictConfig) -> None:
     """
     invocation = os.environ.setdefault(INVOCATION_ENV, uuid.uuid4().hex[:12])
     with read_write(config.hydra):
-        config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{INVOCATION_ENV}={invocation}")
+        # Quoted: an unquoted hex id such as 12e4... would be parsed as a number.
+        config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{INVOCATION_ENV}='{invocation}'")
 def _swept_values(job: SweepJob, jobs: list[SweepJob]) -> str:
     """The overrides that tell ``job`` apart from the sweep's other jobs (all of them for a 1-job sweep)."""
     shared = set.intersection(*(set(other.overrides) for other in jobs)) if len(jobs) > 1 else set()

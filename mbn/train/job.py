@@ -278,15 +278,17 @@ class JobRecord:
         resume_from: the checkpoint this attempt resumes from, if any.
         rank: this process's global rank (only rank 0 writes).
         versions: library versions to record.
+        keep_history: keep the epochs earlier attempts recorded (default: only when resuming).
     """
 
-    def __init__(self, spec: "RunSpec", resume_from: Path | None, rank: int = 0, versions: dict[str, str] | None = None) -> None:
+    def __init__(self, spec: "RunSpec", resume_from: Path | None, rank: int = 0, versions: dict[str, str] | None = None,
+                 keep_history: bool | None = None) -> None:
         self.output_dir = Path(spec.output_dir)
         self.rank = rank
         self.started = time.time()
         self.base = RunRecord.for_run(spec, started_at=now_iso(self.started), resume_from=resume_from, versions=versions or {})
         self.earlier_history, self.earlier_attempts = _earlier_record(self.output_dir, spec.config_hash)
-        if resume_from is None:
+        if not (resume_from is not None if keep_history is None else keep_history):
             self.earlier_history = []
         self.attempt = {
             "started_at": now_iso(self.started),
@@ -400,7 +402,7 @@ def run_job(spec: "RunSpec", *, rerun_diverged: bool = False, trainer: Trainer |
             if plan.action == "skip":
                 return JobOutcome("skipped", output_dir, f"already {plan.previous_status}")
             if plan.action == "refuse":
-                record = JobRecord(spec, resume_from=None).write("failed", error=(plan.reason, None), finished=True)
+                record = JobRecord(spec, resume_from=None, keep_history=True).write("failed", error=(plan.reason, None), finished=True)
                 return _outcome(output_dir, record)
             if plan.action == "replace":
                 move_aside(output_dir, plan)
