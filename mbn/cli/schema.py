@@ -190,7 +190,7 @@ def load_job(cfg: DictConfig) -> Job:
 def _locate(node: DictConfig, prefix: str) -> ConfigError:
     """The :class:`SpecError` that building ``node`` raises, with the dotted key of the object that raised it."""
     for key in node.keys():
-        child = node._get_node(key)
+        child = node[key]
         if isinstance(child, DictConfig) and OmegaConf.get_type(child) not in (dict, None):
             try:
                 OmegaConf.to_object(child)

@@ -92,8 +92,7 @@ def run_task(cfg: DictConfig) -> JobOutcome | None:
     if os.environ.get(DDP_CHILD_ENV):
         # One of the DDP processes this job's own mbn-train started: the parent planned and locked
         # the dir, and reports the outcome.
-        train_here(spec)
-        return None
+        return JobOutcome(train_here(spec)["status"], output_dir)
     rank = _external_rank()
     if rank is not None and rank > 0:
         # Started by a cluster launcher (SLURM tasks, torchrun): rank 0 decides; the others follow it.
@@ -110,12 +109,10 @@ def run_task(cfg: DictConfig) -> JobOutcome | None:
 
 
 def _print_outcome(outcome: JobOutcome) -> None:
+    """The job's one line: ``mbn-train: completed <dir>: final val acc1 ..., 12.3 s`` (or why it was skipped)."""
     from mbn.results import read_results
 
-    if outcome.status == "skipped":
-        print(f"mbn-train: skipped {outcome.output_dir} ({outcome.error})", flush=True)
-        return
-    if outcome.status == "busy":
+    if outcome.status in ("skipped", "busy"):
         print(f"mbn-train: skipped {outcome.output_dir} ({outcome.error})", flush=True)
         return
     try:
