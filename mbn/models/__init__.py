@@ -1,6 +1,7 @@
 """Classification backbones that take a ``norm_layer`` factory, and stacked runs of them (pure PyTorch)."""
 
 from mbn.models.factory import MODEL_NAMES, build_model
+from mbn.models.freeze import FrozenMember, freeze_member
 from mbn.models.resnet import BasicBlock, Bottleneck, ResNet
 from mbn.models.stack import (
     StackedModel,
@@ -23,7 +24,9 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "VGG",
+    "FrozenMember",
     "StackedModel",
+    "freeze_member",
     "load_member_model",
     "load_member_optimizer_state_dict",
     "load_member_state_dict",

@@ -61,12 +61,16 @@ def set_all_progress(models: list[nn.Module], step: int) -> None:
         set_progress(model, 1 + step / 4, 5)
 
 
-def assert_state_dicts_match(actual: dict, expected: dict, rtol: float = 1e-9, atol: float = 1e-12, what: str = "") -> None:
+def assert_state_dicts_match(
+    actual: dict, expected: dict, rtol: float = 1e-9, atol: float = 1e-12, what: str = "", equal_nan: bool = False
+) -> None:
     """Same keys in the same order; floats within ``rtol``/``atol``; integer and bool tensors equal."""
     assert list(actual) == list(expected), what
     for key, value in expected.items():
         if value.is_floating_point():
-            torch.testing.assert_close(actual[key], value, rtol=rtol, atol=atol, msg=lambda m: f"{what} {key}: {m}")
+            torch.testing.assert_close(
+                actual[key], value, rtol=rtol, atol=atol, equal_nan=equal_nan, msg=lambda m: f"{what} {key}: {m}"
+            )
         else:
             assert torch.equal(actual[key], value), f"{what} {key}: {actual[key]} != {value}"
 
