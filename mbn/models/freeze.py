@@ -32,7 +32,8 @@ class FrozenMember:
     all parameters (gradient-norm clipping, an AMP scaler's inf check). Its loss is still computed;
     leave it out of the summed loss by indexing (see :func:`~mbn.models.member_cross_entropy`).
     MBN schedule progress is not restored: it keeps following ``set_progress``, so the frozen
-    member does not split the other members' forward.
+    member does not split the other members' forward. Freeze after moving the model
+    (``.to``, ``.double``): the handle holds views of the tensors it had when frozen.
 
     Args:
         stacked: a model from :func:`~mbn.models.stack`.
