@@ -29,7 +29,6 @@ from stacking import (
     NORMS,
     SGD,
     assert_members_match,
-    assert_state_dicts_match,
     batches,
     build,
     image_size,

@@ -23,7 +23,7 @@ from mbn.models import (
 )
 from mbn.models.stacked_layers import StackedBatchRenorm2d
 from mbn.nn import BatchRenorm2d, MomentumBatchNorm2d, mbn_layers, norm_layer, set_progress
-from stacking import NORMS, SGD, assert_state_dicts_match, batches, build, image_size, stacked_step
+from stacking import NORMS, SGD, assert_state_dicts_match, batches, build, stacked_step
 
 K = 3
 
