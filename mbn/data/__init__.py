@@ -3,11 +3,13 @@
 from mbn.data.arrays import DatasetSplits, ImageArrays, channel_stats
 from mbn.data.datasets import DATASET_KINDS, dataset_arguments, load_dataset
 from mbn.data.loader import TensorBatchLoader
+from mbn.data.stacked_loader import StackedBatchLoader
 
 __all__ = [
     "DATASET_KINDS",
     "DatasetSplits",
     "ImageArrays",
+    "StackedBatchLoader",
     "TensorBatchLoader",
     "channel_stats",
     "dataset_arguments",

@@ -99,8 +99,16 @@ class BatchRenorm(BatchStatsNorm):
         d_frac = 1.0 if ramp >= self.d_max_ramp_steps else ramp / self.d_max_ramp_steps
         return 1.0 + (self.r_max - 1.0) * r_frac, self.d_max * d_frac
 
+    def _clip_limits(self) -> tuple[float | Tensor, float | Tensor]:
+        """``(r_max, d_max)`` for this training step: :meth:`limits` at the layer's step.
+
+        A hook for layers that hold several runs' channels (:mod:`mbn.models.stacked_layers`):
+        they return per-channel tensors when their runs stand at different steps.
+        """
+        return self.limits(self._step)
+
     def _normalize_training_batch(self, input: Tensor) -> Tensor:
-        r_max, d_max = self.limits(self._step)
+        r_max, d_max = self._clip_limits()
         with torch.no_grad():
             running_std = torch.sqrt(self.running_var + self.eps)
             old_running_mean = self.running_mean.clone()

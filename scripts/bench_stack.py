@@ -1,0 +1,148 @@
+"""Training throughput of K stacked runs (mbn.models.stack) against the same K runs stepped one by one.
+
+For each width, norm, batch size m and stack size K, side by side in one process: K separate
+ResNet-18s (CIFAR stem, seeds 0..K-1, each with its own SGD) take one training step each, one
+after another; one stacked model of the same K runs takes one step. A step is forward,
+cross-entropy (the sum of the members' losses for the stack), backward and an SGD step
+(momentum 0.9, weight decay 5e-4). Throughput is images per second summed over the K runs
+(``K * m`` images per step). Every round times a block of stacked steps and a block of separate
+steps back to back, alternating which goes first; the ratio (stacked / separate throughput) is
+the median of the per-round ratios, so slow drift of a shared machine cancels. MBN runs
+mid-schedule (epoch 5 of 10, ``m0 = 32``): ``lam > 0`` at m < 32.
+
+    python scripts/bench_stack.py                                  # all defaults, CPU, 1 thread
+    python scripts/bench_stack.py --widths 64 --batch-sizes 2 32 --stacks 4 --steps 8
+    python scripts/bench_stack.py --device cuda --threads 0        # unchanged on a GPU
+
+Target of issue 10: at m = 2, K = 4 at least 1.6x the throughput of separate runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mbn.models import build_model, member_cross_entropy, stack
+from mbn.nn import norm_layer, schedule, set_progress
+
+EPOCH, TOTAL_EPOCHS = 5, 10  # MBN mid-schedule
+NORM_KWARGS = {"mbn": {"ideal_batch_size": 32}, "gn": {"num_groups": 8}}
+SGD = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4}
+
+
+def build(norm: str, width: int, seed: int, device: torch.device) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("resnet18", num_classes=10, norm_layer=norm_layer(norm, **NORM_KWARGS.get(norm, {})), width=width)
+    set_progress(model, EPOCH, TOTAL_EPOCHS)
+    return model.to(device)
+
+
+def make_separate_step(models: list[nn.Module], images: list[torch.Tensor], labels: list[torch.Tensor]) -> Callable[[], None]:
+    optimizers = [torch.optim.SGD(model.parameters(), **SGD) for model in models]
+
+    def step() -> None:
+        for model, optimizer, x, y in zip(models, optimizers, images, labels):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    return step
+
+
+def make_stacked_step(stacked: nn.Module, images: list[torch.Tensor], labels: list[torch.Tensor]) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(stacked.parameters(), **SGD)
+    x, y = torch.cat(images, 1), torch.stack(labels, 1)  # what StackedBatchLoader yields
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        member_cross_entropy(stacked(x), y).sum().backward()
+        optimizer.step()
+
+    return step
+
+
+def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench(width: int, norm: str, batch_size: int, members: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randn(batch_size, 3, args.image_size, args.image_size, generator=generator).to(device) for _ in range(members)]
+    labels = [torch.randint(0, 10, (batch_size,), generator=generator).to(device) for _ in range(members)]
+    separate_models = [build(norm, width, seed, device) for seed in range(members)]
+    stacked = stack([build(norm, width, seed, device) for seed in range(members)])
+    steps = {"separate": make_separate_step(separate_models, images, labels), "stacked": make_stacked_step(stacked, images, labels)}
+    for step in steps.values():  # allocator, MBN's momentum initialization (first step has lam = 0)
+        time_steps(step, args.warmup, device)
+    per_round = max(1, args.steps // args.rounds)
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(args.rounds):
+        order = ["stacked", "separate"] if round_index % 2 == 0 else ["separate", "stacked"]
+        for name in order:
+            seconds[name].append(time_steps(steps[name], per_round, device))
+    images_per_round = members * batch_size * per_round
+    return {
+        "separate": images_per_round * args.rounds / sum(seconds["separate"]),
+        "stacked": images_per_round * args.rounds / sum(seconds["stacked"]),
+        "ratio": statistics.median(s / t for s, t in zip(seconds["separate"], seconds["stacked"])),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--widths", type=int, nargs="+", default=[16])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 8, 32])
+    parser.add_argument("--stacks", type=int, nargs="+", default=[1, 2, 4, 8], help="K, runs per stack")
+    parser.add_argument("--norms", nargs="+", default=["bn", "mbn"], choices=["bn", "gn", "brn", "mbn", "none"])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant, split into --rounds blocks")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds per setup")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0 = leave torch's default)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(f"# bench_stack  {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"# command: python scripts/bench_stack.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, threads={torch.get_num_threads()}"
+    print(
+        f"# torch {torch.__version__}, python {platform.python_version()}, {where}, ResNet-18 (CIFAR stem), "
+        f"{args.image_size}x{args.image_size} inputs, {args.steps} timed steps in {args.rounds} rounds after {args.warmup} warm-up"
+    )
+    lams = ", ".join(f"m={m}: lam={schedule.lam(EPOCH, TOTAL_EPOCHS, m, 32):.3f}" for m in args.batch_sizes)
+    print(f"# mbn: m0=32, epoch {EPOCH}/{TOTAL_EPOCHS} ({lams})")
+    print("# img/s = images per second summed over the K runs; ratio = stacked / separate throughput")
+    print(f"{'width':>5} {'norm':>4} {'m':>3} {'K':>2} {'separate img/s':>14} {'stacked img/s':>13} {'ratio':>6}")
+    for width in args.widths:
+        for norm in args.norms:
+            for batch_size in args.batch_sizes:
+                for members in args.stacks:
+                    row = bench(width, norm, batch_size, members, args, device)
+                    print(
+                        f"{width:>5} {norm:>4} {batch_size:>3} {members:>2} {row['separate']:>14.1f} "
+                        f"{row['stacked']:>13.1f} {row['ratio']:>6.2f}",
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    main()

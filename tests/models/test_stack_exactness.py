@@ -1,0 +1,157 @@
+"""Stacked runs train exactly as their single runs: side by side in float64, member by member.
+
+Tolerances: float64 convolutions and norms of a stack give the single runs' numbers bit for bit on
+the CPU; the batched linear layer and the vectorized loss round differently in the last bit, and
+training amplifies that. At batch size 8 a single run perturbed by 1e-15 stays within ~1e-13 over
+20 steps, which leaves a margin of 1e4 under 1e-9. (At batch size 4 on 8x8 images the last norm
+layers see 4 values each and the same 1e-15 perturbation grows to 1e-2 in 20 steps: no
+reordering of float operations could match there, stacked or not.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mbn.models import (
+    MODEL_NAMES,
+    load_member_optimizer_state_dict,
+    load_member_state_dict,
+    member_cross_entropy,
+    member_optimizer_state_dict,
+    stack,
+    stacked_modules,
+)
+from mbn.models.stacked_layers import StackedBatchRenorm2d, StackedMomentumBatchNorm2d
+from mbn.nn import set_progress
+from stacking import (
+    NORMS,
+    SGD,
+    assert_members_match,
+    batches,
+    build,
+    image_size,
+    set_all_progress,
+    single_step,
+    stacked_step,
+)
+
+K = 3
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("name", ["resnet18", "vgg11"])
+def test_stacked_runs_match_their_single_runs_for_20_sgd_steps(name, norm):
+    singles = [build(name, norm, seed) for seed in range(K)]
+    stacked = stack(singles)
+    single_optimizers = [torch.optim.SGD(model.parameters(), **SGD) for model in singles]
+    optimizer = torch.optim.SGD(stacked.parameters(), **SGD)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(20):
+        set_all_progress([*singles, stacked], step)
+        images, labels = batches(K, 8, 8, generator)
+        expected = [single_step(*run, x, y) for run, x, y in zip(zip(singles, single_optimizers), images, labels)]
+        losses = stacked_step(stacked, optimizer, images, labels)
+        torch.testing.assert_close(losses, expected, rtol=1e-9, atol=0)
+    assert_members_match(stacked, singles)
+    for k, single_optimizer in enumerate(single_optimizers):
+        state = member_optimizer_state_dict(optimizer, stacked, k)
+        expected = single_optimizer.state_dict()
+        assert state["param_groups"] == expected["param_groups"]
+        for index, entry in expected["state"].items():
+            torch.testing.assert_close(state["state"][index]["momentum_buffer"], entry["momentum_buffer"], rtol=1e-9, atol=1e-12)
+    if norm == "mbn":  # the momentum schedule was really active
+        assert all(layer.lam > 0 for _, layer in stacked_modules(stacked) if isinstance(layer, StackedMomentumBatchNorm2d))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_backbone_and_norm_gives_each_member_its_single_runs_outputs_and_gradients(name, norm):
+    singles = [build(name, norm, seed) for seed in range(2)]
+    stacked = stack(singles)
+    for model in (*singles, stacked):  # MBN mid-schedule, so lam > 0 from the second step on
+        set_progress(model, 3, 5)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):  # MBN: the first step initializes M/Phi with lam = 0, the second uses lam > 0
+        images, labels = batches(2, 2, image_size(name), generator)
+        for model in (*singles, stacked):
+            model.zero_grad(set_to_none=True)
+        expected = [F.cross_entropy(model(x), y) for model, x, y in zip(singles, images, labels)]
+        torch.stack(expected).sum().backward()
+        logits = stacked(torch.cat(images, 1))
+        assert logits.shape == (2, 2, 5)
+        member_cross_entropy(logits, torch.stack(labels, 1)).sum().backward()
+        for k, single in enumerate(singles):
+            for (key, param), block in zip(single.named_parameters(), _member_grads(stacked, k)):
+                torch.testing.assert_close(block, param.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{key}: {m}")
+    assert_members_match(stacked, singles, rtol=1e-10)
+
+
+def _member_grads(stacked, k):
+    for _, layer in stacked_modules(stacked):
+        shapes = layer.member_shapes()
+        for name, param in layer.named_parameters(recurse=False):
+            yield param.grad.view(stacked.num_members, *shapes[name])[k]
+
+
+@pytest.mark.parametrize("norm", ["mbn", "brn", "bn"])
+def test_members_at_different_epochs_and_steps_train_as_their_single_runs(norm):
+    # Member 1 resumes from a single run that has trained 7 steps more (its checkpoint and SGD state):
+    # MBN's lam and first-batch flag and BRN's clipping ramp then differ between members, and the
+    # stacked layers must run each member at its own position.
+    singles = [build("resnet18", norm, seed) for seed in range(K)]
+    stacked = stack(singles)
+    single_optimizers = [torch.optim.SGD(model.parameters(), **SGD) for model in singles]
+    optimizer = torch.optim.SGD(stacked.parameters(), **SGD)
+    generator = torch.Generator().manual_seed(2)
+    for step in range(7):
+        set_all_progress([singles[1]], step)
+        images, labels = batches(1, 8, 8, generator)
+        single_step(singles[1], single_optimizers[1], images[0], labels[0])
+    load_member_state_dict(stacked, 1, singles[1].state_dict())
+    load_member_optimizer_state_dict(optimizer, stacked, 1, single_optimizers[1].state_dict())
+    for step in range(8):
+        progress = [step, step + 7, step]
+        for k, model in enumerate(singles):
+            set_all_progress([model], progress[k])
+            for _, layer in stacked_modules(stacked):
+                if isinstance(layer, StackedMomentumBatchNorm2d):
+                    layer.set_member_progress(k, 1 + progress[k] / 4, 5)
+        images, labels = batches(K, 8, 8, generator)
+        expected = [single_step(*run, x, y) for run, x, y in zip(zip(singles, single_optimizers), images, labels)]
+        torch.testing.assert_close(stacked_step(stacked, optimizer, images, labels), expected, rtol=1e-9, atol=0)
+    assert_members_match(stacked, singles)
+    layers = [layer for _, layer in stacked_modules(stacked)]
+    if norm == "mbn":
+        assert len(set(next(l for l in layers if isinstance(l, StackedMomentumBatchNorm2d)).member_lams)) == 2
+    if norm == "brn":
+        assert next(l for l in layers if isinstance(l, StackedBatchRenorm2d)).member_steps == (8, 15, 8)
+
+
+def test_a_fresh_mbn_member_next_to_initialized_ones_initializes_from_its_own_first_batch():
+    # A plain-BN checkpoint loaded into an MBN member leaves its momentum statistics uninitialized:
+    # its next batch uses lam = 0 while the other members use lam > 0 (MBN's own loading rule).
+    singles = [build("vgg11", "mbn", seed) for seed in range(K)]
+    stacked = stack(singles)
+    optimizer = torch.optim.SGD(stacked.parameters(), **SGD)
+    single_optimizers = [torch.optim.SGD(model.parameters(), **SGD) for model in singles]
+    generator = torch.Generator().manual_seed(3)
+    for step in range(6):
+        set_all_progress([*singles, stacked], step)
+        images, labels = batches(K, 8, 8, generator)
+        for run, x, y in zip(zip(singles, single_optimizers), images, labels):
+            single_step(*run, x, y)
+        stacked_step(stacked, optimizer, images, labels)
+    bn_state = {key: value for key, value in singles[2].state_dict().items() if "momentum" not in key}
+    singles[2].load_state_dict(bn_state)
+    load_member_state_dict(stacked, 2, bn_state)
+    assert not singles[2].features[1].momentum_initialized
+    assert stacked.body.features[1].momentum_initialized.tolist() == [True, True, False]
+    for step in range(6, 9):
+        set_all_progress([*singles, stacked], step)
+        images, labels = batches(K, 8, 8, generator)
+        expected = [single_step(*run, x, y) for run, x, y in zip(zip(singles, single_optimizers), images, labels)]
+        torch.testing.assert_close(stacked_step(stacked, optimizer, images, labels), expected, rtol=1e-9, atol=0)
+    assert_members_match(stacked, singles)
+
