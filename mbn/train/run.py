@@ -47,7 +47,7 @@ def build_module(spec: RunSpec, datamodule: ImageDataModule) -> ClassificationMo
     model = build_model(
         spec.model.name,
         num_classes=datamodule.num_classes,
-        norm_layer=norm_layer(spec.norm.name, **spec.norm.options),
+        norm_layer=norm_layer(spec.norm.name, **spec.norm_options),
         width=spec.model.width,
         in_channels=datamodule.in_channels,
         **spec.model.options,

@@ -27,9 +27,11 @@ MBN_SCHEDULES = ("epoch", "iteration", "fixed")
 LR_SCHEDULES = ("step", "cosine")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
 PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "transformer-engine")
-# mbn.nn.group_norm.DEFAULT_NUM_GROUPS, repeated because specs are checked before torch is imported
-# (a test keeps the two equal).
+# GN's groups in the standard 64-wide network (Wu & He's 32: mbn.nn.group_norm.DEFAULT_NUM_GROUPS,
+# repeated because specs are checked before torch is imported; a test keeps the two equal).
 DEFAULT_GN_GROUPS = 32
+# model.width of the standard networks, where GN's default is DEFAULT_GN_GROUPS groups.
+STANDARD_WIDTH = 64
 
 
 class SpecError(ValueError):
@@ -321,8 +323,17 @@ class NormSpec:
 
     @property
     def options(self) -> dict[str, Any]:
-        """Keyword arguments for ``norm_layer`` (every field but ``name``)."""
+        """The fields as keyword arguments for ``norm_layer`` (every field but ``name``)."""
         return options_of(self)
+
+    def layer_options(self, width: int) -> dict[str, Any]:
+        """Keyword arguments for ``norm_layer`` in a network of base ``width``: :attr:`options`, with
+        defaults that depend on the width resolved (GN's groups); :attr:`RunSpec.norm_options`.
+
+        Args:
+            width: ``model.width``.
+        """
+        return self.options
 
 
 @dataclass
@@ -344,11 +355,28 @@ class BatchNormSpec(NormSpec):
         _within("momentum", self.momentum, 0.0, 1.0)
 
 
+def width_scaled_gn_groups(width: int) -> int:
+    """GN's default groups for a network of base ``width``: the channels per group of GN-32 at width 64.
+
+    32 groups in the standard 64-wide network are 2 channels per group in its first stage, so a
+    network of width w gets w/2 groups in every layer (8 at width 16, 4 at width 8, 32 at width 64:
+    the paper's setting). For widths where w/2 is no divisor (odd widths) it is the largest divisor
+    of w below w/2, and at least 1. Every layer's channel count is a multiple of the width, so the
+    groups divide every layer.
+
+    Args:
+        width: ``model.width`` (>= 1).
+    """
+    target = max(1, width * DEFAULT_GN_GROUPS // STANDARD_WIDTH)
+    return max(groups for groups in range(1, target + 1) if width % groups == 0)
+
+
 @dataclass
 class GroupNormSpec(NormSpec):
     """Group normalization: set ``num_groups`` (must divide every layer's channel count, i.e.
-    ``model.width``) or ``group_size`` (channels per group), not both; both null = 32 groups
-    (Wu & He, 2018).
+    ``model.width``) or ``group_size`` (channels per group), not both. Both null (the default) =
+    width-scaled groups, :func:`width_scaled_gn_groups`: 32 groups at width 64 (Wu & He, 2018), the
+    same channels per group at any other width (8 groups at width 16), so every width works.
 
     Args:
         num_groups: groups per layer.
@@ -370,16 +398,23 @@ class GroupNormSpec(NormSpec):
         _within("eps", self.eps, 0.0, math.inf)
 
     def check_width(self, width: int) -> None:
-        """Raise :class:`SpecError` when the groups do not divide a network of base ``width``.
+        """Raise :class:`SpecError` when set groups do not divide a network of base ``width``.
 
-        Every layer's channel count is a multiple of the width, so dividing it is enough.
+        Every layer's channel count is a multiple of the width, so dividing it is enough; the
+        width-scaled default always does.
         """
-        if self.group_size is not None:
-            if width % self.group_size:
-                raise SpecError("group_size", f"{self.group_size} does not divide model.width={width}")
-        elif width % (self.num_groups or DEFAULT_GN_GROUPS):
-            default = "" if self.num_groups else f" (null means the default of {DEFAULT_GN_GROUPS} groups; set norm.num_groups or norm.group_size)"
-            raise SpecError("num_groups", f"{self.num_groups or DEFAULT_GN_GROUPS} groups do not divide model.width={width} channels{default}")
+        if self.group_size is not None and width % self.group_size:
+            raise SpecError("group_size", f"{self.group_size} does not divide model.width={width}")
+        if self.num_groups is not None and width % self.num_groups:
+            raise SpecError("num_groups", f"{self.num_groups} groups do not divide model.width={width} channels "
+                            "(null means width-scaled groups, which always do)")
+
+    def layer_options(self, width: int) -> dict[str, Any]:
+        """Keyword arguments for ``norm_layer`` in a network of base ``width`` (the default resolved)."""
+        options = self.options
+        if self.num_groups is None and self.group_size is None:
+            options["num_groups"] = width_scaled_gn_groups(width)
+        return options
 
 
 @dataclass
@@ -667,3 +702,8 @@ class RunSpec:
     def global_batch_size(self) -> int:
         """Samples per optimizer step over all devices."""
         return self.data.batch_size * self.trainer.world_size
+
+    @property
+    def norm_options(self) -> dict[str, Any]:
+        """Keyword arguments of the run's ``norm_layer``, width-dependent defaults resolved."""
+        return self.norm.layer_options(self.model.width)

@@ -130,7 +130,7 @@ BAD_OVERRIDES = [
     (["data.batch_size=0"], "data.batch_size: must be a positive integer, got 0"),
     (["norm.name=foo"], "norm.name: unknown value 'foo'; expected one of bn, gn, brn, mbn, none"),
     (["norm=gn", "model.width=8", "norm.num_groups=3"], "norm.num_groups: 3 groups do not divide model.width=8 channels"),
-    (["norm=gn", "model.width=16"], "norm.num_groups: 32 groups do not divide model.width=16 channels (null means the default"),
+    (["norm=gn", "model.width=16", "norm.num_groups=32"], "norm.num_groups: 32 groups do not divide model.width=16 channels (null means width-scaled"),
     (["norm=gn", "model.width=8", "norm.num_groups=null", "norm.group_size=3"], "norm.group_size: 3 does not divide model.width=8"),
     (["epochs=0"], "epochs: must be a positive integer, got 0"),
     (["data.source.archive=/no/such/archive.tar.gz"], "data.source.archive: no such file: /no/such/archive.tar.gz"),
