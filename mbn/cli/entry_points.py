@@ -7,12 +7,18 @@ would stop with a traceback from deep inside an import; here it stops with one l
     mbn-train: missing dependency 'hydra' — install the framework with: pip install 'mbn[train]'
 
 and exit code 2. Nothing here imports more than the standard library before the check.
+
+``mbn-train`` also takes overrides whose value holds ``=`` (``output_root=/tmp/a=b``; every run dir
+is named ``key=value,...``), which Hydra's grammar rejects unquoted: when the command line has such
+an override, the process re-executes itself with it quoted (:mod:`mbn.cli.overrides`), since
+``hydra.main`` reads ``sys.argv`` and nothing in this package rewrites that in place.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import re
 import sys
 from typing import Callable
@@ -80,6 +86,8 @@ def run_command(program: str) -> int:
     if missing:
         print(missing_dependency_line(program, missing[0]), file=sys.stderr, flush=True)
         return EXIT_MISSING_DEPENDENCY
+    if program == "mbn-train":
+        _reexec_with_quoted_overrides(module_name)
     try:
         command: Callable[[], int] = importlib.import_module(module_name).main
     except ModuleNotFoundError as exc:
@@ -89,6 +97,20 @@ def run_command(program: str) -> int:
         print(missing_dependency_line(program, top_level), file=sys.stderr, flush=True)
         return EXIT_MISSING_DEPENDENCY
     return command()
+
+
+def _reexec_with_quoted_overrides(module_name: str) -> None:
+    """Replace this process by ``python -m module_name`` with the overrides that hold ``=`` quoted, if any."""
+    try:
+        from mbn.cli.overrides import quote_values_with_equals
+    except ModuleNotFoundError:
+        return  # Hydra is missing: importing the command says so
+    arguments = sys.argv[1:]
+    quoted = quote_values_with_equals(arguments)
+    if quoted != arguments:  # (the quoted form parses, so the new process does not get here again)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", module_name, *quoted])
 
 
 def train() -> int:

@@ -5,7 +5,7 @@ with ``mismatched input '='``; yet every run dir of this project is named ``key=
 path below one (``output_root``, ``data.source.root``, ...) holds ``=`` as a matter of course. A
 value with ``=`` never parses bare, so quoting it changes no override that worked: an override is
 quoted only when Hydra rejects it as given and accepts it quoted (``range(start=1,stop=3)`` and
-other sweep functions parse as given and are left alone).
+other sweep functions parse as given and are left alone). :mod:`mbn.cli.entry_points` applies it.
 """
 
 from __future__ import annotations

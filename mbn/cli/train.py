@@ -42,7 +42,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mbn.cli import sweep
 from mbn.cli.config import CONFIG_DIR, ConfigError, check_buildable, composition_error
-from mbn.cli.overrides import quote_values_with_equals
 from mbn.cli.schema import load_job, to_run_spec
 from mbn.results import config_hash
 from mbn.train.job import INVOCATION_ENV, LOCK_FILENAME, JobOutcome, plan_job, record_failure, run_job, verify_checkpoint
@@ -295,9 +294,6 @@ def main() -> int:
         os.environ[INVOCATION_ENV] = uuid.uuid4().hex[:12]
     full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    argv = sys.argv
-    # Paths below a run dir hold '=' (dirs are named key=value,...), which Hydra cannot parse bare.
-    sys.argv = [argv[0], *quote_values_with_equals(argv[1:])]
     try:
         _hydra_main()
     except SystemExit as exc:
@@ -307,7 +303,6 @@ def main() -> int:
         print(f"mbn-train: invalid config: {error}", file=sys.stderr, flush=True)
         return EXIT_CODES["config_error"]
     finally:
-        sys.argv = argv
         if full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
@@ -316,4 +311,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m mbn.cli.train` (how DDP jobs and the experiment runners start it) is the console
+    # script: the same dependency check and override quoting (mbn.cli.entry_points).
+    from mbn.cli.entry_points import train as console_script
+
+    sys.exit(console_script())
