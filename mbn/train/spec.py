@@ -25,6 +25,8 @@ MISSING: Any = "???"
 NORM_NAMES = ("bn", "gn", "brn", "mbn", "none")
 MBN_SCHEDULES = ("epoch", "iteration", "fixed")
 LR_SCHEDULES = ("step", "cosine")
+# trainer.mbn_history: whose batches MBN's momentum statistics average under DDP (mbn.train.ddp_buffers).
+MBN_HISTORIES = ("per_device", "rank0")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
 PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "transformer-engine")
 # GN's groups in the standard 64-wide network (Wu & He's 32: mbn.nn.group_norm.DEFAULT_NUM_GROUPS,
@@ -622,6 +624,11 @@ class TrainerSpec:
         compile: ``torch.compile`` the model in place (``nn.Module.compile``: state_dict keys and
             checkpoints stay the same). Pays a one-off compile time per run; at small batch sizes it
             removes most of MBN's per-op overhead (BENCHMARKS.md).
+        mbn_history: under DDP, whose batches MBN's momentum statistics M/Phi average:
+            ``per_device`` (each device its own, as it normalizes its own batch: the paper's
+            per-device normalization; every device's are checkpointed, so resumes stay exact) or
+            ``rank0`` (rank 0's, copied to every device at each forward, as DDP does with every
+            buffer). The running statistics (evaluation, the saved model) are rank 0's either way.
     """
 
     accelerator: str = "cpu"
@@ -634,9 +641,11 @@ class TrainerSpec:
     progress_bar: bool | None = None
     check_finite_every_n_steps: int = 25
     compile: bool = False
+    mbn_history: str = "per_device"
 
     def __post_init__(self) -> None:
         _one_of("accelerator", self.accelerator, ACCELERATORS)
+        _one_of("mbn_history", self.mbn_history, MBN_HISTORIES)
         _one_of("precision", self.precision, PRECISIONS)
         _at_least("devices", self.devices, 1)
         _at_least("num_nodes", self.num_nodes, 1)
