@@ -99,12 +99,16 @@ def dashboard_hparams(spec: RunSpec) -> dict[str, Any]:
 
 
 class TensorBoardHParams(Callback):
-    """When a fit completes, write the run's hyperparameters with its final metrics (the HParams plugin's
-    summaries, plus one scalar per metric) into the TensorBoard logger's event file, so the HParams
-    dashboard lists every run with its norm, batch size and seed next to its final and best accuracy.
+    """When a fit completes, write the run's hyperparameters with its final metrics into the TensorBoard
+    logger's event file, so the HParams dashboard lists every run with its norm, batch size and seed
+    next to its final and best accuracy.
 
-    The metrics are :func:`mbn.results.summarize_history` of the whole run (the epochs before a
-    resume included), the numbers ``results.json`` records.
+    Each run writes its HParams session (``session_start_info``/``session_end_info``) and one scalar
+    per final metric, but no per-run ``experiment`` summary: without one TensorBoard builds the
+    experiment from all the runs it finds, and then shows first the hyperparameters that differ
+    between them (norm, batch size, seed in a sweep), instead of the first five by name. The metrics
+    are :func:`mbn.results.summarize_history` of the whole run (the epochs before a resume
+    included): the numbers ``results.json`` records.
 
     Args:
         spec: the run.
@@ -116,11 +120,23 @@ class TensorBoardHParams(Callback):
         self.recorder = recorder
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
         summary = summarize_history(self.recorder.history)["metrics"]
         metrics = {tag: float(summary[key]) for tag, key in DASHBOARD_METRICS.items() if summary.get(key) is not None}
+        if not trainer.is_global_zero:
+            return
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger) and metrics:
-                logger.log_hyperparams(self.hparams, metrics=metrics)
+            if not isinstance(logger, TensorBoardLogger):
+                continue
+            logger.log_hyperparams(self.hparams)  # into hparams.yaml (no summary: default_hp_metric=False)
+            logger.log_metrics(metrics, step=trainer.global_step)
+            _, session_start, session_end = hparams_summaries(self.hparams, metrics)
+            # SummaryWriter.add_hparams writes the same summaries through this writer (into a new run dir).
+            writer = logger.experiment._get_file_writer()
+            writer.add_summary(session_start)
+            writer.add_summary(session_end)
+            logger.experiment.flush()
 
 
 def dashboard_callbacks(spec: RunSpec, recorder: "EpochRecorder") -> list[Callback]:
