@@ -307,6 +307,9 @@ class StreamingBatchLoader:
     ) -> None:
         if len(files) == 0:
             raise ValueError("cannot build a StreamingBatchLoader over an empty split")
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
+            raise ValueError(f"need batch_size >= 1, 0 <= rank < world_size and num_workers >= 0, got batch_size={batch_size}, "
+                             f"rank={rank}, world_size={world_size}, num_workers={num_workers}")
         if augment and evaluation:
             raise ValueError("augment and evaluation exclude each other")
         if len(mean) != CHANNELS or len(std) != CHANNELS or any(s <= 0 for s in std):
