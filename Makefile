@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mbn-installed
+# The exact versions this project is tested with (scripts/freeze_constraints.py writes it);
+# pyproject.toml only declares the supported ranges.
+CONSTRAINTS := constraints.txt
 # pytest workers: the suite is CPU-bound and sized for 2 cores.
 WORKERS ?= 2
 
@@ -10,12 +13,13 @@ WORKERS ?= 2
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	# torch first and pinned: an unpinned resolve would pull a multi-GB build.
-	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e '.[dev]'
+	# torch first, at the tested version: an unconstrained resolve would pull a multi-GB build.
+	$(BIN)/pip install -c $(CONSTRAINTS) torch torchvision
+	# The framework's extras (training, sweeps, comparison) and the test tools, at the tested versions.
+	$(BIN)/pip install -c $(CONSTRAINTS) -e '.[all,dev]'
 	touch $@
 
 # One BLAS/OpenMP thread per worker: with -n 2 on 2 cores, more threads only oversubscribe (3x slower).

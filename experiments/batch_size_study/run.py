@@ -37,9 +37,9 @@ if TYPE_CHECKING:
 # set in the experiment file, which applies to every norm of the sweep).
 NORM_OVERRIDES: Mapping[str, tuple[str, ...]] = {
     "bn": (),
-    # 8 groups divide every layer of a width-16 ResNet (16..128 channels) and keep the paper's
-    # GN-32-at-width-64 group size (2 channels per group in the first stage).
-    "gn": ("norm.num_groups=8",),
+    # GN's default is width-scaled (mbn.train.spec.width_scaled_gn_groups): 8 groups at width 16, the
+    # paper's GN-32-at-width-64 group size (2 channels per group in the first stage); nothing to add.
+    "gn": (),
     "brn": (),
     # With 6 epochs the per-epoch schedule moves lam in 6 large jumps (at m=2: 0.51 in epoch 5,
     # 0.94 in epoch 6); per-iteration follows the same curve smoothly, as 200 epochs nearly do.

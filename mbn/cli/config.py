@@ -137,7 +137,7 @@ def check_buildable(spec: "RunSpec") -> None:
     from mbn.nn import norm_layer
 
     try:
-        factory = norm_layer(spec.norm.name, **spec.norm.options)
+        factory = norm_layer(spec.norm.name, **spec.norm_options)
     except (TypeError, ValueError) as exc:
         raise ConfigError("norm", str(exc)) from None
     try:

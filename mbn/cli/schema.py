@@ -37,6 +37,7 @@ DATA_SCHEMAS: dict[str, type[specs.DataSpec]] = {
     "cifar10": specs.Cifar10DataSpec,
     "cifar100": specs.Cifar100DataSpec,
     "imagefolder": specs.ImageFolderDataSpec,
+    "imagenet": specs.ImageNetDataSpec,
     "fake": specs.FakeDataSpec,
 }
 MODEL_SCHEMAS: dict[str, type[specs.ModelSpec]] = {

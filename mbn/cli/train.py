@@ -308,4 +308,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m mbn.cli.train` (how DDP jobs and the experiment runners start it) is the console
+    # script: the same dependency check and override quoting (mbn.cli.entry_points).
+    from mbn.cli.entry_points import train as console_script
+
+    sys.exit(console_script())

@@ -1,4 +1,4 @@
-"""Datasets decoded once into cached uint8 tensors, and a fast in-memory batch loader (pure PyTorch)."""
+"""Datasets decoded once into cached uint8 tensors and a fast in-memory batch loader, or (:mod:`mbn.data.streaming`) class-folder trees read from disk batch by batch (pure PyTorch + torchvision)."""
 
 from mbn.data.arrays import DatasetSplits, ImageArrays, channel_stats
 from mbn.data.datasets import DATASET_KINDS, dataset_arguments, load_dataset

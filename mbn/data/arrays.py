@@ -48,22 +48,38 @@ class ImageArrays:
             n: number of samples, ``1 <= n <= len(self)``.
             seed: selects which samples of each class are taken.
         """
-        if not 1 <= n <= len(self):
-            raise ValueError(f"subset size n must be in [1, {len(self)}], got {n}")
-        generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self), generator=generator)
-        shuffled_labels = self.labels[order]
-        # Rank of each sample within its class, in shuffled order; sorting by rank / class size
-        # interleaves classes proportionally, so any prefix of the result is stratified.
-        class_sorted = torch.sort(shuffled_labels, stable=True)
-        counts = torch.bincount(self.labels, minlength=len(self.classes))
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.empty(len(self), dtype=torch.int64)
-        rank[class_sorted.indices] = torch.arange(len(self)) - starts[class_sorted.values]
-        position = (rank.double() + 0.5) / counts[shuffled_labels].double()
-        picked = order[torch.sort(position, stable=True).indices[:n]]
-        picked = torch.sort(picked).values
+        picked = stratified_subset(self.labels, len(self.classes), n, seed)
         return ImageArrays(self.images[picked], self.labels[picked], self.classes)
+
+
+def stratified_subset(labels: torch.Tensor, num_classes: int, n: int, seed: int) -> torch.Tensor:
+    """Indices of ``n`` samples, stratified by class, deterministic for ``seed``, in ascending order.
+
+    Every class gets a share proportional to its size (balanced data: counts differ by at most one).
+    Depends on the labels only, so the in-memory and the streaming data paths pick the same samples.
+
+    Args:
+        labels: int64 class index of every sample.
+        num_classes: number of classes.
+        n: number of samples, ``1 <= n <= len(labels)``.
+        seed: selects which samples of each class are taken.
+    """
+    total = len(labels)
+    if not 1 <= n <= total:
+        raise ValueError(f"subset size n must be in [1, {total}], got {n}")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(total, generator=generator)
+    shuffled_labels = labels[order]
+    # Rank of each sample within its class, in shuffled order; sorting by rank / class size
+    # interleaves classes proportionally, so any prefix of the result is stratified.
+    class_sorted = torch.sort(shuffled_labels, stable=True)
+    counts = torch.bincount(labels, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty(total, dtype=torch.int64)
+    rank[class_sorted.indices] = torch.arange(total) - starts[class_sorted.values]
+    position = (rank.double() + 0.5) / counts[shuffled_labels].double()
+    picked = order[torch.sort(position, stable=True).indices[:n]]
+    return torch.sort(picked).values
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:

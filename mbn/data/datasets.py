@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mbn.data.arrays import DatasetSplits, channel_stats
-from mbn.data.cache import cached_splits, source_fingerprint
+from mbn.data.cache import cache_path, cached_splits, default_cache_dir, source_fingerprint
 from mbn.data.cifar_pickle import cifar_folder, download_cifar, read_cifar
 from mbn.data.fake import make_fake_splits
 from mbn.data.image_tree import decode_image_tree
+from mbn.data.memory import check_fits_in_memory, decoded_bytes
 
 PathLike = str | os.PathLike
 
@@ -84,7 +85,9 @@ def load_imagefolder(
     """Any ``train/<class>/<image>`` + ``val/<class>/<image>`` tree, e.g. Mini-ImageNet (``image_size=84``).
 
     The whole dataset is decoded into memory as uint8, so it suits datasets up to a few GB decoded
-    (Mini-ImageNet at 84px: ~1.3 GB), not full ImageNet.
+    (Mini-ImageNet at 84px: ~1.3 GB), not full ImageNet (~190 GB at 224 px): the decoded size is
+    estimated first, and a dataset larger than the memory available raises :class:`~mbn.data.memory.DatasetTooLarge`
+    before anything is decoded (:mod:`mbn.data.streaming` reads such datasets from disk).
 
     Args:
         root: the directory holding ``train_dir/`` and ``val_dir/``, or a .tar / .tar.gz of it.
@@ -104,12 +107,39 @@ def load_imagefolder(
         "train_dir": train_dir,
         "val_dir": val_dir,
     }
+    cached = cache_path(default_cache_dir() if cache_dir is None else cache_dir, f"imagefolder-{name}", key)
+    if cached.exists():  # the cache file holds the decoded arrays: its size is what loading it needs
+        check_fits_in_memory(f"imagefolder {root}", cached.stat().st_size)
+    else:
+        needed, images, size = decoded_bytes(root, (train_dir, val_dir), image_size)
+        check_fits_in_memory(f"imagefolder {root}", needed, images, size)
     return cached_splits(
         cache_dir,
         f"imagefolder-{name}",
         key,
         lambda: _splits(name, *decode_image_tree(root, train_dir, val_dir, image_size)),
     )
+
+
+def load_imagenet(
+    root: PathLike,
+    image_size: int = 224,
+    cache_dir: PathLike | None = None,
+    train_dir: str = "train",
+    val_dir: str = "val",
+) -> DatasetSplits:
+    """ImageNet's usual layout (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``) in memory: see
+    :func:`load_imagefolder`, whose size check stops full ImageNet (stream it with
+    :mod:`mbn.data.streaming` instead); a subset of it (e.g. 100 classes at 128 px) may fit.
+
+    Args:
+        root: the directory holding ``train_dir/`` and ``val_dir/``.
+        image_size: resize every image to ``image_size x image_size``.
+        cache_dir: where the decoded arrays are cached; ``None`` = ``$MBN_CACHE_DIR`` or ``~/.cache/mbn``.
+        train_dir: training split folder name.
+        val_dir: evaluation split folder name.
+    """
+    return load_imagefolder(root, image_size, cache_dir, train_dir, val_dir)
 
 
 def load_fake(
@@ -145,6 +175,7 @@ _LOADERS: dict[str, Callable[..., DatasetSplits]] = {
     "cifar10": load_cifar10,
     "cifar100": load_cifar100,
     "imagefolder": load_imagefolder,
+    "imagenet": load_imagenet,
     "fake": load_fake,
 }
 DATASET_KINDS: tuple[str, ...] = tuple(_LOADERS)

@@ -68,7 +68,13 @@ def decode_image_tree(
     return splits  # type: ignore[return-value]
 
 
-def _is_image(name: str) -> bool:
+def resize_square(image: Image.Image, size: int) -> Image.Image:
+    """``image`` resized to ``size`` x ``size`` (bilinear); unchanged when it already is that size."""
+    return image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR)
+
+
+def is_image(name: str) -> bool:
+    """Whether a file name is an image of the tree (a known extension, not hidden)."""
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
@@ -80,7 +86,7 @@ def _directory_entries(root: Path, split_dirs: tuple[str, str]) -> list[tuple[tu
             raise FileNotFoundError(f"missing split folder {split_root} (expected {split}/<class>/<image>)")
         for class_dir in sorted(p for p in split_root.iterdir() if p.is_dir()):
             for file in sorted(class_dir.iterdir()):
-                if file.is_file() and _is_image(file.name):
+                if file.is_file() and is_image(file.name):
                     entries.append(((split, class_dir.name, file.name), file))
     return entries
 
@@ -95,7 +101,7 @@ def _tar_entries(archive: Path, split_dirs: tuple[str, str]) -> Iterator[tuple[t
                 if not member.isfile():
                     continue
                 parts = tuple(p for p in PurePosixPath(member.name).parts if p not in (".", "/"))
-                if len(parts) < 3 or parts[-3] not in split_dirs or not _is_image(parts[-1]):
+                if len(parts) < 3 or parts[-3] not in split_dirs or not is_image(parts[-1]):
                     continue
                 if prefix is None:
                     prefix = parts[:-3]
@@ -143,8 +149,8 @@ def _decode_all(
         try:
             with Image.open(content if isinstance(content, Path) else io.BytesIO(content)) as image:
                 image = image.convert("RGB")
-                if image_size is not None and image.size != (image_size, image_size):
-                    image = image.resize((image_size, image_size), Image.BILINEAR)
+                if image_size is not None:
+                    image = resize_square(image, image_size)
                 array = np.asarray(image, dtype=np.uint8)
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot decode image {where}: {exc}") from exc

@@ -7,13 +7,12 @@ handful of tensor ops and yields views into it, so per-batch cost is a slice.
 
 from __future__ import annotations
 
-import math
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 
 from mbn.data.arrays import ImageArrays
+from mbn.data.epoch_split import EpochSplit, epoch_generator
 
 
 class TensorBatchLoader:
@@ -89,19 +88,11 @@ class TensorBatchLoader:
         self.device = torch.device(device)
         self.epoch = 0
 
-        self.samples_per_rank = num_total // world_size if drop_last else math.ceil(num_total / world_size)
-        if drop_last:
-            self.num_batches = self.samples_per_rank // batch_size
-            if self.num_batches == 0:
-                raise ValueError(
-                    f"batch_size={batch_size} is larger than the {self.samples_per_rank} samples per rank "
-                    f"({num_total} samples, world_size={world_size}) with drop_last=True: no batch fits"
-                )
-        else:
-            self.num_batches = math.ceil(self.samples_per_rank / batch_size)
+        self._split = EpochSplit(num_total, batch_size, rank, world_size, drop_last)
+        self.samples_per_rank = self._split.samples_per_rank
+        self.num_batches = self._split.num_batches
         self._chunk = max(batch_size, chunk_size // batch_size * batch_size)
 
-        self._num_total = num_total
         self._labels = arrays.labels.to(self.device)
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -148,13 +139,9 @@ class TensorBatchLoader:
         Offsets are in padded pixels (``0..2 * crop_padding``); without ``augment`` they are
         ``crop_padding`` (the centered, unshifted image) and flips are False.
         """
-        generator = torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
-        n = self._num_total
-        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
-        total = self.samples_per_rank * self.world_size
-        if total > n:
-            order = torch.cat([order, order[: total - n]])
-        order = order[:total]
+        generator = epoch_generator(self.seed, epoch)
+        order = self._split.order(generator, self.shuffle)
+        total = self._split.total
         if self.augment:
             span = 2 * self.crop_padding + 1
             dy = torch.randint(span, (total,), generator=generator)
@@ -163,9 +150,7 @@ class TensorBatchLoader:
         else:
             dy = dx = torch.full((total,), self.crop_padding)
             flip = torch.zeros(total, dtype=torch.bool)
-        used = self.num_batches * self.batch_size if self.drop_last else self.samples_per_rank
-        mine = slice(self.rank, None, self.world_size)
-        return order[mine][:used], dy[mine][:used], dx[mine][:used], flip[mine][:used]
+        return self._split.mine(order), self._split.mine(dy), self._split.mine(dx), self._split.mine(flip)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices, dy, dx, flip = (t.to(self.device) for t in self.epoch_plan(self.epoch))
@@ -187,11 +172,6 @@ class TensorBatchLoader:
         else:
             pixels = self._images[indices]
         return pixels.float().mul_(self._scale).add_(self._shift)
-
-
-def _mix_seed(seed: int, epoch: int) -> int:
-    # SeedSequence hashes (seed, epoch) so nearby pairs give unrelated streams (seed + epoch would collide).
-    return int(np.random.SeedSequence([seed % 2**63, epoch]).generate_state(1, np.uint64)[0] % 2**63)
 
 
 def _check_int(name: str, value: object, minimum: int | None = None) -> None:

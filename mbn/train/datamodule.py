@@ -1,10 +1,12 @@
-"""LightningDataModule over :mod:`mbn.data`: cached in-memory splits and :class:`TensorBatchLoader`."""
+"""LightningDataModule over :mod:`mbn.data`: cached in-memory splits and :class:`TensorBatchLoader`, or
+class-folder trees streamed from disk by :class:`~mbn.data.streaming.StreamingBatchLoader`."""
 
 from __future__ import annotations
 
 import pytorch_lightning as pl
 
 from mbn.data import DatasetSplits, TensorBatchLoader, dataset_arguments, load_dataset
+from mbn.data.streaming import FileSplits, StreamingBatchLoader, open_image_folder
 from mbn.train.spec import DataSpec
 
 
@@ -13,7 +15,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     Each training epoch's order and augmentation depend only on ``(seed, epoch)`` (Lightning calls
     the loader's ``set_epoch``), so a run resumed from an epoch-end checkpoint sees the same data as
-    an uninterrupted one.
+    an uninterrupted one, in memory or streamed (``spec.streams``).
 
     Args:
         spec: dataset and batching settings.
@@ -26,15 +28,21 @@ class ImageDataModule(pl.LightningDataModule):
         self.spec = spec
         self.seed = seed
         self.cache_dir = cache_dir
-        self.splits: DatasetSplits | None = None
+        self.splits: DatasetSplits | FileSplits | None = None
+        self._streaming_loaders: list[StreamingBatchLoader] = []
 
-    def load(self) -> DatasetSplits:
-        """Load the splits (from cache after the first time), applying the configured subsets."""
+    def load(self) -> DatasetSplits | FileSplits:
+        """Load the splits (decoded, from cache after the first time; or listed, when streaming),
+        applying the configured subsets."""
         if self.splits is None:
             source = self.spec.source_options
-            if self.cache_dir is not None and "cache_dir" in dataset_arguments(self.spec.name):
-                source.setdefault("cache_dir", self.cache_dir)
-            splits = load_dataset(self.spec.name, **source)
+            if self.spec.streams:
+                splits = open_image_folder(source["root"], source["image_size"], source["train_dir"], source["val_dir"],
+                                           mean=self.spec.mean, std=self.spec.std, num_workers=self.spec.num_workers)
+            else:
+                if self.cache_dir is not None and "cache_dir" in dataset_arguments(self.spec.name):
+                    source.setdefault("cache_dir", self.cache_dir)
+                splits = load_dataset(self.spec.name, **source)
             if self.spec.train_subset is not None:
                 splits.train = splits.train.subset(min(self.spec.train_subset, len(splits.train)), self.spec.subset_seed)
             if self.spec.test_subset is not None:
@@ -55,6 +63,17 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.load()
 
+    def teardown(self, stage: str | None = None) -> None:
+        self._stop_workers()
+
+    def on_exception(self, exception: BaseException) -> None:
+        # Lightning skips teardown when fit raises: the workers must still stop with the run.
+        self._stop_workers()
+
+    def _stop_workers(self) -> None:
+        for loader in self._streaming_loaders:
+            loader.close()
+
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer
         if trainer is None:
@@ -66,37 +85,24 @@ class ImageDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return "cpu" if trainer is None else str(trainer.strategy.root_device)
 
-    def train_dataloader(self) -> TensorBatchLoader:
-        splits = self.load()
-        rank, world_size = self._rank_and_world()
-        return TensorBatchLoader(
-            splits.train,
-            self.spec.batch_size,
-            mean=splits.mean,
-            std=splits.std,
-            shuffle=True,
-            drop_last=True,
-            augment=self.spec.augment,
-            seed=self.seed,
-            rank=rank,
-            world_size=world_size,
-            crop_padding=self.spec.crop_padding,
-            device=self._device(),
-        )
+    def train_dataloader(self) -> TensorBatchLoader | StreamingBatchLoader:
+        return self._loader(train=True)
 
-    def val_dataloader(self) -> TensorBatchLoader:
+    def val_dataloader(self) -> TensorBatchLoader | StreamingBatchLoader:
+        return self._loader(train=False)
+
+    def _loader(self, train: bool) -> TensorBatchLoader | StreamingBatchLoader:
         splits = self.load()
         rank, world_size = self._rank_and_world()
-        return TensorBatchLoader(
-            splits.test,
-            self.spec.eval_batch_size,
-            mean=splits.mean,
-            std=splits.std,
-            shuffle=False,
-            drop_last=False,
-            augment=False,
-            seed=self.seed,
-            rank=rank,
-            world_size=world_size,
-            device=self._device(),
+        common = dict(
+            mean=splits.mean, std=splits.std, shuffle=train, drop_last=train, augment=train and self.spec.augment,
+            seed=self.seed, rank=rank, world_size=world_size, device=self._device(),
         )
+        batch_size = self.spec.batch_size if train else self.spec.eval_batch_size
+        split = splits.train if train else splits.test
+        if isinstance(splits, FileSplits):
+            loader = StreamingBatchLoader(split, batch_size, image_size=splits.image_size, evaluation=not train,
+                                          num_workers=self.spec.num_workers, **common)
+            self._streaming_loaders.append(loader)
+            return loader
+        return TensorBatchLoader(split, batch_size, crop_padding=self.spec.crop_padding, **common)

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 
+from mbn.results import summarize_history
 from mbn.train.spec import RunSpec
+
+if TYPE_CHECKING:
+    from mbn.train.callbacks import EpochRecorder
+
+# results.json's metrics shown next to the hyperparameters in TensorBoard's HParams dashboard, by tag.
+DASHBOARD_METRICS = {
+    "final/val_acc1": "final_val_acc1",
+    "best/val_acc1": "best_val_acc1",
+    "final/val_acc5": "final_val_acc5",
+    "final/val_loss": "final_val_loss",
+    "final/train_loss": "final_train_loss",
+}
 
 
 def run_tags(spec: RunSpec) -> list[str]:
@@ -63,6 +78,70 @@ def wandb_config(spec: RunSpec) -> dict[str, Any]:
         "config_hash": spec.config_hash,
         "output_dir": str(spec.output_dir),
     }
+
+
+def dashboard_hparams(spec: RunSpec) -> dict[str, Any]:
+    """The hyperparameters a dashboard compares runs by: norm, per-device batch size, seed, and the
+    model, data and schedule that tell one study from another."""
+    return {
+        "norm": spec.norm.name,
+        "batch_size": spec.data.batch_size,
+        "seed": spec.seed,
+        "model": spec.model.name,
+        "width": spec.model.width,
+        "data": spec.data.name,
+        "epochs": spec.epochs,
+        "world_size": spec.trainer.world_size,
+        "global_batch_size": spec.global_batch_size,
+        "lr": spec.optim.lr(spec.global_batch_size),
+        "sweep": spec.sweep_name,
+    }
+
+
+class TensorBoardHParams(Callback):
+    """When a fit completes, write the run's hyperparameters with its final metrics into the TensorBoard
+    logger's event file, so the HParams dashboard lists every run with its norm, batch size and seed
+    next to its final and best accuracy.
+
+    Each run writes its HParams session (``session_start_info``/``session_end_info``) and one scalar
+    per final metric, but no per-run ``experiment`` summary: without one TensorBoard builds the
+    experiment from all the runs it finds, and then shows first the hyperparameters that differ
+    between them (norm, batch size, seed in a sweep), instead of the first five by name. The metrics
+    are :func:`mbn.results.summarize_history` of the whole run (the epochs before a resume
+    included): the numbers ``results.json`` records.
+
+    Args:
+        spec: the run.
+        recorder: the run's epoch history.
+    """
+
+    def __init__(self, spec: RunSpec, recorder: "EpochRecorder") -> None:
+        self.hparams = dashboard_hparams(spec)
+        self.recorder = recorder
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        summary = summarize_history(self.recorder.history)["metrics"]
+        metrics = {tag: float(summary[key]) for tag, key in DASHBOARD_METRICS.items() if summary.get(key) is not None}
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                continue
+            logger.log_hyperparams(self.hparams)  # into hparams.yaml (no summary: default_hp_metric=False)
+            logger.log_metrics(metrics, step=trainer.global_step)
+            _, session_start, session_end = hparams_summaries(self.hparams, metrics)
+            # SummaryWriter.add_hparams writes the same summaries through this writer (into a new run dir).
+            writer = logger.experiment._get_file_writer()
+            writer.add_summary(session_start)
+            writer.add_summary(session_end)
+            logger.experiment.flush()
+
+
+def dashboard_callbacks(spec: RunSpec, recorder: "EpochRecorder") -> list[Callback]:
+    """The callbacks the run's dashboards need: :class:`TensorBoardHParams` with the TensorBoard logger."""
+    return [TensorBoardHParams(spec, recorder)] if spec.loggers.tensorboard else []
 
 
 def finish_loggers(loggers: list[Logger], exit_code: int) -> None:

@@ -23,9 +23,10 @@ from mbn.models import build_model
 from mbn.nn import norm_layer
 from mbn.train.callbacks import ConfigHashStamp, EpochRecorder, MomentumScheduleCallback, NormLayerGuard
 from mbn.train.checkpoint_io import AtomicCheckpointIO
+from mbn.train.ddp_buffers import PerDeviceMomentumStats
 from mbn.train.datamodule import ImageDataModule
 from mbn.train.job import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, JobRecord, last_checkpoint
-from mbn.train.loggers import build_loggers, finish_loggers
+from mbn.train.loggers import build_loggers, dashboard_callbacks, finish_loggers
 from mbn.train.module import ClassificationModule, DivergedError
 from mbn.train.spec import RunSpec
 
@@ -47,7 +48,7 @@ def build_module(spec: RunSpec, datamodule: ImageDataModule) -> ClassificationMo
     model = build_model(
         spec.model.name,
         num_classes=datamodule.num_classes,
-        norm_layer=norm_layer(spec.norm.name, **spec.norm.options),
+        norm_layer=norm_layer(spec.norm.name, **spec.norm_options),
         width=spec.model.width,
         in_channels=datamodule.in_channels,
         **spec.model.options,
@@ -115,7 +116,7 @@ def build_trainer(spec: RunSpec, callbacks: Sequence[Callback], loggers: list) -
         # TensorBatchLoader splits the data between ranks itself.
         use_distributed_sampler=False,
         logger=loggers,
-        callbacks=[*callbacks, ConfigHashStamp(spec.config_hash), last, best],
+        callbacks=[*callbacks, ConfigHashStamp(spec.config_hash), PerDeviceMomentumStats(spec.trainer.mbn_history), last, best],
         plugins=plugins,
         enable_progress_bar=progress_bar,
         enable_model_summary=progress_bar,
@@ -168,7 +169,8 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
                 log_lines=not show_progress_bar(spec),
                 total_epochs=spec.epochs,
             )
-            trainer = build_trainer(spec, [schedule, recorder, NormLayerGuard(module.model), *callbacks], loggers)
+            trainer = build_trainer(spec, [schedule, recorder, NormLayerGuard(module.model), *dashboard_callbacks(spec, recorder),
+                                           *callbacks], loggers)
             _log_batch_sizes(spec, loggers)
             if resume_from is not None:
                 log.info("resuming %s from %s", spec.run_name, resume_from)

@@ -25,11 +25,15 @@ MISSING: Any = "???"
 NORM_NAMES = ("bn", "gn", "brn", "mbn", "none")
 MBN_SCHEDULES = ("epoch", "iteration", "fixed")
 LR_SCHEDULES = ("step", "cosine")
+# trainer.mbn_history: whose batches MBN's momentum statistics average under DDP (mbn.train.ddp_buffers).
+MBN_HISTORIES = ("per_device", "rank0")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
 PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "transformer-engine")
-# mbn.nn.group_norm.DEFAULT_NUM_GROUPS, repeated because specs are checked before torch is imported
-# (a test keeps the two equal).
+# GN's groups in the standard 64-wide network (Wu & He's 32: mbn.nn.group_norm.DEFAULT_NUM_GROUPS,
+# repeated because specs are checked before torch is imported; a test keeps the two equal).
 DEFAULT_GN_GROUPS = 32
+# model.width of the standard networks, where GN's default is DEFAULT_GN_GROUPS groups.
+STANDARD_WIDTH = 64
 
 
 class SpecError(ValueError):
@@ -216,6 +220,11 @@ class DataSpec:
         """``source`` as keyword arguments for :func:`mbn.data.load_dataset`."""
         return _plain(self.source) if dataclasses.is_dataclass(self.source) else dict(self.source)
 
+    @property
+    def streams(self) -> bool:
+        """Read the images from disk batch by batch (:mod:`mbn.data.streaming`) instead of decoding them into memory."""
+        return False
+
 
 @dataclass
 class Cifar10ArchiveDataSpec(DataSpec):
@@ -243,12 +252,65 @@ class Cifar100DataSpec(DataSpec):
 
 @dataclass
 class ImageFolderDataSpec(DataSpec):
-    """Any class-folder tree (e.g. Mini-ImageNet at 84 px)."""
+    """Any class-folder tree (e.g. Mini-ImageNet at 84 px), decoded into memory or streamed from disk.
+
+    In memory (the default) the images are decoded once into the cache, resized to
+    ``source.image_size`` squared; a dataset larger than the memory available stops at start-up.
+    Streamed (``in_memory=false``, a directory tree only) they are read by ``num_workers`` processes
+    with the ImageNet transforms: random-resized crop + flip for training (``augment``; ``crop_padding``
+    does not apply), resize + center crop for evaluation.
+
+    Args:
+        in_memory: decode the whole dataset into memory; false streams it from disk.
+        num_workers: decoding processes per device when streaming.
+        mean: per-channel normalization mean in [0, 1] pixel units when streaming; null (with
+            ``std``) = estimated from 2,000 training images. In memory the statistics of all
+            training images are used.
+        std: per-channel normalization standard deviation, with ``mean``.
+    """
 
     name: str = "imagefolder"
     source: ImageFolderSource = field(default_factory=ImageFolderSource)
     eval_batch_size: int = 250
     crop_padding: int = 8
+    in_memory: bool = True
+    num_workers: int = 4
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least("num_workers", self.num_workers, 0)
+        if (self.mean is None) != (self.std is None):
+            raise SpecError("std" if self.std is None else "mean", "set data.mean and data.std together, or neither")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if values is not None and (len(values) != 3 or any(not math.isfinite(v) for v in values)):
+                raise SpecError(key, f"must be 3 numbers (R, G, B), got {list(values)!r}")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise SpecError("std", f"must be positive, got {list(self.std)!r}")
+        root = getattr(self.source, "root", MISSING)
+        if not self.in_memory and root != MISSING and "${" not in str(root) and Path(os.path.expanduser(str(root))).is_file():
+            raise SpecError("in_memory", f"streaming reads a directory tree, but data.source.root is a file: {root} "
+                            "(extract the archive, or use data.in_memory=true)")
+
+    @property
+    def streams(self) -> bool:
+        return not self.in_memory
+
+
+@dataclass
+class ImageNetDataSpec(ImageFolderDataSpec):
+    """ImageNet (ILSVRC-2012) in its usual layout, ``train/<wnid>/`` and ``val/<wnid>/``, at 224 px:
+    streamed from disk (it is ~190 GB decoded) with 8 workers and the standard ImageNet statistics."""
+
+    name: str = "imagenet"
+    source: ImageFolderSource = field(default_factory=lambda: ImageFolderSource(root="${paths.data_root}/imagenet", image_size=224))
+    eval_batch_size: int = 100
+    in_memory: bool = False
+    num_workers: int = 8
+    mean: list[float] | None = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] | None = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
 @dataclass
@@ -321,8 +383,17 @@ class NormSpec:
 
     @property
     def options(self) -> dict[str, Any]:
-        """Keyword arguments for ``norm_layer`` (every field but ``name``)."""
+        """The fields as keyword arguments for ``norm_layer`` (every field but ``name``)."""
         return options_of(self)
+
+    def layer_options(self, width: int) -> dict[str, Any]:
+        """Keyword arguments for ``norm_layer`` in a network of base ``width``: :attr:`options`, with
+        defaults that depend on the width resolved (GN's groups); :attr:`RunSpec.norm_options`.
+
+        Args:
+            width: ``model.width``.
+        """
+        return self.options
 
 
 @dataclass
@@ -344,11 +415,28 @@ class BatchNormSpec(NormSpec):
         _within("momentum", self.momentum, 0.0, 1.0)
 
 
+def width_scaled_gn_groups(width: int) -> int:
+    """GN's default groups for a network of base ``width``: the channels per group of GN-32 at width 64.
+
+    32 groups in the standard 64-wide network are 2 channels per group in its first stage, so a
+    network of width w gets w/2 groups in every layer (8 at width 16, 4 at width 8, 32 at width 64:
+    the paper's setting). For widths where w/2 is no divisor (odd widths) it is the largest divisor
+    of w below w/2, and at least 1. Every layer's channel count is a multiple of the width, so the
+    groups divide every layer.
+
+    Args:
+        width: ``model.width`` (>= 1).
+    """
+    target = max(1, width * DEFAULT_GN_GROUPS // STANDARD_WIDTH)
+    return max(groups for groups in range(1, target + 1) if width % groups == 0)
+
+
 @dataclass
 class GroupNormSpec(NormSpec):
     """Group normalization: set ``num_groups`` (must divide every layer's channel count, i.e.
-    ``model.width``) or ``group_size`` (channels per group), not both; both null = 32 groups
-    (Wu & He, 2018).
+    ``model.width``) or ``group_size`` (channels per group), not both. Both null (the default) =
+    width-scaled groups, :func:`width_scaled_gn_groups`: 32 groups at width 64 (Wu & He, 2018), the
+    same channels per group at any other width (8 groups at width 16), so every width works.
 
     Args:
         num_groups: groups per layer.
@@ -370,16 +458,23 @@ class GroupNormSpec(NormSpec):
         _within("eps", self.eps, 0.0, math.inf)
 
     def check_width(self, width: int) -> None:
-        """Raise :class:`SpecError` when the groups do not divide a network of base ``width``.
+        """Raise :class:`SpecError` when set groups do not divide a network of base ``width``.
 
-        Every layer's channel count is a multiple of the width, so dividing it is enough.
+        Every layer's channel count is a multiple of the width, so dividing it is enough; the
+        width-scaled default always does.
         """
-        if self.group_size is not None:
-            if width % self.group_size:
-                raise SpecError("group_size", f"{self.group_size} does not divide model.width={width}")
-        elif width % (self.num_groups or DEFAULT_GN_GROUPS):
-            default = "" if self.num_groups else f" (null means the default of {DEFAULT_GN_GROUPS} groups; set norm.num_groups or norm.group_size)"
-            raise SpecError("num_groups", f"{self.num_groups or DEFAULT_GN_GROUPS} groups do not divide model.width={width} channels{default}")
+        if self.group_size is not None and width % self.group_size:
+            raise SpecError("group_size", f"{self.group_size} does not divide model.width={width}")
+        if self.num_groups is not None and width % self.num_groups:
+            raise SpecError("num_groups", f"{self.num_groups} groups do not divide model.width={width} channels "
+                            "(null means width-scaled groups, which always do)")
+
+    def layer_options(self, width: int) -> dict[str, Any]:
+        """Keyword arguments for ``norm_layer`` in a network of base ``width`` (the default resolved)."""
+        options = self.options
+        if self.num_groups is None and self.group_size is None:
+            options["num_groups"] = width_scaled_gn_groups(width)
+        return options
 
 
 @dataclass
@@ -529,6 +624,11 @@ class TrainerSpec:
         compile: ``torch.compile`` the model in place (``nn.Module.compile``: state_dict keys and
             checkpoints stay the same). Pays a one-off compile time per run; at small batch sizes it
             removes most of MBN's per-op overhead (BENCHMARKS.md).
+        mbn_history: under DDP, whose batches MBN's momentum statistics M/Phi average:
+            ``per_device`` (each device its own, as it normalizes its own batch: the paper's
+            per-device normalization; every device's are checkpointed, so resumes stay exact) or
+            ``rank0`` (rank 0's, copied to every device at each forward, as DDP does with every
+            buffer). The running statistics (evaluation, the saved model) are rank 0's either way.
     """
 
     accelerator: str = "cpu"
@@ -541,9 +641,11 @@ class TrainerSpec:
     progress_bar: bool | None = None
     check_finite_every_n_steps: int = 25
     compile: bool = False
+    mbn_history: str = "per_device"
 
     def __post_init__(self) -> None:
         _one_of("accelerator", self.accelerator, ACCELERATORS)
+        _one_of("mbn_history", self.mbn_history, MBN_HISTORIES)
         _one_of("precision", self.precision, PRECISIONS)
         _at_least("devices", self.devices, 1)
         _at_least("num_nodes", self.num_nodes, 1)
@@ -667,3 +769,8 @@ class RunSpec:
     def global_batch_size(self) -> int:
         """Samples per optimizer step over all devices."""
         return self.data.batch_size * self.trainer.world_size
+
+    @property
+    def norm_options(self) -> dict[str, Any]:
+        """Keyword arguments of the run's ``norm_layer``, width-dependent defaults resolved."""
+        return self.norm.layer_options(self.model.width)

@@ -57,8 +57,8 @@ def test_every_experiment_composes_resolves_and_builds_a_spec(experiment, tmp_pa
     assert "data.batch_size" in sweep_params
     with open_dict(cfg):
         del cfg["hydra"]
-        if cfg.data.name == "cifar100":
-            # No CIFAR-100 on this machine: point at a stand-in dir so the path check passes.
+        if cfg.data.name in ("cifar100", "imagenet"):
+            # No CIFAR-100 or ImageNet on this machine: point at a stand-in dir so the path check passes.
             cfg.data.source.root = str(tmp_path)
     job = load_job(cfg)
     config = job.config
@@ -130,7 +130,7 @@ BAD_OVERRIDES = [
     (["data.batch_size=0"], "data.batch_size: must be a positive integer, got 0"),
     (["norm.name=foo"], "norm.name: unknown value 'foo'; expected one of bn, gn, brn, mbn, none"),
     (["norm=gn", "model.width=8", "norm.num_groups=3"], "norm.num_groups: 3 groups do not divide model.width=8 channels"),
-    (["norm=gn", "model.width=16"], "norm.num_groups: 32 groups do not divide model.width=16 channels (null means the default"),
+    (["norm=gn", "model.width=16", "norm.num_groups=32"], "norm.num_groups: 32 groups do not divide model.width=16 channels (null means width-scaled"),
     (["norm=gn", "model.width=8", "norm.num_groups=null", "norm.group_size=3"], "norm.group_size: 3 does not divide model.width=8"),
     (["epochs=0"], "epochs: must be a positive integer, got 0"),
     (["data.source.archive=/no/such/archive.tar.gz"], "data.source.archive: no such file: /no/such/archive.tar.gz"),
@@ -180,3 +180,26 @@ def test_start_up_gn_default_is_the_layers_default():
     from mbn.nn.group_norm import DEFAULT_NUM_GROUPS, GroupNorm
 
     assert DEFAULT_GN_GROUPS == DEFAULT_NUM_GROUPS == GroupNorm(64).num_groups
+
+
+def test_the_imagenet_experiment_streams_224px_with_small_per_gpu_batches(tmp_path):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=paper_imagenet", f"data.source.root={tmp_path}"],
+                      return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    assert [int(m) for m in params["data.batch_size"].split(",")] == [2, 4, 8, 16, 32]
+    with open_dict(cfg):
+        del cfg["hydra"]
+    job = load_job(cfg)
+    spec = to_run_spec(job, tmp_path / "run", [], config_hash(job.config))
+    assert spec.data.streams and spec.data.source.image_size == 224 and spec.model.name == "imagenet_resnet50"
+    assert (spec.trainer.world_size, spec.trainer.strategy, spec.epochs) == (8, "ddp", 90)
+    assert spec.optim.lr(spec.global_batch_size) == pytest.approx(0.1 * spec.data.batch_size * 8 / 256)
+
+
+def test_streaming_needs_a_directory_tree(tmp_path, run_env, capsys):
+    archive = tmp_path / "mini.tar.gz"
+    archive.touch()
+    assert main(["data=imagefolder", f"data.source.root={archive}", "data.in_memory=false", f"output_root={run_env}"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"mbn-train: invalid config: data.in_memory: streaming reads a directory tree, but data.source.root is a file: {archive}")

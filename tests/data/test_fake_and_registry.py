@@ -30,10 +30,11 @@ def test_fake_data_is_learnable_by_a_nearest_class_mean_classifier():
 
 
 def test_kinds_and_their_arguments():
-    assert DATASET_KINDS == ("cifar10_archive", "cifar10", "cifar100", "imagefolder", "fake")
+    assert DATASET_KINDS == ("cifar10_archive", "cifar10", "cifar100", "imagefolder", "imagenet", "fake")
     assert dataset_arguments("cifar10_archive") == ("archive", "cache_dir")
     assert dataset_arguments("cifar100") == ("root", "download", "cache_dir")
     assert dataset_arguments("imagefolder") == ("root", "image_size", "cache_dir", "train_dir", "val_dir")
+    assert dataset_arguments("imagenet") == dataset_arguments("imagefolder")
     assert dataset_arguments("fake") == ("num_train", "num_test", "num_classes", "image_size", "channels", "seed")
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -15,6 +16,7 @@ from experiments.batch_size_study import run as study
 from cli_runner import checked_config
 
 from mbn.cli.config import CONFIG_DIR
+from mbn.cli.schema import load_job, to_run_spec
 from mbn.models import build_model
 from mbn.nn import norm_layer
 from mbn.results import read_results
@@ -61,9 +63,14 @@ def test_study_config_is_the_cpu_recipe(tmp_path):
 def test_every_norm_of_the_study_validates_and_builds(norm, tmp_path):
     command = study.train_command(study.Chunk(norm, 0), "study_cpu", tmp_path / "out")
     config, _ = compose_study(hydra_args(command), tmp_path)
-    options = {k: v for k, v in config["norm"].items() if k != "name"}
-    model = build_model("resnet18", num_classes=10, norm_layer=norm_layer(norm, **options), width=config["model"]["width"])
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=study_cpu", f"paths.data_root={tmp_path}", *hydra_args(command)])
+    job = load_job(cfg)
+    run = to_run_spec(job, tmp_path / "run", [], "hash")
+    model = build_model("resnet18", num_classes=10, norm_layer=norm_layer(norm, **run.norm_options), width=config["model"]["width"])
     assert sum(p.numel() for p in model.parameters()) > 0
+    if norm == "gn":  # the width-scaled default: 8 groups in every layer of the width-16 network
+        assert {m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)} == {8}
 
 
 def test_runner_chunks_cover_exactly_the_grid(tmp_path):
@@ -75,10 +82,9 @@ def test_runner_chunks_cover_exactly_the_grid(tmp_path):
     assert len(jobs) == len(grid) == 4 * 5 * 2
     assert {n for n, _, _ in grid} == {"bn", "gn", "brn", "mbn"}
     assert {m for _, m, _ in grid} == {2, 4, 8, 16, 32} and {s for _, _, s in grid} == {0, 1}
-    # GN's and MBN's jobs carry their options; the others none.
-    assert all(job.get("norm.num_groups") == "8" for job in jobs if job["norm"] == "gn")
+    # MBN's jobs carry their option; the others none (GN's width-scaled default needs no override).
     assert all(job.get("norm.schedule") == "iteration" for job in jobs if job["norm"] == "mbn")
-    assert not any("norm.num_groups" in job or "norm.schedule" in job for job in jobs if job["norm"] in ("bn", "brn"))
+    assert not any("norm.num_groups" in job or "norm.schedule" in job for job in jobs if job["norm"] in ("bn", "gn", "brn"))
 
 
 def test_chunks_are_seed_major_and_bad_input_is_named():
@@ -92,7 +98,7 @@ def test_chunks_are_seed_major_and_bad_input_is_named():
 def test_train_and_compare_commands(tmp_path):
     command = study.train_command(study.Chunk("gn", 1), "study_cpu", tmp_path, ["epochs=1"])
     assert command[:5] == [sys.executable, "-m", "mbn.cli.train", "-m", "experiment=study_cpu"]
-    assert command[5:] == ["norm=gn", "norm.num_groups=8", "seed=1", f"output_root={tmp_path}", "epochs=1"]
+    assert command[5:] == ["norm=gn", "seed=1", f"output_root={tmp_path}", "epochs=1"]
     compare = study.compare_command(tmp_path / "sweep", tmp_path / "cmp", curve_batch_size=2)
     assert compare[1:] == ["-m", "mbn.cli.compare", str(tmp_path / "sweep"), "--out", str(tmp_path / "cmp"),
                            "--format", "markdown", "--metric", "final_val_acc1", "--curve-batch-size", "2"]

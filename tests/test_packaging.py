@@ -1,0 +1,44 @@
+"""pyproject.toml declares ranges (torch only for the layers), constraints.txt pins one set inside them."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pins() -> dict[str, str]:
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    return {canonicalize_name(name): version for name, _, version in
+            (line.partition("==") for line in lines if line and not line.startswith("#"))}
+
+
+def test_the_layers_need_only_torch_and_nothing_is_pinned_exactly():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert [Requirement(r).name for r in project["dependencies"]] == ["torch"]
+    assert set(project["optional-dependencies"]) >= {"train", "compare", "all", "dev"}
+    requirements = [Requirement(r) for group in project["optional-dependencies"].values() for r in group]
+    requirements += [Requirement(r) for r in project["dependencies"]]
+    assert not [str(r) for r in requirements if any(s.operator in ("==", "===") for s in r.specifier)]
+
+
+def test_every_declared_range_holds_its_tested_pin():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pinned = pins()
+    texts = project["dependencies"] + [r for group in project["optional-dependencies"].values() for r in group]
+    for requirement in map(Requirement, texts):
+        if canonicalize_name(requirement.name) == "mbn":
+            continue
+        name = canonicalize_name(requirement.name)
+        assert name in pinned, f"{name} is not in constraints.txt"
+        assert requirement.specifier.contains(pinned[name], prereleases=True), f"{requirement} excludes the tested {pinned[name]}"
+
+
+def test_makefile_installs_the_extras_with_the_constraints():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-c $(CONSTRAINTS) torch torchvision" in makefile and "-c $(CONSTRAINTS) -e '.[all,dev]'" in makefile
+    assert "scripts/check_layers_only_install.sh" in (ROOT / ".ci" / "run").read_text()

@@ -1,0 +1,27 @@
+"""Rules of the run spec that depend on more than one field: GN's width-scaled default groups."""
+
+from __future__ import annotations
+
+import pytest
+
+from mbn.train import spec as specs
+
+
+@pytest.mark.parametrize("width, groups", [(64, 32), (32, 16), (16, 8), (8, 4), (4, 2), (2, 1), (1, 1), (128, 64),
+                                           (12, 6), (15, 5), (9, 3), (7, 1)])
+def test_width_scaled_groups_keep_the_standard_networks_channels_per_group(width, groups):
+    assert specs.width_scaled_gn_groups(width) == groups
+    assert width % groups == 0
+
+
+def test_the_run_resolves_gn_defaults_with_its_width_and_keeps_set_values():
+    def run(norm: specs.GroupNormSpec, width: int) -> specs.RunSpec:
+        return specs.RunSpec(data=specs.FakeDataSpec(), model=specs.ResNetSpec(name="resnet18", width=width), norm=norm)
+
+    assert run(specs.GroupNormSpec(), 16).norm_options == {"num_groups": 8, "group_size": None, "eps": 1e-5}
+    assert run(specs.GroupNormSpec(), 64).norm_options["num_groups"] == specs.DEFAULT_GN_GROUPS
+    assert run(specs.GroupNormSpec(num_groups=2), 16).norm_options["num_groups"] == 2
+    assert run(specs.GroupNormSpec(group_size=4), 16).norm_options == {"num_groups": None, "group_size": 4, "eps": 1e-5}
+    assert run(specs.BatchNormSpec(), 16).norm_options == {"eps": 1e-5, "momentum": 0.1}
+    with pytest.raises(specs.SpecError, match="norm.num_groups: 32 groups do not divide model.width=16"):
+        run(specs.GroupNormSpec(num_groups=32), 16)

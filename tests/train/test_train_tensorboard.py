@@ -1,0 +1,50 @@
+"""TensorBoard's HParams dashboard: every run's hyperparameters with its final metrics, read back from
+the event files with TensorBoard's own reader."""
+
+from __future__ import annotations
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from cli_runner import mbn_train as main
+from mbn.results import iter_results, read_results
+
+
+def hparams_of(event_dir) -> tuple[dict, set[str], EventAccumulator]:
+    """(the session's hyperparameters, the hparams plugin's tags, the loaded events) of one event dir."""
+    events = EventAccumulator(str(event_dir))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    values = {name: getattr(value, value.WhichOneof("kind")) for name, value in session.hparams.items()}
+    return values, set(content), events
+
+
+def test_each_run_writes_its_hparams_with_its_final_metrics(tiny, run_env):
+    assert main(["-m", *tiny(**{"logger": "[csv,tensorboard]", "epochs": 2}), "norm=bn,mbn", "seed=0,1"]) == 0
+    runs = list(iter_results(run_env))
+    assert len(runs) == 4
+    seen = set()
+    for path in runs:
+        record = read_results(path)
+        (event_dir,) = {p.parent for p in (path.parent / "tensorboard").rglob("events.out.tfevents.*")}
+        hparams, plugin_tags, events = hparams_of(event_dir)
+        assert (hparams["norm"], hparams["batch_size"], hparams["seed"]) == (record["norm"], 8, record["config"]["seed"])
+        assert hparams["model"] == "resnet18" and hparams["width"] == 4 and hparams["epochs"] == 2
+        # A session per run and no per-run experiment: TensorBoard builds the experiment from all runs
+        # and lists the hyperparameters that differ between them first.
+        assert plugin_tags == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
+        assert {"final/val_acc1", "best/val_acc1", "final/val_loss", "final/train_loss"} <= set(events.Tags()["scalars"])
+        metrics = record["metrics"]
+        assert events.Scalars("final/val_acc1")[-1].value == pytest.approx(metrics["final_val_acc1"])
+        assert events.Scalars("best/val_acc1")[-1].value == pytest.approx(metrics["best_val_acc1"])
+        assert events.Scalars("final/train_loss")[-1].value == pytest.approx(metrics["final_train_loss"])
+        seen.add((hparams["norm"], hparams["seed"]))
+    assert seen == {("bn", 0), ("bn", 1), ("mbn", 0), ("mbn", 1)}
+
+
+def test_without_the_tensorboard_logger_nothing_is_written(tiny, run_env):
+    assert main(tiny()) == 0
+    (path,) = iter_results(run_env)
+    assert not (path.parent / "tensorboard").exists()
