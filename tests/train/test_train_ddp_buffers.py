@@ -38,7 +38,9 @@ def train_rank(rank: int, init_file: str, history: str, results) -> None:
     wrapped = DistributedDataParallel(model)  # broadcast_buffers=True, DDP's default
     for step in range(STEPS):
         wrapped(batch(rank, step)).sum().backward()
-    results.put((rank, {name: getattr(model[0], name).clone() for name in STATE}))
+    # Plain lists: a tensor would travel as a shared-memory fd that dies with this process (a race
+    # with the parent's read).
+    results.put((rank, {name: getattr(model[0], name).tolist() for name in STATE}))
     dist.destroy_process_group()
 
 
@@ -58,7 +60,8 @@ def run_two_ranks(history: str, tmp_path) -> dict[int, dict[str, torch.Tensor]]:
     workers = [context.Process(target=train_rank, args=(rank, str(tmp_path / "init"), history, results)) for rank in (0, 1)]
     for worker in workers:
         worker.start()
-    states = dict(results.get(timeout=120) for _ in workers)
+    states = {rank: {name: torch.tensor(value) for name, value in state.items()}
+              for rank, state in (results.get(timeout=120) for _ in workers)}
     for worker in workers:
         worker.join(timeout=60)
         assert worker.exitcode == 0
