@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from pytorch_lightning.callbacks import Callback
+from torch._dynamo.utils import counters
 
 from mbn.models import member_state_dict
 from mbn.results import read_results
@@ -162,3 +163,22 @@ def test_a_diverged_member_is_frozen_and_recorded_while_the_others_complete(runs
     # The others trained on exactly as in the stack without a diverged member.
     for k in (0, 2):
         assert_histories_match(results[k]["history"], stacked[k]["history"], rtol=1e-12)
+
+
+def test_a_compiled_stack_trains_as_the_eager_one(runs, tmp_path, monkeypatch):
+    # aot_eager traces forward and backward as inductor does, without its minutes of C++ compiling.
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compile_module(self, backend="aot_eager", **kwargs))
+    root, _, stacked = runs
+    torch._dynamo.reset()  # no compiled code of other tests in, none of this test out
+    counters.clear()  # reset() keeps dynamo's counters
+    try:
+        trainer = TrainerSpec(num_threads=1, compile=True)
+        results = train_stack([member_spec(tmp_path, seed, trainer=trainer) for seed in SEEDS[:2]])
+        assert counters["stats"]["unique_graphs"] >= 1  # it did run compiled
+    finally:
+        torch._dynamo.reset()
+    for seed, found, eager in zip(SEEDS, results, stacked):
+        assert found["status"] == "completed"
+        assert_histories_match(found["history"], eager["history"])
+        assert_weights_match(weights(tmp_path / f"seed{seed}"), weights(root / "stack" / f"seed{seed}"))
