@@ -70,8 +70,9 @@ def check_stackable(specs: Sequence[RunSpec]) -> None:
         raise ValueError("every run of a stack needs its own output_dir")
     if first.trainer.world_size > 1:
         raise ValueError(f"stacked runs train on one device for now, got {first.trainer.world_size} devices x nodes")
-    if first.loggers.wandb is not None or first.loggers.tensorboard:
-        raise ValueError("stacked runs log CSV only for now: set loggers.wandb=None and loggers.tensorboard=False")
+    if first.loggers.wandb is not None:
+        # One process would hold K W&B runs open at once.
+        raise ValueError("stacked runs log to CSV and TensorBoard only for now: set loggers.wandb=None")
 
 
 class _Member:
@@ -134,7 +135,7 @@ def train_stack(specs: Sequence[RunSpec], callbacks: Sequence[Callback] = ()) ->
     ``results.json`` (through :class:`~mbn.train.job.JobRecord`: status, history, attempts),
     ``checkpoints/last.ckpt`` and ``best.ckpt`` (by its own val/acc1) in the single-run format
     (:mod:`mbn.train.stacked_checkpoint`), and ``csv/version_<n>/metrics.csv`` (one row per
-    epoch). A member whose loss turns NaN/inf is frozen and ends ``diverged``; the others train
+    epoch; TensorBoard events too when configured; W&B is refused for now). A member whose loss turns NaN/inf is frozen and ends ``diverged``; the others train
     on. If every member has a ``last.ckpt`` (of its config, at the same epoch) the stack resumes
     from them; a member of a stack could also be resumed alone by ``train(spec)``.
 

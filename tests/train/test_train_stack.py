@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from pytorch_lightning.callbacks import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch._dynamo.utils import counters
 
 from mbn.models import member_state_dict
 from mbn.results import read_results
-from mbn.train import FailAtEpoch, TrainerSpec, train, train_stack
+from mbn.train import FailAtEpoch, LoggerSpec, TrainerSpec, WandbSpec, train, train_stack
 from mbn.train.spec import ResNetSpec
 from test_train_run import fake_spec
 
@@ -117,10 +118,17 @@ def test_runs_that_differ_in_more_than_their_seed_are_refused(tmp_path):
         train_stack([member_spec(tmp_path, 0), member_spec(tmp_path, 1, model=ResNetSpec("resnet18", width=8))])
     with pytest.raises(ValueError, match="its own output_dir"):
         train_stack([member_spec(tmp_path, 0), fake_spec(tmp_path / "seed0", seed=1)])
-    with pytest.raises(ValueError, match="stacked runs log CSV only for now"):
-        spec = member_spec(tmp_path, 0)
-        spec.loggers.tensorboard = True
-        train_stack([spec])
+    with pytest.raises(ValueError, match="stacked runs log to CSV and TensorBoard only for now"):
+        train_stack([member_spec(tmp_path, 0, loggers=LoggerSpec(wandb=WandbSpec()))])
+
+
+def test_each_member_writes_its_own_tensorboard_events(tmp_path):
+    specs = [member_spec(tmp_path, seed, epochs=1, loggers=LoggerSpec(tensorboard=True)) for seed in SEEDS[:2]]
+    for spec, results in zip(specs, train_stack(specs)):
+        assert results["status"] == "completed"
+        events = EventAccumulator(str(spec.output_dir / "tensorboard" / "version_0"))
+        events.Reload()
+        assert [event.value for event in events.Scalars("val/acc1")] == pytest.approx([results["history"][0]["val_acc1"]])
 
 
 class PoisonMember(Callback):
