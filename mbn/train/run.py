@@ -65,13 +65,26 @@ def build_module(spec: RunSpec, datamodule: ImageDataModule) -> ClassificationMo
         datamodule: provides ``num_classes`` and ``in_channels``.
     """
     model = build_seeded_model(spec, datamodule.num_classes, datamodule.in_channels)
+    return training_module(spec, model, datamodule.num_classes)
+
+
+def training_module(spec: RunSpec, model: torch.nn.Module, num_classes: int,
+                    cls: type[ClassificationModule] = ClassificationModule) -> ClassificationModule:
+    """The LightningModule that trains ``model`` as ``spec`` says (compiled in place when it says so).
+
+    Args:
+        spec: the run.
+        model: the network.
+        num_classes: classes of the dataset.
+        cls: the module class (a stacked run's is a subclass).
+    """
     if spec.trainer.compile:
         model.compile()
-    return ClassificationModule(
+    return cls(
         model,
         spec.optim,
         global_batch_size=spec.global_batch_size,
-        num_classes=datamodule.num_classes,
+        num_classes=num_classes,
         check_finite_every_n_steps=spec.trainer.check_finite_every_n_steps,
     )
 
@@ -196,11 +209,7 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
             log_batch_sizes(spec, loggers)
             if resume_from is not None:
                 log.info("resuming %s from %s", spec.run_name, resume_from)
-            in_fit.set()
-            try:
-                trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-            finally:
-                in_fit.clear()
+            fit(trainer, module, datamodule, resume_from, in_fit)
             status = "completed"
         except RECORDED_EXCEPTIONS as exc:
             status, error = failure_status(exc, trainer)
@@ -215,6 +224,24 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
 def library_versions() -> dict[str, str]:
     """The library versions a run's ``results.json`` records."""
     return {"mbn": mbn.__version__, "torch": torch.__version__, "pytorch_lightning": pl.__version__}
+
+
+def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule, ckpt_path: str | Path | None,
+        in_fit: threading.Event) -> None:
+    """``trainer.fit`` (checkpoint loaded weights-only), marked as inside fit for :func:`signal_handling`.
+
+    Args:
+        trainer: the run's trainer.
+        module: what it trains.
+        datamodule: its data.
+        ckpt_path: the checkpoint to resume from, or None.
+        in_fit: the event :func:`signal_handling` yields.
+    """
+    in_fit.set()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    finally:
+        in_fit.clear()
 
 
 def log_batch_sizes(spec: RunSpec, loggers: list) -> None:

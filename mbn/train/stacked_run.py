@@ -24,11 +24,13 @@ from mbn.train.run import (
     build_seeded_model,
     checkpoint_callbacks,
     failure_status,
+    fit,
     library_versions,
     log_batch_sizes,
     show_progress_bar,
     signal_handling,
     trainer_options,
+    training_module,
 )
 from mbn.train.spec import RunSpec
 from mbn.train.stacked_checkpoint import (
@@ -184,11 +186,7 @@ def train_stack(specs: Sequence[RunSpec], callbacks: Sequence[Callback] = ()) ->
                            *callbacks, *(c for m in members for c in m.checkpoints)],
                 **trainer_options(first),
             )
-            in_fit.set()
-            try:
-                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-            finally:
-                in_fit.clear()
+            fit(trainer, module, datamodule, ckpt_path, in_fit)
             status = "completed"
         except RECORDED_EXCEPTIONS as exc:
             status, error = failure_status(exc, trainer)
@@ -229,18 +227,8 @@ def _resumed_checkpoints(specs: Sequence[RunSpec]) -> list[dict[str, Any]] | Non
 
 def _build_module(specs: Sequence[RunSpec], datamodule: StackedDataModule) -> StackedClassificationModule:
     """Each member's model as its single run builds it (seeded), stacked, in the stack's module."""
-    first = specs[0]
     models = [build_seeded_model(spec, datamodule.num_classes, datamodule.in_channels) for spec in specs]
-    model = stack(models)
-    if first.trainer.compile:
-        model.compile()
-    return StackedClassificationModule(
-        model,
-        first.optim,
-        global_batch_size=first.global_batch_size,
-        num_classes=datamodule.num_classes,
-        check_finite_every_n_steps=first.trainer.check_finite_every_n_steps,
-    )
+    return training_module(specs[0], stack(models), datamodule.num_classes, StackedClassificationModule)
 
 
 def _splitter(module: StackedClassificationModule, member: _Member):
