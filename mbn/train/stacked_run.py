@@ -137,9 +137,12 @@ def train_stack(specs: Sequence[RunSpec], callbacks: Sequence[Callback] = ()) ->
     ``results.json`` (through :class:`~mbn.train.job.JobRecord`: status, history, attempts),
     ``checkpoints/last.ckpt`` and ``best.ckpt`` (by its own val/acc1) in the single-run format
     (:mod:`mbn.train.stacked_checkpoint`), and ``csv/version_<n>/metrics.csv`` (one row per
-    epoch; TensorBoard events too when configured; W&B is refused for now). A member whose loss turns NaN/inf is frozen and ends ``diverged``; the others train
-    on. If every member has a ``last.ckpt`` (of its config, at the same epoch) the stack resumes
-    from them; a member of a stack could also be resumed alone by ``train(spec)``.
+    epoch; TensorBoard events too when configured; W&B is refused for now). A member whose loss
+    turns NaN/inf is frozen and ends ``diverged``; the others train on. If every member has a
+    ``last.ckpt`` (of its config, at the same epoch) the stack resumes from them; a member of a
+    stack can also be resumed alone by ``train(spec)``. Like ``train``, this neither locks nor
+    plans the dirs (:func:`~mbn.train.job.run_job` does that for single runs): leave final
+    members (completed, diverged) out of a stack.
 
     Args:
         specs: the members' runs (see :func:`check_stackable`).
