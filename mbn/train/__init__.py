@@ -28,6 +28,7 @@ _EXPORTS = {
     "plan_job": "mbn.train.job",
     "JobRecord": "mbn.train.job",
     "train": "mbn.train.run",
+    "train_stack": "mbn.train.stacked_run",
     "DataSpec": "mbn.train.spec",
     "LoggerSpec": "mbn.train.spec",
     "ModelSpec": "mbn.train.spec",

@@ -69,6 +69,8 @@ class EpochRecorder(Callback):
         on_epoch: called with the full history after each epoch (e.g. to write a running results.json).
         log_lines: log one plain line per epoch (used when there is no progress bar).
         total_epochs: for the log line.
+        metric_prefix: the prefix of this run's metric names (``member0/`` for member 0 of a
+            stacked run, whose module logs every member's metrics), also on what it logs.
     """
 
     def __init__(
@@ -77,11 +79,13 @@ class EpochRecorder(Callback):
         on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
         log_lines: bool = True,
         total_epochs: int | None = None,
+        metric_prefix: str = "",
     ) -> None:
         self.schedule = schedule
         self.on_epoch = on_epoch
         self.log_lines = log_lines
         self.total_epochs = total_epochs
+        self.metric_prefix = metric_prefix
         self.history: list[dict[str, Any]] = []
         self._epoch_start = 0.0
         self._epoch_lr: float | None = None
@@ -97,12 +101,14 @@ class EpochRecorder(Callback):
         self._epoch_lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        train = pl_module.train_epoch_metrics() if hasattr(pl_module, "train_epoch_metrics") else {}
+        prefix = self.metric_prefix
+        every = pl_module.train_epoch_metrics() if hasattr(pl_module, "train_epoch_metrics") else {}
+        train = {key[len(prefix):]: value for key, value in every.items() if key.startswith(prefix)}
         logged = dict(train)
         if self._epoch_lr is not None:
             logged["lr"] = self._epoch_lr
-        pl_module.log_dict(logged, on_step=False, on_epoch=True)
-        metrics = trainer.callback_metrics
+        pl_module.log_dict({prefix + key: value for key, value in logged.items()}, on_step=False, on_epoch=True)
+        metrics = {key[len(prefix):]: value for key, value in trainer.callback_metrics.items() if key.startswith(prefix)}
         schedule = self.schedule.values() if self.schedule is not None else {}
         row = {
             "epoch": trainer.current_epoch + 1,
@@ -118,7 +124,7 @@ class EpochRecorder(Callback):
         }
         self.history.append(row)
         if self.log_lines and trainer.is_global_zero:
-            log.info(_format_row(row, self.total_epochs))
+            log.info(prefix + _format_row(row, self.total_epochs))
         if self.on_epoch is not None and trainer.is_global_zero:
             self.on_epoch(self.history)
 

@@ -67,14 +67,22 @@ class ClassificationModule(pl.LightningModule):
         sums[1] += (logits.detach().argmax(1) == y).sum()
         sums[2] += y.shape[0]
         sums[3] += 1
-        step = batch_idx + 1
-        if step % self.check_finite_every_n_steps == 0 or step == self.trainer.num_training_batches:
+        if self.finite_check_due(batch_idx):
             if not torch.isfinite(sums[0]):
                 raise DivergedError(
                     f"non-finite training loss ({sums[0].item()}) in epoch {self.current_epoch + 1} "
                     f"by step {batch_idx + 1} of {self.trainer.num_training_batches}"
                 )
         return loss
+
+    def finite_check_due(self, batch_idx: int) -> bool:
+        """Whether the loss is checked for NaN/inf after batch ``batch_idx`` (every n steps and at epoch end).
+
+        Args:
+            batch_idx: the batch's index in the epoch.
+        """
+        step = batch_idx + 1
+        return step % self.check_finite_every_n_steps == 0 or step == self.trainer.num_training_batches
 
     def train_epoch_metrics(self) -> dict[str, float]:
         """Mean training loss and top-1 accuracy of the current epoch, over all devices (one sync)."""

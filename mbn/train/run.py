@@ -37,6 +37,27 @@ class RunInterrupted(BaseException):
     """SIGTERM outside ``trainer.fit`` (inside it Lightning raises its own ``SIGTERMException``)."""
 
 
+def build_seeded_model(spec: RunSpec, num_classes: int, in_channels: int) -> torch.nn.Module:
+    """The run's network, initialized from ``spec.seed`` (seeds every generator first).
+
+    A stacked run builds each member with this, so member k starts exactly as its single run.
+
+    Args:
+        spec: the run.
+        num_classes: classes of the dataset.
+        in_channels: image channels of the dataset.
+    """
+    pl.seed_everything(spec.seed, workers=True, verbose=False)
+    return build_model(
+        spec.model.name,
+        num_classes=num_classes,
+        norm_layer=norm_layer(spec.norm.name, **spec.norm_options),
+        width=spec.model.width,
+        in_channels=in_channels,
+        **spec.model.options,
+    )
+
+
 def build_module(spec: RunSpec, datamodule: ImageDataModule) -> ClassificationModule:
     """Seeded model + LightningModule for ``spec`` (loads the data to learn classes and channels).
 
@@ -44,22 +65,27 @@ def build_module(spec: RunSpec, datamodule: ImageDataModule) -> ClassificationMo
         spec: the run.
         datamodule: provides ``num_classes`` and ``in_channels``.
     """
-    pl.seed_everything(spec.seed, workers=True, verbose=False)
-    model = build_model(
-        spec.model.name,
-        num_classes=datamodule.num_classes,
-        norm_layer=norm_layer(spec.norm.name, **spec.norm_options),
-        width=spec.model.width,
-        in_channels=datamodule.in_channels,
-        **spec.model.options,
-    )
+    model = build_seeded_model(spec, datamodule.num_classes, datamodule.in_channels)
+    return training_module(spec, model, datamodule.num_classes)
+
+
+def training_module(spec: RunSpec, model: torch.nn.Module, num_classes: int,
+                    cls: type[ClassificationModule] = ClassificationModule) -> ClassificationModule:
+    """The LightningModule that trains ``model`` as ``spec`` says (compiled in place when it says so).
+
+    Args:
+        spec: the run.
+        model: the network.
+        num_classes: classes of the dataset.
+        cls: the module class (a stacked run's is a subclass).
+    """
     if spec.trainer.compile:
         model.compile()
-    return ClassificationModule(
+    return cls(
         model,
         spec.optim,
         global_batch_size=spec.global_batch_size,
-        num_classes=datamodule.num_classes,
+        num_classes=num_classes,
         check_finite_every_n_steps=spec.trainer.check_finite_every_n_steps,
     )
 
@@ -71,13 +97,29 @@ def show_progress_bar(spec: RunSpec) -> bool:
     return sys.stdout.isatty()
 
 
-def build_trainer(spec: RunSpec, callbacks: Sequence[Callback], loggers: list) -> pl.Trainer:
-    """The Lightning Trainer of a run: epoch-level logging only, checkpoints last (every epoch) + best.
+def checkpoint_callbacks(output_dir: str | Path, cls: type[ModelCheckpoint] = ModelCheckpoint, **kwargs: Any) -> list[ModelCheckpoint]:
+    """A run's checkpoint callbacks: ``last.ckpt`` after every epoch, then ``best.ckpt`` by val/acc1.
 
     Args:
-        spec: the run.
-        callbacks: extra callbacks (the checkpoint callback is added here).
-        loggers: metric loggers.
+        output_dir: the run's dir.
+        cls: the callback class (a stacked run's members use a subclass that saves their share).
+        **kwargs: more arguments of ``cls``.
+    """
+    # last.ckpt after every epoch (what a rerun resumes from; Lightning's save_last=True only
+    # rewrites it in epochs that also save a top-k checkpoint), best.ckpt by val/acc1.
+    dirpath = Path(output_dir) / CHECKPOINT_DIR
+    last = cls(dirpath=dirpath, filename=Path(LAST_CHECKPOINT).stem, monitor=None, save_top_k=1,
+               enable_version_counter=False, **kwargs)
+    best = cls(dirpath=dirpath, filename=Path(BEST_CHECKPOINT).stem, monitor="val/acc1", mode="max", save_top_k=1,
+               enable_version_counter=False, **kwargs)
+    return [last, best]
+
+
+def trainer_options(spec: RunSpec) -> dict[str, Any]:
+    """The ``pl.Trainer`` arguments a run's settings decide (all but callbacks and loggers).
+
+    Args:
+        spec: the run (for a stacked run: any member, they share these settings).
     """
     progress_bar = show_progress_bar(spec)
     # Checkpoints are written temp + rename and loaded weights-only.
@@ -86,24 +128,7 @@ def build_trainer(spec: RunSpec, callbacks: Sequence[Callback], loggers: list) -
         # Time limits are handled by the launcher (submitit requeues the job, which resumes from
         # last.ckpt); Lightning's own SIGUSR1 requeue would race it.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    # last.ckpt after every epoch (what a rerun resumes from; Lightning's save_last=True only
-    # rewrites it in epochs that also save a top-k checkpoint), best.ckpt by val/acc1.
-    last = ModelCheckpoint(
-        dirpath=Path(spec.output_dir) / CHECKPOINT_DIR,
-        filename=Path(LAST_CHECKPOINT).stem,
-        monitor=None,
-        save_top_k=1,
-        enable_version_counter=False,
-    )
-    best = ModelCheckpoint(
-        dirpath=Path(spec.output_dir) / CHECKPOINT_DIR,
-        filename=Path(BEST_CHECKPOINT).stem,
-        monitor="val/acc1",
-        mode="max",
-        save_top_k=1,
-        enable_version_counter=False,
-    )
-    return pl.Trainer(
+    return dict(
         max_epochs=spec.epochs,
         accelerator=spec.trainer.accelerator,
         devices=spec.trainer.devices,
@@ -115,8 +140,6 @@ def build_trainer(spec: RunSpec, callbacks: Sequence[Callback], loggers: list) -
         sync_batchnorm=False,
         # TensorBatchLoader splits the data between ranks itself.
         use_distributed_sampler=False,
-        logger=loggers,
-        callbacks=[*callbacks, ConfigHashStamp(spec.config_hash), PerDeviceMomentumStats(spec.trainer.mbn_history), last, best],
         plugins=plugins,
         enable_progress_bar=progress_bar,
         enable_model_summary=progress_bar,
@@ -124,6 +147,22 @@ def build_trainer(spec: RunSpec, callbacks: Sequence[Callback], loggers: list) -
         # Metrics are logged once per epoch; keep Lightning from flushing per-step rows.
         log_every_n_steps=1_000_000,
         default_root_dir=spec.output_dir,
+    )
+
+
+def build_trainer(spec: RunSpec, callbacks: Sequence[Callback], loggers: list) -> pl.Trainer:
+    """The Lightning Trainer of a run: epoch-level logging only, checkpoints last (every epoch) + best.
+
+    Args:
+        spec: the run.
+        callbacks: extra callbacks (the checkpoint callbacks are added here).
+        loggers: metric loggers.
+    """
+    return pl.Trainer(
+        logger=loggers,
+        callbacks=[*callbacks, ConfigHashStamp(spec.config_hash), PerDeviceMomentumStats(spec.trainer.mbn_history),
+                   *checkpoint_callbacks(spec.output_dir)],
+        **trainer_options(spec),
     )
 
 
@@ -149,15 +188,14 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     resume_from = last_checkpoint(output_dir)
     if spec.trainer.num_threads:
         torch.set_num_threads(spec.trainer.num_threads)
-    record = JobRecord(spec, resume_from, rank=rank_zero_only.rank,
-                       versions={"mbn": mbn.__version__, "torch": torch.__version__, "pytorch_lightning": pl.__version__})
+    record = JobRecord(spec, resume_from, rank=rank_zero_only.rank, versions=library_versions())
     record.write("running")
     loggers: list = []
     trainer: pl.Trainer | None = None
     recorder: EpochRecorder | None = None
     status: str = "failed"
     error: tuple[str, str | None] | None = None
-    with _signal_handling() as in_fit:
+    with signal_handling() as in_fit:
         try:
             datamodule = ImageDataModule(spec.data, seed=spec.seed, cache_dir=spec.cache_dir)
             module = build_module(spec, datamodule)
@@ -171,27 +209,13 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
             )
             trainer = build_trainer(spec, [schedule, recorder, NormLayerGuard(module.model), *dashboard_callbacks(spec, recorder),
                                            *callbacks], loggers)
-            _log_batch_sizes(spec, loggers)
+            log_batch_sizes(spec, loggers)
             if resume_from is not None:
                 log.info("resuming %s from %s", spec.run_name, resume_from)
-            in_fit.set()
-            try:
-                trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-            finally:
-                in_fit.clear()
+            fit(trainer, module, datamodule, resume_from, in_fit)
             status = "completed"
-        except DivergedError as exc:
-            status, error = "diverged", _error(exc)
-        except (KeyboardInterrupt, SIGTERMException, RunInterrupted) as exc:
-            status, error = "interrupted", _error(exc, with_traceback=False)
-        except SystemExit as exc:
-            # Lightning turns Ctrl-C during fit into sys.exit(1) after a graceful shutdown.
-            if trainer is not None and trainer.interrupted:
-                status, error = "interrupted", ("KeyboardInterrupt", None)
-            else:
-                status, error = "failed", _error(exc)
-        except Exception as exc:  # noqa: BLE001 - every failure must end up in results.json
-            status, error = "failed", _error(exc)
+        except RECORDED_EXCEPTIONS as exc:
+            status, error = failure_status(exc, trainer)
         finally:
             # The recorder's history includes the rows restored from a resumed checkpoint.
             history = recorder.history if recorder is not None and recorder.history else None
@@ -200,7 +224,30 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     return results
 
 
-def _log_batch_sizes(spec: RunSpec, loggers: list) -> None:
+def library_versions() -> dict[str, str]:
+    """The library versions a run's ``results.json`` records."""
+    return {"mbn": mbn.__version__, "torch": torch.__version__, "pytorch_lightning": pl.__version__}
+
+
+def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule, ckpt_path: str | Path | None,
+        in_fit: threading.Event) -> None:
+    """``trainer.fit`` (checkpoint loaded weights-only), marked as inside fit for :func:`signal_handling`.
+
+    Args:
+        trainer: the run's trainer.
+        module: what it trains.
+        datamodule: its data.
+        ckpt_path: the checkpoint to resume from, or None.
+        in_fit: the event :func:`signal_handling` yields.
+    """
+    in_fit.set()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    finally:
+        in_fit.clear()
+
+
+def log_batch_sizes(spec: RunSpec, loggers: list) -> None:
     """Record the per-device (normalization) and global batch sizes and the scaled lr."""
     sizes = {
         "batch_size_per_device": spec.data.batch_size,
@@ -217,6 +264,28 @@ def _log_batch_sizes(spec: RunSpec, loggers: list) -> None:
         logger.log_hyperparams(sizes)
 
 
+# What ends a run with a recorded status (failure_status) rather than escaping train().
+RECORDED_EXCEPTIONS = (Exception, KeyboardInterrupt, SIGTERMException, RunInterrupted, SystemExit)
+
+
+def failure_status(exc: BaseException, trainer: pl.Trainer | None) -> tuple[str, tuple[str, str | None]]:
+    """The ``results.json`` status and ``(error, traceback)`` of a run that ``exc`` ended.
+
+    Args:
+        exc: one of :data:`RECORDED_EXCEPTIONS`.
+        trainer: the run's trainer, if built (tells Lightning's Ctrl-C exit from other exits).
+    """
+    if isinstance(exc, DivergedError):
+        return "diverged", _error(exc)
+    if isinstance(exc, (KeyboardInterrupt, SIGTERMException, RunInterrupted)):
+        return "interrupted", _error(exc, with_traceback=False)
+    if isinstance(exc, SystemExit) and trainer is not None and trainer.interrupted:
+        # Lightning turns Ctrl-C during fit into sys.exit(1) after a graceful shutdown.
+        return "interrupted", ("KeyboardInterrupt", None)
+    # Every other failure must end up in results.json.
+    return "failed", _error(exc)
+
+
 def _error(exc: BaseException, with_traceback: bool = True) -> tuple[str, str | None]:
     message = f"{type(exc).__name__}: {exc}".rstrip(": ")
     text = "".join(traceback.format_exception(exc)) if with_traceback else None
@@ -224,7 +293,7 @@ def _error(exc: BaseException, with_traceback: bool = True) -> tuple[str, str | 
 
 
 @contextmanager
-def _signal_handling() -> Iterator[threading.Event]:
+def signal_handling() -> Iterator[threading.Event]:
     """Turn SIGTERM into :class:`RunInterrupted` while not inside ``trainer.fit``; restore SIGINT after.
 
     Inside fit, Lightning's own handler (which chains to this one) stops the loop at the next batch

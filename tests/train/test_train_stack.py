@@ -1,0 +1,192 @@
+"""``train_stack``: K seeds as one stacked model, each member recorded and checkpointed as its single run."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from pytorch_lightning.callbacks import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch._dynamo.utils import counters
+
+from mbn.models import member_state_dict
+from mbn.results import read_results
+from mbn.train import FailAtEpoch, LoggerSpec, TrainerSpec, WandbSpec, train, train_stack
+from mbn.train.spec import ResNetSpec
+from test_train_run import fake_spec
+
+SEEDS = (0, 1, 2)
+# Float32 runs: a stack computes each member's numbers in another order than its single run
+# (batched linear layer, vectorized loss), which rounds differently in the last bits.
+RTOL = 1e-4
+COLUMNS = ("train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5", "lr", "lam", "tau")
+
+
+def member_spec(root: Path, seed: int, **changes):
+    return fake_spec(root / f"seed{seed}", seed=seed, run_name=f"seed{seed}", config_hash=f"hash-seed{seed}", **changes)
+
+
+def weights(output_dir: Path, name: str = "last.ckpt") -> dict[str, torch.Tensor]:
+    return torch.load(Path(output_dir) / "checkpoints" / name, weights_only=True)["state_dict"]
+
+
+def assert_histories_match(history, expected, rtol=RTOL):
+    assert [row["epoch"] for row in history] == [row["epoch"] for row in expected]
+    for row, want in zip(history, expected):
+        for column in COLUMNS:
+            assert row[column] == pytest.approx(want[column], rel=rtol), (row["epoch"], column)
+
+
+def assert_weights_match(found, expected, atol=1e-4):
+    assert found.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(found[key], value, rtol=0, atol=atol, msg=key)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Seeds 0, 1, 2 trained alone and as one stack (2 epochs each)."""
+    root = tmp_path_factory.mktemp("stack")
+    singles = {seed: train(member_spec(root / "single", seed)) for seed in SEEDS}
+    stacked = train_stack([member_spec(root / "stack", seed) for seed in SEEDS])
+    return root, singles, stacked
+
+
+def test_each_member_trains_and_is_recorded_as_its_single_run(runs):
+    root, singles, stacked = runs
+    for seed, results in zip(SEEDS, stacked):
+        member_dir = root / "stack" / f"seed{seed}"
+        assert read_results(member_dir)["status"] == results["status"] == "completed"
+        assert results["config_hash"] == f"hash-seed{seed}" and len(results["attempts"]) == 1
+        assert_histories_match(results["history"], singles[seed]["history"])
+        assert results["metrics"] == pytest.approx(singles[seed]["metrics"], rel=RTOL)
+        for name in ("last.ckpt", "best.ckpt"):
+            assert_weights_match(weights(member_dir, name), weights(root / "single" / f"seed{seed}", name))
+        checkpoint = torch.load(member_dir / "checkpoints" / "last.ckpt", weights_only=True)
+        assert checkpoint["mbn_config_hash"] == f"hash-seed{seed}" and checkpoint["epoch"] == 1
+        rows = (member_dir / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+        assert "val/acc1" in rows[0] and len(rows) == 3  # header + one row per epoch
+    # The seeds are different runs: other initializations and batches.
+    losses = {results["history"][0]["train_loss"] for results in stacked}
+    assert len(losses) == len(SEEDS)
+    first, second = weights(root / "stack" / "seed0"), weights(root / "stack" / "seed1")
+    assert not torch.allclose(first["model.fc.weight"], second["model.fc.weight"])
+
+
+def test_a_member_of_an_interrupted_stack_resumes_alone_as_its_single_run(runs, tmp_path):
+    root, singles, _ = runs
+    specs = [member_spec(tmp_path, seed) for seed in SEEDS]
+    interrupted = train_stack(specs, callbacks=[FailAtEpoch(2)])
+    assert [results["status"] for results in interrupted] == ["failed"] * len(SEEDS)
+    assert all(results["epochs_completed"] == 1 for results in interrupted)
+    resumed = train(specs[1])
+    assert resumed["status"] == "completed" and len(resumed["attempts"]) == 2
+    assert_histories_match(resumed["history"], singles[1]["history"])
+    assert_weights_match(weights(specs[1].output_dir), weights(root / "single" / "seed1"))
+
+
+def test_an_interrupted_stack_resumes_to_the_uninterrupted_stacks_weights(runs, tmp_path):
+    root, _, stacked = runs
+    specs = [member_spec(tmp_path, seed) for seed in SEEDS]
+    train_stack(specs, callbacks=[FailAtEpoch(2)])
+    resumed = train_stack(specs)
+    for seed, results, uninterrupted in zip(SEEDS, resumed, stacked):
+        assert results["status"] == "completed" and len(results["attempts"]) == 2
+        assert results["attempts"][-1]["resumed_from"] == str(tmp_path / f"seed{seed}" / "checkpoints" / "last.ckpt")
+        assert_histories_match(results["history"], uninterrupted["history"], rtol=1e-12)
+        assert_weights_match(weights(tmp_path / f"seed{seed}"), weights(root / "stack" / f"seed{seed}"), atol=0)
+
+
+def test_members_at_different_epochs_are_refused(runs, tmp_path):
+    root, _, _ = runs
+    specs = [member_spec(tmp_path, seed) for seed in SEEDS[:2]]
+    train_stack(specs, callbacks=[FailAtEpoch(2)])  # both at epoch 1
+    shutil.rmtree(specs[0].output_dir)
+    shutil.copytree(root / "stack" / "seed0", specs[0].output_dir)  # the completed member: epoch 2
+    with pytest.raises(ValueError, match="different epochs: member 0 at epoch 1 .*member 1 at epoch 0"):
+        train_stack(specs)
+    assert read_results(specs[0].output_dir)["status"] == "completed"  # refused before any record is written
+    fresh = member_spec(tmp_path, 2)
+    with pytest.raises(ValueError, match="different epochs:.*seed2 has no checkpoint"):
+        train_stack([specs[1], fresh])
+
+
+def test_runs_that_differ_in_more_than_their_seed_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="run 1 has another model than run 0"):
+        train_stack([member_spec(tmp_path, 0), member_spec(tmp_path, 1, model=ResNetSpec("resnet18", width=8))])
+    with pytest.raises(ValueError, match="its own output_dir"):
+        train_stack([member_spec(tmp_path, 0), fake_spec(tmp_path / "seed0", seed=1)])
+    with pytest.raises(ValueError, match="stacked runs log to CSV and TensorBoard only for now"):
+        train_stack([member_spec(tmp_path, 0, loggers=LoggerSpec(wandb=WandbSpec()))])
+
+
+def test_each_member_writes_its_own_tensorboard_events(tmp_path):
+    specs = [member_spec(tmp_path, seed, epochs=1, loggers=LoggerSpec(tensorboard=True)) for seed in SEEDS[:2]]
+    for spec, results in zip(specs, train_stack(specs)):
+        assert results["status"] == "completed"
+        events = EventAccumulator(str(spec.output_dir / "tensorboard" / "version_0"))
+        events.Reload()
+        assert [event.value for event in events.Scalars("val/acc1")] == pytest.approx([results["history"][0]["val_acc1"]])
+
+
+class PoisonMember(Callback):
+    """Member 1 diverges in epoch 2: NaN weights in its first convolution before batch 2.
+
+    Records member 1's state two batches after it is frozen and when training ends.
+    """
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 1 and batch_idx == 1:
+            with torch.no_grad():
+                pl_module.model.body.stem[0].weight[4:8].fill_(float("nan"))  # member 1's block (width 4)
+        if trainer.current_epoch == 1 and batch_idx == 4:
+            self.states.append(member_state_dict(pl_module.model, 1))
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.states.append(member_state_dict(pl_module.model, 1))
+
+
+def test_a_diverged_member_is_frozen_and_recorded_while_the_others_complete(runs, tmp_path):
+    _, _, stacked = runs
+    poison = PoisonMember()
+    trainer = TrainerSpec(num_threads=1, check_finite_every_n_steps=1)
+    specs = [member_spec(tmp_path, seed, trainer=trainer) for seed in SEEDS]
+    results = train_stack(specs, callbacks=[poison])
+    assert [r["status"] for r in results] == ["completed", "diverged", "completed"]
+    diverged = read_results(specs[1].output_dir)
+    assert diverged["status"] == "diverged" and "non-finite training loss (nan) in epoch 2 by step 2 of 8" in diverged["error"]
+    # Its record and checkpoint stop at the last epoch it finished, as its single run's would.
+    assert_histories_match(diverged["history"], stacked[1]["history"][:1], rtol=1e-12)
+    assert torch.load(specs[1].output_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+    # Frozen: nothing of it moved from two batches after the freeze to the end of training.
+    during, end = poison.states
+    assert torch.isnan(end["stem.0.weight"]).all()
+    for key, value in during.items():
+        torch.testing.assert_close(end[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    # The others trained on exactly as in the stack without a diverged member.
+    for k in (0, 2):
+        assert_histories_match(results[k]["history"], stacked[k]["history"], rtol=1e-12)
+
+
+def test_a_compiled_stack_trains_as_the_eager_one(runs, tmp_path, monkeypatch):
+    # aot_eager traces forward and backward as inductor does, without its minutes of C++ compiling.
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compile_module(self, backend="aot_eager", **kwargs))
+    root, _, stacked = runs
+    torch._dynamo.reset()  # no compiled code of other tests in, none of this test out
+    counters.clear()  # reset() keeps dynamo's counters
+    try:
+        trainer = TrainerSpec(num_threads=1, compile=True)
+        results = train_stack([member_spec(tmp_path, seed, trainer=trainer) for seed in SEEDS[:2]])
+        assert counters["stats"]["unique_graphs"] >= 1  # it did run compiled
+    finally:
+        torch._dynamo.reset()
+    for seed, found, eager in zip(SEEDS, results, stacked):
+        assert found["status"] == "completed"
+        assert_histories_match(found["history"], eager["history"])
+        assert_weights_match(weights(tmp_path / f"seed{seed}"), weights(root / "stack" / f"seed{seed}"))
