@@ -52,7 +52,7 @@ LOGGER_SCHEMAS: dict[str, type] = {
 }
 # Top-level keys that steer mbn-train itself (what to do with a job), not the run: they are taken out
 # of the config before it is hashed and recorded, so they never make a finished run look different.
-CONTROL_KEYS = ("dry_run", "rerun_diverged", "debug")
+CONTROL_KEYS = ("dry_run", "rerun_diverged", "debug", "stack", "stack_seeds")
 
 
 @dataclass
@@ -103,6 +103,10 @@ class TrainConfig:
         rerun_diverged: a diverged run is final like a completed one (a rerun would diverge the
             same way); true restarts it.
         debug: fault injection.
+        stack: in a sweep, train up to this many jobs that differ only in ``seed`` as one stacked
+            model in one process (:func:`mbn.train.train_stack`); 1 = every job alone.
+        stack_seeds: set by the sweep for a stacked job (the seeds of its sweep, which it packs in
+            chunks of ``stack``); not for the command line.
     """
 
     data: specs.DataSpec = specs.MISSING
@@ -119,6 +123,25 @@ class TrainConfig:
     dry_run: bool = False
     rerun_diverged: bool = False
     debug: DebugConfig = field(default_factory=DebugConfig)
+    stack: int = 1
+    stack_seeds: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.stack < 1:
+            raise specs.SpecError("stack", f"must be a positive integer, got {self.stack!r}")
+        if self.stack > 1:
+            if self.trainer.devices * self.trainer.num_nodes > 1:
+                raise specs.SpecError("stack", "stacked runs train on one device: use stack=1 with trainer.devices > 1")
+            if "wandb" in self.logger:
+                raise specs.SpecError("stack", "stacked runs log to CSV and TensorBoard only for now: add 'logger=[csv]' "
+                                      "(or 'logger=[csv,tensorboard]')")
+
+    def pack_seeds(self) -> list[int]:
+        """The seeds this job trains: its chunk of ``stack_seeds`` (just its own seed when not stacked)."""
+        if self.stack == 1 or not self.stack_seeds or self.seed not in self.stack_seeds:
+            return [self.seed]
+        start = self.stack_seeds.index(self.seed) // self.stack * self.stack
+        return list(self.stack_seeds[start : start + self.stack])
 
 
 def register_schemas() -> None:

@@ -239,15 +239,23 @@ class SweepCallback(Callback):
             print(f"mbn-train: sweep not started: {len(invalid)} of {len(self.jobs)} jobs have an invalid config",
                   file=sys.stderr, flush=True)
             raise SystemExit(EXIT_CODES["config_error"])
+        stack = int(config.get("stack", 1) or 1)
+        packs = seed_packs(self.jobs, stack) if stack > 1 else []
         if config.get("dry_run", False) is True:
             counts: dict[str, int] = {}
             for job in self.jobs:
                 plan = verify_checkpoint(job.plan, job.output_dir, job.config_hash)
                 print(plan.line(job.output_dir), flush=True)
                 counts[plan.action] = counts.get(plan.action, 0) + 1
+            for pack in packs:
+                seeds = ", ".join(str(_seed_of(job)) for job in pack)
+                print(f"mbn-train: would stack seeds {seeds} in one process (with {pack[0].output_dir})", flush=True)
             listing = ", ".join(f"{n} {action}" for action, n in sorted(counts.items()))
-            print(f"mbn-train: dry run of {len(self.jobs)} jobs: {listing}; nothing was run", flush=True)
+            stacked = f" in {len(packs)} stacked packs" if packs else ""
+            print(f"mbn-train: dry run of {len(self.jobs)} jobs{stacked}: {listing}; nothing was run", flush=True)
             raise SystemExit(0)
+        if packs:
+            _launch_one_job_per_pack(config, _sweep_seeds(self.jobs), stack)
         _tag_jobs_with_invocation(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -259,6 +267,59 @@ class SweepCallback(Callback):
             print(line, flush=True)
         if summary.exit_code:
             raise SystemExit(summary.exit_code)
+
+
+def _seed_of(job: SweepJob) -> int | None:
+    values = [o.partition("=")[2] for o in job.overrides if o.lstrip("+").partition("=")[0] == "seed"]
+    return int(values[-1]) if values else None
+
+
+def _sweep_seeds(jobs: list[SweepJob]) -> list[int]:
+    """The sweep's seeds in launch order (each once)."""
+    return list(dict.fromkeys(seed for seed in map(_seed_of, jobs) if seed is not None))
+
+
+def seed_packs(jobs: list[SweepJob], stack: int) -> list[list[SweepJob]]:
+    """Jobs that differ only in ``seed``, in packs of up to ``stack`` (in launch order).
+
+    Jobs that differ in anything else are never packed together: a pack shares every other override.
+    Packs of one job are left out (they run as today).
+
+    Args:
+        jobs: the sweep's jobs (:func:`expand_jobs`).
+        stack: the most jobs one pack holds.
+    """
+    seeds = _sweep_seeds(jobs)
+    groups: dict[tuple[str, ...], list[SweepJob]] = {}
+    for job in jobs:
+        if _seed_of(job) is None:
+            continue
+        others = tuple(o for o in job.overrides if o.lstrip("+").partition("=")[0] != "seed")
+        groups.setdefault(others, []).append(job)
+    packs = []
+    for members in groups.values():
+        members.sort(key=lambda job: seeds.index(_seed_of(job)))
+        for start in range(0, len(seeds), stack):
+            chunk = [job for job in members if seeds.index(_seed_of(job)) // stack == start // stack]
+            if len(chunk) > 1:
+                packs.append(chunk)
+    return packs
+
+
+def _launch_one_job_per_pack(config: DictConfig, seeds: list[int], stack: int) -> None:
+    """Have the launcher run one job per pack: the seed sweep becomes a sweep over each pack's first seed.
+
+    Every launched job gets the sweep's seeds (``stack_seeds``) and trains its chunk of them
+    (:meth:`mbn.cli.schema.TrainConfig.pack_seeds`). Hydra reads the sweep's parameters and
+    overrides after ``on_multirun_start``, so any launcher (basic, joblib, SLURM) sees the packs.
+    """
+    leaders = ",".join(str(seed) for seed in seeds[::stack])
+    with read_write(config.hydra), open_dict(config.hydra):
+        params = config.hydra.sweeper.get("params")
+        if params is not None and "seed" in params:
+            del params["seed"]
+        task = [o for o in config.hydra.overrides.task if o.lstrip("+").partition("=")[0] != "seed"]
+        config.hydra.overrides.task = [*task, f"seed={leaders}", f"stack_seeds=[{','.join(map(str, seeds))}]"]
 
 
 def _tag_jobs_with_invocation(config: DictConfig) -> None:

@@ -22,6 +22,7 @@ diverged, 130 when interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -42,9 +43,19 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mbn.cli import sweep
 from mbn.cli.config import CONFIG_DIR, ConfigError, check_buildable, composition_error
-from mbn.cli.schema import load_job, to_run_spec
+from mbn.cli.schema import Job, load_job, to_run_spec
 from mbn.results import config_hash
-from mbn.train.job import INVOCATION_ENV, LOCK_FILENAME, JobOutcome, plan_job, record_failure, run_job, verify_checkpoint
+from mbn.train.job import (
+    INVOCATION_ENV,
+    LOCK_FILENAME,
+    JobOutcome,
+    plan_job,
+    record_failure,
+    run_job,
+    run_pack,
+    verify_checkpoint,
+)
+from mbn.train.spec import RunSpec
 
 log = logging.getLogger("mbn.cli")
 
@@ -102,10 +113,36 @@ def run_task(cfg: DictConfig) -> JobOutcome | None:
     if relaunch and spec.trainer.num_nodes > 1:
         raise ConfigError("trainer.num_nodes", f"{spec.trainer.num_nodes} nodes need a cluster launcher "
                           "(hydra/launcher=slurm) that starts one process per device")
+    seeds = job.train.pack_seeds()
+    if len(seeds) > 1:
+        _quiet_lightning()
+        members = [_member_spec(job, spec, seed) for seed in seeds]
+        outcomes = run_pack(members, rerun_diverged=job.rerun_diverged, callbacks=callbacks)
+        for outcome in outcomes:
+            _print_outcome(outcome)
+        # The sweep counts every member from its dir; this job reports its worst member.
+        return max(outcomes, key=lambda outcome: EXIT_CODES.get(outcome.status, 1))
     trainer = (lambda run: _train_ddp_processes(run, overrides)) if relaunch else train_here
     outcome = run_job(spec, rerun_diverged=job.rerun_diverged, trainer=trainer)
     _print_outcome(outcome)
     return outcome
+
+
+def _member_spec(job: Job, leader: RunSpec, seed: int) -> RunSpec:
+    """The run of one member of a stacked pack: the leader's run with another seed, in that seed's dir.
+
+    The dir is the one the unstacked sweep gives the job with this seed: the config's own
+    ``hydra.sweep.subdir`` rule applied to the member's overrides.
+    """
+    overrides = [o for o in leader.overrides if o.lstrip("+").partition("=")[0] not in ("seed", "stack_seeds")]
+    overrides.append(f"seed={seed}")
+    hydra_cfg = HydraConfig.get()
+    subdir_rule = OmegaConf.to_container(hydra_cfg.sweep, resolve=False)["subdir"]
+    subdir = OmegaConf.create({"hydra": {"overrides": {"task": overrides}, "sweep": {"subdir": subdir_rule}}}).hydra.sweep.subdir
+    config = {**job.config, "seed": seed}
+    output_dir = Path(leader.output_dir).parent / str(subdir)
+    return dataclasses.replace(leader, seed=seed, output_dir=output_dir, run_name=output_dir.name, config=config,
+                               config_hash=config_hash(config), overrides=overrides)
 
 
 def _print_outcome(outcome: JobOutcome) -> None:

@@ -15,7 +15,7 @@ import os
 import shutil
 import socket
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -409,6 +409,68 @@ def run_job(spec: "RunSpec", *, rerun_diverged: bool = False, trainer: Trainer |
             return _outcome(output_dir, _train(spec, trainer))
     except JobBusy as exc:
         return JobOutcome("busy", output_dir, str(exc))
+
+
+def run_pack(specs: Sequence["RunSpec"], *, rerun_diverged: bool = False, callbacks: Sequence[Any] = ()) -> list[JobOutcome]:
+    """Run jobs that differ only in their seed as stacked models: :func:`run_job`'s life for each member.
+
+    Every member's dir is locked and planned as :func:`run_job` would (a member running elsewhere is
+    ``busy``, a final one ``skipped``, a refused checkpoint ``failed``, another config's run moved
+    aside). The members left to train are grouped by the epoch they stand at (0 for a fresh start),
+    and each group trains as one stack (:func:`mbn.train.train_stack`; a group of one trains alone),
+    so members that stopped at different epochs each resume exactly.
+
+    Args:
+        specs: the members' runs (same everything but seed and dir).
+        rerun_diverged: restart diverged members instead of keeping them.
+        callbacks: extra Lightning callbacks for every training.
+
+    Returns:
+        One outcome per member, in the order of ``specs``.
+    """
+    outcomes: dict[int, JobOutcome] = {}
+    groups: dict[tuple[int, int], list[int]] = {}
+    with ExitStack() as locks:
+        for index, spec in enumerate(specs):
+            output_dir = Path(spec.output_dir)
+            try:
+                locks.enter_context(job_lock(output_dir))
+            except JobBusy as exc:
+                outcomes[index] = JobOutcome("busy", output_dir, str(exc))
+                continue
+            plan = verify_checkpoint(plan_job(output_dir, spec.config_hash, rerun_diverged, check_lock=False), output_dir, spec.config_hash)
+            if plan.action == "skip":
+                outcomes[index] = JobOutcome("skipped", output_dir, f"already {plan.previous_status}")
+            elif plan.action == "refuse":
+                record = JobRecord(spec, resume_from=None, keep_history=True).write("failed", error=(plan.reason, None), finished=True)
+                outcomes[index] = _outcome(output_dir, record)
+            else:
+                if plan.action == "replace":
+                    move_aside(output_dir, plan)
+                groups.setdefault(_resume_epoch(output_dir, plan), []).append(index)
+        for members in groups.values():
+            if len(members) == 1:
+                from mbn.train.run import train  # Lightning import: only once members train
+
+                (index,) = members
+                outcomes[index] = _outcome(Path(specs[index].output_dir), train(specs[index], callbacks=callbacks))
+                continue
+            from mbn.train.stacked_run import train_stack
+
+            for index, record in zip(members, train_stack([specs[i] for i in members], callbacks=callbacks)):
+                outcomes[index] = _outcome(Path(specs[index].output_dir), record)
+    return [outcomes[index] for index in range(len(specs))]
+
+
+def _resume_epoch(output_dir: Path, plan: JobPlan) -> tuple[int, int]:
+    """Where a member resumes: its checkpoint's (epoch, global step); (-1, 0) when it starts fresh."""
+    if plan.action != "resume":
+        return (-1, 0)
+    import torch
+
+    # verify_checkpoint loaded this file already; mmap reads only the two counters.
+    checkpoint = torch.load(Path(output_dir) / CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
+    return (int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0)))
 
 
 def _train(spec: "RunSpec", trainer: Trainer | None) -> dict:

@@ -1,0 +1,96 @@
+"""``mbn-train -m ... stack=K``: jobs that differ only in seed train as one stacked model in one process.
+
+Real Hydra multiruns through ``mbn-train`` (basic and joblib launchers), tiny fake-data jobs, float32.
+"""
+
+from __future__ import annotations
+
+import pytest
+from cli_runner import mbn_train as main
+from sweep_helpers import job_dir, sweep_runs
+
+from mbn.results import read_results
+
+
+def histories_close(a: dict, b: dict) -> None:
+    # float32: a grouped convolution sums in another order than K dense ones, and SGD on these tiny
+    # networks amplifies the last-bit differences: over two epochs of m=8 steps they grow to ~2e-4 of
+    # the loss at width 8 (at width 4 one seed has a near-degenerate BN channel that turns them into
+    # 5e-2). The seeds differ by ~1e-2 and more.
+    for key in ("train_loss", "train_acc1", "val_loss", "val_acc1", "lr"):
+        assert [row[key] for row in a["history"]] == pytest.approx([row[key] for row in b["history"]], rel=1e-3, abs=1e-6), key
+
+
+def by_seed(sweep_dir) -> dict[int, dict]:
+    return {record["seed"]: record for record in sweep_runs(sweep_dir).values()}
+
+
+def test_a_stacked_sweep_records_each_seed_as_its_unstacked_run(tiny, run_env, capsys):
+    base = ["-m", *tiny(epochs=2, model__width=8), "seed=0,1,2"]
+    assert main([*base, "sweep_name=single"]) == 0
+    capsys.readouterr()
+    assert main([*base, "stack=3", "sweep_name=stacked", "dry_run=true"]) == 0
+    out = capsys.readouterr().out
+    assert "mbn-train: would stack seeds 0, 1, 2 in one process" in out
+    assert "mbn-train: dry run of 3 jobs in 1 stacked packs: 3 start; nothing was run" in out
+
+    assert main([*base, "stack=3", "sweep_name=stacked"]) == 0
+    assert "mbn-train: sweep done: 3 completed, 0 failed, 0 skipped (of 3 jobs)" in capsys.readouterr().out
+    single, stacked = by_seed(run_env / "sweeps" / "single"), by_seed(run_env / "sweeps" / "stacked")
+    assert sorted(stacked) == [0, 1, 2]
+    for seed in (0, 1, 2):
+        # Same dir name, same config hash, same history as the run trained alone.
+        assert stacked[seed]["run_name"] == single[seed]["run_name"]
+        assert stacked[seed]["config_hash"] == single[seed]["config_hash"]
+        assert stacked[seed]["status"] == "completed"
+        histories_close(stacked[seed], single[seed])
+    losses = sorted(record["history"][-1]["train_loss"] for record in stacked.values())
+    assert min(b - a for a, b in zip(losses, losses[1:])) > 1e-2 * losses[0]  # the seeds differ, by far more
+    # The launcher ran one job for the pack: only the first seed's dir has Hydra's job files.
+    launched = [seed for seed in (0, 1, 2) if (job_dir(run_env / "sweeps" / "stacked", f"seed={seed}") / ".hydra").is_dir()]
+    assert launched == [0]
+
+    # Rerun: nothing trains again; a fourth seed in the same pack trains alone, the others are skipped.
+    assert main([*base, "stack=3", "sweep_name=stacked"]) == 0
+    assert "sweep done: 0 completed, 0 failed, 3 skipped (of 3 jobs)" in capsys.readouterr().out
+    assert main(["-m", *tiny(epochs=2, model__width=8), "seed=0,1,2,3", "stack=4", "sweep_name=stacked"]) == 0
+    assert "sweep done: 1 completed, 0 failed, 3 skipped (of 4 jobs)" in capsys.readouterr().out
+    again = by_seed(run_env / "sweeps" / "stacked")
+    assert [len(again[seed]["attempts"]) for seed in (0, 1, 2, 3)] == [1, 1, 1, 1]
+
+
+def test_members_that_stopped_at_different_epochs_each_resume_exactly(tiny, run_env, capsys):
+    base = ["-m", *tiny(epochs=3, model__width=8), "seed=0,1"]
+    assert main([*base, "sweep_name=reference"]) == 0
+    # Seed 0 stops when its epoch 2 starts (epoch 1 checkpointed); seed 1 has not started.
+    assert main(["-m", *tiny(epochs=3, model__width=8), "seed=0", "debug.fail_at_epoch=2", "sweep_name=mixed"]) == 1
+    assert main([*base, "stack=2", "sweep_name=mixed"]) == 0
+    assert "sweep done: 2 completed, 0 failed, 0 skipped (of 2 jobs)" in capsys.readouterr().out
+    reference, mixed = by_seed(run_env / "sweeps" / "reference"), by_seed(run_env / "sweeps" / "mixed")
+    assert [a["status"] for a in mixed[0]["attempts"]] == ["failed", "completed"]
+    assert mixed[0]["attempts"][1]["resumed_from"].endswith("last.ckpt")
+    for seed in (0, 1):
+        histories_close(mixed[seed], reference[seed])
+
+
+def test_stacked_packs_are_one_job_each_under_the_joblib_launcher(tiny, run_env, capsys):
+    argv = ["-m", *tiny(), "seed=0,1,2,3", "stack=2", "sweep_name=par", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    assert main(argv) == 0
+    assert "sweep done: 4 completed, 0 failed, 0 skipped (of 4 jobs)" in capsys.readouterr().out
+    sweep_dir = run_env / "sweeps" / "par"
+    runs = by_seed(sweep_dir)
+    assert sorted(runs) == [0, 1, 2, 3] and all(r["status"] == "completed" for r in runs.values())
+    launched = [seed for seed in runs if (job_dir(sweep_dir, f"seed={seed}") / ".hydra").is_dir()]
+    assert sorted(launched) == [0, 2]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["stack=2", "logger=[csv,wandb]"], "stack: stacked runs log to CSV and TensorBoard only for now"),
+    (["stack=2", "trainer=ddp_cpu"], "stack: stacked runs train on one device"),
+    (["stack=0"], "stack: must be a positive integer, got 0"),
+])
+def test_what_stacks_cannot_do_is_refused_at_start_up(extra, message, tiny, run_env, capsys):
+    assert main(["-m", *[o for o in tiny() if not o.startswith("logger")], "seed=0,1", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not list(run_env.rglob("results.json"))
