@@ -132,9 +132,6 @@ class TrainConfig:
         if self.stack > 1:
             if self.trainer.devices * self.trainer.num_nodes > 1:
                 raise specs.SpecError("stack", "stacked runs train on one device: use stack=1 with trainer.devices > 1")
-            if "wandb" in self.logger:
-                raise specs.SpecError("stack", "stacked runs log to CSV and TensorBoard only for now: add 'logger=[csv]' "
-                                      "(or 'logger=[csv,tensorboard]')")
 
     def pack_seeds(self) -> list[int]:
         """The seeds this job trains: its chunk of ``stack_seeds`` (just its own seed when not stacked)."""

@@ -34,7 +34,7 @@ def run_tags(spec: RunSpec) -> list[str]:
     ]
 
 
-def build_loggers(spec: RunSpec) -> list[Logger]:
+def build_loggers(spec: RunSpec, concurrent: bool = False) -> list[Logger]:
     """Create the run's loggers, all writing below ``spec.output_dir``.
 
     CSV and TensorBoard write one ``version_<n>`` dir per attempt, so resuming never overwrites the
@@ -43,6 +43,8 @@ def build_loggers(spec: RunSpec) -> list[Logger]:
 
     Args:
         spec: the run.
+        concurrent: other runs' loggers are open in this process at the same time (the members of a
+            stack): each W&B run is then its own (``reinit="create_new"``), never the process's global one.
     """
     loggers: list[Logger] = [CSVLogger(save_dir=spec.output_dir, name="csv")]
     if spec.loggers.tensorboard:
@@ -62,6 +64,7 @@ def build_loggers(spec: RunSpec) -> list[Logger]:
                 job_type=wandb_spec.job_type,
                 tags=run_tags(spec) + list(wandb_spec.tags),
                 config=wandb_config(spec),
+                **({"reinit": "create_new"} if concurrent else {}),
             )
         )
     return loggers

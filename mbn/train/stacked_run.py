@@ -58,7 +58,7 @@ def check_stackable(specs: Sequence[RunSpec]) -> None:
 
     Raises:
         ValueError: no runs, runs that differ in another field than :data:`MEMBER_FIELDS` (the
-            message names it), two runs in one dir, or settings stacks do not support yet.
+            message names it), two runs in one dir, or several devices (stacks train on one).
     """
     if not specs:
         raise ValueError("train_stack needs at least one run")
@@ -72,9 +72,6 @@ def check_stackable(specs: Sequence[RunSpec]) -> None:
         raise ValueError("every run of a stack needs its own output_dir")
     if first.trainer.world_size > 1:
         raise ValueError(f"stacked runs train on one device for now, got {first.trainer.world_size} devices x nodes")
-    if first.loggers.wandb is not None:
-        # One process would hold K W&B runs open at once.
-        raise ValueError("stacked runs log to CSV and TensorBoard only for now: set loggers.wandb=None")
 
 
 class _Member:
@@ -137,7 +134,7 @@ def train_stack(specs: Sequence[RunSpec], callbacks: Sequence[Callback] = ()) ->
     ``results.json`` (through :class:`~mbn.train.job.JobRecord`: status, history, attempts),
     ``checkpoints/last.ckpt`` and ``best.ckpt`` (by its own val/acc1) in the single-run format
     (:mod:`mbn.train.stacked_checkpoint`), and ``csv/version_<n>/metrics.csv`` (one row per
-    epoch; TensorBoard events too when configured; W&B is refused for now). A member whose loss
+    epoch), TensorBoard events and its own W&B run when configured. A member whose loss
     turns NaN/inf is frozen and ends ``diverged``; the others train on. If every member has a
     ``last.ckpt`` (of its config, at the same epoch) the stack resumes from them; a member of a
     stack can also be resumed alone by ``train(spec)``. Like ``train``, this neither locks nor
@@ -177,7 +174,7 @@ def train_stack(specs: Sequence[RunSpec], callbacks: Sequence[Callback] = ()) ->
             datamodule = StackedDataModule(first.data, [spec.seed for spec in specs], cache_dir=first.cache_dir)
             module = _build_module(specs, datamodule)
             for member in members:
-                member.loggers = build_loggers(member.spec)
+                member.loggers = build_loggers(member.spec, concurrent=True)
                 member.checkpoints = checkpoint_callbacks(
                     member.spec.output_dir, MemberCheckpoint, member=member.k, split=_splitter(module, member)
                 )

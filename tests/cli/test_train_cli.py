@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from cli_runner import mbn_train as main
+from wandb_records import read_finished_wandb_records, wandb_history
 
 from mbn.nn import NORM_NAMES, schedule
 from mbn.results import config_hash, iter_results, read_results
@@ -119,48 +119,6 @@ def test_exception_during_the_run_is_recorded_as_failed(tiny, run_env):
     assert "Traceback" in results["traceback"] and "load_fake" in results["traceback"]
 
 
-def read_wandb_records(path: Path) -> list:
-    """Records of a W&B transaction log (``run-*.wandb``): LevelDB log framing around protobuf records."""
-    from wandb.proto import wandb_internal_pb2
-
-    data, block, pos = path.read_bytes(), 32768, 7  # 7 = the ":W&B" file header
-    assert data[:4] == b":W&B"
-    chunks, pending = [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind == 1:  # full record
-            chunks.append(chunk)
-        elif kind in (2, 3):  # first / middle fragment
-            pending += chunk
-        elif kind == 4:  # last fragment
-            chunks.append(pending + chunk)
-            pending = b""
-    records = []
-    for chunk in chunks:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(chunk)
-        records.append(record)
-    return records
-
-
-def read_finished_wandb_records(path: Path, timeout: float = 30.0) -> list:
-    """Records of a finished run's ``run-*.wandb`` file.
-
-    ``run.finish()`` returns once wandb's service process has the exit record, which then writes
-    the transaction log on its own schedule: wait until the file holds the exit record.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        records = read_wandb_records(path)
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.2)
-
-
 def test_wandb_offline_run_files_contain_the_metrics(tiny, run_env):
     assert main(tiny(logger="[csv,wandb]", norm="mbn", epochs=2, sweep_name="wb")) == 0
     run_dir = only_run_dir(run_env)
@@ -171,12 +129,7 @@ def test_wandb_offline_run_files_contain_the_metrics(tiny, run_env):
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run.run_group == "wb" and run.job_type == "train" and run.display_name == run_dir.name
     assert {"norm=mbn", "m=8", "model=resnet18", "data=fake"} <= set(run.tags)
-    logged: dict[str, list[float]] = {}
-    for record in records:
-        if record.WhichOneof("record_type") == "history":
-            for item in record.history.item:
-                key = item.key or "/".join(item.nested_key)
-                logged.setdefault(key, []).append(json.loads(item.value_json))
+    logged = wandb_history(records)
     assert logged["val/acc1"] == pytest.approx([row["val_acc1"] for row in results["history"]])
     assert logged["train/loss"] == pytest.approx([row["train_loss"] for row in results["history"]], rel=1e-6)
     assert logged["mbn/lam"] == pytest.approx([0.0, 0.75])

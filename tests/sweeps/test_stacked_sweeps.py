@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from cli_runner import mbn_train as main
 from sweep_helpers import job_dir, sweep_runs
+from wandb_records import read_finished_wandb_records, wandb_history
 
-from mbn.results import read_results
 
 
 def histories_close(a: dict, b: dict) -> None:
@@ -84,8 +84,23 @@ def test_stacked_packs_are_one_job_each_under_the_joblib_launcher(tiny, run_env,
     assert sorted(launched) == [0, 2]
 
 
+def test_every_member_of_a_stack_has_its_own_wandb_run(tiny, run_env):
+    assert main(["-m", *tiny(epochs=2, logger="[csv,wandb]"), "seed=0,1", "stack=2", "sweep_name=wbstack"]) == 0
+    sweep_dir = run_env / "sweeps" / "wbstack"
+    for seed, record in by_seed(sweep_dir).items():
+        run_dir = job_dir(sweep_dir, f"seed={seed}")
+        (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+        records = read_finished_wandb_records(run_file)
+        (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        assert run.run_group == "wbstack" and run.display_name == run_dir.name
+        logged = wandb_history(records)
+        assert logged["val/acc1"] == pytest.approx([row["val_acc1"] for row in record["history"]])
+        assert logged["train/loss"] == pytest.approx([row["train_loss"] for row in record["history"]], rel=1e-6)
+        (exit_record,) = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
+        assert exit_record.exit_code == 0
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["stack=2", "logger=[csv,wandb]"], "stack: stacked runs log to CSV and TensorBoard only for now"),
     (["stack=2", "trainer=ddp_cpu"], "stack: stacked runs train on one device"),
     (["stack=0"], "stack: must be a positive integer, got 0"),
 ])

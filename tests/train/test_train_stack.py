@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 from mbn.models import member_state_dict
 from mbn.results import read_results
-from mbn.train import FailAtEpoch, LoggerSpec, TrainerSpec, WandbSpec, train, train_stack
+from mbn.train import FailAtEpoch, LoggerSpec, TrainerSpec, train, train_stack
 from mbn.train.spec import ResNetSpec
 from test_train_run import fake_spec
 
@@ -118,8 +118,6 @@ def test_runs_that_differ_in_more_than_their_seed_are_refused(tmp_path):
         train_stack([member_spec(tmp_path, 0), member_spec(tmp_path, 1, model=ResNetSpec("resnet18", width=8))])
     with pytest.raises(ValueError, match="its own output_dir"):
         train_stack([member_spec(tmp_path, 0), fake_spec(tmp_path / "seed0", seed=1)])
-    with pytest.raises(ValueError, match="stacked runs log to CSV and TensorBoard only for now"):
-        train_stack([member_spec(tmp_path, 0, loggers=LoggerSpec(wandb=WandbSpec()))])
 
 
 def test_each_member_writes_its_own_tensorboard_events(tmp_path):
