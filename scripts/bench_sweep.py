@@ -29,7 +29,7 @@ ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifa
 
 def sweep_command(output_root: Path, n_jobs: int, args: argparse.Namespace, stack: int = 1) -> list[str]:
     seeds = ",".join(str(seed) for seed in range(args.runs))
-    # Stacked runs log CSV only; both sides of a --stack comparison do the same.
+    # W&B start-up costs seconds per run and is not what is compared: both sides log CSV only.
     loggers = ["logger=[csv]", f"stack={stack}"] if args.stack > 1 else []
     return [
         sys.executable, "-m", "mbn.cli.train", "-m",

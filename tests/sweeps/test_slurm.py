@@ -40,3 +40,13 @@ def test_submitit_local_runs_a_two_job_sweep_end_to_end(tiny, run_env, capsys):
     assert all(r["status"] == "completed" for r in runs.values())
     assert os.getpid() not in {r["attempts"][0]["pid"] for r in runs.values()}  # submitit's job processes
     assert (run_env / "sweeps" / "slurm" / ".submitit").is_dir()
+
+
+def test_a_stacked_pack_is_one_submitit_job(tiny, run_env, capsys):
+    argv = ["-m", *tiny(), "seed=0,1,2", "stack=3", "sweep_name=slurmstack", "hydra/launcher=slurm_local"]
+    assert main(argv) == 0
+    assert "mbn-train: sweep done: 3 completed, 0 failed, 0 skipped (of 3 jobs)" in capsys.readouterr().out
+    runs = sweep_runs(run_env / "sweeps" / "slurmstack")
+    assert sorted(r["seed"] for r in runs.values()) == [0, 1, 2]
+    pids = {r["attempts"][0]["pid"] for r in runs.values()}
+    assert len(pids) == 1 and os.getpid() not in pids  # the whole pack in one submitit job process
