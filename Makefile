@@ -28,7 +28,7 @@ test: setup
 
 demo: setup
 	$(BIN)/mbn-train -m experiment=demo
-	$(BIN)/mbn-compare outputs/sweeps/demo --out outputs/compare/demo
+	$(BIN)/mbn-compare outputs/sweeps/demo --out outputs/compare/demo --baseline bn --interval ci95 --metric final_val_acc1
 
 bench: setup
 	$(BIN)/python scripts/bench_norms.py
