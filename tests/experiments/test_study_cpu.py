@@ -140,3 +140,24 @@ def test_tiny_study_runs_end_to_end(tiny, run_env, tmp_path, capsys):
     # Rerunning skips both completed runs.
     assert study.main(["--out", str(run_env), "--norms", "bn,mbn", "--seeds", "0", "--no-compare", *extra]) == 0
     assert "skipped" in (run_env / "logs" / "bn_seed0.log").read_text()
+
+
+STUDY_TRAINED = Path(__file__).resolve().parents[2] / "configs" / "experiment" / "study_trained.yaml"
+
+
+def test_the_trained_study_commands_plan_exactly_the_protocols_cells(run_env, capsys, tmp_path):
+    from cli_runner import mbn_train
+
+    commands = [line.split("mbn-train -m ", 1)[1].split() for line in STUDY_TRAINED.read_text().splitlines()
+                if line.startswith("#   mbn-train -m ")]
+    assert len(commands) == 5
+    (tmp_path / "cifar10-jpeg.tar.gz").touch()  # a stand-in: the plan needs the archive path to exist
+    cells: dict[tuple[str, int], set[int]] = {}
+    for command in commands:
+        assert mbn_train(["-m", *command, "dry_run=true", f"output_root={run_env}", f"paths.data_root={tmp_path}"]) == 0
+        for line in capsys.readouterr().out.splitlines():
+            if line.startswith("mbn-train: would start "):
+                parts = dict(p.split("=", 1) for p in line.split("/")[-1].split(" ")[0].split(","))
+                cells.setdefault((parts["norm"], int(parts["data.batch_size"])), set()).add(int(parts["seed"]))
+    assert cells == {("bn", 2): set(range(5)), ("mbn", 2): set(range(5)), ("bn", 32): set(range(5)), ("mbn", 32): {0},
+                     ("bn", 8): {0, 1, 2}, ("mbn", 8): {0, 1, 2}, ("gn", 2): {0, 1, 2}, ("brn", 2): {0, 1, 2}}
