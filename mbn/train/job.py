@@ -397,16 +397,8 @@ def run_job(spec: "RunSpec", *, rerun_diverged: bool = False, trainer: Trainer |
         return _outcome(output_dir, _train(spec, trainer))
     try:
         with job_lock(output_dir):
-            plan = plan_job(output_dir, spec.config_hash, rerun_diverged, check_lock=False)
-            plan = verify_checkpoint(plan, output_dir, spec.config_hash)
-            if plan.action == "skip":
-                return JobOutcome("skipped", output_dir, f"already {plan.previous_status}")
-            if plan.action == "refuse":
-                record = JobRecord(spec, resume_from=None, keep_history=True).write("failed", error=(plan.reason, None), finished=True)
-                return _outcome(output_dir, record)
-            if plan.action == "replace":
-                move_aside(output_dir, plan)
-            return _outcome(output_dir, _train(spec, trainer))
+            plan, final = _prepare(spec, rerun_diverged)
+            return final if final is not None else _outcome(output_dir, _train(spec, trainer))
     except JobBusy as exc:
         return JobOutcome("busy", output_dir, str(exc))
 
@@ -438,15 +430,10 @@ def run_pack(specs: Sequence["RunSpec"], *, rerun_diverged: bool = False, callba
             except JobBusy as exc:
                 outcomes[index] = JobOutcome("busy", output_dir, str(exc))
                 continue
-            plan = verify_checkpoint(plan_job(output_dir, spec.config_hash, rerun_diverged, check_lock=False), output_dir, spec.config_hash)
-            if plan.action == "skip":
-                outcomes[index] = JobOutcome("skipped", output_dir, f"already {plan.previous_status}")
-            elif plan.action == "refuse":
-                record = JobRecord(spec, resume_from=None, keep_history=True).write("failed", error=(plan.reason, None), finished=True)
-                outcomes[index] = _outcome(output_dir, record)
+            plan, final = _prepare(spec, rerun_diverged)
+            if final is not None:
+                outcomes[index] = final
             else:
-                if plan.action == "replace":
-                    move_aside(output_dir, plan)
                 groups.setdefault(_resume_epoch(output_dir, plan), []).append(index)
         for members in groups.values():
             if len(members) == 1:
@@ -460,6 +447,21 @@ def run_pack(specs: Sequence["RunSpec"], *, rerun_diverged: bool = False, callba
             for index, record in zip(members, train_stack([specs[i] for i in members], callbacks=callbacks)):
                 outcomes[index] = _outcome(Path(specs[index].output_dir), record)
     return [outcomes[index] for index in range(len(specs))]
+
+
+def _prepare(spec: "RunSpec", rerun_diverged: bool) -> tuple[JobPlan, JobOutcome | None]:
+    """Plan a locked job and act on the plan: its final outcome when it will not train (skipped, or a
+    refused checkpoint recorded as failed), else None after moving a replaced run aside."""
+    output_dir = Path(spec.output_dir)
+    plan = verify_checkpoint(plan_job(output_dir, spec.config_hash, rerun_diverged, check_lock=False), output_dir, spec.config_hash)
+    if plan.action == "skip":
+        return plan, JobOutcome("skipped", output_dir, f"already {plan.previous_status}")
+    if plan.action == "refuse":
+        record = JobRecord(spec, resume_from=None, keep_history=True).write("failed", error=(plan.reason, None), finished=True)
+        return plan, _outcome(output_dir, record)
+    if plan.action == "replace":
+        move_aside(output_dir, plan)
+    return plan, None
 
 
 def _resume_epoch(output_dir: Path, plan: JobPlan) -> tuple[int, int]:
