@@ -23,7 +23,7 @@ Schema (``schema_version`` 1)::
         "final_val_acc1": 0.81, "best_val_acc1": 0.82, "best_epoch": 9,
         "final_val_acc5": 0.99, "final_val_loss": 0.6,
         "final_test_acc1": 0.81, "best_test_acc1": 0.82,
-        "final_train_loss": 0.3
+        "final_train_loss": 0.3, "final_train_acc1": 0.9   # train_* = running mean over the last epoch
       },
       "history": [                          # one row per finished epoch
         {"epoch": 1, "train_loss": ..., "train_acc1": ..., "val_loss": ..., "val_acc1": ...,
@@ -81,7 +81,7 @@ def config_hash(config: Mapping[str, Any], exclude: tuple[str, ...] = HASH_EXCLU
 
 
 METRIC_KEYS = ("final_val_acc1", "best_val_acc1", "best_epoch", "final_val_acc5", "final_val_loss",
-               "final_test_acc1", "best_test_acc1", "final_train_loss")
+               "final_test_acc1", "best_test_acc1", "final_train_loss", "final_train_acc1")
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,7 @@ def summarize_history(history: list[dict[str, Any]]) -> dict[str, Any]:
             final_val_acc5=last.get("val_acc5"),
             final_val_loss=last.get("val_loss"),
             final_train_loss=last.get("train_loss"),
+            final_train_acc1=last.get("train_acc1"),
             best_val_acc1=best["val_acc1"] if best else None,
             best_epoch=best["epoch"] if best else None,
         )

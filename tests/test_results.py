@@ -60,3 +60,16 @@ def test_flatten_uses_dotted_keys():
         "data.aug.flip": True,
         "seed": 0,
     }
+
+
+def test_summarize_history_reads_the_final_and_best_epochs():
+    from mbn.results import METRIC_KEYS, summarize_history
+
+    history = [{"epoch": 1, "train_loss": 2.0, "train_acc1": 0.3, "val_loss": 1.9, "val_acc1": 0.35, "val_acc5": 0.8},
+               {"epoch": 2, "train_loss": 1.5, "train_acc1": 0.5, "val_loss": 1.6, "val_acc1": 0.33, "val_acc5": 0.85}]
+    summary = summarize_history(history)
+    assert summary["epochs_completed"] == 2 and set(summary["metrics"]) == set(METRIC_KEYS)
+    assert summary["metrics"] == {
+        "final_val_acc1": 0.33, "best_val_acc1": 0.35, "best_epoch": 1, "final_val_acc5": 0.85, "final_val_loss": 1.6,
+        "final_test_acc1": 0.33, "best_test_acc1": 0.35, "final_train_loss": 1.5, "final_train_acc1": 0.5}
+    assert summarize_history([])["metrics"] == dict.fromkeys(METRIC_KEYS)

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from mbn.results import SCHEMA_VERSION, flatten, iter_results, read_results
+from mbn.results import METRIC_KEYS, SCHEMA_VERSION, flatten, iter_results, read_results, summarize_history
 
 UNREADABLE = "unreadable"
 # results.json layouts this module can read; a record without the key (a converted W&B run) is taken
@@ -30,11 +30,8 @@ META_COLUMNS = (
     "config_hash", "started_at", "finished_at",
 )
 
-# The metrics of the results.json schema (mbn/results.py), known even before any run reports them.
-SCHEMA_METRICS = (
-    "final_val_acc1", "best_val_acc1", "best_epoch", "final_val_acc5", "final_val_loss",
-    "final_test_acc1", "best_test_acc1", "final_train_loss",
-)
+# The metrics of the results.json schema, known even before any run reports them.
+SCHEMA_METRICS = METRIC_KEYS
 
 # Top-level shortcuts of results.json used when the nested config lacks the key (e.g. W&B runs
 # logged with a partial config).
@@ -158,7 +155,11 @@ def runset_from_records(records: Iterable[tuple[str, Mapping[str, Any] | Excepti
                          "error": f"unknown schema_version {version!r} (this mbn-compare reads {known})"})
             continue
         row = _meta_row(source, results)
-        metrics = results.get("metrics") or {}
+        history = [epoch_row for epoch_row in results.get("history") or [] if isinstance(epoch_row, Mapping)]
+        metrics = dict(results.get("metrics") or {})
+        # A record written before a metric joined the schema (final_train_acc1) gets it from its history.
+        for key, value in summarize_history(history)["metrics"].items():
+            metrics.setdefault(key, value)
         for key, value in metrics.items():
             row[key] = _scalar(value)
             metric_keys[key] = None
@@ -171,9 +172,8 @@ def runset_from_records(records: Iterable[tuple[str, Mapping[str, Any] | Excepti
             row[column] = _scalar(value)
             config_keys[column] = None
         rows.append(row)
-        for epoch_row in results.get("history") or []:
-            if isinstance(epoch_row, Mapping):
-                history_rows.append({"run_id": run_id, **{k: _scalar(v) for k, v in epoch_row.items()}})
+        for epoch_row in history:
+            history_rows.append({"run_id": run_id, **{k: _scalar(v) for k, v in epoch_row.items()}})
     runs = pd.DataFrame(rows, columns=_ordered_columns(rows))
     runs.index.name = "run_id"
     history = pd.DataFrame(history_rows)

@@ -60,6 +60,7 @@ DERIVED_METRICS = (
     ("best_test_acc1", "test_acc1", "max"),
     ("final_test_acc1", "test_acc1", "last"),
     ("final_train_loss", "train_loss", "last"),
+    ("final_train_acc1", "train_acc1", "last"),
 )
 HISTORY_SAMPLES = 100_000
 

@@ -21,6 +21,7 @@ DASHBOARD_METRICS = {
     "final/val_acc5": "final_val_acc5",
     "final/val_loss": "final_val_loss",
     "final/train_loss": "final_train_loss",
+    "final/train_acc1": "final_train_acc1",
 }
 
 

@@ -114,14 +114,15 @@ def make_history(norm: str, m: int, seed: int, rng: random.Random, epochs: int,
 def metrics_from(history: list[dict[str, Any]]) -> dict[str, Any]:
     if not history:
         return {key: None for key in ("final_val_acc1", "best_val_acc1", "best_epoch", "final_val_acc5",
-                                      "final_val_loss", "final_test_acc1", "best_test_acc1", "final_train_loss")}
+                                      "final_val_loss", "final_test_acc1", "best_test_acc1", "final_train_loss",
+                                      "final_train_acc1")}
     best = max(history, key=lambda row: row["val_acc1"])
     last = history[-1]
     return {
         "final_val_acc1": last["val_acc1"], "best_val_acc1": best["val_acc1"], "best_epoch": best["epoch"],
         "final_val_acc5": last["val_acc5"], "final_val_loss": last["val_loss"],
         "final_test_acc1": last["val_acc1"], "best_test_acc1": best["val_acc1"],
-        "final_train_loss": last["train_loss"],
+        "final_train_loss": last["train_loss"], "final_train_acc1": last["train_acc1"],
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -110,3 +111,17 @@ def test_runs_are_listed_where_they_were_found_not_where_they_were_written(fake_
     for problem in problems:
         key = (problem.labels["norm.name"], problem.labels["data.batch_size"], problem.labels["seed"])
         assert problem.run_dir == str(copy / fake_sweep.run_dirs[key].name)
+
+
+def test_a_record_from_before_a_metric_existed_gets_it_from_its_history(tmp_path):
+    results = write_fake_run(tmp_path, "bn", 2, 0)
+    del results["metrics"]["final_train_acc1"]
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / RESULTS_FILENAME).write_text(json.dumps(results))
+    runset = collect_runs([older])
+    assert runset.runs["final_train_acc1"].iloc[0] == results["history"][-1]["train_acc1"]
+    # A metric the record states (even as null) is kept, not recomputed.
+    results["metrics"]["final_train_acc1"] = None
+    (older / RESULTS_FILENAME).write_text(json.dumps(results))
+    assert plain(collect_runs([older]).runs["final_train_acc1"].iloc[0]) is None

@@ -287,6 +287,7 @@ def test_recorded_mbn_train_run(monkeypatch, tmp_path):
     assert record["metrics"] == {
         "best_val_acc1": 0.125, "final_val_acc1": 0.125, "final_val_acc5": 0.4375,
         "final_val_loss": 2.404327154159546, "final_train_loss": 2.175166130065918, "best_epoch": 2,
+        "final_train_acc1": 0.1875,
     }
     assert record["config"]["norm"]["tau0"] == 0.9 and "config_hash" not in record["config"]
     runset = runset_from_records([(record["output_dir"], record)])
