@@ -1,185 +1,159 @@
-"""The CPU-scale batch-size study: BN/GN/BRN/MBN x m in {2..32} x 2 seeds, two sweeps in parallel.
+"""The CPU batch-size studies of EXPERIMENTS.md, run as the ``mbn-train`` sweeps a user would type.
 
 Usage::
 
-    python -m experiments.batch_size_study.run --out outputs/study_cpu
-    python -m experiments.batch_size_study.run --out outputs/study_cpu --publish experiments/batch_size_study/results
+    python -m experiments.batch_size_study.run --dry-run          # print the powered study's commands
+    python -m experiments.batch_size_study.run --publish experiments/batch_size_study/results
+    python -m experiments.batch_size_study.run --study undertrained --out outputs/study_cpu
 
-The grid is split into chunks of one ``mbn-train -m`` sweep each (one norm and one seed, over the
-batch sizes of ``configs/experiment/<experiment>.yaml``); ``--jobs`` workers take chunks from a
-shared queue, each a separate 1-thread process (a small-batch step gains little from a second
-thread, so one process per core uses the cores better than one process with two threads). All chunks write into the same sweep dir
-``<out>/sweeps/<sweep_name>/<job overrides>``, so rerunning the command skips completed runs and
-resumes interrupted ones. Afterwards ``mbn-compare`` writes the table, plots and report to
-``<out>/compare``; ``--publish DIR`` copies the commit-ready subset there.
+A study is a list of ``mbn-train -m`` commands (:data:`STUDIES`): the CLI's own sweeps, with the
+seeds of a cell stacked into one process (``stack=K``) and the joblib launcher running two
+processes at a time (set in the experiment config). The runner prints each command, runs it as it
+is printed (``mbn-train`` is ``python -m mbn.cli.train``), then the ``mbn-compare`` commands of the
+study's tables and plots. Every command is resumable: rerunning the study skips the runs that
+finished and resumes interrupted ones, so a study may run in parts. ``--publish DIR`` copies the
+commit-ready outputs (tables, differences, plots, one CSV row and the ``results.json`` of every run).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import queue
+import shlex
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Sequence
 
+from mbn.results import RESULTS_FILENAME, iter_results
 from mbn.utils.io import atomic_write
 
 if TYPE_CHECKING:
     import pandas as pd
 
-# Norm-specific options the study adds (they are keys of one norm config only, so they cannot be
-# set in the experiment file, which applies to every norm of the sweep).
-NORM_OVERRIDES: Mapping[str, tuple[str, ...]] = {
-    "bn": (),
-    # GN's default is width-scaled (mbn.train.spec.width_scaled_gn_groups): 8 groups at width 16, the
-    # paper's GN-32-at-width-64 group size (2 channels per group in the first stage); nothing to add.
-    "gn": (),
-    "brn": (),
-    # With 6 epochs the per-epoch schedule moves lam in 6 large jumps (at m=2: 0.51 in epoch 5,
-    # 0.94 in epoch 6); per-iteration follows the same curve smoothly, as 200 epochs nearly do.
-    "mbn": ("norm.schedule=iteration",),
-}
-DEFAULT_SEEDS = (0, 1)
 # The accuracy after the last epoch: no choice of epoch on the test images (best_val_acc1 would be one).
 TABLE_METRIC = "final_val_acc1"
+# Tables besides the main one: (metric, decimals); each is mbn-compare's stdout, saved as <metric>.md.
+SIDE_TABLES = (("final_train_loss", 3), ("final_train_acc1", 2))
 # Columns of the published runs CSV besides the config keys that vary between runs.
 RUN_COLUMNS = ("status", "epochs_completed", "final_val_acc1", "best_val_acc1", "best_epoch", "final_val_acc5",
-               "final_val_loss", "final_train_loss", "wall_time_s", "config_hash")
-# mbn-train's exit code when stopped (a negative code = killed by a signal).
+               "final_val_loss", "final_train_loss", "final_train_acc1", "wall_time_s", "config_hash")
+# mbn-train's exit code when stopped (a negative code = killed by a signal): start nothing after it.
 INTERRUPTED_EXIT_CODE = 130
+# The user-facing entry points and the module each one runs.
+ENTRY_POINTS = {"mbn-train": "mbn.cli.train", "mbn-compare": "mbn.cli.compare"}
 
 
 @dataclass(frozen=True)
-class Chunk:
-    """One ``mbn-train -m`` sweep of the study: one norm, one seed, all batch sizes.
+class Study:
+    """One batch-size study: its experiment config and the sweeps that make its cells.
 
     Args:
-        norm: norm config name (``bn``, ``gn``, ``brn``, ``mbn``).
-        seed: the run seed.
+        experiment: experiment config name (``configs/experiment/<name>.yaml``); its ``sweep_name``
+            must be ``sweep_name``.
+        sweep_name: the sweep dir every command writes into (``<output_root>/sweeps/<sweep_name>``).
+        sweeps: the Hydra overrides of each ``mbn-train -m`` command, after ``experiment=...``.
+        curve_batch_size: batch size of the test-accuracy-per-epoch plot.
+        baseline: the row every other row is compared with, or None for no difference table.
     """
 
-    norm: str
-    seed: int
+    experiment: str
+    sweep_name: str
+    sweeps: tuple[tuple[str, ...], ...]
+    curve_batch_size: int
+    baseline: str | None = "bn"
 
-    @property
-    def name(self) -> str:
-        return f"{self.norm}_seed{self.seed}"
+    def train_commands(self, extra: Sequence[str] = ()) -> list[list[str]]:
+        """The study's ``mbn-train -m`` commands, each with the overrides ``extra`` appended."""
+        return [["mbn-train", "-m", f"experiment={self.experiment}", *sweep, *extra] for sweep in self.sweeps]
 
-
-def chunks(norms: Sequence[str], seeds: Sequence[int]) -> list[Chunk]:
-    """The study's chunks, seed-major (every norm of seed 0 first, so a cut-short study is balanced).
-
-    Args:
-        norms: norm names, each a key of :data:`NORM_OVERRIDES`.
-        seeds: seeds, each >= 0.
-    """
-    for norm in norms:
-        if norm not in NORM_OVERRIDES:
-            raise ValueError(f"norms: unknown norm {norm!r}; expected one of {sorted(NORM_OVERRIDES)}")
-    for seed in seeds:
-        if int(seed) != seed or seed < 0:
-            raise ValueError(f"seeds: must be integers >= 0, got {seed!r}")
-    if not norms or not seeds:
-        raise ValueError(f"need at least one norm and one seed, got norms={list(norms)}, seeds={list(seeds)}")
-    return [Chunk(norm, int(seed)) for seed in seeds for norm in norms]
+    def compare_commands(self, sweep_dir: Path, compare_dir: Path) -> list[tuple[list[str], Path | None]]:
+        """``(mbn-compare command, file its stdout goes to or None)`` of the study's tables and plots."""
+        main = ["mbn-compare", str(sweep_dir), "--out", str(compare_dir), "--format", "markdown",
+                "--metric", TABLE_METRIC, "--interval", "ci95", "--curve-batch-size", str(self.curve_batch_size)]
+        if self.baseline is not None:
+            main += ["--baseline", self.baseline]
+        side = [(["mbn-compare", str(sweep_dir), "--format", "markdown", "--metric", metric, "--interval", "ci95",
+                  "--decimals", str(decimals)], compare_dir / f"{metric}.md") for metric, decimals in SIDE_TABLES]
+        return [(main, None), *side]
 
 
-def train_command(chunk: Chunk, experiment: str, output_root: str | os.PathLike, extra: Sequence[str] = ()) -> list[str]:
-    """The ``mbn-train -m`` command of one chunk.
-
-    Args:
-        chunk: the norm and seed.
-        experiment: experiment config name (``configs/experiment/<name>.yaml``).
-        output_root: ``output_root`` of the runs (the sweep dir is ``<output_root>/sweeps/<sweep_name>``).
-        extra: further Hydra overrides, applied to every chunk (e.g. ``epochs=1``).
-    """
-    return [
-        sys.executable, "-m", "mbn.cli.train", "-m",
-        f"experiment={experiment}",
-        f"norm={chunk.norm}", *NORM_OVERRIDES[chunk.norm],
-        f"seed={chunk.seed}",
-        f"output_root={output_root}",
-        *extra,
-    ]
-
-
-def compare_command(
-    sweep_dir: str | os.PathLike, out_dir: str | os.PathLike, metric: str = TABLE_METRIC, curve_batch_size: int | None = None
-) -> list[str]:
-    """The ``mbn-compare`` command writing the table, plots and report of the study.
-
-    Args:
-        sweep_dir: the study's sweep dir.
-        out_dir: where mbn-compare writes its outputs.
-        metric: the metric of the table and the accuracy-vs-m plot.
-        curve_batch_size: batch size of the per-epoch plot; None = mbn-compare's default (the smallest).
-    """
-    command = [sys.executable, "-m", "mbn.cli.compare", str(sweep_dir), "--out", str(out_dir), "--format", "markdown",
-               "--metric", metric]
-    if curve_batch_size is not None:
-        command += ["--curve-batch-size", str(curve_batch_size)]
-    return command
+STUDIES: dict[str, Study] = {
+    # The powered study (EXPERIMENTS.md, "Batch-size study in a trained regime: protocol"): 30 epochs,
+    # 5,000 images; seeds of a cell stacked (stacking does not pay at m = 32, where a step is already
+    # large); two processes at a time (joblib, configs/experiment/study_trained.yaml).
+    "trained": Study(
+        experiment="study_trained",
+        sweep_name="study_trained",
+        sweeps=(
+            ("norm=bn,mbn", "data.batch_size=2", "seed=0,1,2,3,4", "stack=5"),
+            ("norm=bn", "data.batch_size=32", "seed=0,1,2,3,4"),
+            ("norm=mbn", "data.batch_size=32", "seed=0"),
+            ("norm=bn,mbn", "data.batch_size=8", "seed=0,1,2", "stack=3"),
+            ("norm=gn,brn", "data.batch_size=2", "seed=0,1,2", "stack=3"),
+        ),
+        curve_batch_size=2,
+    ),
+    # The earlier, under-trained study (6 epochs, 3,000 images; every norm x m in {2..32} x 2 seeds).
+    # With 6 epochs MBN uses the per-iteration schedule: the per-epoch one moves lam in 6 large jumps.
+    "undertrained": Study(
+        experiment="study_cpu",
+        sweep_name="study_cpu",
+        sweeps=(("norm=bn,gn,brn", "seed=0,1"), ("norm=mbn", "norm.schedule=iteration", "seed=0,1")),
+        curve_batch_size=2,
+        baseline=None,
+    ),
+}
 
 
-def single_thread_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment of a worker process: one BLAS/OpenMP thread (the config sets torch's own)."""
-    env = dict(os.environ if base is None else base)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return env
+def executable(command: Sequence[str]) -> list[str]:
+    """The argv that runs ``command``: an entry point (``mbn-train``) becomes ``python -m <its module>``,
+    so the study runs with this interpreter whether or not the entry points are on PATH."""
+    head, *rest = command
+    return [sys.executable, "-m", ENTRY_POINTS[head], *rest] if head in ENTRY_POINTS else list(command)
 
 
-def run_chunks(commands: Mapping[str, list[str]], jobs: int, log_dir: Path) -> dict[str, int]:
-    """Run the commands with ``jobs`` parallel workers; each logs to ``log_dir/<name>.log``.
+def shown(command: Sequence[str], stdout: Path | None = None) -> str:
+    """``command`` as a user would type it in a shell."""
+    return shlex.join(command) + (f" > {shlex.quote(str(stdout))}" if stdout is not None else "")
+
+
+def run_commands(commands: Sequence[tuple[Sequence[str], Path | None]]) -> list[int]:
+    """Run the commands one after another, each printed first; a command's output goes to this
+    process's stdout, or to its file.
 
     Args:
-        commands: chunk name -> command, in the order they are started.
-        jobs: number of parallel worker processes (>= 1).
-        log_dir: dir of the per-chunk logs.
+        commands: ``(command, file for its stdout or None)`` pairs.
 
     Returns:
-        chunk name -> exit code of every chunk started; after an interrupted or killed chunk no
-        further chunk starts.
+        the exit code of every command started; after an interrupted or killed command (exit
+        130 or a signal) no further command starts.
     """
-    if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
-    log_dir.mkdir(parents=True, exist_ok=True)
-    pending: queue.Queue[str] = queue.Queue()
-    for name in commands:
-        pending.put(name)
-    codes: dict[str, int] = {}
-    lock = threading.Lock()
-    # Set when a chunk was interrupted or killed: start no further chunks (rerun to continue).
-    stop = threading.Event()
-    env = single_thread_env()
-
-    def worker() -> None:
-        while not stop.is_set():
-            try:
-                name = pending.get_nowait()
-            except queue.Empty:
-                return
-            started = time.monotonic()
-            _say(f"start {name}")
-            with open(log_dir / f"{name}.log", "a") as log:
-                code = subprocess.call(commands[name], stdout=log, stderr=subprocess.STDOUT, env=env)
-            with lock:
-                codes[name] = code
-            if code < 0 or code == INTERRUPTED_EXIT_CODE:
-                stop.set()
-            _say(f"done  {name}: exit {code}, {time.monotonic() - started:.0f} s")
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(jobs, len(commands)))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    codes: list[int] = []
+    for command, stdout in commands:
+        _say(f"$ {shown(command, stdout)}")
+        started = time.monotonic()
+        if stdout is None:
+            code = subprocess.call(executable(command))
+        else:
+            stdout.parent.mkdir(parents=True, exist_ok=True)
+            with open(stdout, "w") as out:
+                code = subprocess.call(executable(command), stdout=out)
+        codes.append(code)
+        _say(f"exit {code} after {time.monotonic() - started:.0f} s")
+        if code < 0 or code == INTERRUPTED_EXIT_CODE:
+            break
     return codes
+
+
+def sweep_dir_of(study: Study, output_root: str | os.PathLike | None) -> Path:
+    """The study's sweep dir: ``<output_root>/sweeps/<sweep_name>``, with the config's default
+    output_root (``$MBN_OUTPUT_ROOT`` or ``outputs``) when none is given."""
+    root = output_root if output_root is not None else os.environ.get("MBN_OUTPUT_ROOT", "outputs")
+    return Path(root) / "sweeps" / study.sweep_name
 
 
 def compact_runs(runs_csv: Path) -> "pd.DataFrame":
@@ -198,73 +172,72 @@ def compact_runs(runs_csv: Path) -> "pd.DataFrame":
     return runs[columns].sort_values(first).reset_index(drop=True)
 
 
-def publish(compare_dir: Path, target: Path) -> list[Path]:
-    """Copy the commit-ready outputs of ``mbn-compare`` to ``target``: ``table.md``, the PNG plots and
-    ``runs.csv`` cut to the varying config keys and the metrics (:func:`compact_runs`).
+def publish(compare_dir: Path, sweep_dir: Path, target: Path) -> list[Path]:
+    """Copy the commit-ready outputs of a study to ``target``.
+
+    That is: mbn-compare's ``table.md``, ``differences.csv``, the side tables and the PNG plots;
+    ``runs.csv`` cut to the varying config keys and the metrics (:func:`compact_runs`); and every
+    run's ``results.json`` under ``runs/<run dir>/`` (copied back into a sweep dir, they let the
+    study's commands skip those runs).
 
     Args:
-        compare_dir: mbn-compare's ``--out`` dir.
+        compare_dir: the main mbn-compare's ``--out`` dir.
+        sweep_dir: the study's sweep dir.
         target: e.g. ``experiments/batch_size_study/results``.
     """
     target.mkdir(parents=True, exist_ok=True)
-    copied = [Path(shutil.copy2(source, target / source.name))
-              for source in [compare_dir / "table.md", *sorted(compare_dir.glob("*.png"))] if source.exists()]
+    names = ["table.md", "differences.csv", *(f"{metric}.md" for metric, _ in SIDE_TABLES)]
+    sources = [compare_dir / name for name in names] + sorted(compare_dir.glob("*.png"))
+    copied = [Path(shutil.copy2(source, target / source.name)) for source in sources if source.exists()]
     runs = compact_runs(compare_dir / "runs.csv")
     atomic_write(target / "runs.csv", lambda f: f.write(runs.to_csv(index=False, float_format="%.4f").encode()))
-    return [*copied, target / "runs.csv"]
+    copied.append(target / "runs.csv")
+    for record in iter_results(sweep_dir):
+        destination = target / "runs" / record.parent.relative_to(sweep_dir) / RESULTS_FILENAME
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        copied.append(Path(shutil.copy2(record, destination)))
+    return copied
 
 
 def _say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.batch_size_study.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="output_root of the study (runs go to OUT/sweeps/<sweep_name>)")
-    parser.add_argument("--experiment", default="study_cpu", help="experiment config (default study_cpu)")
-    parser.add_argument("--norms", default=",".join(NORM_OVERRIDES), help="comma-separated norms (default bn,gn,brn,mbn)")
-    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), type=_int_list,
-                        help="comma-separated seeds (default 0,1)")
-    parser.add_argument("--jobs", type=int, default=2, help="parallel 1-thread sweeps (default 2)")
-    parser.add_argument("--sweep-name", default="study_cpu", help="sweep_name of the experiment (default study_cpu)")
-    parser.add_argument("--publish", metavar="DIR", help="copy the table, runs CSV and plots here")
+    parser.add_argument("--study", choices=sorted(STUDIES), default="trained", help="which study (default trained)")
+    parser.add_argument("--out", help="output_root of the runs (default: the config's, $MBN_OUTPUT_ROOT or outputs)")
+    parser.add_argument("--compare-dir", help="mbn-compare's --out (default <output_root>/compare/<sweep_name>)")
+    parser.add_argument("--publish", metavar="DIR", help="copy tables, plots, runs CSV and run records here")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
-    parser.add_argument("--no-compare", action="store_true", help="skip mbn-compare")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. epochs=1)")
+    parser.add_argument("--no-compare", action="store_true", help="run the sweeps only")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every mbn-train command (e.g. epochs=1)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the study; returns 0 when every chunk and the comparison succeeded."""
+    """Run a study; returns 0 when every command succeeded."""
     args = build_parser().parse_intermixed_args(argv)
-    out = Path(args.out).resolve()
-    norms = [n for n in args.norms.split(",") if n]
-    try:
-        study = chunks(norms, args.seeds)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    commands = {chunk.name: train_command(chunk, args.experiment, out, args.overrides) for chunk in study}
-    sweep_dir = out / "sweeps" / args.sweep_name
-    compare = compare_command(sweep_dir, out / "compare")
+    study = STUDIES[args.study]
+    extra = [*([f"output_root={args.out}"] if args.out is not None else []), *args.overrides]
+    sweep_dir = sweep_dir_of(study, args.out)
+    compare_dir = Path(args.compare_dir) if args.compare_dir else sweep_dir.parent.parent / "compare" / study.sweep_name
+    train = [(command, None) for command in study.train_commands(extra)]
+    compare = [] if args.no_compare else study.compare_commands(sweep_dir, compare_dir)
     if args.dry_run:
-        for command in [*commands.values(), compare]:
-            print(subprocess.list2cmdline(command))
+        for command, stdout in [*train, *compare]:
+            print(shown(command, stdout))
         return 0
     started = time.monotonic()
-    codes = run_chunks(commands, args.jobs, out / "logs")
-    _say(f"all chunks done in {time.monotonic() - started:.0f} s; exit codes {codes}")
-    status = 0 if all(code == 0 for code in codes.values()) else 1
-    if args.no_compare:
+    codes = run_commands(train)
+    _say(f"sweeps done in {time.monotonic() - started:.0f} s; exit codes {codes}")
+    status = 0 if len(codes) == len(train) and all(code == 0 for code in codes) else 1
+    if len(codes) < len(train) or not compare:
         return status
-    if subprocess.call(compare) != 0:
+    if any(code != 0 for code in run_commands(compare)):
         return 1
     if args.publish:
-        for path in publish(out / "compare", Path(args.publish)):
+        for path in publish(compare_dir, sweep_dir, Path(args.publish)):
             _say(f"published {path}")
     return status
 

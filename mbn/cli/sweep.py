@@ -251,7 +251,7 @@ class SweepCallback(Callback):
                 seeds = ", ".join(str(_seed_of(job)) for job in pack)
                 print(f"mbn-train: would stack seeds {seeds} in one process (with {pack[0].output_dir})", flush=True)
             listing = ", ".join(f"{n} {action}" for action, n in sorted(counts.items()))
-            stacked = f" in {len(packs)} stacked packs" if packs else ""
+            stacked = f" in {len(packs)} stacked pack{'s' if len(packs) > 1 else ''}" if packs else ""
             print(f"mbn-train: dry run of {len(self.jobs)} jobs{stacked}: {listing}; nothing was run", flush=True)
             raise SystemExit(0)
         if packs:

@@ -32,7 +32,7 @@ def test_a_stacked_sweep_records_each_seed_as_its_unstacked_run(tiny, run_env, c
     assert main([*base, "stack=3", "sweep_name=stacked", "dry_run=true"]) == 0
     out = capsys.readouterr().out
     assert "mbn-train: would stack seeds 0, 1, 2 in one process" in out
-    assert "mbn-train: dry run of 3 jobs in 1 stacked packs: 3 start; nothing was run" in out
+    assert "mbn-train: dry run of 3 jobs in 1 stacked pack: 3 start; nothing was run" in out
 
     assert main([*base, "stack=3", "sweep_name=stacked"]) == 0
     assert "mbn-train: sweep done: 3 completed, 0 failed, 0 skipped (of 3 jobs)" in capsys.readouterr().out
