@@ -57,17 +57,22 @@ CONTROL_KEYS = ("dry_run", "rerun_diverged", "debug", "stack", "stack_seeds")
 
 @dataclass
 class DebugConfig:
-    """Fault injection for tests of sweeps.
+    """Fault injection for tests of sweeps and interruptions.
 
     Args:
         fail_at_epoch: the run raises when this epoch starts (null = never).
+        hold_at_epoch: the run waits when this epoch starts, until it is signalled (at most
+            :data:`mbn.train.callbacks.HOLD_SECONDS`), so a test can stop it at a known point (null = never).
     """
 
     fail_at_epoch: int | None = None
+    hold_at_epoch: int | None = None
 
     def __post_init__(self) -> None:
-        if self.fail_at_epoch is not None and self.fail_at_epoch < 1:
-            raise specs.SpecError("fail_at_epoch", f"must be a positive integer or null, got {self.fail_at_epoch!r}")
+        for name in ("fail_at_epoch", "hold_at_epoch"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise specs.SpecError(name, f"must be a positive integer or null, got {value!r}")
 
 
 @dataclass
@@ -180,6 +185,10 @@ class Job:
     @property
     def fail_at_epoch(self) -> int | None:
         return self.train.debug.fail_at_epoch
+
+    @property
+    def hold_at_epoch(self) -> int | None:
+        return self.train.debug.hold_at_epoch
 
 
 def load_job(cfg: DictConfig) -> Job:

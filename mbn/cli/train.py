@@ -93,6 +93,10 @@ def run_task(cfg: DictConfig) -> JobOutcome | None:
         from mbn.train.callbacks import FailAtEpoch
 
         callbacks.append(FailAtEpoch(job.fail_at_epoch))
+    if job.hold_at_epoch is not None:
+        from mbn.train.callbacks import HoldAtEpoch
+
+        callbacks.append(HoldAtEpoch(job.hold_at_epoch))
 
     def train_here(run: Any) -> dict:
         from mbn.train.run import train  # Lightning import: only once the job is known to train

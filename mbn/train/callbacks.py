@@ -167,6 +167,32 @@ class FailAtEpoch(Callback):
             raise InjectedFailure(f"debug.fail_at_epoch={self.epoch}: injected failure at the start of epoch {self.epoch}")
 
 
+# The longest a held run waits for its signal before it carries on (a test that never sends one).
+HOLD_SECONDS = 120.0
+
+
+class HoldAtEpoch(Callback):
+    """Fault injection for tests: wait when epoch ``epoch`` (1-based) starts, until SIGINT or SIGTERM.
+
+    The epochs before it are finished and checkpointed, so a test that signals the run then knows
+    where it stopped. SIGINT raises ``KeyboardInterrupt`` in the wait; SIGTERM sets Lightning's
+    ``received_sigterm``, which ends the wait, and Lightning stops after the next batch.
+
+    Args:
+        epoch: the epoch that waits.
+    """
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 != self.epoch:
+            return
+        deadline = time.monotonic() + HOLD_SECONDS
+        while time.monotonic() < deadline and not getattr(trainer, "received_sigterm", False):
+            time.sleep(0.02)
+
+
 def norm_layer_counts(module: torch.nn.Module) -> dict[str, int]:
     """How many modules of each normalization class ``module`` holds (class name -> count)."""
     counts: dict[str, int] = {}

@@ -73,6 +73,7 @@ def test_the_run_spec_is_built_by_omegaconf_from_the_typed_config(tmp_path):
         (["norm=gn", "norm.eps=-1"], "norm.eps: must be a number in [0, inf), got -1.0"),
         (["trainer.devices=0"], "trainer.devices: must be a positive integer, got 0"),
         (["debug.fail_at_epoch=0"], "debug.fail_at_epoch: must be a positive integer or null, got 0"),
+        (["debug.hold_at_epoch=-1"], "debug.hold_at_epoch: must be a positive integer or null, got -1"),
         (["dry_run=maybe"], "dry_run: Value 'maybe' is not a valid bool"),
     ],
 )
