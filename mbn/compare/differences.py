@@ -306,7 +306,7 @@ def caption_lines(table: DifferenceTable) -> list[str]:
         f"{metric_label(grid.spec.metric)}: diff = row − {base} in {table.units} with its {CONFIDENCE:.0%} t "
         f"confidence interval; test = paired t-test by {over} where both cells have the same {over}s, else Welch's "
         f"unpaired t-test.",
-        f"p (Holm) = the p-values Holm-Bonferroni adjusted over the {n_cols} column{'s' if n_cols != 1 else ''} of each row; "
+        f"p (Holm) = the p-values Holm-Bonferroni adjusted over the tested columns of each row (at most {n_cols}); "
         f"significant: p (Holm) < {ALPHA:g}.",
         f"P({better}{base}) = share of all pairs of runs in which the row's run is {higher} (ties count 1/2).",
         f"seeds needed (where not significant): {over}s per cell for a t-test of the same design to detect "
@@ -330,10 +330,16 @@ def _header(table: DifferenceTable) -> list[str]:
                                                   "p (Holm)", f"P({better}{table.baseline_label})", "test", "verdict"])
 
 
+def _shown(table: DifferenceTable) -> list[Difference]:
+    """The differences that have a value: a (row, column) without a usable run on either side is a
+    note (:func:`_notes`), not a row of dashes (e.g. a norm run at one batch size only)."""
+    return [d for d in table.differences.values() if d.mean_difference is not None]
+
+
 def _body(table: DifferenceTable, decimals: int) -> list[list[str]]:
     scale = metric_scale(table.grid.spec.metric)
     rows = []
-    for difference in table.differences.values():
+    for difference in _shown(table):
         test = difference.test
         if difference.mean_difference is None:
             diff = EMPTY
@@ -362,6 +368,12 @@ def _notes(table: DifferenceTable) -> list[str]:
     if left_out:
         notes.append(f"not compared (no {table.baseline} row with the same other keys): "
                      + "; ".join(row_label(row) for row in left_out))
+    empty: dict[tuple[tuple, str], list[str]] = {}
+    for difference in table.differences.values():
+        if difference.mean_difference is None:
+            empty.setdefault((difference.row, table.verdict(difference)), []).append(str(difference.col))
+    for (row, verdict), cols in empty.items():
+        notes.append(f"{row_label(row)}: nothing to compare at {short_key(table.grid.spec.cols)} = {', '.join(cols)} ({verdict})")
     return notes
 
 
@@ -378,7 +390,7 @@ def _text(table: DifferenceTable, decimals: int) -> str:
         lines.append("  ".join(cells).rstrip())
         if index == 0:
             lines.append("  ".join("-" * w for w in widths))
-    if not table.differences:
+    if not _shown(table):
         lines.append("(no row to compare)")
     return "\n".join([f"{title(table)} ({table.grid.spec.metric}, row − {table.baseline_label}):", *lines,
                       *_notes(table), *caption_lines(table)]) + "\n"
@@ -432,7 +444,7 @@ def _html(table: DifferenceTable, decimals: int) -> str:
     parts += [f'<th scope="col"{VALUE_CLASS if i in numeric else ""}>{html.escape(h)}</th>'
               for i, h in enumerate(header)]
     parts.append("</tr></thead><tbody>")
-    for difference, row in zip(table.differences.values(), _body(table, decimals)):
+    for difference, row in zip(_shown(table), _body(table, decimals)):
         classes = ' class="best"' if difference.significant else ""
         parts.append("<tr>" + "".join(f'<th scope="row">{html.escape(c)}</th>' for c in row[:n_labels])
                      + f"<td>{html.escape(row[n_labels])}</td>"

@@ -93,7 +93,7 @@ def test_holm_adjusts_over_the_columns_of_each_row_only():
             running = max(running, min(1.0, factor * raw[index]))
             expected[index] = running
         assert [table.differences[((norm,), m)].p_holm for m in (2, 8, 32)] == pytest.approx(expected)
-    assert "Holm-Bonferroni adjusted over the 3 columns of each row" in format_differences(table)
+    assert "Holm-Bonferroni adjusted over the tested columns of each row (at most 3)" in format_differences(table)
 
 
 def test_seeds_needed_from_the_observed_spread_where_not_significant():
@@ -136,6 +136,13 @@ def test_empty_cell_has_no_difference():
     table = compute_differences(grid_of({("bn", 2): BN, ("bn", 8): BN, ("mbn", 2): MBN}), "bn")
     difference = table.differences[(("mbn",), 8)]
     assert difference.mean_difference is None and table.verdict(difference) == "no usable run in mbn"
+    # Shown as one note, not a row of dashes; the CSV keeps every (row, column).
+    text = format_differences(table)
+    assert "mbn: nothing to compare at m = 8 (no usable run in mbn)" in text
+    assert [line.split()[:2] for line in text.splitlines() if line.startswith("mbn ")] == [["mbn", "2"]]
+    markdown = format_differences(table, "markdown")
+    assert "| mbn | 8 |" not in markdown and "- mbn: nothing to compare at m = 8" in markdown
+    assert [row["data.batch_size"] for row in csv.DictReader(io.StringIO(format_differences(table, "csv")))] == ["2", "8"]
 
 
 def test_lower_is_better_metric_counts_a_lower_run_as_improvement():
