@@ -193,8 +193,11 @@ def test_interrupted_run_resumes_to_the_same_weights(signum, tiny, run_env, tmp_
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # The run waits when epoch 2 starts (debug.hold_at_epoch, not part of its config), so the signal
     # lands at a known point however loaded the machine is.
+    # SIGINT's default disposition, as in a terminal: a shell's background job (CI launched with `&`)
+    # ignores SIGINT, and the child would inherit that and never stop.
     proc = subprocess.Popen([sys.executable, "-m", "mbn.cli.train", *overrides, "debug.hold_at_epoch=2"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         run_dir = wait_for_first_epoch(run_env, proc)
         proc.send_signal(signum)
