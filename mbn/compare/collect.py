@@ -30,9 +30,6 @@ META_COLUMNS = (
     "config_hash", "started_at", "finished_at",
 )
 
-# The metrics of the results.json schema, known even before any run reports them.
-SCHEMA_METRICS = METRIC_KEYS
-
 # Top-level shortcuts of results.json used when the nested config lacks the key (e.g. W&B runs
 # logged with a partial config).
 CONFIG_FALLBACKS = {
@@ -57,7 +54,7 @@ class RunSet:
             (``val_acc1``, ``lam``, ``tau``, ...).
         config_keys: the columns of ``runs`` that come from the config.
         metric_keys: the columns of ``runs`` that come from ``results["metrics"]`` (always including
-            :data:`SCHEMA_METRICS`, empty until a run reports them).
+            :data:`mbn.results.METRIC_KEYS`, empty until a run reports them).
     """
 
     runs: pd.DataFrame
@@ -142,7 +139,7 @@ def runset_from_records(records: Iterable[tuple[str, Mapping[str, Any] | Excepti
     rows: list[dict[str, Any]] = []
     history_rows: list[dict[str, Any]] = []
     config_keys: dict[str, None] = {}
-    metric_keys: dict[str, None] = dict.fromkeys(SCHEMA_METRICS)
+    metric_keys: dict[str, None] = dict.fromkeys(METRIC_KEYS)
     for run_id, (source, results) in enumerate(records):
         if isinstance(results, Exception):
             rows.append({"source": source, "run_dir": run_location(source), "status": UNREADABLE,
@@ -255,7 +252,7 @@ def _scalar(value: Any) -> Any:
 
 
 def _ordered_columns(rows: list[dict[str, Any]]) -> list[str]:
-    columns: dict[str, None] = dict.fromkeys((*META_COLUMNS, *SCHEMA_METRICS))
+    columns: dict[str, None] = dict.fromkeys((*META_COLUMNS, *METRIC_KEYS))
     for row in rows:
         columns.update(dict.fromkeys(row))
     return list(columns)

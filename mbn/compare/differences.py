@@ -341,10 +341,7 @@ def _body(table: DifferenceTable, decimals: int) -> list[list[str]]:
     rows = []
     for difference in _shown(table):
         test = difference.test
-        if difference.mean_difference is None:
-            diff = EMPTY
-        else:
-            diff = f"{difference.mean_difference * scale:+.{decimals}f}"
+        diff = f"{difference.mean_difference * scale:+.{decimals}f}"
         interval = (f"[{test.difference.low * scale:+.{decimals}f}, {test.difference.high * scale:+.{decimals}f}]"
                     if test else EMPTY)
         if test is None:

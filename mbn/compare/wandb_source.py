@@ -24,8 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable, Mapping, TextIO
 
-from mbn.compare.collect import SCHEMA_METRICS
-from mbn.results import STATUSES
+from mbn.results import METRIC_KEYS, STATUSES
 
 # W&B run.state -> results.json status.
 STATE_TO_STATUS = {
@@ -227,7 +226,7 @@ def _history_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def _metrics(summary: Mapping[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
-    for name in SCHEMA_METRICS:
+    for name in METRIC_KEYS:
         for key in (name, f"metrics_{name}"):
             if _is_number(summary.get(key)):
                 metrics[name] = summary[key]
