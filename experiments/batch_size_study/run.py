@@ -151,9 +151,14 @@ def run_commands(commands: Sequence[tuple[Sequence[str], Path | None]]) -> list[
 
 def sweep_dir_of(study: Study, output_root: str | os.PathLike | None) -> Path:
     """The study's sweep dir: ``<output_root>/sweeps/<sweep_name>``, with the config's default
-    output_root (``$MBN_OUTPUT_ROOT`` or ``outputs``) when none is given."""
-    root = output_root if output_root is not None else os.environ.get("MBN_OUTPUT_ROOT", "outputs")
-    return Path(root) / "sweeps" / study.sweep_name
+    output_root (:class:`mbn.cli.schema.TrainConfig`'s: ``$MBN_OUTPUT_ROOT`` or ``outputs``) when none is given."""
+    if output_root is None:
+        from omegaconf import OmegaConf
+
+        from mbn.cli.schema import TrainConfig
+
+        output_root = OmegaConf.create({"output_root": TrainConfig.output_root}).output_root
+    return Path(output_root) / "sweeps" / study.sweep_name
 
 
 def compact_runs(runs_csv: Path) -> "pd.DataFrame":

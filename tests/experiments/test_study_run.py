@@ -132,6 +132,10 @@ def test_dry_run_prints_what_a_user_types(capsys, monkeypatch):
         "--decimals 3 > outputs/compare/study_trained/final_train_loss.md",
         "mbn-compare outputs/sweeps/study_trained --format markdown --metric final_train_acc1 --interval ci95 "
         "--decimals 2 > outputs/compare/study_trained/final_train_acc1.md"]
+    # Without --out the sweep dir follows the config's output_root default, $MBN_OUTPUT_ROOT included.
+    monkeypatch.setenv("MBN_OUTPUT_ROOT", "/data/runs")
+    assert study.sweep_dir_of(TRAINED, None) == Path("/data/runs/sweeps/study_trained")
+    assert study.sweep_dir_of(TRAINED, "x") == Path("x/sweeps/study_trained")
     assert study.main(["--dry-run", "--study", "undertrained", "--out", "x y", "--no-compare", "epochs=1"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "mbn-train -m experiment=study_cpu norm=bn,gn,brn seed=0,1 'output_root=x y' epochs=1",
