@@ -1,7 +1,7 @@
 """The config tree's location, its OmegaConf resolvers, job dir names and the one-line config error.
 
 The schema (types, defaults and rules) is :mod:`mbn.cli.schema`; this module holds what the
-configs and the error messages need besides it: ``mbn.project_root`` and ``mbn.job_dirname``
+configs and the error messages need besides it: ``mbn.default_data_root`` and ``mbn.job_dirname``
 (deterministic job dirs), :class:`ConfigError`, and :func:`check_buildable`.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
@@ -17,9 +18,29 @@ from omegaconf import OmegaConf
 if TYPE_CHECKING:
     from mbn.train.spec import RunSpec
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = PROJECT_ROOT / "configs"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def _checkout_root() -> Path | None:
+    """The repository root when ``mbn`` runs from a checkout (editable install, ``PYTHONPATH``), else None."""
+    root = PACKAGE_DIR.parent
+    return root if (root / "configs" / "train.yaml").is_file() and (root / "pyproject.toml").is_file() else None
+
+
+PROJECT_ROOT = _checkout_root()
+# A built wheel carries the configs inside the package (pyproject.toml: force-include configs ->
+# mbn/configs); a checkout keeps them at the top level, where they are edited.
+CONFIG_DIR = PACKAGE_DIR / "configs" if (PACKAGE_DIR / "configs").is_dir() else (PROJECT_ROOT or PACKAGE_DIR) / "configs"
 MAX_DIRNAME = 200
+
+
+def default_data_root() -> str:
+    """Where datasets are looked for unless ``$MBN_DATA_ROOT`` or ``paths.data_root`` says otherwise.
+
+    ``../shared/data`` beside a checkout (this project's machines keep the real CIFAR-10 there);
+    ``./data`` under the working directory for an installed package.
+    """
+    return str(PROJECT_ROOT.parent / "shared" / "data") if PROJECT_ROOT is not None else str(Path.cwd() / "data")
 
 
 class ConfigError(ValueError):
@@ -54,7 +75,11 @@ def composition_error(exc: BaseException) -> ConfigError:
     from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-    cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
+    # Hydra re-raises OmegaConf's error inside its own (``In 'experiment/x': ConfigKeyError raised
+    # ...``) without ``from``: the key is on the original, the file only in Hydra's message.
+    cause = next((e for e in (exc.__cause__, exc.__context__) if isinstance(e, OmegaConfBaseException)), exc)
+    source = _COMPOSED_FROM.match(str(exc))
+    where = f" (set in {source.group(1)}.yaml)" if source and cause is not exc else ""
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, _, option = str(exc.missing_cfg_file).rpartition("/")
         known = group_options(group) if group and (CONFIG_DIR / group).is_dir() else ()
@@ -65,16 +90,36 @@ def composition_error(exc: BaseException) -> ConfigError:
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         key = cause.full_key
         if isinstance(cause, ConfigKeyError) or "not in" in str(cause):
-            parent, _, name = key.rpartition(".")
-            known = _keys_at(cause, parent)
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
-            return ConfigError(key, f"unknown key{hint}")
-        return ConfigError(key, str(cause).strip().splitlines()[0])
+            return unknown_key_error(key, _keys_at(cause), where)
+        return ConfigError(key, str(cause).strip().splitlines()[0] + where)
     return ConfigError("config", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
 
 
-def _keys_at(error: BaseException, parent: str) -> list[str]:
+_COMPOSED_FROM = re.compile(r"^In '([^']+)':")
+
+
+def unknown_key_error(key: str, known: Iterable[str], where: str = "") -> ConfigError:
+    """The one line for a key that its schema lacks, with the nearest valid keys (or all of them).
+
+    Args:
+        key: the full dotted key, e.g. ``trainer.sync_batchnorm``.
+        known: the valid keys at that level (without the parent's prefix).
+        where: text placed after ``unknown key``, e.g. the file that set it.
+    """
+    parent, _, name = key.rpartition(".")
+    prefix = f"{parent}." if parent else ""
+    known = sorted(str(k) for k in known)
+    close = difflib.get_close_matches(name, known, n=3)
+    if close:
+        hint = f"; did you mean {' or '.join(prefix + k for k in close)}?"
+    elif known:
+        hint = f"; valid keys of {parent or 'the config'}: {', '.join(known)}"
+    else:
+        hint = ""
+    return ConfigError(key, f"unknown key{where}{hint}")
+
+
+def _keys_at(error: BaseException) -> list[str]:
     node = getattr(error, "parent_node", None)
     try:
         return [str(k) for k in node.keys()] if node is not None else []
@@ -116,8 +161,8 @@ def job_dirname(overrides: Iterable[str], exclude: Iterable[str] = ()) -> str:
 
 def register_resolvers() -> None:
     """Register the ``mbn.*`` resolvers the configs use (idempotent)."""
-    if not OmegaConf.has_resolver("mbn.project_root"):
-        OmegaConf.register_new_resolver("mbn.project_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("mbn.default_data_root"):
+        OmegaConf.register_new_resolver("mbn.default_data_root", default_data_root)
     if not OmegaConf.has_resolver("mbn.job_dirname"):
         OmegaConf.register_new_resolver(
             "mbn.job_dirname", lambda overrides, exclude=(): job_dirname(list(overrides), list(exclude))

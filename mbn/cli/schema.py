@@ -14,6 +14,7 @@ one line in :data:`NORM_SCHEMAS`, and ``configs/norm/<name>.yaml``.
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,7 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from mbn.cli.config import ConfigError
+from mbn.cli.config import ConfigError, unknown_key_error
 from mbn.train import spec as specs
 
 NORM_SCHEMAS: dict[str, type[specs.NormSpec]] = {
@@ -80,11 +81,12 @@ class PathsConfig:
     """Where things live on this machine; left out of the config hash, so moving them reruns nothing.
 
     Args:
-        data_root: the folder holding the datasets (default: ``$MBN_DATA_ROOT`` or ``../shared/data``).
+        data_root: the folder holding the datasets (default: ``$MBN_DATA_ROOT``, else ``../shared/data``
+            beside a checkout, ``./data`` for an installed package: :func:`mbn.cli.config.default_data_root`).
         cache_dir: decoded-dataset cache; null = ``$MBN_CACHE_DIR`` or ``~/.cache/mbn``.
     """
 
-    data_root: str = "${oc.env:MBN_DATA_ROOT,${mbn.project_root:}/../shared/data}"
+    data_root: str = "${oc.env:MBN_DATA_ROOT,${mbn.default_data_root:}}"
     cache_dir: str | None = None
 
 
@@ -200,6 +202,7 @@ def load_job(cfg: DictConfig) -> Job:
     Raises:
         ConfigError: the first bad value, with its full dotted key.
     """
+    _refuse_keys_outside_schema(cfg, "")
     try:
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
         train = OmegaConf.to_object(cfg)
@@ -215,6 +218,30 @@ def load_job(cfg: DictConfig) -> Job:
     for key in CONTROL_KEYS:
         config.pop(key, None)
     return Job(config=config, train=train)
+
+
+def _refuse_keys_outside_schema(node: DictConfig, prefix: str) -> None:
+    """Raise :class:`ConfigError` for the first key of ``node`` (recursively) that its schema lacks.
+
+    Hydra's ``+key=value`` opens the config to add a key, and ``OmegaConf.to_object`` then sets it as a
+    plain attribute that nothing reads: ``+trainer.sync_batchnorm=true`` would be recorded in the run's
+    config while the trainer is built without it. The composed result is therefore checked here.
+    """
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        known = [f.name for f in dataclasses.fields(schema)]
+    elif prefix == "logger.":
+        known = list(LOGGER_SCHEMAS)
+    else:
+        known = None
+    for key in node.keys():
+        key = str(key)
+        if known is not None and key not in known:
+            raise unknown_key_error(f"{prefix}{key}", known)
+        if OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
+            continue  # a missing value is reported with the others below; nothing to walk into
+        if isinstance(node[key], DictConfig):
+            _refuse_keys_outside_schema(node[key], f"{prefix}{key}.")
 
 
 def _locate(node: DictConfig, prefix: str) -> ConfigError:

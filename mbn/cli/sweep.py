@@ -234,6 +234,11 @@ class SweepCallback(Callback):
             return
         invalid = [job for job in self.jobs if job.error is not None]
         if invalid:
+            if len(invalid) == len(self.jobs) and len({job.error for job in invalid}) == 1:
+                # Not a swept value: the one line a single run prints.
+                print(f"mbn-train: invalid config: {invalid[0].error} (every job of the sweep; none started)",
+                      file=sys.stderr, flush=True)
+                raise SystemExit(EXIT_CODES["config_error"])
             for job in invalid:
                 print(f"mbn-train: invalid config in job {_swept_values(job, self.jobs)}: {job.error}", file=sys.stderr, flush=True)
             print(f"mbn-train: sweep not started: {len(invalid)} of {len(self.jobs)} jobs have an invalid config",

@@ -189,6 +189,8 @@ class _WorkerSlot:
 
 def _pin_parallel_job(spec: Any, hydra_cfg: Any) -> None:
     """Under the joblib launcher, give the job its GPU(s) and its share of the CPU threads."""
+    if hydra_cfg.mode != RunMode.MULTIRUN:  # a single run of a config that names a launcher runs alone
+        return
     launcher = OmegaConf.to_container(hydra_cfg.launcher, resolve=True) if hydra_cfg.get("launcher") else {}
     if "joblib" not in str(launcher.get("_target_", "")):
         return

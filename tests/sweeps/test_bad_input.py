@@ -51,7 +51,7 @@ def test_a_missing_archive_stops_a_sweep_before_any_job(run_env, tmp_path, capsy
     assert main(["-m", *archive_overrides(missing, run_env, tmp_path), "seed=0,1"]) == 2
     err = capsys.readouterr().err
     assert f"data.source.archive: no such file: {missing}" in err
-    assert "sweep not started: 2 of 2 jobs have an invalid config" in err
+    assert "(every job of the sweep; none started)" in err and len(err.strip().splitlines()) == 1
     assert not list(run_env.rglob("results.json"))
 
 
