@@ -42,3 +42,23 @@ def test_makefile_installs_the_extras_with_the_constraints():
     makefile = (ROOT / "Makefile").read_text()
     assert "-c $(CONSTRAINTS) torch torchvision" in makefile and "-c $(CONSTRAINTS) -e '.[all,dev]'" in makefile
     assert "scripts/check_layers_only_install.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_wheel_carries_every_config_file_inside_the_package(tmp_path):
+    """An installed ``mbn-train`` finds its configs: each file of configs/ is in the wheel, byte for byte."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("mbn-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {name: archive.read(name) for name in archive.namelist()}
+    configs = {f"mbn/configs/{p.relative_to(ROOT / 'configs').as_posix()}": p.read_bytes()
+               for p in (ROOT / "configs").rglob("*") if p.is_file()}
+    assert configs and {name: shipped.get(name) for name in configs} == configs
+    sources = {f"mbn/{p.relative_to(ROOT / 'mbn').as_posix()}" for p in (ROOT / "mbn").rglob("*.py")}
+    assert sources <= set(shipped)
+    outside = {name for name in shipped if not name.startswith(("mbn/", "mbn-"))}
+    assert not outside and not [name for name in shipped if "__pycache__" in name or name.endswith(".pyc")]
