@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,27 +47,27 @@ def load_driver():
     return module
 
 
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
-    """One ``--dry-run`` of every step: (completed process, report.json, report.txt, logs.txt)."""
-    tmp = tmp_path_factory.mktemp("gpu_check_dry")
-    data_root = tmp / "data"
-    data_root.mkdir()
-    (data_root / "cifar10-jpeg.tar.gz").write_bytes(b"")  # a dry run checks only that the archive exists
-    done = gpu_check("--dry-run", str(tmp / "out"), "--work", str(tmp / "work"), "--data-root", str(data_root))
-    out = tmp / "out"
-    return (done, json.loads((out / "report.json").read_text()), (out / "report.txt").read_text(),
-            (out / "logs.txt").read_text())
-
-
 def steps_by_name(report: dict) -> dict[str, dict]:
     return {entry["name"]: entry for entry in report["steps"]}
 
 
 @pytest.mark.slow
-def test_the_dry_run_runs_every_step_and_each_composes(dry_run):
-    done, report, text, logs = dry_run
+def test_the_dry_run_composes_every_command_and_reports_each_step(tmp_path):
+    """One dry run (8 processes, about half a minute of CPU time), checked by the helpers below."""
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    (data_root / "cifar10-jpeg.tar.gz").write_bytes(b"")  # a dry run checks only that the archive exists
+    out = tmp_path / "out"
+    done = gpu_check("--dry-run", str(out), "--work", str(tmp_path / "work"), "--data-root", str(data_root))
     assert done.returncode == 0, done.stdout + done.stderr
+    report, text = json.loads((out / "report.json").read_text()), (out / "report.txt").read_text()
+    check_every_step_ran(report, text, (out / "logs.txt").read_text())
+    check_training_steps_are_bf16_gpu_runs_listing_each_job(steps_by_name(report))
+    check_benchmarks_ran_their_gpu_commands_tiny_on_the_cpu(steps_by_name(report), text)
+    check_env_step_saw_this_interpreter_and_the_checkouts_package(steps_by_name(report)["env"]["numbers"])
+
+
+def check_every_step_ran(report: dict, text: str, logs: str) -> None:
     assert report["dry_run"] is True and report["failed"] == 0
     assert [entry["name"] for entry in report["steps"]] == STEPS
     outcomes = [(entry["status"], entry["exit_code"], entry["failure"]) for entry in report["steps"]]
@@ -79,9 +80,7 @@ def test_the_dry_run_runs_every_step_and_each_composes(dry_run):
     assert run_files == [], "a dry run writes no run files"
 
 
-@pytest.mark.slow
-def test_the_training_steps_are_bf16_gpu_runs_and_their_dry_runs_list_each_job(dry_run):
-    steps = steps_by_name(dry_run[1])
+def check_training_steps_are_bf16_gpu_runs_listing_each_job(steps: dict[str, dict]) -> None:
     register_schemas()
     for name in TRAIN_STEPS:
         gpu_argv = shlex.split(steps[name]["gpu_command"])
@@ -103,9 +102,7 @@ def test_the_training_steps_are_bf16_gpu_runs_and_their_dry_runs_list_each_job(d
     assert "norm=mbn" in shlex.split(steps["train_mbn"]["gpu_command"])
 
 
-@pytest.mark.slow
-def test_the_benchmarks_gpu_commands_run_tiny_on_the_cpu_and_their_numbers_are_parsed(dry_run):
-    steps = steps_by_name(dry_run[1])
+def check_benchmarks_ran_their_gpu_commands_tiny_on_the_cpu(steps: dict[str, dict], text: str) -> None:
     norms, stacked = steps["bench_norms"], steps["bench_stack"]
     for entry in (norms, stacked):
         gpu_argv = shlex.split(entry["gpu_command"])
@@ -124,12 +121,10 @@ def test_the_benchmarks_gpu_commands_run_tiny_on_the_cpu_and_their_numbers_are_p
     assert sorted((row["norm"], row["batch_size"], row["stack"]) for row in rows) == [
         ("bn", 2, 1), ("bn", 2, 4), ("mbn", 2, 1), ("mbn", 2, 4)]
     assert all(row["separate_img_per_s"] > 0 and row["stacked_img_per_s"] > 0 and row["ratio"] > 0 for row in rows)
-    assert "MBN/BN step time, train: m=2 " in dry_run[2] and "stacked/separate img/s: bn w2 m=2 K=1 " in dry_run[2]
+    assert "MBN/BN step time, train: m=2 " in text and "stacked/separate img/s: bn w2 m=2 K=1 " in text
 
 
-@pytest.mark.slow
-def test_the_env_step_reports_this_interpreter_and_the_checkouts_package(dry_run):
-    env = steps_by_name(dry_run[1])["env"]["numbers"]
+def check_env_step_saw_this_interpreter_and_the_checkouts_package(env: dict) -> None:
     assert env["torch"] == torch.__version__ and env["cuda_available"] == torch.cuda.is_available()
     assert Path(env["mbn"]) == ROOT / "mbn" / "__init__.py" and "missing_module" not in env
 
@@ -173,12 +168,26 @@ def test_a_timed_out_command_is_killed_with_every_process_it_started(tmp_path):
     driver = load_driver()
     pid_file = tmp_path / "pid"
     command = ["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"]
-    code, seconds = driver.run_command(command, tmp_path / "log", timeout_s=2)
-    assert code is None and 2 <= seconds < 30
-    pid = int(pid_file.read_text())
-    stat = Path(f"/proc/{pid}/stat")
-    # the background sleep is gone (or a zombie waiting for its new parent to reap it)
-    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    code, seconds = driver.run_command(command, tmp_path / "log", timeout_s=5)
+    assert code is None and 5 <= seconds < 30
+    stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
+
+    def sleeping() -> bool:  # gone, or a zombie waiting for its new parent to reap it, is not
+        return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+    deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously
+    while sleeping() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not sleeping()
+
+
+def test_the_first_failure_line_is_the_exception_even_with_output_after_its_traceback(tmp_path):
+    driver = load_driver()
+    program = "import atexit; atexit.register(print, 'shutting down'); print('working'); raise ValueError('bad value')"
+    code, _ = driver.run_command([sys.executable, "-c", program], tmp_path / "log", timeout_s=60)
+    log = (tmp_path / "log").read_text()
+    assert code == 1 and log.rstrip().endswith("shutting down")
+    assert driver.first_failure_line(log) == "ValueError: bad value"
 
 
 def test_bad_arguments_stop_with_one_line(tmp_path):
