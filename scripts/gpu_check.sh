@@ -18,6 +18,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "${PYTHON:-}" ]; then
     if [ ! -e "$ROOT/.venv/.mbn-installed" ]; then
+        echo "gpu_check: no .venv yet: building it with make setup (or set PYTHON to an interpreter that has mbn's dependencies)" >&2
         make -C "$ROOT" setup
     fi
     PYTHON="$ROOT/.venv/bin/python"
