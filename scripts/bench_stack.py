@@ -13,6 +13,10 @@ mid-schedule (epoch 5 of 10, ``m0 = 32``): ``lam > 0`` at m < 32.
     python scripts/bench_stack.py                                  # all defaults, CPU, 1 thread
     python scripts/bench_stack.py --widths 64 --batch-sizes 2 32 --stacks 4 --steps 8
     python scripts/bench_stack.py --device cuda --threads 0        # unchanged on a GPU
+    python scripts/bench_stack.py --device cuda --batch-sizes 2 --stacks 1 4 --json stack.json
+
+On a GPU every timed block starts and ends with a device synchronization, and the peak GPU memory
+allocated by PyTorch is printed at the end. ``--json PATH`` also writes the table (and that peak) as JSON.
 
 Target of issue 10: at m = 2, K = 4 at least 1.6x the throughput of separate runs.
 """
@@ -21,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -115,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0 = leave torch's default)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device of the models and batches, e.g. cuda")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the table and the peak GPU memory as JSON")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -124,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# bench_stack  {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"# command: python scripts/bench_stack.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, threads={torch.get_num_threads()}"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     print(
         f"# torch {torch.__version__}, python {platform.python_version()}, {where}, ResNet-18 (CIFAR stem), "
         f"{args.image_size}x{args.image_size} inputs, {args.steps} timed steps in {args.rounds} rounds after {args.warmup} warm-up"
@@ -132,16 +141,25 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# mbn: m0=32, epoch {EPOCH}/{TOTAL_EPOCHS} ({lams})")
     print("# img/s = images per second summed over the K runs; ratio = stacked / separate throughput")
     print(f"{'width':>5} {'norm':>4} {'m':>3} {'K':>2} {'separate img/s':>14} {'stacked img/s':>13} {'ratio':>6}")
+    rows = []
     for width in args.widths:
         for norm in args.norms:
             for batch_size in args.batch_sizes:
                 for members in args.stacks:
                     row = bench(width, norm, batch_size, members, args, device)
+                    rows.append({"width": width, "norm": norm, "batch_size": batch_size, "stack": members,
+                                 "separate_img_per_s": row["separate"], "stacked_img_per_s": row["stacked"], "ratio": row["ratio"]})
                     print(
                         f"{width:>5} {norm:>4} {batch_size:>3} {members:>2} {row['separate']:>14.1f} "
                         f"{row['stacked']:>13.1f} {row['ratio']:>6.2f}",
                         flush=True,
                     )
+    peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    if peak_mib is not None:
+        print(f"# peak GPU memory allocated: {peak_mib:.1f} MiB")
+    if args.json is not None:
+        record = {"device": str(device), "rows": rows, "peak_gpu_memory_allocated_mib": peak_mib}
+        args.json.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":
