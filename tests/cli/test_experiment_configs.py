@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 from cli_runner import mbn_train
+from hydra import compose, initialize_config_dir
 
-from mbn.cli.config import group_options
+from mbn.cli.config import CONFIG_DIR, group_options
 from mbn.results import iter_results, read_results
 
 EXPERIMENTS = group_options("experiment")
@@ -60,10 +61,20 @@ def test_every_experiment_plans_its_whole_sweep(experiment, tmp_path, run_env, c
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_under_every_launcher(experiment, launcher, tmp_path, run_env, capsys):
-    # One cell of the sweep (command-line values win over the experiment's swept ones), two seeds.
+def test_every_experiment_composes_under_every_launcher(experiment, launcher):
+    """The launcher is swappable: the experiment sets nothing that only one launcher knows."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}", f"hydra/launcher={launcher}"], return_hydra_config=True)
+    target = cfg.hydra.launcher._target_
+    assert {"basic": "BasicLauncher", "joblib": "JoblibLauncher", "parallel": "JoblibLauncher",
+            "slurm": "SlurmLauncher", "slurm_local": "LocalLauncher"}[launcher] in target
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_sweep_plans_under_every_launcher(launcher, tmp_path, run_env, capsys):
+    # One cell of the demo (command-line values win over the experiment's swept ones), two seeds.
     cell = ["norm=bn", "data.batch_size=2", "seed=0,1"]
-    assert mbn_train(["-m", *dry_run(experiment, tmp_path, run_env, f"hydra/launcher={launcher}", *cell)]) == 0
+    assert mbn_train(["-m", *dry_run("demo", tmp_path, run_env, f"hydra/launcher={launcher}", *cell)]) == 0
     out, err = capsys.readouterr()
     assert "mbn-train: dry run of 2 jobs" in out and not err.strip(), out + err
 
