@@ -72,7 +72,7 @@ def make_spec(batch_size: int, steps: int, output_dir: Path, width: int) -> RunS
 def lightning_seconds_per_step(spec: RunSpec) -> float:
     datamodule = ImageDataModule(spec.data, seed=spec.seed)
     module = build_module(spec, datamodule)
-    schedule = MomentumScheduleCallback(spec.epochs)
+    schedule = MomentumScheduleCallback()
     timer = StepTimer()
     recorder = EpochRecorder(schedule, log_lines=False)
     trainer = build_trainer(spec, [schedule, recorder, timer], build_loggers(spec))

@@ -1,4 +1,4 @@
-"""Callbacks of a training run: the MBN schedule, and the per-epoch record that feeds results.json."""
+"""Callbacks of a training run: the MBN schedule's log, and the per-epoch record that feeds results.json."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from mbn.nn import BatchRenorm, GroupNorm, MomentumBatchNorm, mbn_layers, set_progress
+from mbn.nn import BatchRenorm, GroupNorm, MomentumBatchNorm
 
 log = logging.getLogger("mbn.train")
 
@@ -20,35 +20,23 @@ NORM_CLASSES = (MomentumBatchNorm, BatchRenorm, GroupNorm, torch.nn.modules.batc
 
 
 class MomentumScheduleCallback(Callback):
-    """Drive the MBN momentum schedule and log its values.
+    """Log the MBN schedule: ``mbn/lam`` and ``mbn/tau`` at every epoch end.
 
-    At every training batch start the fractional 1-based epoch
-    ``current_epoch + 1 + batch_idx / num_batches`` is written to the cached list of
-    :class:`~mbn.nn.MomentumBatchNorm` layers (no model walk per step). At epoch end ``mbn/lam`` and
-    ``mbn/tau`` of the first layer (all layers share the schedule) are logged. Does nothing for
-    models without MBN layers.
-
-    Args:
-        total_epochs: planned number of epochs T of the schedule.
+    The schedule itself is the module's (:class:`~mbn.train.module.ClassificationModule` sets the
+    layers' progress at every training batch start), so a Trainer without this callback still
+    trains MBN right. Logs nothing for models without MBN layers.
     """
 
-    def __init__(self, total_epochs: int) -> None:
-        self.total_epochs = total_epochs
-        self.layers: list[MomentumBatchNorm] = []
+    def __init__(self) -> None:
+        self.module: Any = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.layers = mbn_layers(pl_module)
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.layers:
-            epoch = trainer.current_epoch + 1 + batch_idx / trainer.num_training_batches
-            set_progress(self.layers, epoch, self.total_epochs)
+        self.module = pl_module
 
     def values(self) -> dict[str, float]:
         """Current ``lam`` and ``tau`` (empty without MBN layers)."""
-        if not self.layers:
-            return {}
-        return {"lam": float(self.layers[0].lam), "tau": float(self.layers[0].tau)}
+        schedule_values = getattr(self.module, "schedule_values", None)
+        return schedule_values() if schedule_values is not None else {}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         values = self.values()

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mbn.nn import MomentumBatchNorm, mbn_layers, set_progress
 from mbn.train.optim import build_optimizer
 from mbn.train.spec import OptimSpec
 
@@ -29,6 +30,12 @@ class ClassificationModule(pl.LightningModule):
         global_batch_size: samples per optimizer step over all devices (linear lr scaling).
         num_classes: number of classes (top-5 accuracy is reported only when it exceeds 5).
         check_finite_every_n_steps: divergence check interval in steps.
+        total_epochs: planned epochs T of the MBN schedule; None = the Trainer's ``max_epochs``.
+
+    The module drives the MBN schedule itself: at every training batch start it sets the fractional
+    1-based epoch ``current_epoch + 1 + batch_idx / num_training_batches`` on its (cached)
+    :class:`~mbn.nn.MomentumBatchNorm` layers, so MBN follows the paper's schedule under any
+    Trainer, with or without this package's callbacks (which only log lam and tau).
     """
 
     def __init__(
@@ -38,6 +45,7 @@ class ClassificationModule(pl.LightningModule):
         global_batch_size: int,
         num_classes: int,
         check_finite_every_n_steps: int = 25,
+        total_epochs: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -45,6 +53,8 @@ class ClassificationModule(pl.LightningModule):
         self.global_batch_size = global_batch_size
         self.num_classes = num_classes
         self.check_finite_every_n_steps = max(1, check_finite_every_n_steps)
+        self.total_epochs = total_epochs
+        self._mbn_layers: list[MomentumBatchNorm] = mbn_layers(model)
         # [batch-mean loss sum, correct top-1, samples, batches]; on-device accumulators, reset each epoch.
         self._train_sums: torch.Tensor | None = None
         # [loss sum (per sample), correct top-1, correct top-5, samples]
@@ -57,6 +67,18 @@ class ClassificationModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._train_sums = torch.zeros(4, device=self.device, dtype=torch.float64)
+
+    def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
+        if self._mbn_layers:
+            total_epochs = self.total_epochs or self.trainer.max_epochs
+            epoch = self.current_epoch + 1 + batch_idx / max(1, self.trainer.num_training_batches)
+            set_progress(self._mbn_layers, epoch, total_epochs)
+
+    def schedule_values(self) -> dict[str, float]:
+        """The MBN schedule's current ``lam`` and ``tau`` (shared by every layer; empty without MBN)."""
+        if not self._mbn_layers:
+            return {}
+        return {"lam": float(self._mbn_layers[0].lam), "tau": float(self._mbn_layers[0].tau)}
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch

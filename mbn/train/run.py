@@ -87,6 +87,7 @@ def training_module(spec: RunSpec, model: torch.nn.Module, num_classes: int,
         global_batch_size=spec.global_batch_size,
         num_classes=num_classes,
         check_finite_every_n_steps=spec.trainer.check_finite_every_n_steps,
+        total_epochs=spec.epochs,
     )
 
 
@@ -200,7 +201,7 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
             datamodule = ImageDataModule(spec.data, seed=spec.seed, cache_dir=spec.cache_dir)
             module = build_module(spec, datamodule)
             loggers = build_loggers(spec)
-            schedule = MomentumScheduleCallback(spec.epochs)
+            schedule = MomentumScheduleCallback()
             recorder = EpochRecorder(
                 schedule,
                 on_epoch=lambda history: record.write("running", history),

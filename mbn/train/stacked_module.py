@@ -37,6 +37,7 @@ class StackedClassificationModule(ClassificationModule):
         global_batch_size: samples per optimizer step of one member.
         num_classes: number of classes.
         check_finite_every_n_steps: divergence check interval in steps.
+        total_epochs: planned epochs T of the MBN schedule (None = the Trainer's ``max_epochs``).
     """
 
     def __init__(
@@ -46,8 +47,9 @@ class StackedClassificationModule(ClassificationModule):
         global_batch_size: int,
         num_classes: int,
         check_finite_every_n_steps: int = 25,
+        total_epochs: int | None = None,
     ) -> None:
-        super().__init__(model, optim, global_batch_size, num_classes, check_finite_every_n_steps)
+        super().__init__(model, optim, global_batch_size, num_classes, check_finite_every_n_steps, total_epochs)
         self.num_members = model.num_members
         # member -> the error message of its divergence (as the single run's DivergedError says it).
         self.diverged: dict[int, str] = {}

@@ -161,7 +161,7 @@ def train_stack(specs: Sequence[RunSpec], callbacks: Sequence[Callback] = ()) ->
         Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
     if first.trainer.num_threads:
         torch.set_num_threads(first.trainer.num_threads)
-    schedule = MomentumScheduleCallback(first.epochs)
+    schedule = MomentumScheduleCallback()
     members = [_Member(k, spec, schedule) for k, spec in enumerate(specs)]
     for member in members:
         member.record.write("running")

@@ -87,3 +87,42 @@ def test_progress_bar_only_on_terminals_unless_forced(tmp_path, setting, expecte
     spec = fake_spec(tmp_path / "run", trainer=TrainerSpec(progress_bar=setting))
     trainer = build_trainer(spec, [], [])
     assert (trainer.progress_bar_callback is not None) is expected
+
+
+class RecordLam(Callback):
+    """The lam each MBN layer trains with, read in every training step (after the batch-start hooks)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from mbn.nn import mbn_layers
+
+        lams = {layer.lam for layer in mbn_layers(pl_module)}
+        assert len(lams) == 1
+        self.seen.append((trainer.current_epoch, batch_idx, lams.pop()))
+
+
+@pytest.mark.parametrize("total_epochs", [None, 5])
+def test_the_module_drives_the_mbn_schedule_under_a_plain_trainer(tmp_path, total_epochs):
+    """Any Trainer trains MBN right: no callback of this package is needed for the schedule."""
+    import pytorch_lightning as pl
+
+    from mbn.train.datamodule import ImageDataModule
+    from mbn.train.run import build_seeded_model
+    from mbn.train.module import ClassificationModule
+
+    spec = fake_spec(tmp_path / "run", epochs=3)
+    datamodule = ImageDataModule(spec.data, seed=spec.seed)
+    datamodule.setup("fit")
+    model = build_seeded_model(spec, datamodule.num_classes, datamodule.in_channels)
+    module = ClassificationModule(model, spec.optim, 8, datamodule.num_classes, total_epochs=total_epochs)
+    probe = RecordLam()
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[probe], accelerator="cpu")
+    trainer.fit(module, datamodule=datamodule)
+    batches = trainer.num_training_batches
+    T = total_epochs or 3
+    expected = [schedule.lam(epoch + 1 + i / batches, T, 8, 32) for epoch in range(3) for i in range(batches)]
+    assert [lam for _, _, lam in probe.seen] == expected  # the same float function of the same inputs
+    assert max(expected) > 0.3
