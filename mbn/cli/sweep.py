@@ -16,6 +16,7 @@ overrides); with another sweeper the callback does nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import sys
@@ -32,8 +33,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from mbn.cli.config import ConfigError, check_buildable, composition_error
-from mbn.cli.schema import load_job, to_run_spec
+from mbn.cli.schema import Job, load_job, to_run_spec
 from mbn.results import config_hash
+from mbn.train.spec import RunSpec
 from mbn.train.job import INVOCATION_ENV, JobOutcome, JobPlan, job_outcome, plan_job, verify_checkpoint
 
 EXIT_CODES = {"completed": 0, "skipped": 0, "dry_run": 0, "busy": 0, "failed": 1, "config_error": 2, "diverged": 3, "interrupted": 130}
@@ -349,3 +351,20 @@ def _exit_if_unwritable(directory: str) -> None:
     except ConfigError as exc:
         print(f"mbn-train: invalid config: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_CODES["config_error"]) from None
+
+
+def member_spec(job: Job, leader: RunSpec, seed: int) -> RunSpec:
+    """The run of one member of a stacked pack: the leader's run with another seed, in that seed's dir.
+
+    The dir is the one the unstacked sweep gives the job with this seed: the config's own
+    ``hydra.sweep.subdir`` rule applied to the member's overrides.
+    """
+    overrides = [o for o in leader.overrides if o.lstrip("+").partition("=")[0] not in ("seed", "stack_seeds")]
+    overrides.append(f"seed={seed}")
+    hydra_cfg = HydraConfig.get()
+    subdir_rule = OmegaConf.to_container(hydra_cfg.sweep, resolve=False)["subdir"]
+    subdir = OmegaConf.create({"hydra": {"overrides": {"task": overrides}, "sweep": {"subdir": subdir_rule}}}).hydra.sweep.subdir
+    config = {**job.config, "seed": seed}
+    output_dir = Path(leader.output_dir).parent / str(subdir)
+    return dataclasses.replace(leader, seed=seed, output_dir=output_dir, run_name=output_dir.name, config=config,
+                               config_hash=config_hash(config), overrides=overrides)

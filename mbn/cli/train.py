@@ -22,15 +22,11 @@ diverged, 130 when interrupted.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,32 +34,27 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from mbn.cli import sweep
+from mbn.cli.launch import DDP_CHILD_ENV, RELAUNCHED_STRATEGIES, external_rank, pin_parallel_job, quiet_lightning, train_ddp_processes
 from mbn.cli.config import CONFIG_DIR, ConfigError, check_buildable, composition_error
-from mbn.cli.schema import Job, load_job, to_run_spec
+from mbn.cli.schema import load_job, to_run_spec
 from mbn.results import config_hash
 from mbn.train.job import (
     INVOCATION_ENV,
     LOCK_FILENAME,
     JobOutcome,
     plan_job,
-    record_failure,
     run_job,
     run_pack,
     verify_checkpoint,
 )
-from mbn.train.spec import RunSpec
 
 log = logging.getLogger("mbn.cli")
 
 EXIT_CODES = sweep.EXIT_CODES
-# Set in the torchrun processes mbn-train starts for a DDP job: the parent already planned the dir.
-DDP_CHILD_ENV = "MBN_DDP_CHILD"
-# DDP strategies whose processes mbn-train launches itself (torchrun) instead of Lightning re-running argv.
-RELAUNCHED_STRATEGIES = ("ddp", "auto")
 
 __all__ = ["main", "EXIT_CODES"]
 
@@ -101,52 +92,35 @@ def run_task(cfg: DictConfig) -> JobOutcome | None:
     def train_here(run: Any) -> dict:
         from mbn.train.run import train  # Lightning import: only once the job is known to train
 
-        _quiet_lightning()
+        quiet_lightning()
         return train(run, callbacks=callbacks)
 
     if os.environ.get(DDP_CHILD_ENV):
         # One of the DDP processes this job's own mbn-train started: the parent planned and locked
         # the dir, and reports the outcome.
         return JobOutcome(train_here(spec)["status"], output_dir)
-    rank = _external_rank()
+    rank = external_rank()
     if rank is not None and rank > 0:
         # Started by a cluster launcher (SLURM tasks, torchrun): rank 0 decides; the others follow it.
         return run_job(spec, rerun_diverged=job.rerun_diverged, trainer=train_here, locked=False)
-    _pin_parallel_job(spec, hydra_cfg)
+    pin_parallel_job(spec, hydra_cfg)
     relaunch = rank is None and spec.trainer.world_size > 1 and spec.trainer.strategy in RELAUNCHED_STRATEGIES
     if relaunch and spec.trainer.num_nodes > 1:
         raise ConfigError("trainer.num_nodes", f"{spec.trainer.num_nodes} nodes need a cluster launcher "
                           "(hydra/launcher=slurm) that starts one process per device")
     seeds = job.train.pack_seeds()
     if len(seeds) > 1:
-        _quiet_lightning()
-        members = [_member_spec(job, spec, seed) for seed in seeds]
+        quiet_lightning()
+        members = [sweep.member_spec(job, spec, seed) for seed in seeds]
         outcomes = run_pack(members, rerun_diverged=job.rerun_diverged, callbacks=callbacks)
         for outcome in outcomes:
             _print_outcome(outcome)
         # The sweep counts every member from its dir; this job reports its worst member.
         return max(outcomes, key=lambda outcome: EXIT_CODES.get(outcome.status, 1))
-    trainer = (lambda run: _train_ddp_processes(run, overrides)) if relaunch else train_here
+    trainer = (lambda run: train_ddp_processes(run, overrides)) if relaunch else train_here
     outcome = run_job(spec, rerun_diverged=job.rerun_diverged, trainer=trainer)
     _print_outcome(outcome)
     return outcome
-
-
-def _member_spec(job: Job, leader: RunSpec, seed: int) -> RunSpec:
-    """The run of one member of a stacked pack: the leader's run with another seed, in that seed's dir.
-
-    The dir is the one the unstacked sweep gives the job with this seed: the config's own
-    ``hydra.sweep.subdir`` rule applied to the member's overrides.
-    """
-    overrides = [o for o in leader.overrides if o.lstrip("+").partition("=")[0] not in ("seed", "stack_seeds")]
-    overrides.append(f"seed={seed}")
-    hydra_cfg = HydraConfig.get()
-    subdir_rule = OmegaConf.to_container(hydra_cfg.sweep, resolve=False)["subdir"]
-    subdir = OmegaConf.create({"hydra": {"overrides": {"task": overrides}, "sweep": {"subdir": subdir_rule}}}).hydra.sweep.subdir
-    config = {**job.config, "seed": seed}
-    output_dir = Path(leader.output_dir).parent / str(subdir)
-    return dataclasses.replace(leader, seed=seed, output_dir=output_dir, run_name=output_dir.name, config=config,
-                               config_hash=config_hash(config), overrides=overrides)
 
 
 def _print_outcome(outcome: JobOutcome) -> None:
@@ -168,120 +142,6 @@ def _print_outcome(outcome: JobOutcome) -> None:
     if outcome.error:
         summary += f" - {outcome.error}"
     print(summary, flush=True)
-
-
-def _external_rank() -> int | None:
-    """This process's global rank when a cluster launcher started several (SLURM tasks, torchrun), else None."""
-    if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
-        return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return int(os.environ.get("SLURM_PROCID", "0"))
-    return None
-
-
-class _WorkerSlot:
-    """A joblib worker keeps the slot (GPU, threads) of its first job: CUDA_VISIBLE_DEVICES only
-    counts before CUDA starts in a process, and the worker serves its later jobs from the same process."""
-
-    slot: int | None = None
-    gpu_ids: list[int] = []
-
-
-def _pin_parallel_job(spec: Any, hydra_cfg: Any) -> None:
-    """Under the joblib launcher, give the job its GPU(s) and its share of the CPU threads."""
-    if hydra_cfg.mode != RunMode.MULTIRUN:  # a single run of a config that names a launcher runs alone
-        return
-    launcher = OmegaConf.to_container(hydra_cfg.launcher, resolve=True) if hydra_cfg.get("launcher") else {}
-    if "joblib" not in str(launcher.get("_target_", "")):
-        return
-    from mbn.train.resources import cpu_cores, job_resources, visible_gpu_ids
-
-    cores = cpu_cores()
-    n_jobs = int(launcher.get("n_jobs") or -1)
-    if n_jobs < 0:  # joblib: -1 = one job per core, -2 = all but one, ...
-        n_jobs = max(1, cores + 1 + n_jobs)
-    if _WorkerSlot.slot is None:
-        _WorkerSlot.slot = int(hydra_cfg.job.num) % n_jobs
-        gpu = spec.trainer.accelerator in ("gpu", "cuda", "auto")
-        _WorkerSlot.gpu_ids = visible_gpu_ids() if gpu else []
-    resources = job_resources(_WorkerSlot.slot, n_jobs, cores, _WorkerSlot.gpu_ids, spec.trainer.devices)
-    if resources.cuda_visible_devices is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = resources.cuda_visible_devices
-    if spec.trainer.num_threads is None:
-        spec.trainer.num_threads = resources.num_threads
-
-
-def _train_ddp_processes(spec: Any, overrides: list[str]) -> dict:
-    """Run a DDP job as ``trainer.devices`` processes started with torchrun, wait, return the record.
-
-    Lightning's own DDP launcher re-runs ``sys.argv``, which inside a Hydra multirun (or a joblib /
-    submitit worker) is the whole sweep or not mbn-train at all. Instead each process runs exactly
-    this job: its overrides, with ``hydra.run.dir`` set to the job's dir. Rank 0 writes results.json.
-    """
-    from mbn.results import read_results
-
-    output_dir = Path(spec.output_dir).resolve()
-    if '"' in str(output_dir):
-        raise ConfigError("output_root", f"a DDP job's dir cannot contain '\"': {output_dir}")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec.trainer.devices}",
-        "-m", "mbn.cli.train", *overrides,
-        f'hydra.run.dir="{output_dir}"', "hydra.output_subdir=null", "hydra/job_logging=stdout",
-    ]
-    env = {**os.environ, DDP_CHILD_ENV: "1"}
-    if spec.trainer.num_threads:
-        env["OMP_NUM_THREADS"] = str(spec.trainer.num_threads)
-    print(f"mbn-train: {output_dir}: {spec.trainer.devices} DDP processes (torchrun)", flush=True)
-    proc = subprocess.Popen(command, env=env)
-    previous = signal.getsignal(signal.SIGTERM) if _main_thread() else None
-    if _main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
-    interrupted = False
-    try:
-        while True:
-            try:
-                code = proc.wait()
-                break
-            except KeyboardInterrupt:  # the terminal's Ctrl-C reached torchrun and its workers too
-                interrupted = True
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    try:
-        results = read_results(output_dir)
-    except (OSError, ValueError):
-        results = None
-    if results is None or results.get("config_hash") != spec.config_hash:
-        error = f"DDP processes exited with code {code} before writing results.json"
-        return {"status": "interrupted" if interrupted else "failed", "error": error}
-    if code != 0 and results["status"] in ("running", "interrupted") and not interrupted:
-        # A rank died (or torchrun stopped the others after one failed): record it as a failure.
-        results = record_failure(output_dir, spec.config_hash, f"DDP process exited with code {code}") or results
-    return results
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _quiet_lightning() -> None:
-    """Drop Lightning messages that are noise for these runs (the metrics are logged per epoch on purpose)."""
-    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
-    # Expected when resuming: last.ckpt and best.ckpt are already there.
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    # Under DDP: epoch metrics are reduced over devices before they are logged.
-    warnings.filterwarnings("ignore", message=r".*recommended to use `self.log\(.*sync_dist=True")
-    rank_zero_logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-    if not any(isinstance(f, _DropAdverts) for f in rank_zero_logger.filters):
-        rank_zero_logger.addFilter(_DropAdverts())
-
-
-class _DropAdverts(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
 
 
 def _remove_if_only_bookkeeping(output_dir: Path) -> None:
