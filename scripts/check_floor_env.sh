@@ -2,8 +2,8 @@
 # The floor: a fresh virtualenv with the lowest versions pyproject.toml's ranges allow
 # (constraints-floor.txt, written by scripts/resolve_floor_constraints.py: torch 2.3, Lightning 2.6.0,
 # Hydra 1.3.2, ...) and this package. There it runs the layers' and models' tests, one tiny mbn-train
-# run (W&B offline and TensorBoard on) and one tiny sweep, and checks that trainer.compile=true, which
-# needs a newer torch, is refused in one line with exit code 2. Run by .ci/run after `make test`,
+# run (W&B offline and TensorBoard on), one tiny sweep and mbn-compare on it, and checks that
+# trainer.compile=true, which needs a newer torch, is refused in one line with exit code 2. Run by .ci/run after `make test`,
 # which tests the ceiling (constraints.txt). torch's CUDA wheels make the install the slow part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
