@@ -1,4 +1,5 @@
-"""Shared test setup: quiet, offline, single-threaded runs, and tiny-run overrides for ``mbn-train``."""
+"""Shared test setup: quiet, offline, single-threaded runs, tiny-run overrides for ``mbn-train``, and
+the ``torch_compile`` marker (skipped on a torch too old to compile MBN)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,21 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``torch_compile`` tests on a torch that trainer.compile refuses (the floor env's 2.3)."""
+    from mbn.nn.functional import COMPILE_MIN_TORCH, compile_supported
+
+    if compile_supported():
+        return
+    import torch
+
+    needed = ".".join(map(str, COMPILE_MIN_TORCH))
+    skip = pytest.mark.skip(reason=f"compiling MBN needs torch >= {needed} (mbn.nn.functional.COMPILE_MIN_TORCH), this is {torch.__version__}")
+    for item in items:
+        if item.get_closest_marker("torch_compile"):
+            item.add_marker(skip)
 
 
 def _tiny_overrides(output_root: Path, **extra: object) -> list[str]:

@@ -1,4 +1,5 @@
-"""pyproject.toml declares ranges (torch only for the layers), constraints.txt pins one set inside them."""
+"""pyproject.toml declares ranges (torch only for the layers); constraints.txt pins the tested set inside
+them (the ceiling) and constraints-floor.txt their lower bounds (the floor)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pins() -> dict[str, str]:
-    lines = (ROOT / "constraints.txt").read_text().splitlines()
+def pins(name: str = "constraints.txt") -> dict[str, str]:
+    lines = (ROOT / name).read_text().splitlines()
     return {canonicalize_name(name): version for name, _, version in
             (line.partition("==") for line in lines if line and not line.startswith("#"))}
 
@@ -38,10 +40,28 @@ def test_every_declared_range_holds_its_tested_pin():
         assert requirement.specifier.contains(pinned[name], prereleases=True), f"{requirement} excludes the tested {pinned[name]}"
 
 
+def test_the_floor_pins_every_declared_range_at_its_lower_bound():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floor = pins("constraints-floor.txt")
+    texts = project["dependencies"] + [r for group in project["optional-dependencies"].values() for r in group]
+    for requirement in map(Requirement, texts):
+        name = canonicalize_name(requirement.name)
+        if name == "mbn":
+            continue
+        lower = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+        assert len(lower) == 1, f"{requirement}: the floor needs one lower bound"
+        assert name in floor, f"{name} is not in constraints-floor.txt: run scripts/resolve_floor_constraints.py"
+        assert Version(floor[name]) == Version(lower[0]), f"{requirement}: the floor pins {floor[name]}"
+        assert requirement.specifier.contains(floor[name])
+
+
 def test_makefile_installs_the_extras_with_the_constraints():
     makefile = (ROOT / "Makefile").read_text()
     assert "-c $(CONSTRAINTS) torch torchvision" in makefile and "-c $(CONSTRAINTS) -e '.[all,dev]'" in makefile
-    assert "scripts/check_layers_only_install.sh" in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "scripts/check_layers_only_install.sh" in ci and "scripts/check_floor_env.sh" in ci
+    assert "-c constraints-floor.txt -e '.[all,dev]'" in (ROOT / "scripts" / "check_floor_env.sh").read_text()
+    assert "scripts/check_wheel_install.sh" in ci
 
 
 def test_the_wheel_carries_every_config_file_inside_the_package(tmp_path):

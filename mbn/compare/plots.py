@@ -155,7 +155,8 @@ def plot_curves(runset: RunSet, grid: Grid, col: Any, metric: str = "val_acc1") 
         mean, std = stats["mean"] * scale, stats["std"].fillna(0.0) * scale
         ax.plot(stats.index, mean, marker="o", markersize=3, color=colors[row],
                 label=f"{row_label(row)} (n={grid.cell(row, col).n})")
-        ax.fill_between(stats.index, mean - std, mean + std, color=colors[row], alpha=0.2, linewidth=0)
+        # Arrays, not Series: matplotlib 3.7.0 (the floor) cannot mask a pandas 2 Series here.
+        ax.fill_between(stats.index, (mean - std).to_numpy(), (mean + std).to_numpy(), color=colors[row], alpha=0.2, linewidth=0)
         plotted = True
     if not plotted:
         return None

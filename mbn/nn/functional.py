@@ -36,6 +36,7 @@ native BN kernel:
 Under ``torch.compile`` the Function is traced into the graph (no graph break; the compiled layer
 matches eager, ``tests/nn/test_compile.py``) and inductor fuses the per-channel ops. ``lam`` only
 enters as a factor of tensor arithmetic, so a new ``lam`` (every epoch or step) does not recompile.
+That needs torch >= :data:`COMPILE_MIN_TORCH` (:func:`compile_supported`); older torch runs MBN eagerly.
 """
 
 from __future__ import annotations
@@ -45,9 +46,21 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["momentum_batch_norm", "momentum_batch_norm_reference"]
+__all__ = ["COMPILE_MIN_TORCH", "compile_supported", "momentum_batch_norm", "momentum_batch_norm_reference"]
+
+# The oldest torch that compiles an MBN model into one graph without recompiling for every new lam
+# (tests/nn/test_compile.py, tests/models/test_stack_compile.py; both pass on 2.6.0). Before 2.6
+# dynamo bakes a module's float attributes into the graph (torch._dynamo.config.specialize_float
+# was True), so each new lam recompiles until the cache limit drops the model back to eager; torch
+# 2.3's dynamo also refuses this Function's tuple argument and stacked models' state updates.
+COMPILE_MIN_TORCH = (2, 6)
 
 _batch_norm_backward = torch.ops.aten.native_batch_norm_backward
+
+
+def compile_supported() -> bool:
+    """Whether this torch compiles MBN layers as the module docstring says (torch >= :data:`COMPILE_MIN_TORCH`)."""
+    return tuple(int(part) for part in torch.__version__.split(".")[:2]) >= COMPILE_MIN_TORCH
 
 
 class _MomentumBatchNormFunction(torch.autograd.Function):

@@ -13,8 +13,10 @@ scripts build a :class:`RunSpec` by hand just as well.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -34,6 +36,9 @@ PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mi
 DEFAULT_GN_GROUPS = 32
 # model.width of the standard networks, where GN's default is DEFAULT_GN_GROUPS groups.
 STANDARD_WIDTH = 64
+# The oldest torch trainer.compile accepts (mbn.nn.functional.COMPILE_MIN_TORCH, which says why;
+# repeated because specs are checked before torch is imported; a test keeps the two equal).
+COMPILE_MIN_TORCH = (2, 6)
 
 
 class SpecError(ValueError):
@@ -56,6 +61,14 @@ class SpecError(ValueError):
 
 
 # --- rules ----------------------------------------------------------------------------------------
+
+
+def _installed_torch() -> str | None:
+    """The installed torch's version, read without importing it (None when it is not installed)."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _at_least(key: str, value: int | None, minimum: int, optional: bool = False) -> None:
@@ -623,7 +636,7 @@ class TrainerSpec:
             NaN/inf (one host sync); a non-finite loss stops the run as ``diverged``.
         compile: ``torch.compile`` the model in place (``nn.Module.compile``: state_dict keys and
             checkpoints stay the same). Pays a one-off compile time per run; at small batch sizes it
-            removes most of MBN's per-op overhead (BENCHMARKS.md).
+            removes most of MBN's per-op overhead (BENCHMARKS.md). Needs torch >= 2.6 (COMPILE_MIN_TORCH).
         mbn_history: under DDP, whose batches MBN's momentum statistics M/Phi average:
             ``per_device`` (each device its own, as it normalizes its own batch: the paper's
             per-device normalization; every device's are checkpointed, so resumes stay exact) or
@@ -651,6 +664,12 @@ class TrainerSpec:
         _at_least("num_nodes", self.num_nodes, 1)
         _at_least("num_threads", self.num_threads, 1, optional=True)
         _at_least("check_finite_every_n_steps", self.check_finite_every_n_steps, 1)
+        if self.compile:
+            version = _installed_torch()
+            release = re.match(r"(\d+)\.(\d+)", version or "")
+            if release and tuple(map(int, release.groups())) < COMPILE_MIN_TORCH:
+                raise SpecError("compile", f"needs torch >= {'.'.join(map(str, COMPILE_MIN_TORCH))} (older torch.compile "
+                                           f"recompiles MBN for every new lam), this is torch {version}: set trainer.compile=false")
 
     @property
     def world_size(self) -> int:

@@ -222,6 +222,7 @@ def test_interrupted_run_resumes_to_the_same_weights(signum, tiny, run_env, tmp_
         assert torch.equal(expected[name], actual[name]), name
 
 
+@pytest.mark.torch_compile
 def test_compiled_model_trains_like_the_eager_one_with_the_same_checkpoint_keys(tiny, run_env):
     from torch._dynamo.utils import counters
 

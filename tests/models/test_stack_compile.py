@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from mbn.models import build_model, member_cross_entropy, stack
 from mbn.nn import norm_layer, set_progress
 
 
+@pytest.mark.torch_compile
 def test_compiled_stacked_mbn_model_matches_eager_and_does_not_recompile_per_lam():
     torch._dynamo.reset()  # no compiled code of other tests in, none of this test out
     try:

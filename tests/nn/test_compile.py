@@ -21,6 +21,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.torch_compile
 def test_compiled_mbn_matches_eager_and_does_not_recompile_per_lam():
     # fullgraph=True: any graph break raises. The per-iteration schedule changes lam every step;
     # after the first steps (initialization with lam = 0, first lam, lam made symbolic) a new lam

@@ -171,6 +171,7 @@ def test_a_diverged_member_is_frozen_and_recorded_while_the_others_complete(runs
         assert_histories_match(results[k]["history"], stacked[k]["history"], rtol=1e-12)
 
 
+@pytest.mark.torch_compile
 def test_a_compiled_stack_trains_as_the_eager_one(runs, tmp_path, monkeypatch):
     # aot_eager traces forward and backward as inductor does, without its minutes of C++ compiling.
     compile_module = torch.nn.Module.compile
