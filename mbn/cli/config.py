@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 MAX_DIRNAME = 200
+# Side of the CIFAR images (their sources have no image_size).
+CIFAR_IMAGE_SIZE = 32
 
 
 class ConfigError(ValueError):
@@ -141,6 +143,21 @@ def check_buildable(spec: "RunSpec") -> None:
     except (TypeError, ValueError) as exc:
         raise ConfigError("norm", str(exc)) from None
     try:
-        build_model(spec.model.name, num_classes=2, norm_layer=factory, width=spec.model.width, **spec.model.options)
+        model = build_model(spec.model.name, num_classes=2, norm_layer=factory, width=spec.model.width, **spec.model.options)
     except (TypeError, ValueError) as exc:
         raise ConfigError("model/norm", str(exc)) from None
+    if spec.data.batch_size == 1:
+        _check_one_value_per_channel(spec, model)
+
+
+def _check_one_value_per_channel(spec: "RunSpec", model: object) -> None:
+    """A batch of one is fine for BN-like layers only while the smallest feature map has more than one value."""
+    from mbn.nn import min_values_per_channel
+
+    source = spec.data.source
+    size = getattr(source, "image_size", CIFAR_IMAGE_SIZE)
+    values = min_values_per_channel(model, (getattr(source, "channels", 3), size, size))
+    if values == 1:
+        raise ConfigError("data.batch_size", f"1 image per device leaves the {spec.norm.name} layers of {spec.model.name} "
+                          f"one value per channel at its smallest feature map (1x1 at {size} px), and batch "
+                          "statistics need more than one in training: use data.batch_size >= 2")
