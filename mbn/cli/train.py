@@ -53,9 +53,11 @@ from mbn.train.job import (
     record_failure,
     run_job,
     run_pack,
+    same_config_dirs,
     verify_checkpoint,
 )
 from mbn.train.spec import RunSpec
+from mbn.utils.io import DiskFullError, is_disk_full
 
 log = logging.getLogger("mbn.cli")
 
@@ -84,7 +86,7 @@ def run_task(cfg: DictConfig) -> JobOutcome | None:
     digest = config_hash(job.config)
     spec = to_run_spec(job, output_dir, overrides, digest)
     if job.dry_run:
-        plan = verify_checkpoint(plan_job(output_dir, digest, job.rerun_diverged), output_dir, digest)
+        plan = verify_checkpoint(plan_job(output_dir, digest, job.rerun_diverged, search=same_config_dirs(spec)), output_dir, digest)
         print(plan.line(output_dir), flush=True)
         return None
     check_buildable(spec)
@@ -129,6 +131,8 @@ def run_task(cfg: DictConfig) -> JobOutcome | None:
     trainer = (lambda run: _train_ddp_processes(run, overrides)) if relaunch else train_here
     outcome = run_job(spec, rerun_diverged=job.rerun_diverged, trainer=trainer)
     _print_outcome(outcome)
+    if Path(outcome.output_dir) != output_dir:  # the config's run is in another dir: leave no empty one
+        _remove_if_only_bookkeeping(output_dir)
     return outcome
 
 
@@ -332,6 +336,8 @@ def main() -> int:
         os.environ[INVOCATION_ENV] = uuid.uuid4().hex[:12]
     full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    # A log file on a full disk must not print a traceback per message: the job's failure is reported.
+    logging.raiseExceptions = False
     try:
         _hydra_main()
     except SystemExit as exc:
@@ -340,6 +346,12 @@ def main() -> int:
         error = composition_error(exc)
         print(f"mbn-train: invalid config: {error}", file=sys.stderr, flush=True)
         return EXIT_CODES["config_error"]
+    except OSError as exc:  # a full disk before a job could record anything (Hydra's own files)
+        if not is_disk_full(exc):
+            raise
+        print(f"mbn-train: {exc if 'disk is full' in str(exc) else DiskFullError(exc.filename or 'the output dir')}",
+              file=sys.stderr, flush=True)
+        return EXIT_CODES["failed"]
     finally:
         if full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
