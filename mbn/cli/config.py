@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Iterable
 from omegaconf import OmegaConf
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from mbn.train.spec import RunSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -130,7 +132,8 @@ register_resolvers()
 
 
 def check_buildable(spec: "RunSpec") -> None:
-    """Build the norm factory and the model once on the CPU to turn bad layer options into a ConfigError.
+    """Build the norm factory and the model once on the CPU to turn bad layer options into a ConfigError;
+    with ``data.batch_size=1``, also check that no batch-statistics norm layer gets one value per channel.
 
     Args:
         spec: the run (:func:`run_spec`).
@@ -150,7 +153,7 @@ def check_buildable(spec: "RunSpec") -> None:
         _check_one_value_per_channel(spec, model)
 
 
-def _check_one_value_per_channel(spec: "RunSpec", model: object) -> None:
+def _check_one_value_per_channel(spec: "RunSpec", model: "nn.Module") -> None:
     """A batch of one is fine for BN-like layers only while the smallest feature map has more than one value."""
     from mbn.nn import min_values_per_channel
 

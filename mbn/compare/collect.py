@@ -24,6 +24,8 @@ UNREADABLE = "unreadable"
 # to be in the current one.
 KNOWN_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
 
+# The error shown for a run recorded "running" whose process is gone (listed as interrupted).
+STALE_RUNNING = "its process ended without a final status (killed, or out of disk); a rerun resumes it"
 # Metrics a record holds with a value that is not a number (JSON text {metric: problem}), or None.
 INVALID_METRICS = "invalid_metrics"
 # Per-run columns that are not config keys or metrics.
@@ -273,17 +275,36 @@ def plain(value: Any) -> Any:
 
 def _meta_row(source: str, results: Mapping[str, Any]) -> dict[str, Any]:
     error = results.get("error")
+    status = str(results.get("status"))
+    error = first_line(error if isinstance(error, str) else (json.dumps(error) if error else ""))
+    if status == "running" and _process_gone(source):
+        status, error = "interrupted", STALE_RUNNING
     return {
         "source": source,
         "run_dir": run_location(source, results),
-        "status": str(results.get("status")),
-        "error": first_line(error if isinstance(error, str) else (json.dumps(error) if error else "")),
+        "status": status,
+        "error": error,
         "epochs_completed": results.get("epochs_completed"),
         "wall_time_s": results.get("wall_time_s"),
         "config_hash": results.get("config_hash"),
         "started_at": results.get("started_at"),
         "finished_at": results.get("finished_at"),
     }
+
+
+def _process_gone(source: str) -> bool:
+    """A local run recorded ``running`` whose dir lock (``mbn.train.job.job_lock``) no process holds: it died."""
+    if "://" in source:
+        return False
+    from mbn.train.job import LOCK_FILENAME, is_locked  # plain Python: no torch or Lightning
+
+    run_dir = Path(source).parent
+    if not (run_dir / LOCK_FILENAME).exists():
+        return False  # not written by mbn-train's job owner (or by an older one): nothing to tell
+    try:
+        return not is_locked(run_dir)
+    except OSError:  # a filesystem without flock: cannot tell
+        return False
 
 
 def _is_known_schema(version: Any) -> bool:
