@@ -319,6 +319,24 @@ def _hydra_main(cfg: DictConfig) -> None:
     raise SystemExit(EXIT_CODES.get(outcome.status, 1))
 
 
+def _hydra_output_dir(exc: BaseException) -> str | None:
+    """The job's (or sweep's) dir Hydra was writing to when ``exc`` was raised, for a message; None if unknown.
+
+    Hydra resets its config when a job fails, so the job's dir is read from its ``run_job`` frame.
+    """
+    try:
+        traceback = exc.__traceback__
+        while traceback is not None:
+            frame = traceback.tb_frame
+            if frame.f_code.co_name == "run_job" and frame.f_locals.get("output_dir"):
+                return str(frame.f_locals["output_dir"])
+            traceback = traceback.tb_next
+        hydra_cfg = HydraConfig.instance().cfg.hydra
+        return str(OmegaConf.select(hydra_cfg, "sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "run.dir"))
+    except Exception:  # noqa: BLE001 - only a message's detail
+        return None
+
+
 def main() -> int:
     """Console entry point (``mbn-train``); the arguments are ``sys.argv`` (``hydra.main`` reads
     them itself and takes no argument list: facebookresearch/hydra#2064).
@@ -349,7 +367,9 @@ def main() -> int:
     except OSError as exc:  # a full disk before a job could record anything (Hydra's own files)
         if not is_disk_full(exc):
             raise
-        print(f"mbn-train: {exc if 'disk is full' in str(exc) else DiskFullError(exc.filename or 'the output dir')}",
+        where = _hydra_output_dir(exc)
+        print(f"mbn-train: {exc}" if isinstance(exc, DiskFullError) else
+              f"mbn-train: the disk is full (no space left on device) writing in {where or 'the output dir'}",
               file=sys.stderr, flush=True)
         return EXIT_CODES["failed"]
     finally:

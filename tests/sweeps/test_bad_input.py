@@ -163,3 +163,17 @@ def test_a_full_disk_mid_run_is_recorded_failed_and_the_rerun_resumes(tiny, run_
     assert [a["status"] for a in record["attempts"]] == ["failed", "completed"]
     assert record["attempts"][1]["resumed_from"] == str(last)
     assert [row["epoch"] for row in record["history"]] == [1, 2]
+
+
+def test_a_full_disk_before_the_job_starts_is_one_line_naming_the_dir(tiny, run_env, monkeypatch, capsys):
+    import hydra.core.utils
+
+    def no_space(*args, **kwargs):  # Hydra saving the job's .hydra/config.yaml on a full disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(hydra.core.utils, "_save_config", no_space)
+    assert main(tiny()) == 1
+    out, err = capsys.readouterr()
+    (run_dir,) = (run_env / "runs").iterdir()
+    assert err == f"mbn-train: the disk is full (no space left on device) writing in {run_dir}\n"
+    assert "Traceback" not in out
