@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 if TYPE_CHECKING:
     from mbn.train.spec import RunSpec
 
-from mbn.utils.io import atomic_write_json
+from mbn.utils.io import atomic_write_json, overwrite_in_place
 
 SCHEMA_VERSION = 1
 RESULTS_FILENAME = "results.json"
@@ -207,6 +207,26 @@ def write_results(output_dir: str | os.PathLike, results: Mapping[str, Any]) -> 
         raise ValueError(f"results status must be one of {STATUSES}, got {status!r}")
     data = {"schema_version": SCHEMA_VERSION, **results}
     return atomic_write_json(Path(output_dir) / RESULTS_FILENAME, data)
+
+
+def overwrite_results(output_dir: str | os.PathLike, results: Mapping[str, Any]) -> bool:
+    """Write a final record over the existing ``results.json`` in place, compact and without the
+    traceback, when :func:`write_results` hit a full disk (see :func:`mbn.utils.io.overwrite_in_place`).
+
+    When even that does not fit in the old record's bytes, the per-epoch ``history`` is left out too
+    (the metrics stay; a resumed run gets the history back from its checkpoint).
+
+    Returns:
+        False when there is no record to overwrite or the compact one does not fit in it.
+    """
+    status = results.get("status")
+    if status not in STATUSES:
+        raise ValueError(f"results status must be one of {STATUSES}, got {status!r}")
+    for left_out in (("traceback",), ("traceback", "history")):
+        data = {"schema_version": SCHEMA_VERSION, **{k: v for k, v in results.items() if k not in left_out}}
+        if overwrite_in_place(Path(output_dir) / RESULTS_FILENAME, json.dumps(data, separators=(",", ":"), default=str).encode()):
+            return True
+    return False
 
 
 def read_results(path: str | os.PathLike) -> dict[str, Any]:

@@ -8,13 +8,16 @@ Examples::
     mbn-compare outputs/sweeps/demo --baseline bn --interval ci95  # + differences to BN, 95% intervals
     mbn-compare --wandb me/mbn --wandb-group demo --out outputs/compare/demo-wandb
 
-Exit codes: 0 ok, 1 W&B unreachable, 2 bad arguments or no runs found.
+Exit codes: 0 ok, 1 W&B unreachable or writing ``--out`` failed midway (a full disk), 2 bad arguments
+(an ``--out`` that is a file or cannot be written is found before any work) or no runs found.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from mbn.compare.aggregate import DEFAULT_COLS, DEFAULT_METRIC, DEFAULT_OVER, GridSpec, default_rows
@@ -28,6 +31,8 @@ from mbn.compare.table import FORMATS
 from mbn.compare.wandb_source import WandbReadError, check_project, fetch_records
 
 EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE = 0, 1, 2
+# Writing the --out files failed after the check (the disk filled up): the table was printed.
+EXIT_WRITE_FAILED = 1
 TABLE_FORMATS = tuple(f for f in FORMATS if f != "html")
 
 
@@ -41,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare the runs of one or more sweeps: the paper's accuracy table (rows = norm, "
                     "columns = per-device batch size m, mean ± std over seeds), plots and an HTML report.",
         epilog="Runs not in the table (failed, diverged, running, interrupted, unreadable) and cells with "
-               "missing seeds are listed on stderr and in the report. Exit codes: 0 ok, 1 W&B unreachable, "
-               "2 bad arguments or no runs found.",
+               "missing seeds are listed on stderr and in the report. Exit codes: 0 ok, 1 W&B unreachable or "
+               "writing --out failed, 2 bad arguments or no runs found.",
     )
     parser.add_argument("sweep_dirs", nargs="*", metavar="SWEEP_DIR",
                         help="sweep or run dirs searched for results.json (several sweeps are combined)")
@@ -108,6 +113,8 @@ def _run(args: argparse.Namespace) -> int:
             check_project(args.wandb)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
+    if args.out:
+        _check_writable_dir(args.out)
     runset, sources = _read(args)
     readable = runset.runs[runset.runs["status"] != UNREADABLE]
     if readable.empty:
@@ -124,9 +131,27 @@ def _run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     _print_problems(comparison, sys.stderr)
     if args.out:
-        written = write_outputs(comparison, args.out, sources)
+        try:
+            written = write_outputs(comparison, args.out, sources)
+        except OSError as exc:  # e.g. the disk filled up while writing
+            print(f"mbn-compare: error: writing to --out {args.out} failed: {exc.strerror or exc}"
+                  + (f" ({exc.filename})" if exc.filename else ""), file=sys.stderr)
+            return EXIT_WRITE_FAILED
         print(f"wrote {len(written)} files to {args.out} (open {args.out}/report.html)", file=sys.stderr)
     return EXIT_OK
+
+
+def _check_writable_dir(out: str) -> None:
+    """Create ``--out`` if missing and check a file can be written there, before any work."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write there: {exc.strerror or exc}") from None
 
 
 def _read(args: argparse.Namespace) -> tuple[RunSet, list[str]]:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Iterable
 from omegaconf import OmegaConf
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from mbn.train.spec import RunSpec
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -32,6 +34,8 @@ PROJECT_ROOT = _checkout_root()
 # mbn/configs); a checkout keeps them at the top level, where they are edited.
 CONFIG_DIR = PACKAGE_DIR / "configs" if (PACKAGE_DIR / "configs").is_dir() else (PROJECT_ROOT or PACKAGE_DIR) / "configs"
 MAX_DIRNAME = 200
+# Side of the CIFAR images (their sources have no image_size).
+CIFAR_IMAGE_SIZE = 32
 
 
 def default_data_root() -> str:
@@ -173,7 +177,8 @@ register_resolvers()
 
 
 def check_buildable(spec: "RunSpec") -> None:
-    """Build the norm factory and the model once on the CPU to turn bad layer options into a ConfigError.
+    """Build the norm factory and the model once on the CPU to turn bad layer options into a ConfigError;
+    with ``data.batch_size=1``, also check that no batch-statistics norm layer gets one value per channel.
 
     Args:
         spec: the run (:func:`run_spec`).
@@ -186,6 +191,21 @@ def check_buildable(spec: "RunSpec") -> None:
     except (TypeError, ValueError) as exc:
         raise ConfigError("norm", str(exc)) from None
     try:
-        build_model(spec.model.name, num_classes=2, norm_layer=factory, width=spec.model.width, **spec.model.options)
+        model = build_model(spec.model.name, num_classes=2, norm_layer=factory, width=spec.model.width, **spec.model.options)
     except (TypeError, ValueError) as exc:
         raise ConfigError("model/norm", str(exc)) from None
+    if spec.data.batch_size == 1:
+        _check_one_value_per_channel(spec, model)
+
+
+def _check_one_value_per_channel(spec: "RunSpec", model: "nn.Module") -> None:
+    """A batch of one is fine for BN-like layers only while the smallest feature map has more than one value."""
+    from mbn.nn import min_values_per_channel
+
+    source = spec.data.source
+    size = getattr(source, "image_size", CIFAR_IMAGE_SIZE)
+    values = min_values_per_channel(model, (getattr(source, "channels", 3), size, size))
+    if values == 1:
+        raise ConfigError("data.batch_size", f"1 image per device leaves the {spec.norm.name} layers of {spec.model.name} "
+                          f"one value per channel at its smallest feature map (1x1 at {size} px), and batch "
+                          "statistics need more than one in training: use data.batch_size >= 2")

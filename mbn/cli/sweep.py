@@ -35,8 +35,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from mbn.cli.config import ConfigError, check_buildable, composition_error
 from mbn.cli.schema import Job, load_job, to_run_spec
 from mbn.results import config_hash
+from mbn.train.job import INVOCATION_ENV, JobOutcome, JobPlan, job_outcome, plan_job, same_config_dirs, verify_checkpoint
 from mbn.train.spec import RunSpec
-from mbn.train.job import INVOCATION_ENV, JobOutcome, JobPlan, job_outcome, plan_job, verify_checkpoint
 
 EXIT_CODES = {"completed": 0, "skipped": 0, "dry_run": 0, "busy": 0, "failed": 1, "config_error": 2, "diverged": 3, "interrupted": 130}
 # The sweeper whose job list expand_jobs reproduces (the cartesian product of the swept values).
@@ -195,7 +195,7 @@ def _plan_one(loader: Any, config: DictConfig, overrides: list[str], built: dict
         job.error = str(exc)
         return job
     job.config_hash = digest
-    job.plan = plan_job(job.output_dir, digest, task.rerun_diverged)
+    job.plan = plan_job(job.output_dir, digest, task.rerun_diverged, search=same_config_dirs(spec))
     return job
 
 
@@ -209,7 +209,7 @@ def _task_node(job_config: DictConfig) -> DictConfig:
 
 def _check_buildable_once(spec: Any, built: dict[str, ConfigError | None]) -> None:
     """Build each distinct (model, norm) once, as the job would, to catch bad layer options up front."""
-    key = repr((spec.model, spec.norm))
+    key = repr((spec.model, spec.norm, spec.data.batch_size == 1 and spec.data.source))
     if key not in built:
         try:
             check_buildable(spec)
@@ -235,12 +235,12 @@ class SweepCallback(Callback):
         if self.jobs is None:
             return
         invalid = [job for job in self.jobs if job.error is not None]
+        if invalid and len(invalid) == len(self.jobs) and len({job.error for job in invalid}) == 1:
+            # The same error in every job (a bad sweep_name, output root or shared value): one line.
+            print(f"mbn-train: invalid config: {invalid[0].error} (all {len(invalid)} jobs; sweep not started)",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_CODES["config_error"])
         if invalid:
-            if len(invalid) == len(self.jobs) and len({job.error for job in invalid}) == 1:
-                # Not a swept value: the one line a single run prints.
-                print(f"mbn-train: invalid config: {invalid[0].error} (every job of the sweep; none started)",
-                      file=sys.stderr, flush=True)
-                raise SystemExit(EXIT_CODES["config_error"])
             for job in invalid:
                 print(f"mbn-train: invalid config in job {_swept_values(job, self.jobs)}: {job.error}", file=sys.stderr, flush=True)
             print(f"mbn-train: sweep not started: {len(invalid)} of {len(self.jobs)} jobs have an invalid config",

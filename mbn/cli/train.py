@@ -34,7 +34,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mbn.cli import sweep
@@ -49,8 +49,10 @@ from mbn.train.job import (
     plan_job,
     run_job,
     run_pack,
+    same_config_dirs,
     verify_checkpoint,
 )
+from mbn.utils.io import DiskFullError, is_disk_full
 
 log = logging.getLogger("mbn.cli")
 
@@ -75,7 +77,7 @@ def run_task(cfg: DictConfig) -> JobOutcome | None:
     digest = config_hash(job.config)
     spec = to_run_spec(job, output_dir, overrides, digest)
     if job.dry_run:
-        plan = verify_checkpoint(plan_job(output_dir, digest, job.rerun_diverged), output_dir, digest)
+        plan = verify_checkpoint(plan_job(output_dir, digest, job.rerun_diverged, search=same_config_dirs(spec)), output_dir, digest)
         print(plan.line(output_dir), flush=True)
         return None
     check_buildable(spec)
@@ -120,6 +122,8 @@ def run_task(cfg: DictConfig) -> JobOutcome | None:
     trainer = (lambda run: train_ddp_processes(run, overrides)) if relaunch else train_here
     outcome = run_job(spec, rerun_diverged=job.rerun_diverged, trainer=trainer)
     _print_outcome(outcome)
+    if Path(outcome.output_dir) != output_dir:  # the config's run is in another dir: leave no empty one
+        _remove_if_only_bookkeeping(output_dir)
     return outcome
 
 
@@ -177,6 +181,24 @@ def _hydra_main(cfg: DictConfig) -> None:
     raise SystemExit(EXIT_CODES.get(outcome.status, 1))
 
 
+def _hydra_output_dir(exc: BaseException) -> str | None:
+    """The job's (or sweep's) dir Hydra was writing to when ``exc`` was raised, for a message; None if unknown.
+
+    Hydra resets its config when a job fails, so the job's dir is read from its ``run_job`` frame.
+    """
+    try:
+        traceback = exc.__traceback__
+        while traceback is not None:
+            frame = traceback.tb_frame
+            if frame.f_code.co_name == "run_job" and frame.f_locals.get("output_dir"):
+                return str(frame.f_locals["output_dir"])
+            traceback = traceback.tb_next
+        hydra_cfg = HydraConfig.instance().cfg.hydra
+        return str(OmegaConf.select(hydra_cfg, "sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "run.dir"))
+    except Exception:  # noqa: BLE001 - only a message's detail
+        return None
+
+
 def main() -> int:
     """Console entry point (``mbn-train``); the arguments are ``sys.argv`` (``hydra.main`` reads
     them itself and takes no argument list: facebookresearch/hydra#2064).
@@ -194,6 +216,8 @@ def main() -> int:
         os.environ[INVOCATION_ENV] = uuid.uuid4().hex[:12]
     full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    # A log file on a full disk must not print a traceback per message: the job's failure is reported.
+    logging.raiseExceptions = False
     try:
         _hydra_main()
     except SystemExit as exc:
@@ -202,6 +226,14 @@ def main() -> int:
         error = composition_error(exc)
         print(f"mbn-train: invalid config: {error}", file=sys.stderr, flush=True)
         return EXIT_CODES["config_error"]
+    except OSError as exc:  # a full disk before a job could record anything (Hydra's own files)
+        if not is_disk_full(exc):
+            raise
+        where = _hydra_output_dir(exc)
+        print(f"mbn-train: {exc}" if isinstance(exc, DiskFullError) else
+              f"mbn-train: the disk is full (no space left on device) writing in {where or 'the output dir'}",
+              file=sys.stderr, flush=True)
+        return EXIT_CODES["failed"]
     finally:
         if full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

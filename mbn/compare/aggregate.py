@@ -6,6 +6,7 @@ missing, ...), so the table and the problems list together account for every run
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from mbn.compare.collect import RunSet, plain
+from mbn.compare.collect import INVALID_METRICS, UNREADABLE, RunSet, plain
 
 DEFAULT_ROWS = ("norm.name",)
 # Added to the rows only when they take more than one value across the runs.
@@ -22,6 +23,8 @@ DEFAULT_COLS = "data.batch_size"
 DEFAULT_OVER = "seed"
 DEFAULT_METRIC = "best_val_acc1"
 TABLE_STATUSES = ("completed",)
+# Why a run is not in the table when another run of the same config hash stands for it (duplicate_runs).
+DUPLICATE = "duplicate"
 
 # Paper order of the normalizations; others follow alphabetically.
 NORM_ORDER = ("bn", "gn", "brn", "mbn", "none")
@@ -50,13 +53,20 @@ class GridSpec:
 
 @dataclass
 class Cell:
-    """One table cell: the metric values of the runs with these row and column values."""
+    """One table cell: the metric values of the runs with these row and column values.
+
+    ``values`` holds one value per repeat (seed), parallel to ``over_values``: runs of different
+    configs that share a seed in a cell (they differ in a key outside the table) are averaged into
+    that seed's value, so ``n`` is the number of distinct seeds. ``run_ids`` and ``run_over`` list
+    every run in the cell and its seed.
+    """
 
     row: tuple
     col: Any
     values: list[float] = field(default_factory=list)
     over_values: list[Any] = field(default_factory=list)
     run_ids: list[int] = field(default_factory=list)
+    run_over: list[Any] = field(default_factory=list)
     missing_over: list[Any] = field(default_factory=list)
     best: bool = False
 
@@ -76,7 +86,7 @@ class Cell:
     @property
     def duplicated_over(self) -> list[Any]:
         """Repeat values (seeds) that occur in more than one run of this cell."""
-        return sorted({v for v in self.over_values if self.over_values.count(v) > 1}, key=sort_key)
+        return sorted({v for v in self.run_over if self.run_over.count(v) > 1}, key=sort_key)
 
 
 @dataclass
@@ -153,7 +163,11 @@ def exclusion_reasons(runset: RunSet, spec: GridSpec, statuses: Sequence[str] = 
     """
     runs = runset.runs
     reasons = pd.Series([None] * len(runs), index=runs.index, dtype=object)
+    duplicates = duplicate_runs(runset)
     for run_id, run in runs.iterrows():
+        if run_id in duplicates:
+            reasons[run_id] = DUPLICATE
+            continue
         if run["status"] not in statuses:
             reasons[run_id] = run["status"]
             continue
@@ -161,10 +175,42 @@ def exclusion_reasons(runset: RunSet, spec: GridSpec, statuses: Sequence[str] = 
         if missing:
             reasons[run_id] = f"config lacks {', '.join(missing)}"
             continue
+        invalid = json.loads(run[INVALID_METRICS]) if isinstance(run.get(INVALID_METRICS), str) else {}
+        if spec.metric in invalid:
+            reasons[run_id] = f"invalid: metric {spec.metric} {invalid[spec.metric]}"
+            continue
         value = run[spec.metric] if spec.metric in runs.columns else None
         if _is_missing(value) or not _is_finite_number(value):
-            reasons[run_id] = f"metric {spec.metric} missing or not a number ({value!r})"
+            reasons[run_id] = f"metric {spec.metric} missing"
     return reasons
+
+
+def duplicate_runs(runset: RunSet) -> dict[int, int]:
+    """Runs of a configuration that another run of the same ``config_hash`` stands for: ``{run_id: kept run_id}``.
+
+    A configuration is one run however many dirs hold it (a sweep rerun under other dir names, two
+    sweeps combined): the newest completed run of a config hash is kept (the newest run when none
+    completed), the others are duplicates, so no seed is counted twice.
+
+    Args:
+        runset: the runs.
+    """
+    runs = runset.runs
+    if "config_hash" not in runs.columns or not len(runs):
+        return {}
+    duplicates: dict[int, int] = {}
+    hashed = runs[runs["config_hash"].notna() & (runs["status"] != UNREADABLE)]
+    for _, group in hashed.groupby("config_hash", sort=False):
+        if len(group) < 2:
+            continue
+
+        def age(run_id: int) -> tuple:
+            run = group.loc[run_id]
+            return (run["status"] == "completed", str(plain(run["finished_at"]) or plain(run["started_at"]) or ""))
+
+        kept = max(group.index, key=age)
+        duplicates.update({int(run_id): int(kept) for run_id in group.index if run_id != kept})
+    return duplicates
 
 
 def build_grid(runset: RunSet, spec: GridSpec, statuses: Sequence[str] = TABLE_STATUSES) -> Grid:
@@ -190,12 +236,17 @@ def build_grid(runset: RunSet, spec: GridSpec, statuses: Sequence[str] = TABLE_S
     col_keys = sorted({plain(v) for v in keyed[spec.cols]}, key=sort_key)
     expected_over = sorted({plain(v) for v in keyed[spec.over]}, key=sort_key)
     cells = {(row, col): Cell(row=row, col=col) for row in row_keys for col in col_keys}
+    per_over: dict[tuple, dict[Any, list[float]]] = {}
     for run_id, run in runs[reasons.isna()].iterrows():
         row = tuple(plain(run[key]) for key in spec.rows)
         cell = cells[(row, plain(run[spec.cols]))]
-        cell.values.append(float(run[spec.metric]))
-        cell.over_values.append(plain(run[spec.over]))
         cell.run_ids.append(int(run_id))
+        cell.run_over.append(plain(run[spec.over]))
+        per_over.setdefault((cell.row, cell.col), {}).setdefault(plain(run[spec.over]), []).append(float(run[spec.metric]))
+    for key, by_over in per_over.items():
+        cell = cells[key]
+        cell.over_values = list(by_over)
+        cell.values = [statistics.fmean(values) for values in by_over.values()]
     for cell in cells.values():
         cell.missing_over = [v for v in expected_over if v not in cell.over_values]
     lower_is_better = "loss" in spec.metric

@@ -24,10 +24,14 @@ UNREADABLE = "unreadable"
 # to be in the current one.
 KNOWN_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
 
+# The error shown for a run recorded "running" whose process is gone (listed as interrupted).
+STALE_RUNNING = "its process ended without a final status (killed, or out of disk); a rerun resumes it"
+# Metrics a record holds with a value that is not a number (JSON text {metric: problem}), or None.
+INVALID_METRICS = "invalid_metrics"
 # Per-run columns that are not config keys or metrics.
 META_COLUMNS = (
     "source", "run_dir", "status", "error", "epochs_completed", "wall_time_s",
-    "config_hash", "started_at", "finished_at",
+    "config_hash", "started_at", "finished_at", INVALID_METRICS,
 )
 
 # Top-level shortcuts of results.json used when the nested config lacks the key (e.g. W&B runs
@@ -142,8 +146,14 @@ def runset_from_records(records: Iterable[tuple[str, Mapping[str, Any] | Excepti
     metric_keys: dict[str, None] = dict.fromkeys(METRIC_KEYS)
     for run_id, (source, results) in enumerate(records):
         if isinstance(results, Exception):
-            rows.append({"source": source, "run_dir": run_location(source), "status": UNREADABLE,
-                         "error": first_line(f"{type(results).__name__}: {results}")})
+            row = {"source": source, "run_dir": run_location(source), "status": UNREADABLE,
+                   "error": first_line(f"{type(results).__name__}: {results}")}
+            # The job's config as Hydra saved it beside the record: the run is listed under its
+            # seed and cell, so a missing seed is not also reported as "no run found".
+            for key, value in _saved_job_config(source).items():
+                row.setdefault(key, _scalar(value))
+                config_keys[key] = None
+            rows.append(row)
             continue
         version = results.get("schema_version", SCHEMA_VERSION)
         if not _is_known_schema(version):
@@ -157,9 +167,15 @@ def runset_from_records(records: Iterable[tuple[str, Mapping[str, Any] | Excepti
         # A record written before a metric joined the schema (final_train_acc1) gets it from its history.
         for key, value in summarize_history(history)["metrics"].items():
             metrics.setdefault(key, value)
+        invalid = {}
         for key, value in metrics.items():
+            problem = metric_problem(value)
+            if problem:
+                invalid[key] = problem
+                value = None
             row[key] = _scalar(value)
             metric_keys[key] = None
+        row[INVALID_METRICS] = json.dumps(invalid) if invalid else None
         config = flatten(results.get("config") or {})
         for key, top_level in CONFIG_FALLBACKS.items():
             if key not in config and results.get(top_level) is not None:
@@ -177,6 +193,41 @@ def runset_from_records(records: Iterable[tuple[str, Mapping[str, Any] | Excepti
     if history.empty:
         history = pd.DataFrame(columns=["run_id", "epoch"])
     return RunSet(runs=runs, history=history, config_keys=list(config_keys), metric_keys=list(metric_keys))
+
+
+def metric_problem(value: Any) -> str | None:
+    """Why a recorded metric value is not usable: ``"is nan"``, ``"is '0.9' (a str, not a number)"``; None
+    for a number or a missing value (None).
+
+    Args:
+        value: the value as read from the record.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"is {value!r} (a {type(value).__name__}, not a number)"
+    if not math.isfinite(value):
+        return f"is {value}"
+    return None
+
+
+def _saved_job_config(source: str) -> dict[str, Any]:
+    """The grid keys (:data:`CONFIG_FALLBACKS`) of the ``.hydra/config.yaml`` Hydra saved beside a results.json
+    (``{}`` when there is none or it is unreadable)."""
+    if "://" in source:
+        return {}
+    path = Path(source).parent / ".hydra" / "config.yaml"
+    try:
+        import yaml
+
+        config = yaml.safe_load(path.read_text())
+    except Exception:  # noqa: BLE001 - missing, unreadable or not YAML: the run is listed without it
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    # Only the keys that place a run in the table (the saved file keeps interpolations unresolved).
+    return {key: value for key, value in flatten(config).items()
+            if key in CONFIG_FALLBACKS and not (isinstance(value, str) and "${" in value)}
 
 
 def run_location(source: str, results: Mapping[str, Any] | None = None) -> str:
@@ -224,17 +275,36 @@ def plain(value: Any) -> Any:
 
 def _meta_row(source: str, results: Mapping[str, Any]) -> dict[str, Any]:
     error = results.get("error")
+    status = str(results.get("status"))
+    error = first_line(error if isinstance(error, str) else (json.dumps(error) if error else ""))
+    if status == "running" and _process_gone(source):
+        status, error = "interrupted", STALE_RUNNING
     return {
         "source": source,
         "run_dir": run_location(source, results),
-        "status": str(results.get("status")),
-        "error": first_line(error if isinstance(error, str) else (json.dumps(error) if error else "")),
+        "status": status,
+        "error": error,
         "epochs_completed": results.get("epochs_completed"),
         "wall_time_s": results.get("wall_time_s"),
         "config_hash": results.get("config_hash"),
         "started_at": results.get("started_at"),
         "finished_at": results.get("finished_at"),
     }
+
+
+def _process_gone(source: str) -> bool:
+    """A local run recorded ``running`` whose dir lock (``mbn.train.job.job_lock``) no process holds: it died."""
+    if "://" in source:
+        return False
+    from mbn.train.job import LOCK_FILENAME, is_locked  # plain Python: no torch or Lightning
+
+    run_dir = Path(source).parent
+    if not (run_dir / LOCK_FILENAME).exists():
+        return False  # not written by mbn-train's job owner (or by an older one): nothing to tell
+    try:
+        return not is_locked(run_dir)
+    except OSError:  # a filesystem without flock: cannot tell
+        return False
 
 
 def _is_known_schema(version: Any) -> bool:

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from mbn.compare.aggregate import TABLE_STATUSES, Grid, GridSpec, exclusion_reasons
+from mbn.compare.aggregate import DUPLICATE, TABLE_STATUSES, Grid, GridSpec, duplicate_runs, exclusion_reasons
 from mbn.compare.collect import RunSet, plain
 from mbn.compare.configdiff import differing_keys
 
@@ -52,15 +52,20 @@ def run_problems(runset: RunSet, spec: GridSpec, statuses: Sequence[str] = TABLE
         statuses: run statuses that go into the table.
     """
     reasons = exclusion_reasons(runset, spec, statuses)
+    duplicates = duplicate_runs(runset)
     problems = []
     for run_id, reason in reasons.items():
         if reason is None:
             continue
         run = runset.runs.loc[run_id]
         labels = {key: plain(run[key]) for key in spec.keys if key in run.index and plain(run[key]) is not None}
+        error = run["error"] if isinstance(run["error"], str) else ""
+        if reason == DUPLICATE:
+            kept = runset.runs.loc[duplicates[int(run_id)]]
+            error = f"same config (hash {run['config_hash']}) as the {kept['status']} run used: {kept['run_dir']}"
         problems.append(RunProblem(
             run_id=int(run_id), reason=str(reason), run_dir=str(run["run_dir"]), labels=labels,
-            progress=_progress(run), error=run["error"] if isinstance(run["error"], str) else "",
+            progress=_progress(run), error=error,
         ))
     return problems
 
@@ -96,11 +101,12 @@ def grid_notes(grid: Grid, runset: RunSet, problems: Sequence[RunProblem] = ()) 
                 notes.append(GridNote("missing seeds", label,
                                       f"n={cell.n} of {grid.max_n}; " + ", ".join(why(v) for v in cell.missing_over)))
             for value in cell.duplicated_over:
-                run_ids = [i for i, v in zip(cell.run_ids, cell.over_values) if v == value]
+                run_ids = [i for i, v in zip(cell.run_ids, cell.run_over) if v == value]
                 dirs = [str(runset.runs.at[i, "run_dir"]) for i in run_ids]
                 differing = differing_keys(runset, run_ids)
                 notes.append(GridNote("duplicate runs", label,
-                                      f"{spec.over}={value} has {len(dirs)} runs, all averaged: {'; '.join(dirs)}"
+                                      f"{spec.over}={value} has {len(dirs)} runs of different configs, averaged into "
+                                      f"one value (n counts {spec.over}s): {'; '.join(dirs)}"
                                       + (f"; they differ in {', '.join(differing)}" if differing else "")))
     return notes
 

@@ -121,9 +121,25 @@ def _try_load(path: Path) -> DatasetSplits | None:
 
 @contextmanager
 def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "a") as lock_file:
-        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+    """Hold ``lock_path`` exclusively; the file is removed on release (decoded or not: no stale locks).
+
+    A process that waited on a file removed meanwhile finds the path no longer names the file it
+    locked, and locks the new one instead, so two processes never hold the lock at once.
+    """
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock_path)  # while still holding it: waiters then re-open a fresh file
+        except FileNotFoundError:
+            pass
+        os.close(fd)

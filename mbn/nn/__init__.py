@@ -6,6 +6,7 @@ model. Backbones take ``norm_layer("mbn", ideal_batch_size=32)``; the training l
 """
 
 from mbn.nn import schedule
+from mbn.nn._batch_stats_norm import min_values_per_channel
 from mbn.nn.batch_renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from mbn.nn.convert import convert, convert_norm
 from mbn.nn.factory import NORM_NAMES, make_norm, norm_class, norm_layer
@@ -35,6 +36,7 @@ __all__ = [
     "convert_norm",
     "make_norm",
     "mbn_layers",
+    "min_values_per_channel",
     "momentum_batch_norm",
     "momentum_batch_norm_reference",
     "norm_class",

@@ -15,6 +15,39 @@ from mbn.nn._input_checks import check_input, check_training_batch
 _INPUT_DIMS: dict[int, tuple[int, ...]] = {1: (2, 3), 2: (4,), 3: (5,)}
 
 
+def min_values_per_channel(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
+    """The fewest values per channel that a batch-statistics norm layer of ``model`` (``nn.BatchNorm*``,
+    MBN, Batch Renorm) sees for one input of ``input_shape``: its smallest feature map's size.
+
+    A training batch of ``m`` inputs gives such a layer ``m`` times that many values per channel;
+    one value has no variance (torch raises "Expected more than 1 value per channel when training").
+    Runs one forward pass in eval mode without gradients (the model is left as it was).
+
+    Args:
+        model: the network.
+        input_shape: one input without the batch dimension, e.g. ``(3, 32, 32)``.
+
+    Returns:
+        The smallest feature map's number of values per channel; None without such layers.
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    layers = [m for m in model.modules() if isinstance(m, (_BatchNorm, BatchStatsNorm))]
+    seen: list[int] = []
+    hooks = [layer.register_forward_pre_hook(lambda _, args: seen.append(args[0][0].numel() // args[0].shape[1]))
+             for layer in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return min(seen) if seen else None
+
+
 class BatchStatsNorm(nn.Module):
     """What MBN and Batch Renorm share with ``nn.BatchNorm`` and with each other.
 

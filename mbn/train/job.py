@@ -9,6 +9,7 @@ before the first starts.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -20,7 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from mbn.results import RESULTS_FILENAME, RunRecord, now_iso, read_results, summarize_history, write_results
+from mbn.results import (
+    RESULTS_FILENAME,
+    RunRecord,
+    now_iso,
+    overwrite_results,
+    read_results,
+    summarize_history,
+    write_results,
+)
+from mbn.utils.io import is_disk_full
 
 if TYPE_CHECKING:
     from mbn.train.spec import RunSpec
@@ -40,6 +50,9 @@ LOCK_FILENAME = ".lock"
 # Names one mbn-train command (all its jobs, in any process it starts); recorded in each attempt so
 # a sweep's summary can tell its own jobs from those another command ran in the same dirs.
 INVOCATION_ENV = "MBN_INVOCATION"
+# The output root's dir of single runs (``hydra.run.dir`` in configs/train.yaml): a run of a job's
+# config may already be there (see same_config_dirs).
+RUNS_DIRNAME = "runs"
 # What a job does: run fresh, resume from last.ckpt, skip (final result there, or running
 # elsewhere), move the dir's run aside and run fresh, or refuse (a checkpoint it will not load).
 ACTIONS = ("start", "resume", "skip", "replace", "refuse")
@@ -54,12 +67,15 @@ class JobPlan:
         reason: a few words for the listing (``completed``, ``interrupted at epoch 3``, ...).
         previous_status: the status recorded in the dir (None for a fresh dir).
         previous_hash: the config hash recorded in the dir (None for a fresh dir).
+        run_dir: set when this config's run is in another dir (a sibling job dir of another name,
+            or the output root's runs): the job is skipped or resumed there, not in its own dir.
     """
 
     action: str
     reason: str
     previous_status: str | None = None
     previous_hash: str | None = None
+    run_dir: Path | None = None
 
     @property
     def running_elsewhere(self) -> bool:
@@ -67,10 +83,17 @@ class JobPlan:
         return self.action == "skip" and self.previous_status is None
 
     def line(self, output_dir: Path) -> str:
-        """One dry-run line: ``mbn-train: would resume <dir> (interrupted after epoch 3)``."""
+        """One dry-run line: ``mbn-train: would resume <dir> (interrupted after epoch 3)``; for a run
+        found in another dir, ``... (completed; the same config as <job dir>)``."""
+        where = self.run_dir or output_dir
         if self.action == "refuse":
-            return f"mbn-train: cannot resume {output_dir}: {self.reason}"
-        return f"mbn-train: would {self.action} {output_dir} ({self.reason})"
+            return f"mbn-train: cannot resume {where}: {self.reason}"
+        elsewhere = f"; the same config as {output_dir}" if self.run_dir is not None else ""
+        return f"mbn-train: would {self.action} {where} ({self.reason}{elsewhere})"
+
+    def elsewhere(self, run_dir: Path) -> "JobPlan":
+        """This plan (made for ``run_dir``, another dir holding the job's config) as the job's plan."""
+        return dataclasses.replace(self, run_dir=Path(run_dir))
 
 
 @dataclass(frozen=True)
@@ -94,14 +117,113 @@ class JobOutcome:
 # --- plan -----------------------------------------------------------------------------------------
 
 
-def plan_job(output_dir: str | Path, config_hash: str, rerun_diverged: bool = False, check_lock: bool = True) -> JobPlan:
+def plan_job(output_dir: str | Path, config_hash: str, rerun_diverged: bool = False, check_lock: bool = True,
+             search: Sequence[Path] = ()) -> JobPlan:
+    """Decide what (re)running a job does: from the ``results.json`` in its dir, else from a run of
+    the same config in another dir of ``search`` (reads only).
+
+    A run is identified by its config hash, not by its dir's name: ``seed=0`` and ``norm=bn,seed=0``
+    are one run when ``norm=bn`` is the default. When the job's own dir holds no run of its config
+    (fresh, or another config's), the dirs of ``search`` (:func:`same_config_dirs`) are searched for
+    one; found, the plan is that dir's (skip, resume, ...), with ``run_dir`` set to it.
+
+    Args:
+        output_dir: the job's dir.
+        config_hash: this job's config hash.
+        rerun_diverged: restart diverged runs instead of keeping them.
+        check_lock: plan ``skip`` when another process holds the job's lock (:func:`job_lock`).
+        search: dirs whose job dirs may hold this config's run under another name.
+    """
+    plan = _plan_dir(output_dir, config_hash, rerun_diverged, check_lock)
+    if plan.previous_hash == config_hash or plan.running_elsewhere or not search:
+        return plan
+    other = find_same_config(config_hash, search, exclude=Path(output_dir))
+    if other is None:
+        return plan
+    return _plan_dir(other, config_hash, rerun_diverged, check_lock=True).elsewhere(other)
+
+
+def same_config_dirs(spec: "RunSpec") -> list[Path]:
+    """Where a job's config may already have a run under another dir name: its sweep (the job dir's
+    parent; ``runs/`` for a single run) and the output root's ``runs/``.
+
+    Args:
+        spec: the job's run (``config["output_root"]`` names the output root).
+    """
+    dirs = [Path(spec.output_dir).parent]
+    output_root = spec.config.get("output_root") if isinstance(spec.config, dict) else None
+    if output_root:
+        runs = Path(str(output_root)) / RUNS_DIRNAME
+        if runs.resolve() != dirs[0].resolve():
+            dirs.append(runs)
+    return dirs
+
+
+# results.json of the dirs searched by find_same_config: path -> ((mtime_ns, size), (hash, status, time)).
+_RECORD_INDEX: dict[Path, tuple[tuple[int, int], tuple[str | None, str | None, str]]] = {}
+
+
+def find_same_config(config_hash: str, search: Sequence[Path], exclude: Path | None = None) -> Path | None:
+    """The job dir (a direct child of a ``search`` dir) holding a run of ``config_hash``, if any.
+
+    Of several, one running in another process comes first, then the newest completed, then the
+    newest diverged, then the newest other (interrupted, failed, killed).
+
+    Args:
+        config_hash: the config's hash.
+        search: dirs whose children are job dirs (a sweep dir, the output root's ``runs/``).
+        exclude: the job's own dir.
+    """
+    found: list[tuple[int, str, Path]] = []
+    excluded = exclude.resolve() if exclude is not None else None
+    for root in dict.fromkeys(Path(d) for d in search):
+        if not root.is_dir():
+            continue
+        for path in root.glob(f"*/{RESULTS_FILENAME}"):
+            run_dir = path.parent
+            if run_dir.name.startswith(".") or run_dir.resolve() == excluded:
+                continue
+            digest, status, when = _indexed_record(path)
+            if digest != config_hash:
+                continue
+            rank = 0 if is_locked(run_dir) else {"completed": 1, "diverged": 2}.get(str(status), 3)
+            found.append((rank, when, run_dir))
+    if not found:
+        return None
+    best_rank = min(rank for rank, _, _ in found)
+    _, newest = max((when, str(run_dir)) for rank, when, run_dir in found if rank == best_rank)
+    return Path(newest)
+
+
+def _indexed_record(path: Path) -> tuple[str | None, str | None, str]:
+    """(config hash, status, finish or start time) of one results.json, re-read only when it changed."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None, None, ""
+    key = (stat.st_mtime_ns, stat.st_size)
+    cached = _RECORD_INDEX.get(path)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    try:
+        data = read_results(path)
+        entry = (data.get("config_hash"), data.get("status"), str(data.get("finished_at") or data.get("started_at") or ""))
+    except (OSError, ValueError):
+        entry = (None, None, "")
+    _RECORD_INDEX[path] = (key, entry)
+    return entry
+
+
+def _plan_dir(output_dir: str | Path, config_hash: str, rerun_diverged: bool, check_lock: bool) -> JobPlan:
     """Decide what rerunning a job does, from the ``results.json`` in its dir (reads only).
 
     ``completed`` (and ``diverged``, unless ``rerun_diverged``) runs of the same config hash are
     final: skipped. Other runs of the same config (``running`` = killed, ``interrupted``, ``failed``)
     resume from ``checkpoints/last.ckpt`` when it exists (:func:`verify_checkpoint` then checks
-    that file itself), else start over. A run of another config, an unreadable ``results.json``,
-    or checkpoints without one are replaced (moved aside): they can never be resumed as this job.
+    that file itself), else start over. An unreadable ``results.json`` beside a ``last.ckpt`` is
+    resumed from that checkpoint too (when it is this config's). A run of another config, an
+    unreadable ``results.json`` without a checkpoint, or checkpoints without a ``results.json`` are
+    replaced (moved aside): they can never be resumed as this job.
 
     Args:
         output_dir: the job's dir.
@@ -121,6 +243,10 @@ def plan_job(output_dir: str | Path, config_hash: str, rerun_diverged: bool = Fa
         previous = read_results(output_dir)
         old_hash, status = previous.get("config_hash"), previous.get("status")
     except (OSError, ValueError):
+        if has_checkpoint:
+            # A record cut short (a full disk, a copy): the checkpoint, if it is this config's
+            # (verify_checkpoint), resumes the run and rebuilds the record; a finished one is not retrained.
+            return JobPlan("resume", "unreadable results.json; its checkpoint resumes the run", previous_hash="unreadable")
         return JobPlan("replace", "unreadable results.json", previous_hash="unreadable")
     if old_hash != config_hash:
         return JobPlan("replace", f"holds another config (hash {old_hash})", status, old_hash)
@@ -156,17 +282,17 @@ def verify_checkpoint(plan: JobPlan, output_dir: str | Path, config_hash: str) -
 
     from mbn.train.checkpoint_io import checkpoint_refusal_message
 
-    path = Path(output_dir) / CHECKPOINT
+    path = Path(plan.run_dir or output_dir) / CHECKPOINT
     try:
         # mmap: only the few bytes of the hash are read, however large the weights.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
-        return JobPlan("refuse", checkpoint_refusal_message(path, exc), plan.previous_status, plan.previous_hash)
+        return dataclasses.replace(plan, action="refuse", reason=checkpoint_refusal_message(path, exc))
     recorded = checkpoint.get(CHECKPOINT_HASH_KEY) if isinstance(checkpoint, dict) else None
     if recorded != config_hash:
         found = f"hash {recorded}" if recorded else "no config hash"
-        return JobPlan("replace", f"{CHECKPOINT} is from another config ({found}, this run's is {config_hash})",
-                       plan.previous_status, plan.previous_hash)
+        return dataclasses.replace(plan, action="replace",
+                                   reason=f"{CHECKPOINT} is from another config ({found}, this run's is {config_hash})")
     return plan
 
 
@@ -328,7 +454,13 @@ class JobRecord:
         )
         data = record.to_dict()
         if self.rank == 0:
-            write_results(self.output_dir, data)
+            try:
+                write_results(self.output_dir, data)
+            except OSError as exc:
+                # On a full disk the final status still goes over the record's own blocks: a dead
+                # process must not leave "running" behind when that can be helped.
+                if not (finished and is_disk_full(exc) and overwrite_results(self.output_dir, data)):
+                    raise
         return data
 
 
@@ -378,7 +510,10 @@ Trainer = Callable[["RunSpec"], dict]
 
 
 def run_job(spec: "RunSpec", *, rerun_diverged: bool = False, trainer: Trainer | None = None, locked: bool = True) -> JobOutcome:
-    """Run one job to its final status: lock, plan, check the checkpoint, prepare, train, record.
+    """Run one job to its final status: find its run, lock, plan, check the checkpoint, prepare, train, record.
+
+    A run of the job's config in another dir (:func:`same_config_dirs`) is skipped or resumed there
+    (:func:`locate_run`), never trained a second time under the job's own dir name.
 
     Args:
         spec: the run.
@@ -388,8 +523,10 @@ def run_job(spec: "RunSpec", *, rerun_diverged: bool = False, trainer: Trainer |
         locked: take the dir's lock and plan (False for processes that follow a rank 0 which did).
 
     Returns:
-        The outcome (``skipped`` when already final, ``busy`` when another process runs it).
+        The outcome (``skipped`` when already final, ``busy`` when another process runs it); its
+        ``output_dir`` is where the run is.
     """
+    spec, job_dir = locate_run(spec, rerun_diverged, check_lock=locked)
     output_dir = Path(spec.output_dir)
     if not locked:
         if plan_job(output_dir, spec.config_hash, rerun_diverged, check_lock=False).action == "skip":
@@ -397,10 +534,50 @@ def run_job(spec: "RunSpec", *, rerun_diverged: bool = False, trainer: Trainer |
         return _outcome(output_dir, _train(spec, trainer))
     try:
         with job_lock(output_dir):
-            plan, final = _prepare(spec, rerun_diverged)
+            plan, final = _prepare(spec, rerun_diverged, job_dir)
             return final if final is not None else _outcome(output_dir, _train(spec, trainer))
     except JobBusy as exc:
-        return JobOutcome("busy", output_dir, str(exc))
+        return JobOutcome("busy", output_dir, _same_config_note(str(exc), output_dir, job_dir))
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        # Even the record could not be written: the job failed all the same (a sweep goes on).
+        return JobOutcome("failed", output_dir, disk_full_message(exc, output_dir))
+
+
+def disk_full_message(exc: BaseException | str, output_dir: str | Path) -> str:
+    """One line for a job that a full disk stopped: what could not be written, or else the job's dir.
+
+    Args:
+        exc: the error (or its message).
+        output_dir: the job's dir.
+    """
+    text = str(exc)
+    return text if "disk is full" in text or str(output_dir) in text else f"{text} (writing in {output_dir})"
+
+
+def locate_run(spec: "RunSpec", rerun_diverged: bool = False, check_lock: bool = True) -> tuple["RunSpec", Path]:
+    """The job's run as it will run: in its own dir, or in the dir that holds its config's run.
+
+    Args:
+        spec: the job's run (in its own dir).
+        rerun_diverged: restart a diverged run instead of keeping it.
+        check_lock: a run found running in another process counts (False for DDP followers).
+
+    Returns:
+        The spec to run (its ``output_dir`` and ``run_name`` moved to the found run's dir, if any)
+        and the job's own dir.
+    """
+    job_dir = Path(spec.output_dir)
+    plan = plan_job(job_dir, spec.config_hash, rerun_diverged, check_lock=check_lock, search=same_config_dirs(spec))
+    if plan.run_dir is None:
+        return spec, job_dir
+    log.info("%s: the same config's run is %s (%s)", job_dir, plan.run_dir, plan.reason)
+    return dataclasses.replace(spec, output_dir=plan.run_dir, run_name=plan.run_dir.name), job_dir
+
+
+def _same_config_note(text: str, output_dir: Path, job_dir: Path) -> str:
+    return text if output_dir == job_dir else f"{text}; the same config as {job_dir}"
 
 
 def run_pack(specs: Sequence["RunSpec"], *, rerun_diverged: bool = False, callbacks: Sequence[Any] = ()) -> list[JobOutcome]:
@@ -423,14 +600,17 @@ def run_pack(specs: Sequence["RunSpec"], *, rerun_diverged: bool = False, callba
     outcomes: dict[int, JobOutcome] = {}
     groups: dict[tuple[int, int], list[int]] = {}
     with ExitStack() as locks:
+        specs = list(specs)
         for index, spec in enumerate(specs):
+            spec, job_dir = locate_run(spec, rerun_diverged)
+            specs[index] = spec
             output_dir = Path(spec.output_dir)
             try:
                 locks.enter_context(job_lock(output_dir))
             except JobBusy as exc:
-                outcomes[index] = JobOutcome("busy", output_dir, str(exc))
+                outcomes[index] = JobOutcome("busy", output_dir, _same_config_note(str(exc), output_dir, job_dir))
                 continue
-            plan, final = _prepare(spec, rerun_diverged)
+            plan, final = _prepare(spec, rerun_diverged, job_dir)
             if final is not None:
                 outcomes[index] = final
             else:
@@ -449,13 +629,17 @@ def run_pack(specs: Sequence["RunSpec"], *, rerun_diverged: bool = False, callba
     return [outcomes[index] for index in range(len(specs))]
 
 
-def _prepare(spec: "RunSpec", rerun_diverged: bool) -> tuple[JobPlan, JobOutcome | None]:
+def _prepare(spec: "RunSpec", rerun_diverged: bool, job_dir: Path) -> tuple[JobPlan, JobOutcome | None]:
     """Plan a locked job and act on the plan: its final outcome when it will not train (skipped, or a
-    refused checkpoint recorded as failed), else None after moving a replaced run aside."""
+    refused checkpoint recorded as failed), else None after moving a replaced run aside. (``job_dir``:
+    the job's own dir, named in the outcome when its run is in another.)"""
     output_dir = Path(spec.output_dir)
     plan = verify_checkpoint(plan_job(output_dir, spec.config_hash, rerun_diverged, check_lock=False), output_dir, spec.config_hash)
     if plan.action == "skip":
-        return plan, JobOutcome("skipped", output_dir, f"already {plan.previous_status}")
+        # A diverged run stays diverged (exit code 3), skipped or not: one rule for a run and a sweep.
+        status = "skipped" if plan.previous_status == "completed" else str(plan.previous_status)
+        reason = f"already {plan.previous_status}" if status == "skipped" else f"skipped: already {status}"
+        return plan, JobOutcome(status, output_dir, _same_config_note(reason, output_dir, job_dir))
     if plan.action == "refuse":
         record = JobRecord(spec, resume_from=None, keep_history=True).write("failed", error=(plan.reason, None), finished=True)
         return plan, _outcome(output_dir, record)
@@ -492,15 +676,15 @@ def job_outcome(output_dir: str | Path, config_hash: str, plan: JobPlan, invocat
     """How a job of a sweep ended, read from its dir after the sweep (any launcher, any process).
 
     Args:
-        output_dir: the job's dir.
+        output_dir: the job's dir (its run is read from the plan's ``run_dir`` when set).
         config_hash: the job's config hash.
         plan: what the sweep planned for it before it started.
         invocation: this command's :data:`INVOCATION_ENV` (to tell another command's attempts apart).
     """
-    output_dir = Path(output_dir)
+    job_dir, output_dir = Path(output_dir), Path(plan.run_dir or output_dir)
     if plan.action == "skip" and not plan.running_elsewhere:
         status = "skipped" if plan.previous_status == "completed" else str(plan.previous_status)
-        return JobOutcome(status, output_dir, plan.reason)
+        return JobOutcome(status, output_dir, _same_config_note(plan.reason, output_dir, job_dir))
     if is_locked(output_dir):
         return JobOutcome("busy", output_dir, "running in another process", elsewhere=True)
     try:

@@ -25,10 +25,11 @@ from mbn.train.callbacks import ConfigHashStamp, EpochRecorder, MomentumSchedule
 from mbn.train.checkpoint_io import AtomicCheckpointIO
 from mbn.train.ddp_buffers import PerDeviceMomentumStats
 from mbn.train.datamodule import ImageDataModule
-from mbn.train.job import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, JobRecord, last_checkpoint
+from mbn.train.job import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, JobRecord, disk_full_message, last_checkpoint
 from mbn.train.loggers import build_loggers, dashboard_callbacks, finish_loggers
 from mbn.train.module import ClassificationModule, DivergedError
 from mbn.train.spec import RunSpec
+from mbn.utils.io import is_disk_full
 
 log = logging.getLogger("mbn.train")
 
@@ -217,6 +218,8 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
             status = "completed"
         except RECORDED_EXCEPTIONS as exc:
             status, error = failure_status(exc, trainer)
+            if is_disk_full(exc):
+                error = (disk_full_message(error[0], output_dir), error[1])
         finally:
             # The recorder's history includes the rows restored from a resumed checkpoint.
             history = recorder.history if recorder is not None and recorder.history else None

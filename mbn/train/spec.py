@@ -724,6 +724,11 @@ class LoggerSpec:
 # --- the run --------------------------------------------------------------------------------------
 
 
+def _stays_in_parent(name: str) -> bool:
+    """A dir name that ``parent / name`` keeps inside ``parent``: not empty, ``.`` or ``..``, no ``/``."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+
+
 @dataclass
 class RunSpec:
     """Everything one training run needs; checks the rules that span its parts.
@@ -766,8 +771,9 @@ class RunSpec:
     def __post_init__(self) -> None:
         _at_least("seed", self.seed, 0)
         _at_least("epochs", self.epochs, 1)
-        if not self.sweep_name or "/" in self.sweep_name:
-            raise SpecError("sweep_name", f"must be a non-empty name without '/', got {self.sweep_name!r}")
+        for key, name in (("sweep_name", self.sweep_name), ("run_name", self.run_name)):
+            if not _stays_in_parent(name):
+                raise SpecError(key, f"must name a dir inside its parent (not empty, '.' or '..', no '/'), got {name!r}")
         one_batch = self.data.batch_size * self.trainer.world_size
         devices = f"{self.trainer.world_size} device(s)"
         if self.data.train_subset is not None and self.data.train_subset < one_batch:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
 import io
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -205,3 +208,63 @@ def test_help_lists_the_statistics_options(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for option in ("--baseline ROW", "--interval {std,ci95,bootstrap}", "--detect POINTS", "Holm"):
         assert option in out
+
+
+def test_an_out_that_is_a_file_or_not_writable_exits_2_before_any_work(sweep, tmp_path, capsys):
+    existing = tmp_path / "table.txt"
+    existing.write_text("keep me")
+    for out_dir, message in ((existing, f"--out {existing} is a file, not a directory"),
+                             (existing / "sub", f"--out {existing / 'sub'}: cannot write there: Not a directory")):
+        assert main([str(sweep.root), "--out", str(out_dir)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"mbn-compare: error: {message}\n"  # no table, no traceback
+    assert existing.read_text() == "keep me"
+
+
+def test_a_read_only_out_dir_exits_2_before_any_work(sweep, tmp_path):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    prefix = []
+    if os.geteuid() == 0:  # root ignores file permissions unless it drops CAP_DAC_OVERRIDE
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: a read-only dir cannot be simulated")
+        prefix = [shutil.which("setpriv"), "--bounding-set=-dac_override,-dac_read_search"]
+    proc = subprocess.run([*prefix, sys.executable, "-m", "mbn.cli.compare", str(sweep.root), "--out", str(read_only)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"mbn-compare: error: --out {read_only}: cannot write there: Permission denied\n"
+    assert list(read_only.iterdir()) == []
+
+
+def test_a_corrupt_results_json_is_listed_once_under_its_seed(sweep, capsys):
+    # bn m=8 seed=1 is the fake sweep's missing run: here its dir exists, its record cut short.
+    run_dir = sweep.root / "norm=bn,data.batch_size=8,seed=1"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(  # as Hydra saves the job's config
+        "norm:\n  name: bn\ndata:\n  name: cifar10_archive\n  batch_size: 8\nseed: 1\noutput_root: ${oc.env:X,outputs}\n")
+    (run_dir / RESULTS_FILENAME).write_text('{"schema_version": 1, "status": "comp')
+    assert main([str(sweep.root)]) == 0
+    err = capsys.readouterr().err
+    assert "missing seeds: norm=bn, m=8: n=2 of 3; seed=1 (unreadable)" in err
+    assert "no run found" not in err
+    assert sum(f"[{run_dir}]" in line for line in err.splitlines()) == 1
+
+
+def test_a_metric_of_the_wrong_type_is_invalid_and_nan_is_shown_as_nan(tmp_path, capsys):
+    for seed, value in ((0, 0.8), (1, "0.9"), (2, float("nan"))):
+        run_dir = tmp_path / f"seed={seed}"
+        write_fake_run(run_dir, "bn", 2, seed)
+        path = run_dir / RESULTS_FILENAME
+        record = json.loads(path.read_text())
+        record["metrics"]["best_val_acc1"] = value
+        path.write_text(json.dumps(record))  # NaN is written as the NaN literal Python's json reads back
+    assert main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "80.00 (1)" in out and "90.00" not in out
+    lines = err.splitlines()
+    assert any(line.strip().startswith("invalid: metric best_val_acc1 is '0.9' (a str, not a number)")
+               and f"[{tmp_path / 'seed=1'}]" in line for line in lines), err
+    assert any(line.strip().startswith("invalid: metric best_val_acc1 is nan") and f"[{tmp_path / 'seed=2'}]" in line
+               for line in lines), err
+    assert "None" not in err

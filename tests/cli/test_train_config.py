@@ -144,6 +144,14 @@ BAD_OVERRIDES = [
     (["norm=mbn", "norm.schedule=fixed"], "norm.fixed_lam: must be a number in [0, 1), got None"),
     (["trainer.precision=fp8"], "trainer.precision: unknown value 'fp8'; expected one of 64-true"),
     (["norm=mbn", "norm.ideal_batch_size=0"], "norm.ideal_batch_size: must be a number in [1, inf), got 0"),
+    (["sweep_name=.."], "sweep_name: must name a dir inside its parent (not empty, '.' or '..', no '/'), got '..'"),
+    (["sweep_name=/tmp/elsewhere"], "sweep_name: must name a dir inside its parent"),
+    # The ImageNet ResNet's last feature map is 1x1 at 32 px: one image leaves BN one value per channel.
+    (["model=imagenet_resnet18", "data=fake", "data.source.image_size=32", "data.batch_size=1"],
+     "data.batch_size: 1 image per device leaves the bn layers of imagenet_resnet18 one value per channel at its "
+     "smallest feature map (1x1 at 32 px)"),
+    (["model=imagenet_resnet18", "norm=mbn", "data=fake", "data.source.image_size=32", "data.batch_size=1"],
+     "data.batch_size: 1 image per device leaves the mbn layers"),
 ]
 
 

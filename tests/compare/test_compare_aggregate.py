@@ -79,12 +79,39 @@ def test_completed_run_without_metric_or_key_is_excluded_with_reason(tmp_path):
     assert reasons.iloc[0].startswith("metric best_val_acc1 missing")
 
 
-def test_duplicates_are_all_counted(tmp_path):
-    write_fake_run(tmp_path / "a", "bn", 2, 0)
-    write_fake_run(tmp_path / "b", "bn", 2, 0, model="resnet18")
+def test_runs_of_different_configs_with_one_seed_are_one_value_of_that_seed(tmp_path):
+    """n counts seeds: the two configs' values of seed 0 are averaged (exact: the mean of two floats
+    computed the same way), seed 1 is its own value."""
+    a = write_fake_run(tmp_path / "a", "bn", 2, 0)
+    b = write_fake_run(tmp_path / "b", "bn", 2, 0, dataset="other")
+    c = write_fake_run(tmp_path / "c", "bn", 2, 1)
     grid = build_grid(collect_runs([tmp_path]), GridSpec())
     cell = grid.cell(("bn",), 2)
-    assert cell.n == 2 and cell.duplicated_over == [0]
+    assert cell.n == 2 and cell.duplicated_over == [0] and sorted(cell.run_over) == [0, 0, 1]
+    values = dict(zip(cell.over_values, cell.values))
+    metric = "best_val_acc1"
+    assert values == {0: statistics.fmean([a["metrics"][metric], b["metrics"][metric]]), 1: c["metrics"][metric]}
+
+
+def test_runs_of_one_config_hash_count_once_the_newest_completed_is_used(tmp_path):
+    old = write_fake_run(tmp_path / "old", "bn", 2, 0)
+    new = write_fake_run(tmp_path / "new", "bn", 2, 0)
+    failed = write_fake_run(tmp_path / "failed", "bn", 2, 0, status="failed")
+    assert old["config_hash"] == new["config_hash"] == failed["config_hash"]
+    for name, finished in (("old", "2026-01-01T00:00:00+00:00"), ("new", "2026-02-01T00:00:00+00:00"),
+                           ("failed", "2026-03-01T00:00:00+00:00")):
+        path = tmp_path / name / "results.json"
+        record = json.loads(path.read_text())
+        record["finished_at"] = finished
+        record["metrics"]["best_val_acc1"] = {"old": 0.1, "new": 0.5, "failed": None}[name]
+        path.write_text(json.dumps(record))
+    runset = collect_runs([tmp_path])
+    grid = build_grid(runset, GridSpec())
+    cell = grid.cell(("bn",), 2)
+    assert cell.n == 1 and cell.values == [0.5] and not cell.duplicated_over
+    reasons = exclusion_reasons(runset, GridSpec()).dropna()
+    assert sorted(runset.runs.loc[reasons.index, "run_dir"]) == sorted(str(tmp_path / d) for d in ("old", "failed"))
+    assert set(reasons) == {"duplicate"}
 
 
 def test_default_rows_add_model_and_dataset_only_when_they_vary(tmp_path):

@@ -125,3 +125,18 @@ def test_a_record_from_before_a_metric_existed_gets_it_from_its_history(tmp_path
     results["metrics"]["final_train_acc1"] = None
     (older / RESULTS_FILENAME).write_text(json.dumps(results))
     assert plain(collect_runs([older]).runs["final_train_acc1"].iloc[0]) is None
+
+
+def test_a_running_record_whose_process_is_gone_is_interrupted(tmp_path):
+    from mbn.train.job import LOCK_FILENAME, job_lock
+
+    write_fake_run(tmp_path / "dead", "mbn", 32, 2, status="running")
+    write_fake_run(tmp_path / "alive", "mbn", 32, 1, status="running")
+    write_fake_run(tmp_path / "unknown", "mbn", 32, 0, status="running")  # no lock file: not mbn-train's job owner
+    (tmp_path / "dead" / LOCK_FILENAME).touch()
+    with job_lock(tmp_path / "alive"):
+        runs = collect_runs([tmp_path]).runs.set_index("run_dir")
+    assert runs.loc[str(tmp_path / "dead"), "status"] == "interrupted"
+    assert runs.loc[str(tmp_path / "dead"), "error"].startswith("its process ended without a final status")
+    assert runs.loc[str(tmp_path / "alive"), "status"] == "running"
+    assert runs.loc[str(tmp_path / "unknown"), "status"] == "running"

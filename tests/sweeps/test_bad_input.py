@@ -1,11 +1,13 @@
-"""Bad input through ``mbn-train``: corrupt or missing data archive, read-only output dir.
+"""Bad input through ``mbn-train``: corrupt or missing data archive, read-only output dir, a full disk,
+a sweep name that leaves the sweeps dir.
 
 Each gives one clear line and a non-zero exit, and leaves nothing a later rerun would trust.
-(A full disk while saving a checkpoint: tests/train/test_train_checkpoint_io.py.)
+(A full disk while saving a checkpoint, in train() itself: tests/train/test_train_checkpoint_io.py.)
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -16,6 +18,8 @@ import pytest
 
 from cli_runner import mbn_train as main
 from mbn.results import iter_results, read_results
+from mbn.train import checkpoint_io
+from mbn.utils import io
 
 CIFAR10_ARCHIVE = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
@@ -50,8 +54,8 @@ def test_a_missing_archive_stops_a_sweep_before_any_job(run_env, tmp_path, capsy
     missing = tmp_path / "nowhere" / "cifar10-jpeg.tar.gz"
     assert main(["-m", *archive_overrides(missing, run_env, tmp_path), "seed=0,1"]) == 2
     err = capsys.readouterr().err
-    assert f"data.source.archive: no such file: {missing}" in err
-    assert "(every job of the sweep; none started)" in err and len(err.strip().splitlines()) == 1
+    # The same error in every job: one line.
+    assert err == f"mbn-train: invalid config: data.source.archive: no such file: {missing} (all 2 jobs; sweep not started)\n"
     assert not list(run_env.rglob("results.json"))
 
 
@@ -80,3 +84,96 @@ def test_a_read_only_output_dir_gives_one_line_and_exit_2(multirun, tiny, tmp_pa
     assert lines[0].startswith(f"mbn-train: invalid config: output_root: cannot write to {where}")
     assert lines[0].endswith("Permission denied")
     assert list(read_only.iterdir()) == []
+
+
+@pytest.mark.parametrize("sweep_name", ["..", "", "/tmp/elsewhere"])
+def test_a_sweep_name_that_leaves_the_sweeps_dir_gives_one_line_and_exit_2(sweep_name, tiny, run_env, capsys):
+    assert main(["-m", *tiny(), "seed=0,1", f"sweep_name={sweep_name}"]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [f"mbn-train: invalid config: sweep_name: must name a dir inside its parent "
+                                        f"(not empty, '.' or '..', no '/'), got {sweep_name!r} (all 2 jobs; sweep not started)"]
+    assert "Traceback" not in out + err
+    assert not list(run_env.rglob("results.json")) and not list(run_env.rglob(".hydra"))
+
+
+class FullDisk:
+    """Fault injection at the write: once the disk is "full", every atomic write (results.json,
+    checkpoints) fails with ENOSPC after part of the file reached the disk, as on a real full disk.
+
+    Args:
+        monkeypatch: the test's.
+        after_checkpoints: how many checkpoint files are saved first (0: full from the start).
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, after_checkpoints: int = 0) -> None:
+        self.after_checkpoints = after_checkpoints
+        self.saved = 0
+        self.failed = 0
+        real = io.atomic_write
+
+        def atomic_write(path, write):
+            if self.saved >= self.after_checkpoints:
+                self.failed += 1
+                return real(path, self._fail)
+            written = real(path, write)
+            self.saved += Path(path).suffix == ".ckpt"
+            return written
+
+        monkeypatch.setattr(io, "atomic_write", atomic_write)
+        monkeypatch.setattr(checkpoint_io, "atomic_write", atomic_write)
+
+    @staticmethod
+    def _fail(f) -> None:
+        f.write(b"\x00" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_at_start_up_is_one_line_and_exit_1(tiny, run_env, monkeypatch, capsys):
+    FullDisk(monkeypatch)
+    assert main(tiny()) == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    lines = [line for line in (out + err).splitlines() if line.startswith("mbn-train")]
+    (run_dir,) = (run_env / "runs").iterdir()
+    assert len(lines) == 1 and lines[0].startswith(f"mbn-train: failed {run_dir}")
+    assert lines[0].endswith(f" - the disk is full (no space left on device) writing {run_dir / 'results.json'}")
+    assert not (run_dir / "results.json").exists()  # never a "running" record of a dead process
+
+
+def test_a_full_disk_mid_run_is_recorded_failed_and_the_rerun_resumes(tiny, run_env, monkeypatch, capsys):
+    argv = tiny(epochs=2)
+    disk = FullDisk(monkeypatch, after_checkpoints=2)  # epoch 1's last.ckpt and best.ckpt, then the disk is full
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    (run_dir,) = (run_env / "runs").iterdir()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    (line,) = [line for line in (out + err).splitlines() if line.startswith("mbn-train")]
+    assert line.startswith(f"mbn-train: failed {run_dir}") and "Traceback" not in out + err
+    # Epoch 2's record (epoch 1's checkpoints took the last space) is the first write that finds the disk full.
+    error = f"DiskFullError: the disk is full (no space left on device) writing {run_dir / 'results.json'}"
+    assert line.endswith(f" - {error}")
+    record = read_results(run_dir)  # written over its own blocks: the atomic write had no room
+    assert record["status"] == "failed" and record["attempts"][-1]["status"] == "failed"
+    assert record["error"] == error
+    assert disk.failed >= 2  # the checkpoint, then the record's atomic write
+    monkeypatch.undo()
+
+    assert main(argv) == 0  # space again: resumes from epoch 1's checkpoint
+    record = read_results(run_dir)
+    assert [a["status"] for a in record["attempts"]] == ["failed", "completed"]
+    assert record["attempts"][1]["resumed_from"] == str(last)
+    assert [row["epoch"] for row in record["history"]] == [1, 2]
+
+
+def test_a_full_disk_before_the_job_starts_is_one_line_naming_the_dir(tiny, run_env, monkeypatch, capsys):
+    import hydra.core.utils
+
+    def no_space(*args, **kwargs):  # Hydra saving the job's .hydra/config.yaml on a full disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(hydra.core.utils, "_save_config", no_space)
+    assert main(tiny()) == 1
+    out, err = capsys.readouterr()
+    (run_dir,) = (run_env / "runs").iterdir()
+    assert err == f"mbn-train: the disk is full (no space left on device) writing in {run_dir}\n"
+    assert "Traceback" not in out

@@ -69,6 +69,24 @@ def test_a_checkpoint_that_will_not_load_weights_only_is_refused_with_our_messag
     assert record["status"] == "failed" and "refused" in record["error"] and record["epochs_completed"] == 1
 
 
+def test_a_completed_run_whose_record_was_cut_short_is_rebuilt_from_its_checkpoint_not_retrained(tiny, run_env, capsys):
+    argv = tiny(epochs=2)
+    assert main(argv) == 0
+    run_dir = only_run(run_env)
+    original = read_results(run_dir)
+    text = (run_dir / "results.json").read_text()
+    (run_dir / "results.json").write_text(text[: len(text) // 2])  # truncated (a full disk, a broken copy)
+    capsys.readouterr()
+    assert main([*argv, "dry_run=true"]) == 0
+    assert capsys.readouterr().out.strip() == (f"mbn-train: would resume {run_dir} "
+                                               "(unreadable results.json; its checkpoint resumes the run)")
+    assert main(argv) == 0
+    record = read_results(run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert record["status"] == "completed" and [a["resumed_from"] for a in record["attempts"]] == [str(last)]
+    assert record["history"] == original["history"] and record["metrics"] == original["metrics"]
+
+
 def test_a_data_archive_that_is_not_a_tar_says_so_in_the_one_line_summary(tiny, run_env, tmp_path, capsys):
     archive = tmp_path / "cifar10-jpeg.tar.gz"
     archive.write_bytes(os.urandom(2048))

@@ -103,7 +103,7 @@ def test_diverged_runs_are_final_unless_rerun_diverged(tiny, run_env, capsys):
 
     assert main(argv) == 3  # kept: a rerun would diverge the same way
     out = capsys.readouterr().out
-    assert "mbn-train: skipped" in out and "already diverged" in out
+    assert f"mbn-train: diverged {run_dir}" in out and "skipped: already diverged" in out
     assert "sweep done: 0 completed, 0 failed, 1 diverged, 0 skipped (of 1 jobs)" in out
     assert read_results(run_dir) == first
 
@@ -113,6 +113,14 @@ def test_diverged_runs_are_final_unless_rerun_diverged(tiny, run_env, capsys):
     assert len(again["attempts"]) == 1 and again["attempts"][0]["resumed_from"] is None
     (moved,) = (run_dir / ".replaced").iterdir()
     assert read_results(moved)["attempts"] == first["attempts"]
+
+
+def test_a_diverged_single_run_exits_3_when_run_again_as_in_a_sweep(tiny, run_env, capsys):
+    argv = tiny(**{"optim.base_lr": 1e12, "epochs": 2, "trainer.check_finite_every_n_steps": 1})
+    assert main(argv) == 3
+    capsys.readouterr()
+    assert main(argv) == 3  # skipped (final), still diverged: the same exit code as the sweep's
+    assert "skipped: already diverged" in capsys.readouterr().out
 
 
 def test_a_job_running_in_another_process_is_not_run_twice(tiny, run_env, capsys):

@@ -7,7 +7,7 @@ import multiprocessing
 
 import pytest
 
-from mbn.train.job import JobBusy, is_locked, job_lock, plan_job, prepare_output_dir
+from mbn.train.job import JobBusy, find_same_config, is_locked, job_lock, plan_job, prepare_output_dir
 
 
 def write_run(run_dir, status="completed", config_hash="aaaa", epochs=2, checkpoint=True):
@@ -51,6 +51,35 @@ def test_runs_that_can_never_be_resumed_as_this_job_are_replaced(tmp_path):
         assert prepare_output_dir(tmp_path / name, "aaaa") is None
         assert not (tmp_path / name / "checkpoints").exists() and not (tmp_path / name / "results.json").exists()
         assert len(list((tmp_path / name / ".replaced").iterdir())) == 1
+
+
+def test_a_record_cut_short_beside_a_checkpoint_resumes_from_it(tmp_path):
+    write_run(tmp_path / "cut")
+    (tmp_path / "cut" / "results.json").write_text('{"status": "compl')
+    plan = plan_job(tmp_path / "cut", "aaaa")
+    assert (plan.action, plan.reason) == ("resume", "unreadable results.json; its checkpoint resumes the run")
+
+
+def test_a_run_of_the_same_config_under_another_dir_name_is_the_jobs_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_run(sweep / "seed=0", status="failed", config_hash="aaaa")
+    write_run(sweep / "norm=mbn,seed=0", config_hash="bbbb")
+    plan = plan_job(sweep / "norm=bn,seed=0", "aaaa", search=[sweep])
+    assert (plan.action, plan.run_dir, plan.reason) == ("resume", sweep / "seed=0", "failed after epoch 2")
+    assert plan.line(sweep / "norm=bn,seed=0") == (f"mbn-train: would resume {sweep / 'seed=0'} (failed after epoch 2; "
+                                                    f"the same config as {sweep / 'norm=bn,seed=0'})")
+    assert plan_job(sweep / "norm=bn,seed=0", "aaaa").run_dir is None  # searched only where asked
+    assert plan_job(sweep / "norm=bn,seed=0", "cccc", search=[sweep]).action == "start"
+    # A completed run beats a failed one; one running in another process beats both.
+    write_run(tmp_path / "runs" / "seed=0", config_hash="aaaa")
+    assert find_same_config("aaaa", [sweep, tmp_path / "runs"]) == tmp_path / "runs" / "seed=0"
+    with job_lock(sweep / "seed=0"):
+        assert find_same_config("aaaa", [sweep, tmp_path / "runs"]) == sweep / "seed=0"
+        plan = plan_job(sweep / "norm=bn,seed=0", "aaaa", search=[sweep, tmp_path / "runs"])
+        assert (plan.action, plan.running_elsewhere, plan.run_dir) == ("skip", True, sweep / "seed=0")
+    # The job's own dir holding its config wins over any other dir.
+    write_run(sweep / "norm=bn,seed=0", status="interrupted", config_hash="aaaa")
+    assert plan_job(sweep / "norm=bn,seed=0", "aaaa", search=[sweep, tmp_path / "runs"]).run_dir is None
 
 
 def test_replacing_twice_keeps_both_earlier_runs(tmp_path):
