@@ -229,7 +229,10 @@ def test_compiled_model_trains_like_the_eager_one_with_the_same_checkpoint_keys(
     states, graphs = {}, {}
     for compile_model in (False, True):
         counters.clear()
-        assert main(tiny(norm="mbn", **{"trainer.compile": compile_model})) == 0
+        # Width 8, not the tiny runs' 4: inductor's AVX2 kernels for 4-channel convolutions corrupt the
+        # heap on some CPUs (torch 2.14.1: "realloc(): invalid next size" in the compiled backward).
+        # VGG-11 compiles fewer distinct graphs than ResNet-18.
+        assert main(tiny(norm="mbn", model="vgg11", model__width=8, **{"trainer.compile": compile_model})) == 0
         graphs[compile_model] = counters["stats"]["unique_graphs"]
     assert graphs[False] == 0 and graphs[True] >= 1
     for path in iter_results(run_env):
