@@ -58,6 +58,9 @@ from mbn.utils.io import atomic_write_json, overwrite_in_place
 
 SCHEMA_VERSION = 1
 RESULTS_FILENAME = "results.json"
+# Held (flock) by the process running a run: a second command never trains the same dir at once, and a
+# "running" record whose lock nobody holds belongs to a process that died.
+LOCK_FILENAME = ".lock"
 STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
 
 # Keys that change where or how a run executes but not what it computes; they are left out of

@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from mbn.cli.config import ConfigError
-from mbn.train.job import record_failure
+from mbn.train.run_dir import record_failure
 
 # Set in the torchrun processes mbn-train starts for a DDP job: the parent already planned the dir.
 DDP_CHILD_ENV = "MBN_DDP_CHILD"

@@ -35,7 +35,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from mbn.cli.config import ConfigError, check_buildable, composition_error
 from mbn.cli.schema import Job, load_job, to_run_spec
 from mbn.results import config_hash
-from mbn.train.job import INVOCATION_ENV, JobOutcome, JobPlan, job_outcome, plan_job, same_config_dirs, verify_checkpoint
+from mbn.train.job import JobOutcome, job_outcome, plan_job, same_config_dirs
+from mbn.train.run_dir import INVOCATION_ENV, JobPlan, verify_checkpoint
 from mbn.train.spec import RunSpec
 
 EXIT_CODES = {"completed": 0, "skipped": 0, "dry_run": 0, "busy": 0, "failed": 1, "config_error": 2, "diverged": 3, "interrupted": 130}

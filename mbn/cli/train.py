@@ -38,20 +38,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mbn.cli import sweep
-from mbn.cli.launch import DDP_CHILD_ENV, RELAUNCHED_STRATEGIES, external_rank, pin_parallel_job, quiet_lightning, train_ddp_processes
 from mbn.cli.config import CONFIG_DIR, ConfigError, check_buildable, composition_error
+from mbn.cli.launch import DDP_CHILD_ENV, RELAUNCHED_STRATEGIES, external_rank, pin_parallel_job, quiet_lightning, train_ddp_processes
 from mbn.cli.schema import load_job, to_run_spec
-from mbn.results import config_hash
-from mbn.train.job import (
-    INVOCATION_ENV,
-    LOCK_FILENAME,
-    JobOutcome,
-    plan_job,
-    run_job,
-    run_pack,
-    same_config_dirs,
-    verify_checkpoint,
-)
+from mbn.results import LOCK_FILENAME, config_hash
+from mbn.train.job import JobOutcome, plan_job, run_job, run_pack, same_config_dirs
+from mbn.train.run_dir import INVOCATION_ENV, verify_checkpoint
 from mbn.utils.io import DiskFullError, is_disk_full
 
 log = logging.getLogger("mbn.cli")

@@ -17,7 +17,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from mbn.results import METRIC_KEYS, SCHEMA_VERSION, flatten, iter_results, read_results, summarize_history
+from mbn.results import LOCK_FILENAME, METRIC_KEYS, SCHEMA_VERSION, flatten, iter_results, read_results, summarize_history
+from mbn.utils.io import is_file_locked
 
 UNREADABLE = "unreadable"
 # results.json layouts this module can read; a record without the key (a converted W&B run) is taken
@@ -293,16 +294,14 @@ def _meta_row(source: str, results: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _process_gone(source: str) -> bool:
-    """A local run recorded ``running`` whose dir lock (``mbn.train.job.job_lock``) no process holds: it died."""
+    """A local run recorded ``running`` whose dir lock (``mbn.train.run_dir.job_lock``) no process holds: it died."""
     if "://" in source:
         return False
-    from mbn.train.job import LOCK_FILENAME, is_locked  # plain Python: no torch or Lightning
-
-    run_dir = Path(source).parent
-    if not (run_dir / LOCK_FILENAME).exists():
+    lock = Path(source).parent / LOCK_FILENAME
+    if not lock.exists():
         return False  # not written by mbn-train's job owner (or by an older one): nothing to tell
     try:
-        return not is_locked(run_dir)
+        return not is_file_locked(lock)
     except OSError:  # a filesystem without flock: cannot tell
         return False
 

@@ -223,6 +223,6 @@ class ConfigHashStamp(Callback):
         self.config_hash = config_hash
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        from mbn.train.job import CHECKPOINT_HASH_KEY
+        from mbn.train.run_dir import CHECKPOINT_HASH_KEY
 
         checkpoint[CHECKPOINT_HASH_KEY] = self.config_hash

@@ -25,7 +25,7 @@ from mbn.train.callbacks import ConfigHashStamp, EpochRecorder, MomentumSchedule
 from mbn.train.checkpoint_io import AtomicCheckpointIO
 from mbn.train.ddp_buffers import PerDeviceMomentumStats
 from mbn.train.datamodule import ImageDataModule
-from mbn.train.job import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, JobRecord, disk_full_message, last_checkpoint
+from mbn.train.run_dir import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, JobRecord, disk_full_message, last_checkpoint
 from mbn.train.loggers import build_loggers, dashboard_callbacks, finish_loggers
 from mbn.train.module import ClassificationModule, DivergedError
 from mbn.train.spec import RunSpec

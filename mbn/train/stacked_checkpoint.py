@@ -18,7 +18,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from mbn.models import load_member_optimizer_state_dict, load_member_state_dict, member_optimizer_state_dict, member_state_dict
 from mbn.train.callbacks import EpochRecorder
-from mbn.train.job import CHECKPOINT_HASH_KEY
+from mbn.train.run_dir import CHECKPOINT_HASH_KEY
 from mbn.train.optim import build_optimizer
 from mbn.train.stacked_module import StackedClassificationModule, member_metric
 

@@ -17,7 +17,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from mbn.models import stack
 from mbn.train.callbacks import MomentumScheduleCallback, NormLayerGuard
 from mbn.train.checkpoint_io import AtomicCheckpointIO
-from mbn.train.job import JobPlan, JobRecord, last_checkpoint, verify_checkpoint
+from mbn.train.run_dir import JobPlan, JobRecord, last_checkpoint, verify_checkpoint
 from mbn.train.loggers import build_loggers, finish_loggers
 from mbn.train.run import (
     RECORDED_EXCEPTIONS,
@@ -131,7 +131,7 @@ def train_stack(specs: Sequence[RunSpec], callbacks: Sequence[Callback] = ()) ->
 
     Member k starts as its single run (seeded, then built), sees its single run's batches and
     is evaluated on the same test split. Each member's dir ends with what ``train(spec)`` leaves:
-    ``results.json`` (through :class:`~mbn.train.job.JobRecord`: status, history, attempts),
+    ``results.json`` (through :class:`~mbn.train.run_dir.JobRecord`: status, history, attempts),
     ``checkpoints/last.ckpt`` and ``best.ckpt`` (by its own val/acc1) in the single-run format
     (:mod:`mbn.train.stacked_checkpoint`), and ``csv/version_<n>/metrics.csv`` (one row per
     epoch), TensorBoard events and its own W&B run when configured. A member whose loss
@@ -207,7 +207,7 @@ def _resumed_checkpoints(specs: Sequence[RunSpec]) -> list[dict[str, Any]] | Non
 
     Raises:
         ValueError: some members with a checkpoint and some without, one of another config or
-            unloadable (:func:`~mbn.train.job.verify_checkpoint`), or checkpoints at different steps.
+            unloadable (:func:`~mbn.train.run_dir.verify_checkpoint`), or checkpoints at different steps.
     """
     found = [last_checkpoint(spec.output_dir) for spec in specs]
     if all(path is None for path in found):

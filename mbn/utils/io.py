@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import Any, Callable, IO, Iterator
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
@@ -139,3 +141,49 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+class FileLockBusy(RuntimeError):
+    """Another process holds the lock file (:func:`hold_file_lock`)."""
+
+
+@contextmanager
+def hold_file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) until the block ends or the process dies.
+
+    Args:
+        path: the lock file.
+
+    Raises:
+        FileLockBusy: another process holds it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileLockBusy(f"{path} is held by another process") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def is_file_locked(path: str | os.PathLike) -> bool:
+    """Whether another process holds ``path``'s lock (:func:`hold_file_lock`); False when it does not exist.
+
+    Args:
+        path: the lock file.
+    """
+    path = Path(path)
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock taken just now
+    return False

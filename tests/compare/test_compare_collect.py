@@ -128,7 +128,8 @@ def test_a_record_from_before_a_metric_existed_gets_it_from_its_history(tmp_path
 
 
 def test_a_running_record_whose_process_is_gone_is_interrupted(tmp_path):
-    from mbn.train.job import LOCK_FILENAME, job_lock
+    from mbn.results import LOCK_FILENAME
+    from mbn.train.run_dir import job_lock
 
     write_fake_run(tmp_path / "dead", "mbn", 32, 2, status="running")
     write_fake_run(tmp_path / "alive", "mbn", 32, 1, status="running")

@@ -12,7 +12,7 @@ from sweep_helpers import job_dir, sweep_runs
 from cli_runner import mbn_train as main
 
 from mbn.cli.config import job_dirname
-from mbn.train.job import job_lock
+from mbn.train.run_dir import job_lock
 from mbn.results import iter_results, read_results
 
 

@@ -7,7 +7,8 @@ import multiprocessing
 
 import pytest
 
-from mbn.train.job import JobBusy, find_same_config, is_locked, job_lock, plan_job, prepare_output_dir
+from mbn.train.job import find_same_config, plan_job, prepare_output_dir
+from mbn.train.run_dir import JobBusy, is_locked, job_lock
 
 
 def write_run(run_dir, status="completed", config_hash="aaaa", epochs=2, checkpoint=True):
@@ -125,7 +126,7 @@ def save_checkpoint(path, **extra) -> None:
 
 
 def test_verify_checkpoint_resumes_only_this_configs_loadable_checkpoint(tmp_path):
-    from mbn.train.job import CHECKPOINT_HASH_KEY, JobPlan, verify_checkpoint
+    from mbn.train.run_dir import CHECKPOINT_HASH_KEY, JobPlan, verify_checkpoint
 
     resume = JobPlan("resume", "failed after epoch 1", "failed", "aaaa")
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
@@ -151,7 +152,7 @@ def test_results_json_has_one_writer_and_the_cli_no_hydra_internals_globals_or_a
     package = Path(__file__).resolve().parents[2] / "mbn"
     writers = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if "write_results(" in p.read_text()
                      and p.name != "results.py")
-    assert writers == ["train/job.py"]
+    assert writers == ["train/run_dir.py"]
     for path in package.rglob("*.py"):
         text = path.read_text()
         assert "import hydra._internal" not in text and "from hydra._internal" not in text, path
