@@ -230,7 +230,9 @@ def test_compiled_model_trains_like_the_eager_one_with_the_same_checkpoint_keys(
     states, graphs = {}, {}
     for compile_model in (False, True):
         counters.clear()
-        assert main(tiny(norm="mbn", **{"trainer.compile": compile_model})) == 0
+        # VGG-11, width 8: inductor compiles its few layers in half the time of ResNet-18's (one MBN
+        # path for all); at width 4 a near-degenerate BN channel amplifies last-bit differences to 5e-2.
+        assert main(tiny(norm="mbn", model="vgg11", model__width=8, **{"trainer.compile": compile_model})) == 0
         graphs[compile_model] = counters["stats"]["unique_graphs"]
     assert graphs[False] == 0 and graphs[True] >= 1
     for path in iter_results(run_env):

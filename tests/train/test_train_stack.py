@@ -27,8 +27,6 @@ from mbn.train.spec import ResNetSpec, VGGSpec
 from test_train_run import fake_spec
 from numerics import TEST_THREADS, assert_close_normwise, assert_histories_close
 
-pytestmark = pytest.mark.numerics
-
 SEEDS = (0, 1, 2)
 STEPS = 2 * 64 // 8  # fake_spec: 2 epochs of 64 samples in batches of 8
 # Measured at most 1e2 units of steps * eps(float32) (1.9e-4 of a weight tensor) with 1 thread, 28
@@ -77,6 +75,7 @@ def runs(tmp_path_factory):
     return root, singles, stacked
 
 
+@pytest.mark.numerics
 def test_each_member_trains_and_is_recorded_as_its_single_run(runs):
     root, singles, stacked = runs
     for seed, results in zip(SEEDS, stacked):
@@ -101,6 +100,7 @@ def test_each_member_trains_and_is_recorded_as_its_single_run(runs):
     assert not torch.allclose(first["model.fc.weight"], second["model.fc.weight"])
 
 
+@pytest.mark.numerics
 def test_a_member_of_an_interrupted_stack_resumes_alone_as_its_single_run(runs, tmp_path):
     root, singles, _ = runs
     specs = [member_spec(tmp_path, seed) for seed in SEEDS]
@@ -197,6 +197,7 @@ def test_a_diverged_member_is_frozen_and_recorded_while_the_others_complete(runs
         assert_histories_equal(results[k]["history"], stacked[k]["history"])
 
 
+@pytest.mark.numerics
 def test_a_compiled_stack_trains_as_the_eager_one(tmp_path, monkeypatch):
     # aot_eager traces forward and backward as inductor does, without its minutes of C++ compiling.
     # VGG-11 for one epoch: the same compiles as ResNet-18 (MBN's lam = 0 on the first batch, then a
