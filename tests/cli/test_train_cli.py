@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cli_runner import mbn_train as main
+from numerics import assert_close_normwise
 from wandb_records import read_finished_wandb_records, wandb_history
 
 from mbn.nn import NORM_NAMES, schedule
@@ -223,15 +224,17 @@ def test_interrupted_run_resumes_to_the_same_weights(signum, tiny, run_env, tmp_
 
 
 @pytest.mark.torch_compile
+@pytest.mark.numerics
 def test_compiled_model_trains_like_the_eager_one_with_the_same_checkpoint_keys(tiny, run_env):
     from torch._dynamo.utils import counters
 
     states, graphs = {}, {}
     for compile_model in (False, True):
         counters.clear()
-        # Width 8, not the tiny runs' 4: inductor's AVX2 kernels for 4-channel convolutions corrupt the
-        # heap on some CPUs (torch 2.14.1: "realloc(): invalid next size" in the compiled backward).
-        # VGG-11 compiles fewer distinct graphs than ResNet-18.
+        # VGG-11, width 8: inductor compiles its few layers in half the time of ResNet-18's; at width 4 a
+        # near-degenerate BN channel amplifies last-bit differences to 5e-2, and inductor's AVX2 kernels for
+        # 4-channel convolutions corrupt the heap on this project's CPUs (torch 2.14.1: "realloc(): invalid
+        # next size" in the compiled backward).
         assert main(tiny(norm="mbn", model="vgg11", model__width=8, **{"trainer.compile": compile_model})) == 0
         graphs[compile_model] = counters["stats"]["unique_graphs"]
     assert graphs[False] == 0 and graphs[True] >= 1
@@ -241,5 +244,7 @@ def test_compiled_model_trains_like_the_eager_one_with_the_same_checkpoint_keys(
         states[compile_model] = ckpt["state_dict"]
     eager, compiled = states[False], states[True]
     assert list(compiled) == list(eager)  # in-place compile: no "_orig_mod." prefixes in checkpoints
-    for key, value in eager.items():
-        torch.testing.assert_close(compiled[key], value, rtol=1e-3, atol=1e-4, msg=key)
+    # Inductor's kernels compute eager's float32 numbers in another order, and 8 SGD steps carry the
+    # difference on: per tensor, norm-wise, within 3e3 * steps * eps(float32) (tests/numerics.py; the
+    # stacked sweeps' measured growth, 3.6e2, with a margin of 8).
+    assert_close_normwise(compiled, eager, dtype=torch.float32, steps=8, growth=3e3, what="weights")

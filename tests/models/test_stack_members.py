@@ -1,4 +1,10 @@
-"""Stacking and unstacking: round trips, single-run checkpoints, per-member state, layouts and refusals."""
+"""Stacking and unstacking: round trips, single-run checkpoints, per-member state, layouts and refusals.
+
+Error model (tests/numerics.py): state that is copied (stacking, unstacking, loading a member) is
+compared bit for bit; a stack's outputs are the single models' arithmetic in another order (grouped
+convolutions, a batched linear layer, a vectorized loss), compared per tensor, norm-wise, within
+``ONE_PASS_GROWTH * eps(float64)`` for one pass.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ from mbn.models import (
 )
 from mbn.models.stacked_layers import StackedBatchRenorm2d
 from mbn.nn import BatchRenorm2d, MomentumBatchNorm2d, mbn_layers, norm_layer, set_progress
-from stacking import NORMS, SGD, assert_state_dicts_match, batches, build, stacked_step
+from numerics import ONE_PASS_GROWTH, assert_close_normwise
+from stacking import NORMS, SGD, assert_state_dicts_equal, batches, build, stacked_step
 
 K = 3
 
@@ -47,7 +54,7 @@ def test_unstack_of_stack_gives_back_the_models_exactly(name, norm):
     stacked = stack(models)
     for original, member in zip(models, unstack(stacked)):
         assert [type(m) for m in member.modules()] == [type(m) for m in original.modules()]
-        assert_state_dicts_match(member.state_dict(), original.state_dict(), rtol=0, atol=0)
+        assert_state_dicts_equal(member.state_dict(), original.state_dict())
         assert python_state(member) == python_state(original)
 
 
@@ -63,9 +70,10 @@ def test_stacking_copies_and_does_not_touch_the_models_or_the_random_stream():
         for param in stacked.parameters():
             param.add_(1)
     for model, state in zip(models, before):
-        assert_state_dicts_match(model.state_dict(), state, rtol=0, atol=0)
+        assert_state_dicts_equal(model.state_dict(), state)
 
 
+@pytest.mark.numerics
 def test_stacked_layout_is_member_blocks_along_channels_and_logits_are_m_by_k_by_classes():
     models = [build("vgg11", "bn", seed) for seed in range(K)]
     stacked = stack(models)
@@ -79,9 +87,11 @@ def test_stacked_layout_is_member_blocks_along_channels_and_logits_are_m_by_k_by
     logits = stacked(torch.cat(images, 1))
     assert logits.shape == (2, K, 5)
     for k, model in enumerate(models):
-        torch.testing.assert_close(logits[:, k], model.eval()(images[k]), rtol=1e-12, atol=1e-12)
+        assert_close_normwise(logits[:, k], model.eval()(images[k]), dtype=torch.float64, steps=1, growth=ONE_PASS_GROWTH,
+                              what=f"member {k} logits")
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("norm", NORMS)
 def test_a_trained_members_state_dict_loads_strictly_into_build_model_and_gives_its_outputs(norm):
     stacked = stack([build("resnet18", norm, seed) for seed in range(K)])
@@ -96,7 +106,8 @@ def test_a_trained_members_state_dict_loads_strictly_into_build_model_and_gives_
     stacked.eval()
     single.eval()
     images, _ = batches(K, 4, 8, generator)
-    torch.testing.assert_close(stacked(torch.cat(images, 1))[:, 1], single(images[1]), rtol=1e-12, atol=1e-12)
+    assert_close_normwise(stacked(torch.cat(images, 1))[:, 1], single(images[1]), dtype=torch.float64, steps=1,
+                          growth=ONE_PASS_GROWTH, what="member 1 logits")
 
 
 def test_load_member_state_dict_replaces_one_member_and_leaves_the_others():
@@ -107,9 +118,9 @@ def test_load_member_state_dict_replaces_one_member_and_leaves_the_others():
     replacement.stem[1]._sync_with_buffers()
     result = load_member_state_dict(stacked, 2, replacement.state_dict())
     assert not result.missing_keys and not result.unexpected_keys
-    assert_state_dicts_match(member_state_dict(stacked, 2), replacement.state_dict(), rtol=0, atol=0)
+    assert_state_dicts_equal(member_state_dict(stacked, 2), replacement.state_dict())
     for k in (0, 1):
-        assert_state_dicts_match(member_state_dict(stacked, k), models[k].state_dict(), rtol=0, atol=0)
+        assert_state_dicts_equal(member_state_dict(stacked, k), models[k].state_dict())
     assert stacked.body.stem[1].member_steps == (0, 0, 11)  # the Python mirror of the loaded buffer
     with pytest.raises(RuntimeError, match="Missing key"):
         load_member_state_dict(stacked, 0, {"fc.bias": torch.zeros(5)})
@@ -120,7 +131,7 @@ def test_load_member_model_refuses_another_architecture_naming_the_module():
     before = member_state_dict(stacked, 0)
     with pytest.raises(ValueError, match="'stem.1'.*GroupNorm instead of BatchNorm2d"):
         load_member_model(stacked, 0, build("resnet18", "gn", seed=5))
-    assert_state_dicts_match(member_state_dict(stacked, 0), before, rtol=0, atol=0)  # not half loaded
+    assert_state_dicts_equal(member_state_dict(stacked, 0), before)  # not half loaded
     with pytest.raises(ValueError, match="no module 'stem.0'"):
         load_member_model(stacked, 0, build("vgg11", "bn", seed=0))
     with pytest.raises(ValueError, match=r"member index must be an int in \[0, 2\)"):
@@ -168,12 +179,13 @@ def test_optimizer_state_of_one_member_round_trips_and_a_member_without_momentum
         load_member_optimizer_state_dict(optimizer, stacked, 0, {"state": {}, "param_groups": [{"params": [0]}]})
 
 
+@pytest.mark.numerics
 def test_member_cross_entropy_is_each_members_mean_loss():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(6, K, 5, generator=generator, dtype=torch.float64)
     labels = torch.randint(0, 5, (6, K), generator=generator)
     expected = torch.stack([nn.functional.cross_entropy(logits[:, k], labels[:, k]) for k in range(K)])
-    torch.testing.assert_close(member_cross_entropy(logits, labels), expected, rtol=1e-14, atol=0)
+    assert_close_normwise(member_cross_entropy(logits, labels), expected, dtype=torch.float64, steps=1, growth=ONE_PASS_GROWTH)
     with pytest.raises(ValueError, match=r"logits \(m, K, classes\) and labels \(m, K\)"):
         member_cross_entropy(logits, labels[:, :2])
 

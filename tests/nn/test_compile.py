@@ -1,4 +1,9 @@
-"""MomentumBatchNorm under torch.compile: one graph, no recompile per lam, same numbers as eager."""
+"""MomentumBatchNorm under torch.compile: one graph, no recompile per lam, same numbers as eager.
+
+Error model (tests/numerics.py): inductor's generated kernels compute eager's float64 numbers in
+another order (fused, vectorized reductions), so outputs, gradients and buffers agree per tensor,
+norm-wise, within ``ONE_PASS_GROWTH * steps * eps(float64)`` (M/Phi carry each step into the next).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from mbn.nn import MomentumBatchNorm2d, set_progress
+from numerics import ONE_PASS_GROWTH, assert_close_normwise
+
+pytestmark = pytest.mark.numerics
 
 C = 3
 
@@ -47,12 +55,16 @@ def test_compiled_mbn_matches_eager_and_does_not_recompile_per_lam():
         y_compiled.backward(grad)
         lams.append(layer.lam)
 
-        torch.testing.assert_close(y_compiled, y_eager, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-10, atol=1e-10)
+        close = {"dtype": torch.float64, "steps": step + 1, "growth": ONE_PASS_GROWTH}
+        assert_close_normwise(y_compiled, y_eager, **close, what="output")
+        assert_close_normwise(x_compiled.grad, x_eager.grad, **close, what="grad of x")
         for name in ("weight", "bias"):
-            torch.testing.assert_close(getattr(layer, name).grad, getattr(eager, name).grad, rtol=1e-10, atol=1e-10)
+            assert_close_normwise(getattr(layer, name).grad, getattr(eager, name).grad, **close, what=f"grad of {name}")
             getattr(layer, name).grad = getattr(eager, name).grad = None
         for name, buffer in eager.named_buffers():
-            torch.testing.assert_close(getattr(layer, name), buffer, rtol=1e-12, atol=1e-12, msg=name)
+            if buffer.is_floating_point():
+                assert_close_normwise(getattr(layer, name), buffer, **close, what=name)
+            else:
+                assert torch.equal(getattr(layer, name), buffer), name
     assert len(set(lams)) == 6  # lam really changed at every step
     assert counters["stats"]["unique_graphs"] <= 3

@@ -12,6 +12,7 @@ from mbn.results import read_results
 from mbn.train import LoggerSpec, RunSpec, TrainerSpec, train
 from mbn.train.spec import FakeDataSpec, FakeSource, MomentumBatchNormSpec, ResNetSpec
 from mbn.train.run import build_trainer
+from numerics import TEST_THREADS
 
 
 def fake_spec(output_dir: Path, **changes) -> RunSpec:
@@ -20,7 +21,7 @@ def fake_spec(output_dir: Path, **changes) -> RunSpec:
                       batch_size=8, eval_batch_size=32, augment=True, crop_padding=1),
         model=ResNetSpec("resnet18", width=4),
         norm=MomentumBatchNormSpec(schedule="iteration"),
-        trainer=TrainerSpec(num_threads=1),
+        trainer=TrainerSpec(num_threads=TEST_THREADS),
         epochs=2,
         output_dir=output_dir,
         run_name="unit",
