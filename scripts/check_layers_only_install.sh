@@ -16,7 +16,7 @@ pip=("$WORK/venv/bin/pip" --disable-pip-version-check --quiet)
 "${pip[@]}" install -c constraints.txt torch
 # Build from a copy: an in-tree build would leave build/ in the checkout.
 mkdir "$WORK/src"
-cp -r pyproject.toml README.md mbn "$WORK/src/"
+cp -r pyproject.toml README.md mbn configs "$WORK/src/"
 "${pip[@]}" install --no-deps "$WORK/src"
 
 cd "$WORK"  # import the installed package, not the source tree

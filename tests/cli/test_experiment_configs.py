@@ -50,8 +50,10 @@ def test_every_experiment_starts_as_a_single_run(experiment, tmp_path, run_env, 
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_plans_its_whole_sweep(experiment, tmp_path, run_env, capsys):
-    assert mbn_train(["-m", *dry_run(experiment, tmp_path, run_env)]) == 0
+def test_every_experiment_plans_its_sweep(experiment, tmp_path, run_env, capsys):
+    """The experiment's own sweep (its launcher, its swept norms), cut to m = 2 and seed 0 to keep the test
+    short: every job of every experiment's full sweep is planned by CI's wheel check."""
+    assert mbn_train(["-m", *dry_run(experiment, tmp_path, run_env, "data.batch_size=2", "seed=0")]) == 0
     out, err = capsys.readouterr()
     summary = out.strip().splitlines()[-1]
     assert summary.startswith("mbn-train: dry run of ") and "nothing was run" in summary, out + err
