@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 # One BLAS/OpenMP thread per worker: with -n 2 on 2 cores, more threads only oversubscribe (3x slower).
 test: setup
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=offline $(BIN)/python -m pytest -n $(WORKERS) --durations=15
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=offline $(BIN)/python -m pytest -n $(WORKERS) --dist worksteal --durations=15
 
 # The numerically sensitive tests (marker `numerics`) again with 2 and then 4 threads: a float
 # reduction's order depends on the thread count as it does on the machine, so their tolerances must

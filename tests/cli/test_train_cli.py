@@ -225,16 +225,20 @@ def test_interrupted_run_resumes_to_the_same_weights(signum, tiny, run_env, tmp_
 
 @pytest.mark.torch_compile
 @pytest.mark.numerics
-def test_compiled_model_trains_like_the_eager_one_with_the_same_checkpoint_keys(tiny, run_env):
+def test_compiled_model_trains_like_the_eager_one_with_the_same_checkpoint_keys(tiny, run_env, monkeypatch):
     from torch._dynamo.utils import counters
 
+    # aot_eager traces forward and backward through dynamo and AOTAutograd as inductor does, without its
+    # C++ compiling (40 s of this test): inductor's kernels for MBN are checked in tests/nn/test_compile.py.
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compile_module(self, backend="aot_eager", **kwargs))
+    torch._dynamo.reset()
     states, graphs = {}, {}
     for compile_model in (False, True):
         counters.clear()
-        # VGG-11, width 8: inductor compiles its few layers in half the time of ResNet-18's; at width 4 a
-        # near-degenerate BN channel amplifies last-bit differences to 5e-2, and inductor's AVX2 kernels for
-        # 4-channel convolutions corrupt the heap on this project's CPUs (torch 2.14.1: "realloc(): invalid
-        # next size" in the compiled backward).
+        # VGG-11, width 8: at width 4 a near-degenerate BN channel amplifies last-bit differences to 5e-2
+        # (and inductor's AVX2 kernels for 4-channel convolutions corrupted the heap on this project's CPU:
+        # torch 2.14.1, "realloc(): invalid next size" in the compiled backward).
         assert main(tiny(norm="mbn", model="vgg11", model__width=8, **{"trainer.compile": compile_model})) == 0
         graphs[compile_model] = counters["stats"]["unique_graphs"]
     assert graphs[False] == 0 and graphs[True] >= 1
@@ -244,7 +248,7 @@ def test_compiled_model_trains_like_the_eager_one_with_the_same_checkpoint_keys(
         states[compile_model] = ckpt["state_dict"]
     eager, compiled = states[False], states[True]
     assert list(compiled) == list(eager)  # in-place compile: no "_orig_mod." prefixes in checkpoints
-    # Inductor's kernels compute eager's float32 numbers in another order, and 8 SGD steps carry the
+    # Compiled kernels compute eager's float32 numbers in another order, and 8 SGD steps carry the
     # difference on: per tensor, norm-wise, within 3e3 * steps * eps(float32) (tests/numerics.py; the
     # stacked sweeps' measured growth, 3.6e2, with a margin of 8).
     assert_close_normwise(compiled, eager, dtype=torch.float32, steps=8, growth=3e3, what="weights")
