@@ -55,7 +55,9 @@ done
 echo "every experiment config composes (single run and -m)"
 
 # One tiny real run.
-"$bin/mbn-train" "${tiny[@]}" norm=mbn | tee "$WORK/run.log" | grep -q "^mbn-train: completed" || { cat "$WORK/run.log"; fail "tiny run"; }
+# (Its own output root: the sweep below would find this run of the same config and skip that job.)
+"$bin/mbn-train" "${tiny[@]}" norm=mbn output_root=single | tee "$WORK/run.log" | grep -q "^mbn-train: completed" \
+    || { cat "$WORK/run.log"; fail "tiny run"; }
 
 # A stacked sweep, then its comparison to BN.
 "$bin/mbn-train" -m "${tiny[@]}" norm=bn,mbn seed=0,1 stack=2 sweep_name=wheel >"$WORK/sweep.log" \
