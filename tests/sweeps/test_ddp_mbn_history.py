@@ -1,9 +1,12 @@
-"""MBN's per-device momentum statistics under DDP (2 CPU processes) survive checkpoints: every rank's
-M/Phi are in last.ckpt, and a run interrupted after epoch 1 resumes to exactly the uninterrupted one."""
+"""MBN under DDP (2 CPU processes): a run's record, and its per-device momentum statistics survive
+checkpoints: every rank's M/Phi are in last.ckpt, and a run interrupted after epoch 1 resumes to
+exactly the uninterrupted one."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from test_ddp import M, check_ddp_record
 
 from cli_runner import mbn_train as main
 from mbn.results import iter_results, read_results
@@ -11,7 +14,7 @@ from mbn.train.ddp_buffers import CHECKPOINT_KEY
 
 
 def ddp_mbn(tiny, output_root: str, *extra: str) -> list[str]:
-    overrides = [o for o in tiny(trainer="ddp_cpu", norm="mbn", epochs=2, **{"data.batch_size": 4}) if not o.startswith("output_root=")]
+    overrides = [o for o in tiny(trainer="ddp_cpu", norm="mbn", epochs=2, **{"data.batch_size": M}) if not o.startswith("output_root=")]
     return [*overrides, f"output_root={output_root}", *extra]
 
 
@@ -20,9 +23,19 @@ def last_checkpoint(root) -> dict:
     return torch.load(path.parent / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
-def test_every_ranks_momentum_statistics_are_checkpointed_and_resumed_exactly(tiny, run_env):
+def test_every_ranks_momentum_statistics_are_checkpointed_and_resumed_exactly(tiny, run_env, capfd):
     reference_root = run_env / "reference"
     assert main(ddp_mbn(tiny, str(reference_root))) == 0
+    # The reference is an ordinary DDP run: its record, and one report line for its 2 processes.
+    (reference_path,) = iter_results(reference_root)
+    reference = read_results(reference_path)
+    check_ddp_record(reference, reference_path.parent)
+    # MBN stays per device: T = 2, last epoch lam = 1 - m/m0 with the per-device m.
+    assert reference["history"][1]["lam"] == pytest.approx(1 - M / 32)
+    out = capfd.readouterr().out  # (the rank processes write to the file descriptors)
+    assert "2 DDP processes (torchrun)" in out
+    assert out.count("mbn-train: completed") == 1  # reported once, by the job, not by every rank
+
     # The DDP processes get the job's own overrides: an output_root holding '=' (quoted) works there too.
     root = run_env / "resumed=yes"
     assert main(ddp_mbn(tiny, f"'{root}'", "debug.fail_at_epoch=2")) == 1
@@ -31,7 +44,7 @@ def test_every_ranks_momentum_statistics_are_checkpointed_and_resumed_exactly(ti
     assert main(ddp_mbn(tiny, f"'{root}'")) == 0
     resumed = read_results(path)
     assert resumed["status"] == "completed" and resumed["resumed_from"].endswith("last.ckpt")
-    assert [row["val_loss"] for row in resumed["history"]] == [row["val_loss"] for row in read_results(next(iter_results(reference_root)))["history"]]
+    assert [row["val_loss"] for row in resumed["history"]] == [row["val_loss"] for row in reference["history"]]
 
     expected, actual = last_checkpoint(reference_root), last_checkpoint(root)
     assert expected["state_dict"].keys() == actual["state_dict"].keys()
