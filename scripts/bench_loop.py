@@ -3,7 +3,7 @@
 Both sides train the same model (ResNet-18 with MBN), on the same in-memory data loader
 (:class:`mbn.data.TensorBatchLoader`), with the same SGD + per-step lr schedule and the MBN progress
 update per step, for a fixed number of steps. The Lightning side is the real thing: ``mbn.train``'s
-module, data module, callbacks, checkpointing and CSV logger built by ``build_trainer``. Only the
+run, ``mbn.train.train`` (module, data module, callbacks, checkpointing and CSV logger). Only the
 training steps are timed (from the first timed batch start to the last batch end), after a few
 warm-up steps; the two sides alternate several times in one process and the median ratio is
 printed.
@@ -27,11 +27,8 @@ from pytorch_lightning.callbacks import Callback
 from mbn.data import TensorBatchLoader, load_dataset
 from mbn.models import build_model
 from mbn.nn import mbn_layers, norm_layer, set_progress
-from mbn.train.callbacks import EpochRecorder, MomentumScheduleCallback
-from mbn.train.datamodule import ImageDataModule
-from mbn.train.loggers import build_loggers
 from mbn.train.optim import build_optimizer
-from mbn.train.run import build_module, build_trainer
+from mbn.train.run import train
 from mbn.train.spec import FakeDataSpec, FakeSource, MomentumBatchNormSpec, OptimSpec, ResNetSpec, RunSpec, TrainerSpec
 
 WARMUP_STEPS = 10
@@ -42,6 +39,7 @@ class StepTimer(Callback):
 
     def __init__(self) -> None:
         self.start = self.end = 0.0
+        self.steps = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == WARMUP_STEPS:
@@ -49,6 +47,7 @@ class StepTimer(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.end = time.perf_counter()
+        self.steps = batch_idx + 1
 
 
 def make_spec(batch_size: int, steps: int, output_dir: Path, width: int) -> RunSpec:
@@ -70,14 +69,11 @@ def make_spec(batch_size: int, steps: int, output_dir: Path, width: int) -> RunS
 
 
 def lightning_seconds_per_step(spec: RunSpec) -> float:
-    datamodule = ImageDataModule(spec.data, seed=spec.seed)
-    module = build_module(spec, datamodule)
-    schedule = MomentumScheduleCallback()
     timer = StepTimer()
-    recorder = EpochRecorder(schedule, log_lines=False)
-    trainer = build_trainer(spec, [schedule, recorder, timer], build_loggers(spec))
-    trainer.fit(module, datamodule=datamodule)
-    return (timer.end - timer.start) / (trainer.num_training_batches - WARMUP_STEPS)
+    results = train(spec, callbacks=[timer])
+    if results["status"] != "completed":
+        raise RuntimeError(f"the Lightning run ended {results['status']}: {results.get('error')}")
+    return (timer.end - timer.start) / (timer.steps - WARMUP_STEPS)
 
 
 def bare_seconds_per_step(spec: RunSpec) -> float:

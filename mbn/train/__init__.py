@@ -28,7 +28,7 @@ _EXPORTS = {
     "plan_job": "mbn.train.job",
     "JobRecord": "mbn.train.run_dir",
     "train": "mbn.train.run",
-    "train_stack": "mbn.train.stacked_run",
+    "train_stack": "mbn.train.run",
     "DataSpec": "mbn.train.spec",
     "LoggerSpec": "mbn.train.spec",
     "ModelSpec": "mbn.train.spec",

@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from mbn.nn import BatchRenorm, GroupNorm, MomentumBatchNorm
+from mbn.train.stacked_module import member_metric
 
 log = logging.getLogger("mbn.train")
 
@@ -57,8 +58,9 @@ class EpochRecorder(Callback):
         on_epoch: called with the full history after each epoch (e.g. to write a running results.json).
         log_lines: log one plain line per epoch (used when there is no progress bar).
         total_epochs: for the log line.
-        metric_prefix: the prefix of this run's metric names (``member0/`` for member 0 of a
-            stacked run, whose module logs every member's metrics), also on what it logs.
+        member: the run's index in a stack (None for a single run): it reads and logs its metrics
+            under :func:`~mbn.train.stacked_module.member_metric` names (the stack's module logs
+            every member's), records no row once the member has diverged, and keeps its own state.
     """
 
     def __init__(
@@ -67,16 +69,26 @@ class EpochRecorder(Callback):
         on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
         log_lines: bool = True,
         total_epochs: int | None = None,
-        metric_prefix: str = "",
+        member: int | None = None,
     ) -> None:
         self.schedule = schedule
         self.on_epoch = on_epoch
         self.log_lines = log_lines
         self.total_epochs = total_epochs
-        self.metric_prefix = metric_prefix
+        self.member = member
+        self.metric_prefix = member_metric(member, "") if member is not None else ""
         self.history: list[dict[str, Any]] = []
         self._epoch_start = 0.0
         self._epoch_lr: float | None = None
+
+    @property
+    def single_state_key(self) -> str:
+        """The key of a single run's recorder state in its checkpoints."""
+        return type(self).__qualname__
+
+    @property
+    def state_key(self) -> str:
+        return self.single_state_key if self.member is None else f"{self.single_state_key}[member {self.member}]"
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(row) for row in self.history]}
@@ -89,6 +101,8 @@ class EpochRecorder(Callback):
         self._epoch_lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.member in getattr(pl_module, "diverged", {}):
+            return  # a diverged run records no row for the epoch it diverged in, nor any later
         prefix = self.metric_prefix
         every = pl_module.train_epoch_metrics() if hasattr(pl_module, "train_epoch_metrics") else {}
         train = {key[len(prefix):]: value for key, value in every.items() if key.startswith(prefix)}
@@ -210,19 +224,3 @@ class NormLayerGuard(Callback):
         found = norm_layer_counts(wrapped)
         if found != self.expected:
             raise RuntimeError(f"normalization layers changed when the strategy wrapped the model: built {self.expected}, training {found}")
-
-
-class ConfigHashStamp(Callback):
-    """Writes the run's config hash into every checkpoint, so a resume can check it loads its own run.
-
-    Args:
-        config_hash: :func:`mbn.results.config_hash` of the run's config.
-    """
-
-    def __init__(self, config_hash: str) -> None:
-        self.config_hash = config_hash
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        from mbn.train.run_dir import CHECKPOINT_HASH_KEY
-
-        checkpoint[CHECKPOINT_HASH_KEY] = self.config_hash

@@ -6,7 +6,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -107,3 +107,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
             raise ValueError(checkpoint_refusal_message(path, exc)) from exc
+
+
+class MemberCheckpointIO(AtomicCheckpointIO):
+    """:class:`AtomicCheckpointIO` that writes into each run's dir that run's share of the job's checkpoint.
+
+    A job's checkpoint callbacks save into their run's checkpoint dir; the dir says whose share the
+    file gets (a single run's: the whole, with its config hash; a stack member's: its single-run
+    checkpoint). Lightning's public checkpoint plugin, so the checkpoint callbacks stay Lightning's own.
+
+    Args:
+        shares: checkpoint dir -> the function that turns the job's checkpoint into its run's.
+    """
+
+    def __init__(self, shares: Mapping[Path, Callable[[dict[str, Any]], dict[str, Any]]]) -> None:
+        super().__init__()
+        self.shares = {Path(directory).resolve(): share for directory, share in shares.items()}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Optional[Any] = None) -> None:
+        """Write the share of ``checkpoint`` that belongs to the run whose checkpoint dir holds ``path``.
+
+        Raises:
+            ValueError: ``path`` is in no run's checkpoint dir.
+        """
+        directory = Path(path).resolve().parent
+        if directory not in self.shares:
+            raise ValueError(f"checkpoint {path} is in no run's checkpoint dir of this job")
+        super().save_checkpoint(self.shares[directory](checkpoint), path, storage_options)

@@ -322,7 +322,7 @@ def run_pack(specs: Sequence["RunSpec"], *, rerun_diverged: bool = False, callba
     Every member's dir is locked and planned as :func:`run_job` would (a member running elsewhere is
     ``busy``, a final one ``skipped``, a refused checkpoint ``failed``, another config's run moved
     aside). The members left to train are grouped by the epoch they stand at (0 for a fresh start),
-    and each group trains as one stack (:func:`mbn.train.train_stack`; a group of one trains alone),
+    and each group trains as one job (:func:`mbn.train.train_stack`; a group of one is a single run),
     so members that stopped at different epochs each resume exactly.
 
     Args:
@@ -352,13 +352,7 @@ def run_pack(specs: Sequence["RunSpec"], *, rerun_diverged: bool = False, callba
             else:
                 groups.setdefault(_resume_epoch(output_dir, plan), []).append(index)
         for members in groups.values():
-            if len(members) == 1:
-                from mbn.train.run import train  # Lightning import: only once members train
-
-                (index,) = members
-                outcomes[index] = _outcome(Path(specs[index].output_dir), train(specs[index], callbacks=callbacks))
-                continue
-            from mbn.train.stacked_run import train_stack
+            from mbn.train.run import train_stack  # Lightning import: only once members train
 
             for index, record in zip(members, train_stack([specs[i] for i in members], callbacks=callbacks)):
                 outcomes[index] = _outcome(Path(specs[index].output_dir), record)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
@@ -117,11 +117,13 @@ class TensorBoardHParams(Callback):
     Args:
         spec: the run.
         recorder: the run's epoch history.
+        loggers: the run's loggers (its TensorBoard logger gets the HParams).
     """
 
-    def __init__(self, spec: RunSpec, recorder: "EpochRecorder") -> None:
+    def __init__(self, spec: RunSpec, recorder: "EpochRecorder", loggers: Sequence[Logger]) -> None:
         self.hparams = dashboard_hparams(spec)
         self.recorder = recorder
+        self.loggers = [logger for logger in loggers if isinstance(logger, TensorBoardLogger)]
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
@@ -130,9 +132,7 @@ class TensorBoardHParams(Callback):
         metrics = {tag: float(summary[key]) for tag, key in DASHBOARD_METRICS.items() if summary.get(key) is not None}
         if not trainer.is_global_zero:
             return
-        for logger in trainer.loggers:
-            if not isinstance(logger, TensorBoardLogger):
-                continue
+        for logger in self.loggers:
             logger.log_hyperparams(self.hparams)  # into hparams.yaml (no summary: default_hp_metric=False)
             logger.log_metrics(metrics, step=trainer.global_step)
             _, session_start, session_end = hparams_summaries(self.hparams, metrics)
@@ -143,9 +143,9 @@ class TensorBoardHParams(Callback):
             logger.experiment.flush()
 
 
-def dashboard_callbacks(spec: RunSpec, recorder: "EpochRecorder") -> list[Callback]:
+def dashboard_callbacks(spec: RunSpec, recorder: "EpochRecorder", loggers: Sequence[Logger]) -> list[Callback]:
     """The callbacks the run's dashboards need: :class:`TensorBoardHParams` with the TensorBoard logger."""
-    return [TensorBoardHParams(spec, recorder)] if spec.loggers.tensorboard else []
+    return [TensorBoardHParams(spec, recorder, loggers)] if spec.loggers.tensorboard else []
 
 
 def finish_loggers(loggers: list[Logger], exit_code: int) -> None:

@@ -1,34 +1,48 @@
-"""One training run end to end: build, fit (resuming from ``last.ckpt``), and record ``results.json``."""
+"""A job's training end to end, one lifecycle for K >= 1 runs (a single run is a stack of one): build
+the data, the module and one Trainer, fit (resuming from ``last.ckpt``), and record each run's
+``results.json``, checkpoints and logs in its own dir."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
+import tempfile
 import threading
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import Logger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 import mbn
-from mbn.models import build_model
+from mbn.models import build_model, stack
 from mbn.nn import norm_layer
-from mbn.train.callbacks import ConfigHashStamp, EpochRecorder, MomentumScheduleCallback, NormLayerGuard
-from mbn.train.checkpoint_io import AtomicCheckpointIO
+from mbn.train.callbacks import EpochRecorder, MomentumScheduleCallback, NormLayerGuard
+from mbn.train.checkpoint_io import AtomicCheckpointIO, MemberCheckpointIO
 from mbn.train.ddp_buffers import PerDeviceMomentumStats
 from mbn.train.datamodule import ImageDataModule
-from mbn.train.run_dir import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, JobRecord, disk_full_message, last_checkpoint
 from mbn.train.loggers import build_loggers, dashboard_callbacks, finish_loggers
 from mbn.train.module import ClassificationModule, DivergedError
+from mbn.train.run_dir import CHECKPOINT_DIR, CHECKPOINT_HASH_KEY, JobPlan, JobRecord, disk_full_message, last_checkpoint, verify_checkpoint
 from mbn.train.spec import RunSpec
+from mbn.train.stacked_checkpoint import (
+    check_same_position,
+    checkpoint_settings,
+    member_checkpoints,
+    merge_member_checkpoints,
+    split_member_checkpoint,
+)
+from mbn.train.stacked_datamodule import StackedDataModule
+from mbn.train.stacked_module import StackedClassificationModule
 from mbn.utils.io import is_disk_full
 
 log = logging.getLogger("mbn.train")
@@ -57,17 +71,6 @@ def build_seeded_model(spec: RunSpec, num_classes: int, in_channels: int) -> tor
         in_channels=in_channels,
         **spec.model.options,
     )
-
-
-def build_module(spec: RunSpec, datamodule: ImageDataModule) -> ClassificationModule:
-    """Seeded model + LightningModule for ``spec`` (loads the data to learn classes and channels).
-
-    Args:
-        spec: the run.
-        datamodule: provides ``num_classes`` and ``in_channels``.
-    """
-    model = build_seeded_model(spec, datamodule.num_classes, datamodule.in_channels)
-    return training_module(spec, model, datamodule.num_classes)
 
 
 def training_module(spec: RunSpec, model: torch.nn.Module, num_classes: int,
@@ -99,37 +102,13 @@ def show_progress_bar(spec: RunSpec) -> bool:
     return sys.stdout.isatty()
 
 
-def checkpoint_callbacks(output_dir: str | Path, cls: type[ModelCheckpoint] = ModelCheckpoint, **kwargs: Any) -> list[ModelCheckpoint]:
-    """A run's checkpoint callbacks: ``last.ckpt`` after every epoch, then ``best.ckpt`` by val/acc1.
-
-    Args:
-        output_dir: the run's dir.
-        cls: the callback class (a stacked run's members use a subclass that saves their share).
-        **kwargs: more arguments of ``cls``.
-    """
-    # last.ckpt after every epoch (what a rerun resumes from; Lightning's save_last=True only
-    # rewrites it in epochs that also save a top-k checkpoint), best.ckpt by val/acc1.
-    dirpath = Path(output_dir) / CHECKPOINT_DIR
-    last = cls(dirpath=dirpath, filename=Path(LAST_CHECKPOINT).stem, monitor=None, save_top_k=1,
-               enable_version_counter=False, **kwargs)
-    best = cls(dirpath=dirpath, filename=Path(BEST_CHECKPOINT).stem, monitor="val/acc1", mode="max", save_top_k=1,
-               enable_version_counter=False, **kwargs)
-    return [last, best]
-
-
 def trainer_options(spec: RunSpec) -> dict[str, Any]:
-    """The ``pl.Trainer`` arguments a run's settings decide (all but callbacks and loggers).
+    """The ``pl.Trainer`` arguments a run's settings decide (all but callbacks, loggers and plugins).
 
     Args:
-        spec: the run (for a stacked run: any member, they share these settings).
+        spec: the run (for a stack: any member, they share these settings).
     """
     progress_bar = show_progress_bar(spec)
-    # Checkpoints are written temp + rename and loaded weights-only.
-    plugins: list = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():
-        # Time limits are handled by the launcher (submitit requeues the job, which resumes from
-        # last.ckpt); Lightning's own SIGUSR1 requeue would race it.
-        plugins.append(SLURMEnvironment(auto_requeue=False))
     return dict(
         max_epochs=spec.epochs,
         accelerator=spec.trainer.accelerator,
@@ -142,7 +121,6 @@ def trainer_options(spec: RunSpec) -> dict[str, Any]:
         sync_batchnorm=False,
         # TensorBatchLoader splits the data between ranks itself.
         use_distributed_sampler=False,
-        plugins=plugins,
         enable_progress_bar=progress_bar,
         enable_model_summary=progress_bar,
         num_sanity_val_steps=0,
@@ -152,31 +130,143 @@ def trainer_options(spec: RunSpec) -> dict[str, Any]:
     )
 
 
-def build_trainer(spec: RunSpec, callbacks: Sequence[Callback], loggers: list) -> pl.Trainer:
-    """The Lightning Trainer of a run: epoch-level logging only, checkpoints last (every epoch) + best.
+def build_trainer(spec: RunSpec, callbacks: Sequence[Callback], checkpoint_io: AtomicCheckpointIO | None = None) -> pl.Trainer:
+    """The Lightning Trainer of a job (one run or a stack of them).
+
+    The Trainer has no logger: each member's epoch rows reach its own loggers from its
+    :class:`Member` (so one member of a stack logs exactly what its single run logs).
 
     Args:
-        spec: the run.
-        callbacks: extra callbacks (the checkpoint callbacks are added here).
-        loggers: metric loggers.
+        spec: the run (for a stack: any member).
+        callbacks: every callback (the members' checkpoint callbacks included).
+        checkpoint_io: how checkpoints are written (default: :class:`AtomicCheckpointIO`, whole).
     """
-    return pl.Trainer(
-        logger=loggers,
-        callbacks=[*callbacks, ConfigHashStamp(spec.config_hash), PerDeviceMomentumStats(spec.trainer.mbn_history),
-                   *checkpoint_callbacks(spec.output_dir)],
-        **trainer_options(spec),
-    )
+    # Checkpoints are written temp + rename and loaded weights-only.
+    plugins: list = [checkpoint_io or AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # Time limits are handled by the launcher (submitit requeues the job, which resumes from
+        # last.ckpt); Lightning's own SIGUSR1 requeue would race it.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return pl.Trainer(logger=False, callbacks=list(callbacks), plugins=plugins, **trainer_options(spec))
+
+
+# RunSpec fields in which the members of a stack may differ: the seed, and what follows from
+# the run being another run (its dir, name, recorded config and hash, overrides).
+MEMBER_FIELDS = ("seed", "output_dir", "run_name", "config", "config_hash", "overrides")
+
+
+def check_stackable(specs: Sequence[RunSpec]) -> None:
+    """Raise ``ValueError`` unless ``specs`` can train as one job (any single run can).
+
+    Args:
+        specs: the members' runs.
+
+    Raises:
+        ValueError: no runs; for several: runs that differ in another field than
+            :data:`MEMBER_FIELDS` (the message names it), two runs in one dir, or several devices
+            (stacks train on one).
+    """
+    if not specs:
+        raise ValueError("train_stack needs at least one run")
+    first = specs[0]
+    if len(specs) == 1:
+        return
+    for index, spec in enumerate(specs[1:], 1):
+        for field in dataclasses.fields(RunSpec):
+            if field.name not in MEMBER_FIELDS and getattr(spec, field.name) != getattr(first, field.name):
+                raise ValueError(f"runs of a stack may differ only in {', '.join(MEMBER_FIELDS)}: run {index} has another {field.name} than run 0")
+    dirs = [Path(spec.output_dir).resolve() for spec in specs]
+    if len(set(dirs)) != len(dirs):
+        raise ValueError("every run of a stack needs its own output_dir")
+    if first.trainer.world_size > 1:
+        raise ValueError(f"stacked runs train on one device for now, got {first.trainer.world_size} devices x nodes")
+
+
+class Member:
+    """One run of a job (a single run is a stack of one): its record, loggers and stateful callbacks.
+
+    Member ``k`` of a stack reads its metrics under :func:`~mbn.train.stacked_module.member_metric`
+    names and saves its share of the stack's checkpoints (:mod:`mbn.train.stacked_checkpoint`); a
+    single run's are the whole. Either way its dir ends with what a single run leaves.
+
+    Args:
+        k: member index.
+        spec: the member's run.
+        schedule: the job's MBN schedule callback (shared).
+        stacked: the job trains several members as one stacked model.
+    """
+
+    def __init__(self, k: int, spec: RunSpec, schedule: MomentumScheduleCallback, stacked: bool) -> None:
+        self.k = k
+        self.spec = spec
+        self.stacked = stacked
+        self.resume_from = last_checkpoint(spec.output_dir)
+        self.record = JobRecord(spec, self.resume_from, rank=rank_zero_only.rank, versions=library_versions())
+        self.loggers: list[Logger] = []
+        self.recorder = EpochRecorder(
+            schedule, on_epoch=self.epoch_done, log_lines=not show_progress_bar(spec), total_epochs=spec.epochs,
+            member=k if stacked else None,
+        )
+        self.checkpoints: list[ModelCheckpoint] = []
+        self.dashboards: list[Callback] = []
+        self.steps_per_epoch = 0
+
+    @property
+    def stateful_callbacks(self) -> list[Callback]:
+        """The member's stateful callbacks (their state goes into its checkpoints)."""
+        return [self.recorder, *self.checkpoints]
+
+    @property
+    def callbacks(self) -> list[Callback]:
+        """Every callback of the member, for the job's Trainer."""
+        return [*self.stateful_callbacks, *self.dashboards]
+
+    def attach(self, module: ClassificationModule) -> None:
+        """Open the member's loggers and build its checkpoint and dashboard callbacks for ``module``."""
+        self.loggers = build_loggers(self.spec, concurrent=self.stacked)
+        dirpath = Path(self.spec.output_dir) / CHECKPOINT_DIR
+        if self.stacked:
+            self.checkpoints = member_checkpoints(dirpath, self.k)
+        else:
+            self.checkpoints = [ModelCheckpoint(**kwargs) for kwargs in checkpoint_settings(dirpath)]
+        self.dashboards = dashboard_callbacks(self.spec, self.recorder, self.loggers)
+        log_batch_sizes(self.spec, self.loggers)
+
+    def share(self, module: ClassificationModule) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """What the member's checkpoint files hold of the job's checkpoint: all of a single run's (with
+        its config hash), member ``k``'s single-run checkpoint of a stack's."""
+        if self.stacked:
+            return lambda checkpoint: split_member_checkpoint(checkpoint, module, self.k, self.stateful_callbacks, self.spec.config_hash)
+        return lambda checkpoint: {**checkpoint, CHECKPOINT_HASH_KEY: self.spec.config_hash}
+
+    def epoch_done(self, history: list[dict[str, Any]]) -> None:
+        """Write the running results.json and the epoch's metrics (single-run names) to the member's loggers."""
+        self.record.write("running", history)
+        row = history[-1]
+        metrics = {name: row[key] for key, name in LOGGED_METRICS.items() if row.get(key) is not None}
+        for logger in self.loggers:
+            logger.log_metrics({**metrics, "epoch": row["epoch"] - 1}, step=row["epoch"] * self.steps_per_epoch - 1)
+            logger.save()
+
+
+# History column -> the metric name a run logs it under.
+LOGGED_METRICS = {"train_loss": "train/loss", "train_acc1": "train/acc1", "lr": "lr", "val_loss": "val/loss", "val_acc1": "val/acc1",
+                  "val_acc5": "val/acc5", "lam": "mbn/lam", "tau": "mbn/tau"}
+
+
+class _StepsPerEpoch(Callback):
+    """Tells the members how many steps an epoch has (for their loggers' step numbers)."""
+
+    def __init__(self, members: Sequence[Member]) -> None:
+        self.members = members
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for member in self.members:
+            member.steps_per_epoch = int(trainer.num_training_batches)
 
 
 def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-    """Train one run and record it in ``spec.output_dir/results.json``.
-
-    ``results.json`` says ``running`` from the start (updated after every epoch) and ends as
-    ``completed``, ``diverged`` (NaN/inf loss), ``failed`` (any exception; error and traceback
-    recorded) or ``interrupted`` (Ctrl-C / SIGTERM). If ``checkpoints/last.ckpt`` exists the run
-    resumes from it (loaded weights-only) and ends exactly as an uninterrupted run would. Each call
-    appends one entry to ``attempts`` (start, end, status, resumed checkpoint, host, pid, threads,
-    GPUs), kept across resumes. W&B runs are always finished. Under DDP only rank 0 writes.
+    """Train one run and record it in ``spec.output_dir/results.json``: :func:`train_stack` of one.
 
     Args:
         spec: the run.
@@ -185,48 +275,136 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     Returns:
         The final results (as written to ``results.json``).
     """
-    output_dir = Path(spec.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = last_checkpoint(output_dir)
-    if spec.trainer.num_threads:
-        torch.set_num_threads(spec.trainer.num_threads)
-    record = JobRecord(spec, resume_from, rank=rank_zero_only.rank, versions=library_versions())
-    record.write("running")
-    loggers: list = []
+    (results,) = train_stack([spec], callbacks)
+    return results
+
+
+def train_stack(specs: Sequence[RunSpec], callbacks: Sequence[Callback] = ()) -> list[dict[str, Any]]:
+    """Train K >= 1 runs as one job and record each in its dir; K > 1 runs (differing only in their
+    seed) train as one stacked model, each member recorded exactly as its single run.
+
+    ``results.json`` says ``running`` from the start (updated after every epoch) and ends as
+    ``completed``, ``diverged`` (NaN/inf loss), ``failed`` (any exception; error and traceback
+    recorded) or ``interrupted`` (Ctrl-C / SIGTERM). Each call appends one entry to ``attempts``
+    (start, end, status, resumed checkpoint, host, pid, threads, GPUs), kept across resumes. Each
+    member's dir ends with ``checkpoints/last.ckpt`` and ``best.ckpt`` (by its own val/acc1) in the
+    single-run format, ``csv/version_<n>/metrics.csv`` (one row per epoch), TensorBoard events with
+    HParams and its own W&B run when configured (always finished). If every member has a
+    ``last.ckpt`` the job resumes from them (loaded weights-only; a stack's must be of their
+    configs, at the same epoch) and ends exactly as an uninterrupted one would; a member of a stack
+    can also be resumed alone. A member of a stack whose loss turns NaN/inf is frozen and ends
+    ``diverged``; the others train on. Under DDP (single runs) only rank 0 writes. This neither
+    locks nor plans the dirs (:func:`~mbn.train.job.run_job` does): leave final members out.
+
+    Args:
+        specs: the members' runs (see :func:`check_stackable`).
+        callbacks: extra Lightning callbacks of the job's Trainer.
+
+    Returns:
+        Each member's final results (as written to its ``results.json``), in ``specs`` order.
+
+    Raises:
+        ValueError: runs that cannot be stacked, or that cannot resume together (some with a
+            checkpoint and some without, checkpoints of another config or at different epochs).
+    """
+    specs = list(specs)
+    check_stackable(specs)
+    first, stacked = specs[0], len(specs) > 1
+    # Checked before any record is written: a refused stack leaves every member's dir as it was.
+    resumed = _resumed_checkpoints(specs) if stacked else None
+    for spec in specs:
+        Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
+    if first.trainer.num_threads:
+        torch.set_num_threads(first.trainer.num_threads)
+    schedule = MomentumScheduleCallback()
+    members = [Member(k, spec, schedule, stacked) for k, spec in enumerate(specs)]
+    for member in members:
+        member.record.write("running")
     trainer: pl.Trainer | None = None
-    recorder: EpochRecorder | None = None
     status: str = "failed"
     error: tuple[str, str | None] | None = None
-    with signal_handling() as in_fit:
+    module: ClassificationModule | None = None
+    with signal_handling() as in_fit, tempfile.TemporaryDirectory(prefix="mbn-stack-") as scratch:
         try:
-            datamodule = ImageDataModule(spec.data, seed=spec.seed, cache_dir=spec.cache_dir)
-            module = build_module(spec, datamodule)
-            loggers = build_loggers(spec)
-            schedule = MomentumScheduleCallback()
-            recorder = EpochRecorder(
-                schedule,
-                on_epoch=lambda history: record.write("running", history),
-                log_lines=not show_progress_bar(spec),
-                total_epochs=spec.epochs,
-            )
-            trainer = build_trainer(spec, [schedule, recorder, NormLayerGuard(module.model), *dashboard_callbacks(spec, recorder),
-                                           *callbacks], loggers)
-            log_batch_sizes(spec, loggers)
-            if resume_from is not None:
-                log.info("resuming %s from %s", spec.run_name, resume_from)
-            fit(trainer, module, datamodule, resume_from, in_fit)
+            datamodule = build_datamodule(specs)
+            module = build_module(specs, datamodule)
+            for member in members:
+                member.attach(module)
+            ckpt_path = _merged_checkpoint(members, resumed, module, Path(scratch)) if resumed else members[0].resume_from
+            if ckpt_path is not None and not stacked:
+                log.info("resuming %s from %s", first.run_name, ckpt_path)
+            checkpoint_io = MemberCheckpointIO({Path(m.spec.output_dir) / CHECKPOINT_DIR: m.share(module) for m in members})
+            trainer = build_trainer(first, [
+                schedule, _StepsPerEpoch(members), NormLayerGuard(module.model), PerDeviceMomentumStats(first.trainer.mbn_history),
+                *callbacks, *(callback for member in members for callback in member.callbacks),
+            ], checkpoint_io)
+            fit(trainer, module, datamodule, ckpt_path, in_fit)
             status = "completed"
         except RECORDED_EXCEPTIONS as exc:
             status, error = failure_status(exc, trainer)
             if is_disk_full(exc):
-                error = (disk_full_message(error[0], output_dir), error[1])
+                error = (disk_full_message(error[0], Path(first.output_dir)), error[1])
         finally:
-            # The recorder's history includes the rows restored from a resumed checkpoint.
-            history = recorder.history if recorder is not None and recorder.history else None
-            results = record.write(status, history, error=error, finished=True)
-            finish_loggers(loggers, exit_code=0 if status == "completed" else 1)
+            diverged = getattr(module, "diverged", {})
+            results = []
+            for member in members:
+                # A stack member's divergence is its own end; any other end (completed, failed, ...) is the job's.
+                own_status, own_error = ("diverged", (diverged[member.k], None)) if member.k in diverged else (status, error)
+                # The recorder's history includes the rows restored from a resumed checkpoint.
+                history = member.recorder.history or None
+                results.append(member.record.write(own_status, history, error=own_error, finished=True))
+                finish_loggers(member.loggers, exit_code=0 if own_status == "completed" else 1)
     return results
 
+
+def build_datamodule(specs: Sequence[RunSpec]) -> ImageDataModule | StackedDataModule:
+    """The job's data: a single run's, or each member's batches side by side for a stack."""
+    first = specs[0]
+    if len(specs) == 1:
+        return ImageDataModule(first.data, seed=first.seed, cache_dir=first.cache_dir)
+    return StackedDataModule(first.data, [spec.seed for spec in specs], cache_dir=first.cache_dir)
+
+
+def build_module(specs: Sequence[RunSpec], datamodule: ImageDataModule | StackedDataModule) -> ClassificationModule:
+    """Each member's model as its single run builds it (seeded), stacked when there are several, in the job's module."""
+    models = [build_seeded_model(spec, datamodule.num_classes, datamodule.in_channels) for spec in specs]
+    if len(models) == 1:
+        return training_module(specs[0], models[0], datamodule.num_classes)
+    return training_module(specs[0], stack(models), datamodule.num_classes, StackedClassificationModule)
+
+
+def _resumed_checkpoints(specs: Sequence[RunSpec]) -> list[dict[str, Any]] | None:
+    """The members' ``last.ckpt`` (loaded) when every member has one of its config at the same step; None when none has.
+
+    Raises:
+        ValueError: some members with a checkpoint and some without, one of another config or
+            unloadable (:func:`~mbn.train.run_dir.verify_checkpoint`), or checkpoints at different steps.
+    """
+    found = [last_checkpoint(spec.output_dir) for spec in specs]
+    if all(path is None for path in found):
+        return None
+    if any(path is None for path in found):
+        missing = [str(spec.output_dir) for spec, path in zip(specs, found) if path is None]
+        raise ValueError(f"cannot resume a stack of members at different epochs: {', '.join(missing)} has no checkpoint (stands at epoch 0)")
+    for spec in specs:
+        plan = verify_checkpoint(JobPlan("resume", "stacked"), spec.output_dir, spec.config_hash)
+        if plan.action != "resume":
+            raise ValueError(f"cannot resume {spec.output_dir} in a stack: {plan.reason}")
+    io = AtomicCheckpointIO()
+    checkpoints = [io.load_checkpoint(path, map_location="cpu") for path in found]
+    check_same_position(checkpoints)
+    return checkpoints
+
+
+def _merged_checkpoint(members: Sequence[Member], checkpoints: Sequence[dict[str, Any]], module: ClassificationModule,
+                       scratch: Path) -> Path:
+    """Write the stack's checkpoint merged from the members' ``last.ckpt`` to ``scratch``; its path."""
+    merged = merge_member_checkpoints(checkpoints, module, [member.stateful_callbacks for member in members])
+    path = scratch / "stack.ckpt"
+    AtomicCheckpointIO().save_checkpoint(merged, path)
+    for member in members:
+        log.info("resuming %s from %s (in a stack of %d)", member.spec.run_name, member.resume_from, len(members))
+    return path
 
 def library_versions() -> dict[str, str]:
     """The library versions a run's ``results.json`` records."""

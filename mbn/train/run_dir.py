@@ -2,7 +2,7 @@
 
 The bottom of :mod:`mbn.train`: what a run leaves in its dir and how it is checked, used by the
 job owner (:mod:`mbn.train.job`, which plans and runs jobs) and by the code that trains a run
-(:mod:`mbn.train.run`, :mod:`mbn.train.stacked_run`), none of which it imports. :class:`JobRecord`
+(:mod:`mbn.train.run`), none of which it imports. :class:`JobRecord`
 is the only writer of ``results.json`` (the record's type and schema are
 :class:`mbn.results.RunRecord`). Importing it is cheap (no torch or Lightning).
 """

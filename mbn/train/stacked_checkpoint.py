@@ -10,15 +10,15 @@ that member resumes from it, and a stack of members at the same epoch resumes fr
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from mbn.models import load_member_optimizer_state_dict, load_member_state_dict, member_optimizer_state_dict, member_state_dict
-from mbn.train.callbacks import EpochRecorder
-from mbn.train.run_dir import CHECKPOINT_HASH_KEY
+from mbn.train.run_dir import BEST_CHECKPOINT, CHECKPOINT_HASH_KEY, LAST_CHECKPOINT
 from mbn.train.optim import build_optimizer
 from mbn.train.stacked_module import StackedClassificationModule, member_metric
 
@@ -28,51 +28,47 @@ MODEL_PREFIX = "model."
 MEMBER_ENTRIES = ("state_dict", "optimizer_states", "callbacks", CHECKPOINT_HASH_KEY)
 
 
-class MemberEpochRecorder(EpochRecorder):
-    """Member ``k``'s :class:`EpochRecorder`: its metrics, no rows once it has diverged.
-
-    ``single_state_key`` is the state key of a single run's recorder, under which the member's
-    checkpoints keep its history.
+def checkpoint_settings(dirpath: str | Path) -> list[dict[str, Any]]:
+    """A run's checkpoint callbacks' ``ModelCheckpoint`` arguments: ``last.ckpt`` after every epoch,
+    then ``best.ckpt`` by val/acc1.
 
     Args:
-        member: member index.
-        **kwargs: as for :class:`EpochRecorder` (``metric_prefix`` is set here).
+        dirpath: the run's checkpoint dir.
     """
-
-    def __init__(self, member: int, **kwargs: Any) -> None:
-        super().__init__(metric_prefix=member_metric(member, ""), **kwargs)
-        self.member = member
-        self.single_state_key = EpochRecorder().state_key
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(member=self.member)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A diverged single run records no row for the epoch it diverged in, nor any later.
-        if self.member not in pl_module.diverged:
-            super().on_train_epoch_end(trainer, pl_module)
+    # last.ckpt after every epoch (what a rerun resumes from; Lightning's save_last=True only
+    # rewrites it in epochs that also save a top-k checkpoint), best.ckpt by val/acc1.
+    return [
+        dict(dirpath=dirpath, filename=Path(LAST_CHECKPOINT).stem, monitor=None, save_top_k=1, enable_version_counter=False),
+        dict(dirpath=dirpath, filename=Path(BEST_CHECKPOINT).stem, monitor="val/acc1", mode="max", save_top_k=1,
+             enable_version_counter=False),
+    ]
 
 
 class MemberCheckpoint(ModelCheckpoint):
-    """A checkpoint callback of member ``k``: monitors its metrics, saves its share of the stack.
+    """A checkpoint callback of member ``k`` of a stack: monitors its metrics (``member<k>/val/acc1``
+    for ``val/acc1``); the job's :class:`~mbn.train.checkpoint_io.MemberCheckpointIO` writes only its
+    share of the stack into its dir.
 
     Args:
         member: member index.
-        split: turns the stack's full checkpoint into member ``k``'s (see :func:`split_member_checkpoint`).
-        **kwargs: as for ``ModelCheckpoint``.
+        **kwargs: as for ``ModelCheckpoint``, with the single run's metric names.
     """
 
-    def __init__(self, member: int, split: Callable[[dict[str, Any]], dict[str, Any]], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.member = member
-        self.split = split
+    def __init__(self, member: int, **kwargs: Any) -> None:
+        self.single_monitor = kwargs.get("monitor")
         # What a single run's callback of these settings is called in its checkpoints.
         self.single_state_key = ModelCheckpoint(**kwargs).state_key
+        monitor = member_metric(member, self.single_monitor) if self.single_monitor else None
+        super().__init__(**{**kwargs, "monitor": monitor})
+        self.member = member
 
     @property
     def state_key(self) -> str:
-        return f"{super().state_key}[member {self.member}]"
+        return f"{self.single_state_key}[member {self.member}]"
+
+    def state_dict(self) -> dict[str, Any]:
+        # As the single run's callback records it (under the metric name it monitors).
+        return {**super().state_dict(), "monitor": self.single_monitor}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A diverged member keeps the checkpoints of its last finished epoch, as its single run does.
@@ -83,26 +79,22 @@ class MemberCheckpoint(ModelCheckpoint):
         if self.member not in pl_module.diverged:
             super().on_validation_end(trainer, pl_module)
 
-    def _monitor_candidates(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
-        # The member's metrics under the single run's names (val/acc1), which ``monitor`` names.
-        candidates = super()._monitor_candidates(trainer)
-        prefix = member_metric(self.member, "")
-        candidates.update({key[len(prefix):]: value for key, value in list(candidates.items()) if key.startswith(prefix)})
-        return candidates
 
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        # As ModelCheckpoint._save_checkpoint, with the member's share in place of the whole stack.
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        trainer.strategy.save_checkpoint(self.split(checkpoint), filepath)
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
+def member_checkpoints(dirpath: str | Path, member: int) -> list[MemberCheckpoint]:
+    """Member ``member``'s checkpoint callbacks: its single run's (:func:`checkpoint_settings`) on its metrics.
+
+    Args:
+        dirpath: the member's checkpoint dir.
+        member: member index.
+    """
+    return [MemberCheckpoint(member, **kwargs) for kwargs in checkpoint_settings(dirpath)]
 
 
 def member_callbacks_state(callbacks: Sequence[Callback]) -> dict[str, Any]:
     """A member's callbacks' states under the state keys of the single run's callbacks.
 
     Args:
-        callbacks: member ``k``'s :class:`MemberEpochRecorder` and :class:`MemberCheckpoint` callbacks.
+        callbacks: member ``k``'s :class:`~mbn.train.callbacks.EpochRecorder` and :class:`MemberCheckpoint` callbacks.
     """
     return {callback.single_state_key: callback.state_dict() for callback in callbacks}
 

@@ -21,8 +21,10 @@ def hparams_of(event_dir) -> tuple[dict, set[str], EventAccumulator]:
     return values, set(content), events
 
 
-def test_each_run_writes_its_hparams_with_its_final_metrics(tiny, run_env):
-    assert main(["-m", *tiny(**{"logger": "[csv,tensorboard]", "epochs": 2}), "norm=bn,mbn", "seed=0,1"]) == 0
+@pytest.mark.parametrize("stack", [1, 2], ids=["single_runs", "stacked_seeds"])
+def test_each_run_writes_its_hparams_with_its_final_metrics(tiny, run_env, stack):
+    """Runs trained alone and the members of stacks (one lifecycle) write the same dashboard records."""
+    assert main(["-m", *tiny(**{"logger": "[csv,tensorboard]", "epochs": 2}), "norm=bn,mbn", "seed=0,1", f"stack={stack}"]) == 0
     runs = list(iter_results(run_env))
     assert len(runs) == 4
     seen = set()
@@ -40,6 +42,8 @@ def test_each_run_writes_its_hparams_with_its_final_metrics(tiny, run_env):
         assert events.Scalars("final/val_acc1")[-1].value == pytest.approx(metrics["final_val_acc1"])
         assert events.Scalars("best/val_acc1")[-1].value == pytest.approx(metrics["best_val_acc1"])
         assert events.Scalars("final/train_loss")[-1].value == pytest.approx(metrics["final_train_loss"])
+        # The epoch rows, under the single run's names.
+        assert [event.value for event in events.Scalars("val/acc1")] == pytest.approx([row["val_acc1"] for row in record["history"]])
         seen.add((hparams["norm"], hparams["seed"]))
     assert seen == {("bn", 0), ("bn", 1), ("mbn", 0), ("mbn", 1)}
 
