@@ -7,8 +7,8 @@ Hydra composes. :func:`to_run_spec` then builds the :class:`~mbn.train.spec.RunS
 ``OmegaConf.to_object``, which runs every schema's own rules; a broken rule comes back as a
 :class:`~mbn.cli.config.ConfigError` naming the full dotted key.
 
-Adding a norm: its layer and factory entry in :mod:`mbn.nn`, its spec in :mod:`mbn.train.spec`,
-one line in :data:`NORM_SCHEMAS`, and ``configs/norm/<name>.yaml``.
+The group options' schemas are :data:`mbn.train.spec.GROUP_SCHEMAS`, registered by their classes;
+nothing here lists them again.
 """
 
 from __future__ import annotations
@@ -26,31 +26,6 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from mbn.cli.config import ConfigError, unknown_key_error
 from mbn.train import spec as specs
 
-NORM_SCHEMAS: dict[str, type[specs.NormSpec]] = {
-    "bn": specs.BatchNormSpec,
-    "gn": specs.GroupNormSpec,
-    "brn": specs.BatchRenormSpec,
-    "mbn": specs.MomentumBatchNormSpec,
-    "none": specs.NoNormSpec,
-}
-DATA_SCHEMAS: dict[str, type[specs.DataSpec]] = {
-    "cifar10_archive": specs.Cifar10ArchiveDataSpec,
-    "cifar10": specs.Cifar10DataSpec,
-    "cifar100": specs.Cifar100DataSpec,
-    "imagefolder": specs.ImageFolderDataSpec,
-    "imagenet": specs.ImageNetDataSpec,
-    "fake": specs.FakeDataSpec,
-}
-MODEL_SCHEMAS: dict[str, type[specs.ModelSpec]] = {
-    **{name: specs.ResNetSpec for name in ("resnet18", "resnet34", "resnet50")},
-    **{name: specs.ResNetSpec for name in ("imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50")},
-    **{name: specs.VGGSpec for name in ("vgg11", "vgg16")},
-}
-LOGGER_SCHEMAS: dict[str, type] = {
-    "csv": specs.CsvLoggerSpec,
-    "wandb": specs.WandbSpec,
-    "tensorboard": specs.TensorBoardSpec,
-}
 # Top-level keys that steer mbn-train itself (what to do with a job), not the run: they are taken out
 # of the config before it is hashed and recorded, so they never make a finished run look different.
 CONTROL_KEYS = ("dry_run", "rerun_diverged", "debug", "stack", "stack_seeds")
@@ -152,11 +127,11 @@ def register_schemas() -> None:
     """Store every schema in Hydra's ConfigStore (idempotent): ``train_schema`` and ``schema/<group>/<option>``."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
-    for group, schemas in (("norm", NORM_SCHEMAS), ("data", DATA_SCHEMAS), ("logger", LOGGER_SCHEMAS)):
+    for group, schemas in specs.GROUP_SCHEMAS.items():
         for option, schema in schemas.items():
-            store.store(group=f"schema/{group}", name=option, node=schema)
-    for option, schema in MODEL_SCHEMAS.items():
-        store.store(group="schema/model", name=option, node=schema(name=option))
+            # A schema that serves several options (ResNetSpec) leaves its name open: each option sets it.
+            node = schema(name=option) if getattr(schema, "name", None) == specs.MISSING else schema
+            store.store(group=f"schema/{group}", name=option, node=node)
     store.store(group="schema/optim", name="sgd", node=specs.OptimSpec)
     store.store(group="schema/trainer", name="trainer", node=specs.TrainerSpec)
 
@@ -231,7 +206,7 @@ def _refuse_keys_outside_schema(node: DictConfig, prefix: str) -> None:
     if dataclasses.is_dataclass(schema):
         known = [f.name for f in dataclasses.fields(schema)]
     elif prefix == "logger.":
-        known = list(LOGGER_SCHEMAS)
+        known = list(specs.LOGGER_SCHEMAS)
     else:
         known = None
     for key in node.keys():
@@ -280,7 +255,7 @@ def to_run_spec(job: Job, output_dir: str | os.PathLike, overrides: Iterable[str
             norm=train.norm,
             optim=train.optim,
             trainer=train.trainer,
-            loggers=specs.LoggerSpec(wandb=train.logger.get("wandb"), tensorboard="tensorboard" in train.logger),
+            loggers=specs.LoggerSpec(selected=dict(train.logger)),
             seed=train.seed,
             epochs=train.epochs,
             output_dir=Path(output_dir),

@@ -1,6 +1,6 @@
 """Classification backbones that take a ``norm_layer`` factory, and stacked runs of them (pure PyTorch)."""
 
-from mbn.models.factory import MODEL_NAMES, build_model
+from mbn.models.factory import MODEL_NAMES, build_model, model_options
 from mbn.models.freeze import FrozenMember, freeze_member
 from mbn.models.resnet import BasicBlock, Bottleneck, ResNet
 from mbn.models.stack import (
@@ -20,6 +20,7 @@ from mbn.models.vgg import VGG
 __all__ = [
     "MODEL_NAMES",
     "build_model",
+    "model_options",
     "ResNet",
     "BasicBlock",
     "Bottleneck",

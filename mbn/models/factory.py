@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Any, Callable, Sequence, Union
 
 from torch import nn
 
@@ -10,6 +11,9 @@ from mbn.models.resnet import BasicBlock, Bottleneck, ResNet
 from mbn.models.vgg import VGG, VGG_CONFIGS
 
 NormLayer = Callable[[int], nn.Module]
+# builder(num_classes, norm_layer, width, in_channels, **options) -> the model; its keyword-only
+# parameters are the model's options (the fields of its mbn.train.spec.ModelSpec besides name and width).
+ModelBuilder = Callable[..., nn.Module]
 
 _RESNET_SPECS = {
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
@@ -17,11 +21,42 @@ _RESNET_SPECS = {
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
 }
 
-MODEL_NAMES: tuple[str, ...] = (
-    *_RESNET_SPECS,
-    *VGG_CONFIGS,
-    *(f"imagenet_{name}" for name in _RESNET_SPECS),
-)
+
+def _resnet(block: type[nn.Module], layers: Sequence[int], stem: str) -> ModelBuilder:
+    def build(num_classes: int, norm_layer: NormLayer, width: int, in_channels: int, *, zero_init_residual: bool = False) -> nn.Module:
+        return ResNet(block, layers, num_classes, norm_layer, width, in_channels, stem, zero_init_residual)
+
+    return build
+
+
+def _vgg(config: Sequence[Union[int, str]]) -> ModelBuilder:
+    def build(num_classes: int, norm_layer: NormLayer, width: int, in_channels: int) -> nn.Module:
+        return VGG(config, num_classes, norm_layer, width, in_channels)
+
+    return build
+
+
+# The models by name. A new model is one entry here (its config schema: mbn.train.spec.MODEL_SCHEMAS;
+# tests keep the names equal).
+MODEL_BUILDERS: dict[str, ModelBuilder] = {
+    **{name: _resnet(block, layers, "cifar") for name, (block, layers) in _RESNET_SPECS.items()},
+    **{name: _vgg(config) for name, config in VGG_CONFIGS.items()},
+    **{f"imagenet_{name}": _resnet(block, layers, "imagenet") for name, (block, layers) in _RESNET_SPECS.items()},
+}
+MODEL_NAMES: tuple[str, ...] = tuple(MODEL_BUILDERS)
+
+
+def model_options(name: str) -> tuple[str, ...]:
+    """The options (keyword arguments beyond the common ones) that :func:`build_model` takes for ``name``.
+
+    Args:
+        name: one of :data:`MODEL_NAMES`.
+
+    Raises:
+        ValueError: unknown ``name``.
+    """
+    parameters = inspect.signature(_builder(name)).parameters.values()
+    return tuple(p.name for p in parameters if p.kind is p.KEYWORD_ONLY)
 
 
 def build_model(
@@ -30,7 +65,7 @@ def build_model(
     norm_layer: NormLayer = nn.BatchNorm2d,
     width: int = 64,
     in_channels: int = 3,
-    zero_init_residual: bool = False,
+    **options: Any,
 ) -> nn.Module:
     """Build a classifier backbone.
 
@@ -41,23 +76,27 @@ def build_model(
         norm_layer: factory ``norm_layer(num_channels) -> nn.Module`` used after every convolution.
         width: base channels (64 = standard network; e.g. 16 for narrow CPU runs).
         in_channels: image channels.
-        zero_init_residual: ResNets only: zero the last norm weight of each residual block.
+        **options: that model's options (:func:`model_options`): ResNets take ``zero_init_residual``
+            (zero the last norm weight of each residual block).
 
     Returns:
         The model, in training mode.
 
     Raises:
-        ValueError: unknown ``name``, or non-positive ``num_classes``/``width``/``in_channels``.
+        ValueError: unknown ``name`` or option, or non-positive ``num_classes``/``width``/``in_channels``.
     """
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model name {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+    builder = _builder(name)
     for arg, value in (("num_classes", num_classes), ("width", width), ("in_channels", in_channels)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{arg} must be a positive integer, got {value!r}")
-    if name in VGG_CONFIGS:
-        if zero_init_residual:
-            raise ValueError(f"zero_init_residual applies to ResNets only, not to {name!r}")
-        return VGG(VGG_CONFIGS[name], num_classes, norm_layer, width, in_channels)
-    stem = "imagenet" if name.startswith("imagenet_") else "cifar"
-    block, layers = _RESNET_SPECS[name.removeprefix("imagenet_")]
-    return ResNet(block, layers, num_classes, norm_layer, width, in_channels, stem, zero_init_residual)
+    unknown = sorted(set(options) - set(model_options(name)))
+    if unknown:
+        accepted = ", ".join(model_options(name)) or "none"
+        raise ValueError(f"model {name!r} takes no option {', '.join(unknown)}; its options: {accepted}")
+    return builder(num_classes, norm_layer, width, in_channels, **options)
+
+
+def _builder(name: str) -> ModelBuilder:
+    if name not in MODEL_BUILDERS:
+        raise ValueError(f"unknown model name {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+    return MODEL_BUILDERS[name]

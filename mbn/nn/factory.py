@@ -12,18 +12,18 @@ from mbn.nn.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from mbn.nn.group_norm import GroupNorm
 from mbn.nn.momentum_batchnorm import MomentumBatchNorm1d, MomentumBatchNorm2d, MomentumBatchNorm3d
 
-__all__ = ["NORM_NAMES", "make_norm", "norm_layer", "norm_class"]
+__all__ = ["NORM_LAYERS", "NORM_NAMES", "make_norm", "norm_layer", "norm_class"]
 
-NORM_NAMES: tuple[str, ...] = ("bn", "gn", "brn", "mbn", "none")
-
-# Layer class per name and input rank (1 = (N, C[, L]), 2 = images, 3 = volumes).
-_CLASSES: dict[str, dict[int, type[nn.Module]]] = {
+# The norm layers by name: the layer class per input rank (1 = (N, C[, L]), 2 = images, 3 = volumes).
+# A new norm is one entry here (its config schema: mbn.train.spec.NORM_SCHEMAS; tests keep the names equal).
+NORM_LAYERS: dict[str, dict[int, type[nn.Module]]] = {
     "bn": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
     "gn": {1: GroupNorm, 2: GroupNorm, 3: GroupNorm},
     "brn": {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d},
     "mbn": {1: MomentumBatchNorm1d, 2: MomentumBatchNorm2d, 3: MomentumBatchNorm3d},
     "none": {1: nn.Identity, 2: nn.Identity, 3: nn.Identity},
 }
+NORM_NAMES: tuple[str, ...] = tuple(NORM_LAYERS)
 
 
 def norm_class(name: str, dim: int = 2) -> type[nn.Module]:
@@ -39,11 +39,11 @@ def norm_class(name: str, dim: int = 2) -> type[nn.Module]:
     Raises:
         ValueError: unknown name (the message lists the valid ones) or dim.
     """
-    if name not in _CLASSES:
+    if name not in NORM_LAYERS:
         raise ValueError(f"unknown norm {name!r}; valid names: {', '.join(NORM_NAMES)}")
     if dim not in (1, 2, 3):
         raise ValueError(f"norm dim must be 1, 2 or 3, got {dim!r}")
-    return _CLASSES[name][dim]
+    return NORM_LAYERS[name][dim]
 
 
 def _accepted_kwargs(cls: type[nn.Module]) -> tuple[str, ...]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from mbn.results import summarize_history
-from mbn.train.spec import RunSpec
+from mbn.train.spec import CsvLoggerSpec, RunSpec, TensorBoardSpec, WandbSpec
 
 if TYPE_CHECKING:
     from mbn.train.callbacks import EpochRecorder
@@ -35,8 +35,66 @@ def run_tags(spec: RunSpec) -> list[str]:
     ]
 
 
+# The logger each ``logger`` option builds: its schema class (:data:`mbn.train.spec.LOGGER_SCHEMAS`)
+# -> builder(options, run, concurrent). A new logger is its schema class there and one builder here.
+LoggerBuilder = Callable[[Any, RunSpec, bool], Logger]
+LOGGER_BUILDERS: dict[type, LoggerBuilder] = {}
+
+
+def logger_builder(schema: type) -> Callable[[LoggerBuilder], LoggerBuilder]:
+    """Function decorator: register ``builder(options, run, concurrent) -> Logger`` as what a ``schema``
+    object in :attr:`LoggerSpec.selected <mbn.train.spec.LoggerSpec.selected>` builds.
+
+    Args:
+        schema: a class of :data:`mbn.train.spec.LOGGER_SCHEMAS`.
+
+    Raises:
+        ValueError: ``schema`` has a builder already.
+    """
+
+    def register(builder: LoggerBuilder) -> LoggerBuilder:
+        if schema in LOGGER_BUILDERS:
+            raise ValueError(f"{schema.__name__} already has a builder: {LOGGER_BUILDERS[schema].__name__}")
+        LOGGER_BUILDERS[schema] = builder
+        return builder
+
+    return register
+
+
+@logger_builder(CsvLoggerSpec)
+def _csv_logger(options: CsvLoggerSpec, spec: RunSpec, concurrent: bool) -> Logger:
+    """``metrics.csv`` under ``<run dir>/csv/version_<n>/``."""
+    return CSVLogger(save_dir=spec.output_dir, name="csv")
+
+
+@logger_builder(TensorBoardSpec)
+def _tensorboard_logger(options: TensorBoardSpec, spec: RunSpec, concurrent: bool) -> Logger:
+    """Event files under ``<run dir>/tensorboard/version_<n>/`` (HParams: :class:`TensorBoardHParams`)."""
+    return TensorBoardLogger(save_dir=spec.output_dir, name="tensorboard", default_hp_metric=False)
+
+
+@logger_builder(WandbSpec)
+def _wandb_logger(options: WandbSpec, spec: RunSpec, concurrent: bool) -> Logger:
+    """One W&B run in the sweep's group, tagged and configured for grouping runs on the dashboard."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    return WandbLogger(
+        name=spec.run_name,
+        save_dir=str(spec.output_dir),
+        project=options.project,
+        entity=options.entity,
+        offline=options.offline,
+        group=spec.sweep_name,
+        job_type=options.job_type,
+        tags=run_tags(spec) + list(options.tags),
+        config=wandb_config(spec),
+        **({"reinit": "create_new"} if concurrent else {}),
+    )
+
+
 def build_loggers(spec: RunSpec, concurrent: bool = False) -> list[Logger]:
-    """Create the run's loggers, all writing below ``spec.output_dir``.
+    """Create the run's loggers (:meth:`LoggerSpec.active <mbn.train.spec.LoggerSpec.active>`: CSV
+    first, always), all writing below ``spec.output_dir``.
 
     CSV and TensorBoard write one ``version_<n>`` dir per attempt, so resuming never overwrites the
     metrics of an earlier attempt. W&B starts one run per attempt (never shared between the jobs of
@@ -47,28 +105,7 @@ def build_loggers(spec: RunSpec, concurrent: bool = False) -> list[Logger]:
         concurrent: other runs' loggers are open in this process at the same time (the members of a
             stack): each W&B run is then its own (``reinit="create_new"``), never the process's global one.
     """
-    loggers: list[Logger] = [CSVLogger(save_dir=spec.output_dir, name="csv")]
-    if spec.loggers.tensorboard:
-        loggers.append(TensorBoardLogger(save_dir=spec.output_dir, name="tensorboard", default_hp_metric=False))
-    wandb_spec = spec.loggers.wandb
-    if wandb_spec is not None:
-        from pytorch_lightning.loggers import WandbLogger
-
-        loggers.append(
-            WandbLogger(
-                name=spec.run_name,
-                save_dir=str(spec.output_dir),
-                project=wandb_spec.project,
-                entity=wandb_spec.entity,
-                offline=wandb_spec.offline,
-                group=spec.sweep_name,
-                job_type=wandb_spec.job_type,
-                tags=run_tags(spec) + list(wandb_spec.tags),
-                config=wandb_config(spec),
-                **({"reinit": "create_new"} if concurrent else {}),
-            )
-        )
-    return loggers
+    return [LOGGER_BUILDERS[type(options)](options, spec, concurrent) for options in spec.loggers.active().values()]
 
 
 def wandb_config(spec: RunSpec) -> dict[str, Any]:
@@ -145,7 +182,7 @@ class TensorBoardHParams(Callback):
 
 def dashboard_callbacks(spec: RunSpec, recorder: "EpochRecorder", loggers: Sequence[Logger]) -> list[Callback]:
     """The callbacks the run's dashboards need: :class:`TensorBoardHParams` with the TensorBoard logger."""
-    return [TensorBoardHParams(spec, recorder, loggers)] if spec.loggers.tensorboard else []
+    return [TensorBoardHParams(spec, recorder, loggers)] if "tensorboard" in spec.loggers.selected else []
 
 
 def finish_loggers(loggers: list[Logger], exit_code: int) -> None:

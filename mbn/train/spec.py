@@ -3,9 +3,11 @@
 Each config group option has its schema here (``norm/bn`` is :class:`BatchNormSpec`, ``data/fake``
 is :class:`FakeDataSpec`, ...): ``mbn.cli`` registers them in Hydra's ConfigStore, so OmegaConf
 rejects wrong types, unknown keys and missing values with the full dotted key, and builds these
-objects from the composed config (``OmegaConf.to_object``). The rules a type cannot say (ranges,
-choices, "milestones increasing in (0, 1)") live in each class's ``__post_init__``, once; rules
-that span groups ("GN groups divide the width") live in :class:`RunSpec`. A broken rule raises
+objects from the composed config (``OmegaConf.to_object``). A group's options are one registry
+(:data:`GROUP_SCHEMAS`) that the classes fill themselves: ``@schema_of(NORM_SCHEMAS)`` on
+:class:`BatchNormSpec` makes it ``norm/bn``. The rules a type cannot say (ranges, choices,
+"milestones increasing in (0, 1)") live in each class's ``__post_init__``, once; rules that span
+groups ("GN groups divide the width") live in :class:`RunSpec`. A broken rule raises
 :class:`SpecError` naming the field. Nothing here imports Hydra, Lightning or torch: tests and
 scripts build a :class:`RunSpec` by hand just as well.
 """
@@ -19,12 +21,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, ClassVar, Iterable, TypeVar
 
 # A required value: OmegaConf's "???" (omegaconf.MISSING), spelled out so this module needs no OmegaConf.
 MISSING: Any = "???"
 
-NORM_NAMES = ("bn", "gn", "brn", "mbn", "none")
 MBN_SCHEDULES = ("epoch", "iteration", "fixed")
 LR_SCHEDULES = ("step", "cosine")
 # trainer.mbn_history: whose batches MBN's momentum statistics average under DDP (mbn.train.ddp_buffers).
@@ -95,6 +96,17 @@ def _one_of(key: str, value: str, choices: Iterable[str]) -> None:
         raise SpecError(key, f"unknown value {value!r}; expected one of {', '.join(choices)}")
 
 
+def _named_option(spec: Any, registry: dict[str, type]) -> None:
+    """``spec.name`` must be an option of ``registry`` that ``spec``'s class is the schema of (a base
+    class built by hand, such as ``NormSpec(name="bn")``, takes any option)."""
+    _one_of("name", spec.name, registry)
+    schema = registry[spec.name]
+    if type(spec) is not schema and type(spec) in registry.values():
+        group = next(group for group, schemas in GROUP_SCHEMAS.items() if schemas is registry)
+        raise SpecError("name", f"{spec.name!r} is another option (a {schema.__name__}, not a {type(spec).__name__}): "
+                                f"select it with {group}={spec.name} instead of setting the name")
+
+
 def _existing(key: str, path: str, file: bool = False) -> None:
     if path == MISSING or "${" in str(path):
         return  # a schema default still to be resolved (OmegaConf resolves before it builds the spec)
@@ -111,6 +123,52 @@ def options_of(spec: Any, exclude: Iterable[str] = ("name",)) -> dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+# --- the registries: config group option -> its schema ---------------------------------------------
+
+# Option name -> schema class, filled by the ``@schema_of`` classes below in definition order, so a
+# new option is one class. What each option builds is registered beside its code (mbn.nn's
+# NORM_LAYERS, mbn.models' MODEL_BUILDERS, mbn.data's loaders, mbn.train.loggers' LOGGER_BUILDERS);
+# specs are checked before torch is imported, so the names cannot be read from there: tests keep the
+# registries, the ConfigStore and configs/<group>/ naming the same options.
+DATA_SCHEMAS: dict[str, type["DataSpec"]] = {}
+MODEL_SCHEMAS: dict[str, type["ModelSpec"]] = {}
+NORM_SCHEMAS: dict[str, type["NormSpec"]] = {}
+LOGGER_SCHEMAS: dict[str, type] = {}
+# Config group -> its registry: the groups whose options are one schema class each.
+GROUP_SCHEMAS: dict[str, dict[str, type]] = {
+    "data": DATA_SCHEMAS,
+    "model": MODEL_SCHEMAS,
+    "norm": NORM_SCHEMAS,
+    "logger": LOGGER_SCHEMAS,
+}
+
+_Schema = TypeVar("_Schema", bound=type)
+
+
+def schema_of(registry: dict[str, type], *options: str) -> Callable[[_Schema], _Schema]:
+    """Class decorator: register the dataclass as the schema of config ``options`` in ``registry``.
+
+    Args:
+        registry: one of :data:`GROUP_SCHEMAS`' registries.
+        *options: the option names; none = the class's ``name`` default (``norm/bn`` for ``name = "bn"``).
+
+    Raises:
+        ValueError: an option registered twice, or no name to register under.
+    """
+
+    def register(schema: _Schema) -> _Schema:
+        names = options or (getattr(schema, "name", MISSING),)
+        if MISSING in names:
+            raise ValueError(f"{schema.__name__} has no name default: name its options, schema_of(registry, 'name', ...)")
+        for name in names:
+            if name in registry:
+                raise ValueError(f"option {name!r} of {schema.__name__} is taken by {registry[name].__name__}")
+            registry[name] = schema
+        return schema
+
+    return register
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -221,6 +279,7 @@ class DataSpec:
     crop_padding: int = 4
 
     def __post_init__(self) -> None:
+        _named_option(self, DATA_SCHEMAS)
         _at_least("batch_size", self.batch_size, 1)
         _at_least("eval_batch_size", self.eval_batch_size, 1)
         _at_least("train_subset", self.train_subset, 1, optional=True)
@@ -239,6 +298,7 @@ class DataSpec:
         return False
 
 
+@schema_of(DATA_SCHEMAS)
 @dataclass
 class Cifar10ArchiveDataSpec(DataSpec):
     """The real CIFAR-10 JPEG archive, decoded once into the cache."""
@@ -247,6 +307,7 @@ class Cifar10ArchiveDataSpec(DataSpec):
     source: ArchiveSource = field(default_factory=ArchiveSource)
 
 
+@schema_of(DATA_SCHEMAS)
 @dataclass
 class Cifar10DataSpec(DataSpec):
     """CIFAR-10 in torchvision's layout under ``source.root``."""
@@ -255,6 +316,7 @@ class Cifar10DataSpec(DataSpec):
     source: CifarSource = field(default_factory=lambda: CifarSource(root="${paths.data_root}/cifar10"))
 
 
+@schema_of(DATA_SCHEMAS)
 @dataclass
 class Cifar100DataSpec(DataSpec):
     """CIFAR-100 (fine labels) in torchvision's layout under ``source.root``."""
@@ -263,6 +325,7 @@ class Cifar100DataSpec(DataSpec):
     source: CifarSource = field(default_factory=lambda: CifarSource(root="${paths.data_root}/cifar100"))
 
 
+@schema_of(DATA_SCHEMAS)
 @dataclass
 class ImageFolderDataSpec(DataSpec):
     """Any class-folder tree (e.g. Mini-ImageNet at 84 px), decoded into memory or streamed from disk.
@@ -312,6 +375,7 @@ class ImageFolderDataSpec(DataSpec):
         return not self.in_memory
 
 
+@schema_of(DATA_SCHEMAS)
 @dataclass
 class ImageNetDataSpec(ImageFolderDataSpec):
     """ImageNet (ILSVRC-2012) in its usual layout, ``train/<wnid>/`` and ``val/<wnid>/``, at 224 px:
@@ -326,6 +390,7 @@ class ImageNetDataSpec(ImageFolderDataSpec):
     std: list[float] | None = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
+@schema_of(DATA_SCHEMAS)
 @dataclass
 class FakeDataSpec(DataSpec):
     """Generated images: tiny, fast, learnable."""
@@ -354,6 +419,7 @@ class ModelSpec:
     width: int = 64
 
     def __post_init__(self) -> None:
+        _named_option(self, MODEL_SCHEMAS)
         _at_least("width", self.width, 1)
 
     @property
@@ -362,6 +428,7 @@ class ModelSpec:
         return options_of(self, exclude=("name", "width"))
 
 
+@schema_of(MODEL_SCHEMAS, "resnet18", "resnet34", "resnet50", "imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50")
 @dataclass
 class ResNetSpec(ModelSpec):
     """A ResNet (CIFAR-style 3x3 stem, or ``imagenet_resnet*`` with the 7x7/2 stem and max-pool).
@@ -373,6 +440,7 @@ class ResNetSpec(ModelSpec):
     zero_init_residual: bool = False
 
 
+@schema_of(MODEL_SCHEMAS, "vgg11", "vgg16")
 @dataclass
 class VGGSpec(ModelSpec):
     """A CIFAR-style VGG with a norm layer after every convolution."""
@@ -386,13 +454,13 @@ class NormSpec:
     """Normalization layer (see :func:`mbn.nn.norm_layer`); one subclass per ``norm`` config option.
 
     Args:
-        name: one of :data:`mbn.nn.NORM_NAMES`.
+        name: one of :data:`NORM_SCHEMAS` (the names of :data:`mbn.nn.NORM_NAMES`).
     """
 
     name: str = MISSING
 
     def __post_init__(self) -> None:
-        _one_of("name", self.name, NORM_NAMES)
+        _named_option(self, NORM_SCHEMAS)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -409,6 +477,7 @@ class NormSpec:
         return self.options
 
 
+@schema_of(NORM_SCHEMAS)
 @dataclass
 class BatchNormSpec(NormSpec):
     """Batch normalization (``torch.nn.BatchNorm2d``).
@@ -444,6 +513,7 @@ def width_scaled_gn_groups(width: int) -> int:
     return max(groups for groups in range(1, target + 1) if width % groups == 0)
 
 
+@schema_of(NORM_SCHEMAS)
 @dataclass
 class GroupNormSpec(NormSpec):
     """Group normalization: set ``num_groups`` (must divide every layer's channel count, i.e.
@@ -490,6 +560,7 @@ class GroupNormSpec(NormSpec):
         return options
 
 
+@schema_of(NORM_SCHEMAS)
 @dataclass
 class BatchRenormSpec(NormSpec):
     """Batch Renormalization (Ioffe, 2017): r/d corrections clipped to r_max/d_max, which ramp up
@@ -524,6 +595,7 @@ class BatchRenormSpec(NormSpec):
         _within("eps", self.eps, 0.0, math.inf)
 
 
+@schema_of(NORM_SCHEMAS)
 @dataclass
 class MomentumBatchNormSpec(NormSpec):
     """Momentum Batch Normalization (Yong et al., ECCV 2020): training statistics with momentum
@@ -557,6 +629,7 @@ class MomentumBatchNormSpec(NormSpec):
         _within("eps", self.eps, 0.0, math.inf)
 
 
+@schema_of(NORM_SCHEMAS)
 @dataclass
 class NoNormSpec(NormSpec):
     """No normalization (identity)."""
@@ -677,6 +750,21 @@ class TrainerSpec:
         return self.devices * self.num_nodes
 
 
+@schema_of(LOGGER_SCHEMAS, "csv")
+@dataclass
+class CsvLoggerSpec:
+    """``metrics.csv`` under ``<run dir>/csv/`` (always on, even when not selected)."""
+
+    always_on: ClassVar[bool] = True
+
+
+@schema_of(LOGGER_SCHEMAS, "tensorboard")
+@dataclass
+class TensorBoardSpec:
+    """TensorBoard event files under ``<run dir>/tensorboard/``."""
+
+
+@schema_of(LOGGER_SCHEMAS, "wandb")
 @dataclass
 class WandbSpec:
     """Weights & Biases logging (one W&B run per training run). Offline unless ``offline=false``
@@ -699,26 +787,33 @@ class WandbSpec:
 
 
 @dataclass
-class CsvLoggerSpec:
-    """``metrics.csv`` under ``<run dir>/csv/`` (always on, even when not selected)."""
-
-
-@dataclass
-class TensorBoardSpec:
-    """TensorBoard event files under ``<run dir>/tensorboard/``."""
-
-
-@dataclass
 class LoggerSpec:
-    """Which metric loggers run (CSV always does).
+    """Which metric loggers run: the selected options of the ``logger`` group, by name.
 
     Args:
-        wandb: W&B settings, or ``None`` for no W&B.
-        tensorboard: write TensorBoard event files.
+        selected: logger name (a key of :data:`LOGGER_SCHEMAS`) -> its options, an object of that
+            name's schema, e.g. ``{"tensorboard": TensorBoardSpec()}``. A logger whose schema is
+            ``always_on`` (CSV) runs whether selected or not.
     """
 
-    wandb: WandbSpec | None = None
-    tensorboard: bool = False
+    selected: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, options in self.selected.items():
+            schema = LOGGER_SCHEMAS.get(name)
+            if schema is None:
+                raise SpecError(name, f"unknown logger; expected one of {', '.join(LOGGER_SCHEMAS)}")
+            if not isinstance(options, schema):
+                raise SpecError(name, f"must be a {schema.__name__}, got {options!r}")
+
+    def active(self) -> dict[str, Any]:
+        """Every logger that runs, by name, in :data:`LOGGER_SCHEMAS` order: the selected ones and the
+        ``always_on`` ones (with their default options when not selected)."""
+        return {
+            name: self.selected[name] if name in self.selected else schema()
+            for name, schema in LOGGER_SCHEMAS.items()
+            if name in self.selected or getattr(schema, "always_on", False)
+        }
 
 
 # --- the run --------------------------------------------------------------------------------------

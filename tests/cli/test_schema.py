@@ -9,7 +9,6 @@ import pytest
 import yaml
 from cli_runner import mbn_train
 from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
 
 from mbn.cli import schema
 from mbn.cli.config import CONFIG_DIR, group_options
@@ -18,23 +17,9 @@ from mbn.train import spec as specs
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_factory_schemas_and_config_group_name_the_same_norms():
-    from mbn.nn import NORM_NAMES
-
-    assert set(NORM_NAMES) == set(schema.NORM_SCHEMAS) == set(group_options("norm")) == set(specs.NORM_NAMES)
-    for name, schema_class in schema.NORM_SCHEMAS.items():
-        assert schema_class().name == name
-    assert set(schema.DATA_SCHEMAS) == set(group_options("data"))
-    assert set(schema.MODEL_SCHEMAS) == set(group_options("model"))
-    assert set(schema.LOGGER_SCHEMAS) == set(group_options("logger"))
-    stored = ConfigStore.instance().repo["schema"]
-    assert {name.removesuffix(".yaml") for name in stored["norm"]} == set(schema.NORM_SCHEMAS)
-
-
 @pytest.mark.parametrize("group", ["norm", "data", "model", "optim", "trainer", "logger"])
 def test_group_yaml_files_extend_their_schema_and_repeat_none_of_its_defaults(group):
-    defaults_of = {"norm": schema.NORM_SCHEMAS, "data": schema.DATA_SCHEMAS, "model": schema.MODEL_SCHEMAS,
-                   "logger": schema.LOGGER_SCHEMAS}
+    defaults_of = specs.GROUP_SCHEMAS
     for path in (CONFIG_DIR / group).glob("*.yaml"):
         content = yaml.safe_load(path.read_text()) or {}
         assert any(str(entry).startswith(f"/schema/{group}/") or entry in group_options(group) for entry in content["defaults"]), path
@@ -56,7 +41,7 @@ def test_the_run_spec_is_built_by_omegaconf_from_the_typed_config(tmp_path):
     assert isinstance(run.norm, specs.GroupNormSpec) and run.norm.options == {"num_groups": 4, "group_size": None, "eps": 1e-5}
     assert isinstance(run.data, specs.FakeDataSpec) and isinstance(run.data.source, specs.FakeSource)
     assert isinstance(run.model, specs.ResNetSpec) and run.model.options == {"zero_init_residual": False}
-    assert run.loggers == specs.LoggerSpec(wandb=None, tensorboard=True)
+    assert run.loggers == specs.LoggerSpec(selected={"csv": specs.CsvLoggerSpec(), "tensorboard": specs.TensorBoardSpec()})
     assert run.run_name == "run" and run.config == job.config and "dry_run" not in job.config
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf, open_dict
 
 from cli_runner import mbn_train as main
@@ -26,20 +28,50 @@ def composed(overrides: list[str]) -> dict:
 
 
 def test_config_groups_match_the_library_registries():
+    """Every option of the norm, model, data and logger groups is named alike by what builds it (the
+    library's registry), by its schema (mbn.train.spec's registry, as stored in the ConfigStore) and by
+    configs/<group>/, and composes into an object of that schema under its own name."""
     from mbn.data import DATASET_KINDS
     from mbn.models import MODEL_NAMES
     from mbn.nn import NORM_NAMES
+    from mbn.train.loggers import LOGGER_BUILDERS
+    from mbn.train.spec import GROUP_SCHEMAS, LOGGER_SCHEMAS
 
-    assert set(group_options("norm")) == set(NORM_NAMES)
-    assert set(group_options("model")) == set(MODEL_NAMES)
-    assert set(group_options("data")) == set(DATASET_KINDS)
-    from mbn.train import spec
-
-    assert set(spec.NORM_NAMES) == set(NORM_NAMES)
-    for group in ("norm", "model", "data"):
+    built = {
+        "norm": NORM_NAMES,
+        "model": MODEL_NAMES,
+        "data": DATASET_KINDS,
+        "logger": [name for name, schema in LOGGER_SCHEMAS.items() if schema in LOGGER_BUILDERS],
+    }
+    assert set(GROUP_SCHEMAS) == set(built)
+    assert set(LOGGER_BUILDERS) == set(LOGGER_SCHEMAS.values())
+    stored = ConfigStore.instance().repo["schema"]
+    for group, schemas in GROUP_SCHEMAS.items():
+        assert set(built[group]) == set(schemas) == set(group_options(group)), group
+        assert {name.removesuffix(".yaml") for name in stored[group]} == set(schemas), group
         for option in group_options(group):
-            assert composed([f"{group}={option}", "data.source.root=/tmp"] if option == "imagefolder" and group == "data"
-                            else [f"{group}={option}"])[group]["name"] == option
+            overrides = [f"{group}=[{option}]" if group == "logger" else f"{group}={option}"]
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                cfg = compose(config_name="train", overrides=overrides)
+            node = cfg.logger[option] if group == "logger" else cfg[group]
+            assert OmegaConf.get_type(node) is schemas[option], (group, option)
+            if group != "logger":
+                assert node.name == option
+
+
+def test_every_schema_option_is_an_argument_of_what_it_builds():
+    """A schema field the layer, model or dataset does not take would fail only when a run starts."""
+    from mbn.data import dataset_arguments
+    from mbn.models import model_options
+    from mbn.nn import make_norm
+    from mbn.train.spec import DATA_SCHEMAS, MODEL_SCHEMAS, NORM_SCHEMAS
+
+    for name, schema in NORM_SCHEMAS.items():
+        make_norm(name, 16, **schema().layer_options(16))  # raises TypeError on an unaccepted keyword
+    for name, schema in MODEL_SCHEMAS.items():
+        assert set(schema(name=name).options) == set(model_options(name)), name
+    for kind, schema in DATA_SCHEMAS.items():
+        assert {f.name for f in dataclasses.fields(schema().source)} <= set(dataset_arguments(kind)), kind
 
 
 def test_experiments_exist_and_have_distinct_sweep_names():
@@ -129,6 +161,10 @@ def test_job_dirname_is_deterministic_sorted_and_excludes_keys():
 BAD_OVERRIDES = [
     (["data.batch_size=0"], "data.batch_size: must be a positive integer, got 0"),
     (["norm.name=foo"], "norm.name: unknown value 'foo'; expected one of bn, gn, brn, mbn, none"),
+    # A name is its option's: renaming one would configure another with the wrong schema.
+    (["norm=bn", "norm.name=gn"], "norm.name: 'gn' is another option (a GroupNormSpec, not a BatchNormSpec): select it with norm=gn"),
+    (["model.name=resnet19"], "model.name: unknown value 'resnet19'; expected one of resnet18, resnet34"),
+    (["data=fake", "data.name=cifar10"], "data.name: 'cifar10' is another option (a Cifar10DataSpec, not a FakeDataSpec)"),
     (["norm=gn", "model.width=8", "norm.num_groups=3"], "norm.num_groups: 3 groups do not divide model.width=8 channels"),
     (["norm=gn", "model.width=16", "norm.num_groups=32"], "norm.num_groups: 32 groups do not divide model.width=16 channels (null means width-scaled"),
     (["norm=gn", "model.width=8", "norm.num_groups=null", "norm.group_size=3"], "norm.group_size: 3 does not divide model.width=8"),

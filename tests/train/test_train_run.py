@@ -10,7 +10,7 @@ from pytorch_lightning.callbacks import Callback
 from mbn.nn import schedule
 from mbn.results import read_results
 from mbn.train import LoggerSpec, RunSpec, TrainerSpec, train
-from mbn.train.spec import FakeDataSpec, FakeSource, MomentumBatchNormSpec, ResNetSpec
+from mbn.train.spec import FakeDataSpec, FakeSource, MomentumBatchNormSpec, ResNetSpec, TensorBoardSpec
 from mbn.train.run import build_trainer
 from numerics import TEST_THREADS
 
@@ -77,7 +77,7 @@ def test_keyboard_interrupt_is_recorded_as_interrupted(tmp_path):
 
 
 def test_tensorboard_logger_writes_events(tmp_path):
-    spec = fake_spec(tmp_path / "run", epochs=1, loggers=LoggerSpec(tensorboard=True))
+    spec = fake_spec(tmp_path / "run", epochs=1, loggers=LoggerSpec(selected={"tensorboard": TensorBoardSpec()}))
     assert train(spec)["status"] == "completed"
     assert list((spec.output_dir / "tensorboard").glob("version_0/events.out.tfevents.*"))
 

@@ -1,9 +1,10 @@
 """Rules of the run spec that depend on more than one field or on the environment: GN's width-scaled
-default groups, trainer.compile's torch floor."""
+default groups, trainer.compile's torch floor; the registries of group options and the loggers a run selects."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -49,3 +50,35 @@ def test_compile_is_refused_below_the_torch_that_compiles_mbn(monkeypatch):
                 specs.TrainerSpec(compile=True)
         else:
             specs.TrainerSpec(compile=True)
+
+
+def test_a_schema_registers_under_its_name_default_or_the_names_given_and_never_twice():
+    registry: dict[str, type] = {}
+
+    @specs.schema_of(registry)
+    @dataclass
+    class ToyNormSpec(specs.NormSpec):
+        name: str = "toy"
+
+    @specs.schema_of(registry, "toy_a", "toy_b")
+    @dataclass
+    class ToyModelSpec(specs.ModelSpec):
+        pass
+
+    assert registry == {"toy": ToyNormSpec, "toy_a": ToyModelSpec, "toy_b": ToyModelSpec}
+    with pytest.raises(ValueError, match="option 'toy_b' of VGGSpec is taken by ToyModelSpec"):
+        specs.schema_of(registry, "toy_b")(specs.VGGSpec)
+    with pytest.raises(ValueError, match="VGGSpec has no name default"):
+        specs.schema_of({})(specs.VGGSpec)
+    assert "toy" not in specs.NORM_SCHEMAS  # a registry of its own: the project's are untouched
+
+
+def test_the_loggers_of_a_run_are_the_selected_ones_and_csv_in_registry_order():
+    wandb = specs.WandbSpec(project="p")
+    loggers = specs.LoggerSpec(selected={"wandb": wandb, "tensorboard": specs.TensorBoardSpec()})
+    assert loggers.active() == {"csv": specs.CsvLoggerSpec(), "tensorboard": specs.TensorBoardSpec(), "wandb": wandb}
+    assert list(specs.LoggerSpec().active()) == ["csv"]
+    with pytest.raises(specs.SpecError, match="^foo: unknown logger; expected one of csv, tensorboard, wandb$"):
+        specs.LoggerSpec(selected={"foo": specs.TensorBoardSpec()})
+    with pytest.raises(specs.SpecError, match="^wandb: must be a WandbSpec, got TensorBoardSpec"):
+        specs.LoggerSpec(selected={"wandb": specs.TensorBoardSpec()})

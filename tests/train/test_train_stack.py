@@ -23,7 +23,7 @@ from torch._dynamo.utils import counters
 from mbn.models import member_state_dict
 from mbn.results import read_results, summarize_history
 from mbn.train import FailAtEpoch, LoggerSpec, TrainerSpec, train, train_stack
-from mbn.train.spec import ResNetSpec, VGGSpec
+from mbn.train.spec import ResNetSpec, TensorBoardSpec, VGGSpec
 from test_train_run import fake_spec
 from numerics import TEST_THREADS, assert_close_normwise, assert_histories_close
 
@@ -147,7 +147,7 @@ def test_runs_that_differ_in_more_than_their_seed_are_refused(tmp_path):
 
 
 def test_each_member_writes_its_own_tensorboard_events(tmp_path):
-    specs = [member_spec(tmp_path, seed, epochs=1, loggers=LoggerSpec(tensorboard=True)) for seed in SEEDS[:2]]
+    specs = [member_spec(tmp_path, seed, epochs=1, loggers=LoggerSpec(selected={"tensorboard": TensorBoardSpec()})) for seed in SEEDS[:2]]
     for spec, results in zip(specs, train_stack(specs)):
         assert results["status"] == "completed"
         events = EventAccumulator(str(spec.output_dir / "tensorboard" / "version_0"))
