@@ -18,7 +18,6 @@ import copy
 import itertools
 from typing import Any, Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from mbn.models.resnet import BasicBlock, Bottleneck, ResNet
