@@ -9,19 +9,22 @@ would stop with a traceback from deep inside an import; here it stops with one l
 and exit code 2. Nothing here imports more than the standard library before the check.
 
 ``mbn-train`` also takes overrides whose value holds ``=`` (``output_root=/tmp/a=b``; every run dir
-is named ``key=value,...``), which Hydra's grammar rejects unquoted: when the command line has such
-an override, the process re-executes itself with it quoted (:mod:`mbn.cli.overrides`), since
-``hydra.main`` reads ``sys.argv`` and nothing in this package rewrites that in place.
+is named ``key=value,...``), which Hydra's grammar rejects unquoted: the command runs with such an
+override quoted (:mod:`mbn.cli.overrides`). ``hydra.main`` reads its arguments from ``sys.argv`` and
+takes no argument list (facebookresearch/hydra#2064), so for the command's run, and only then,
+``sys.argv`` holds the quoted form: what the shell would pass had the user quoted the value. Only
+this entry point, the program that owns the command line, does so; no library code of ``mbn``
+touches ``sys.argv``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
-import os
 import re
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 # The console script -> (module whose main() it runs, the extra it needs).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -86,8 +89,6 @@ def run_command(program: str) -> int:
     if missing:
         print(missing_dependency_line(program, missing[0]), file=sys.stderr, flush=True)
         return EXIT_MISSING_DEPENDENCY
-    if program == "mbn-train":
-        _reexec_with_quoted_overrides(module_name)
     try:
         command: Callable[[], int] = importlib.import_module(module_name).main
     except ModuleNotFoundError as exc:
@@ -96,21 +97,23 @@ def run_command(program: str) -> int:
             raise
         print(missing_dependency_line(program, top_level), file=sys.stderr, flush=True)
         return EXIT_MISSING_DEPENDENCY
-    return command()
+    if program != "mbn-train":
+        return command()
+    with _quoted_overrides_in_argv():
+        return command()
 
 
-def _reexec_with_quoted_overrides(module_name: str) -> None:
-    """Replace this process by ``python -m module_name`` with the overrides that hold ``=`` quoted, if any."""
+@contextlib.contextmanager
+def _quoted_overrides_in_argv() -> Iterator[None]:
+    """While the command runs, ``sys.argv`` holds its overrides with ``=`` in the value quoted, if any."""
+    from mbn.cli.overrides import quote_values_with_equals  # (Hydra is there: the command imported)
+
+    given = sys.argv
+    sys.argv = [given[0], *quote_values_with_equals(given[1:])]
     try:
-        from mbn.cli.overrides import quote_values_with_equals
-    except ModuleNotFoundError:
-        return  # Hydra is missing: importing the command says so
-    arguments = sys.argv[1:]
-    quoted = quote_values_with_equals(arguments)
-    if quoted != arguments:  # (the quoted form parses, so the new process does not get here again)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, "-m", module_name, *quoted])
+        yield
+    finally:
+        sys.argv = given
 
 
 def train() -> int:

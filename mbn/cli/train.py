@@ -45,6 +45,7 @@ from mbn.results import LOCK_FILENAME, config_hash
 from mbn.train.job import JobOutcome, plan_job, run_job, run_pack, same_config_dirs
 from mbn.train.run_dir import INVOCATION_ENV, verify_checkpoint
 from mbn.utils.io import DiskFullError, is_disk_full
+from mbn.utils.library_internals import hydra_job_dir_in_traceback
 
 log = logging.getLogger("mbn.cli")
 
@@ -179,12 +180,9 @@ def _hydra_output_dir(exc: BaseException) -> str | None:
     Hydra resets its config when a job fails, so the job's dir is read from its ``run_job`` frame.
     """
     try:
-        traceback = exc.__traceback__
-        while traceback is not None:
-            frame = traceback.tb_frame
-            if frame.f_code.co_name == "run_job" and frame.f_locals.get("output_dir"):
-                return str(frame.f_locals["output_dir"])
-            traceback = traceback.tb_next
+        job_dir = hydra_job_dir_in_traceback(exc)
+        if job_dir is not None:
+            return job_dir
         hydra_cfg = HydraConfig.instance().cfg.hydra
         return str(OmegaConf.select(hydra_cfg, "sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "run.dir"))
     except Exception:  # noqa: BLE001 - only a message's detail

@@ -31,6 +31,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from mbn.data.arrays import channel_stats, stratified_subset
 from mbn.data.epoch_split import EpochSplit, epoch_generator, mix_seed
 from mbn.data.image_tree import is_image, resize_square
+from mbn.utils.library_internals import stop_dataloader_workers
 
 # Training images the normalization statistics are estimated from when none are given.
 STATS_IMAGES = 2000
@@ -351,10 +352,7 @@ class StreamingBatchLoader:
     def close(self) -> None:
         """Stop the worker processes now (they persist across epochs, and hold what the process had
         open when they were forked, such as the run dir's lock). Iterating again restarts them."""
-        # DataLoader keeps its persistent workers' iterator in _iterator (no public way to stop them).
-        iterator, self._loader._iterator = self._loader._iterator, None
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+        stop_dataloader_workers(self._loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for pixels, labels in self._loader:

@@ -18,7 +18,6 @@ import copy
 import itertools
 from typing import Any, Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from mbn.models.resnet import BasicBlock, Bottleneck, ResNet
@@ -224,7 +223,7 @@ def member_state_dict(stacked: StackedModel, k: int) -> dict[str, Tensor]:
 
 def load_member_state_dict(
     stacked: StackedModel, k: int, state_dict: Mapping[str, Any], strict: bool = True
-) -> torch.nn.modules.module._IncompatibleKeys:
+) -> tuple[list[str], list[str]]:
     """Load a single run's state_dict into member ``k``, as ``load_state_dict`` into its model would.
 
     The single layers' own loading rules apply (e.g. MBN from a plain-BN state_dict re-initializes
@@ -238,7 +237,8 @@ def load_member_state_dict(
         strict: as for ``nn.Module.load_state_dict``.
 
     Returns:
-        The missing and unexpected keys, as ``load_state_dict`` returns them.
+        The missing and unexpected keys, as ``load_state_dict`` returns them (a named tuple, whose
+        class torch does not export).
     """
     model = member_model(stacked, k)
     result = model.load_state_dict(state_dict, strict=strict)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from mbn.nn import BatchRenorm2d, GroupNorm, MomentumBatchNorm2d
 from mbn.nn.momentum_batchnorm import _TRAINING_STEPS
+from mbn.utils.library_internals import own_buffers
 
 __all__ = [
     "STACKED_LAYERS",
@@ -93,14 +94,12 @@ def _meta_shell(layer: nn.Module) -> nn.Module:
 
 
 def _tensor_layout(layer: nn.Module, with_storage: bool) -> dict[str, Any]:
-    # Names (None entries included), shapes and, with_storage, dtype/device/requires_grad of the own tensors.
+    # Names, shapes and, with_storage, dtype/device/requires_grad of the own tensors. (A None entry,
+    # such as bias=None, is not listed: the extra_repr compared before names it, bias=False.)
     layout: dict[str, Any] = {}
-    for name, tensor in itertools.chain(layer._parameters.items(), layer._buffers.items()):
-        if tensor is None:
-            layout[name] = None
-        else:
-            storage = (tensor.dtype, str(tensor.device), tensor.requires_grad) if with_storage else ()
-            layout[name] = (tuple(tensor.shape), *storage)
+    for name, tensor in _named_own_tensors(layer):
+        storage = (tensor.dtype, str(tensor.device), tensor.requires_grad) if with_storage else ()
+        layout[name] = (tuple(tensor.shape), *storage)
     return layout
 
 
@@ -167,10 +166,11 @@ class StackedLayer(nn.Module):
         expected_shapes = {name: tensor.shape for name, tensor in _named_own_tensors(layer)}
         layer.num_members = len(members)
         for name, param in prototype.named_parameters(recurse=False):
-            tensor = stack_member_tensors([member._parameters[name] for member in members])
-            layer._parameters[name] = nn.Parameter(tensor, requires_grad=param.requires_grad)
+            tensor = stack_member_tensors([member.get_parameter(name) for member in members])
+            setattr(layer, name, nn.Parameter(tensor, requires_grad=param.requires_grad))
         for name, buffer in prototype.named_buffers(recurse=False):
-            layer._buffers[name] = stack_member_tensors([member._buffers[name] for member in members])
+            layer.get_buffer(name)  # the empty layer has this buffer (else setattr would not make one)
+            setattr(layer, name, stack_member_tensors([member.get_buffer(name) for member in members]))
         for name, tensor in _named_own_tensors(layer):
             # 0-dim member tensors stack to (K,) where the empty layer has a 0-dim placeholder.
             if getattr(prototype, name).dim() and tensor.shape != expected_shapes[name]:  # a bug in _empty
@@ -224,7 +224,7 @@ class StackedLayer(nn.Module):
         tensors = self.member_tensors(k)
         layer = _copy_with_tensors(self._member_shells[k], lambda name, tensor: tensors[name].clone())
         for name, param in layer.named_parameters(recurse=False):
-            param.requires_grad_(self._parameters[name].requires_grad)
+            param.requires_grad_(self.get_parameter(name).requires_grad)
         layer.train(self.training)
         self._export_python_state(k, layer)
         return layer
@@ -285,8 +285,8 @@ class StackedLayer(nn.Module):
 
 def _named_own_tensors(layer: nn.Module) -> list[tuple[str, Tensor]]:
     # Parameters, then buffers, of the layer itself (None entries skipped), in registration order.
-    entries = itertools.chain(layer._parameters.items(), layer._buffers.items())
-    return [(name, tensor) for name, tensor in entries if tensor is not None]
+    return [*layer.named_parameters(recurse=False, remove_duplicate=False),
+            *layer.named_buffers(recurse=False, remove_duplicate=False)]
 
 
 class StackedConv2d(StackedLayer, nn.Conv2d):
@@ -447,7 +447,7 @@ class StackedMomentumBatchNorm2d(StackedLayer, MomentumBatchNorm2d):
     def _normalize_members_apart(self, input: Tensor) -> Tensor:
         # One training step per run of consecutive members with the same lam, on their channels.
         channels = self.num_features // self.num_members
-        buffers = self._buffers
+        buffers = own_buffers(self)
         names = ("momentum_mean", "momentum_var", "running_mean", "running_var")
         outputs, start = [], 0
         for lam, run in itertools.groupby(self._member_step_lams):

@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mbn.nn._input_checks import check_input, check_training_batch
+from mbn.utils.library_internals import own_buffers
 
+# torch's batch-norm layers, named by their public classes (their common base, ``_BatchNorm``, is
+# private); tests/nn/test_convert.py checks that every batch-norm class of torch.nn is here.
+TORCH_BATCH_NORMS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d,
+)
 # Input ranks each variant accepts, by the rank its name gives (1d, 2d, 3d), as nn.BatchNorm*d.
 _INPUT_DIMS: dict[int, tuple[int, ...]] = {1: (2, 3), 2: (4,), 3: (5,)}
 
@@ -30,9 +36,7 @@ def min_values_per_channel(model: nn.Module, input_shape: tuple[int, ...]) -> in
     Returns:
         The smallest feature map's number of values per channel; None without such layers.
     """
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    layers = [m for m in model.modules() if isinstance(m, (_BatchNorm, BatchStatsNorm))]
+    layers = [m for m in model.modules() if isinstance(m, (*TORCH_BATCH_NORMS, BatchStatsNorm))]
     seen: list[int] = []
     hooks = [layer.register_forward_pre_hook(lambda _, args: seen.append(args[0][0].numel() // args[0].shape[1]))
              for layer in layers]
@@ -112,7 +116,7 @@ class BatchStatsNorm(nn.Module):
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         check_training_batch(self, input)
         output = self._normalize_training_batch(input)
-        self._buffers["num_batches_tracked"].add_(1)  # direct access: this runs for every layer at every step
+        own_buffers(self)["num_batches_tracked"].add_(1)  # direct access: this runs for every layer at every step
         return output
 
     def _normalize_training_batch(self, input: Tensor) -> Tensor:

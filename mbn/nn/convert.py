@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from mbn.nn._batch_stats_norm import TORCH_BATCH_NORMS
 from mbn.nn.batch_renorm import BatchRenorm, BatchRenorm1d, BatchRenorm3d
 from mbn.nn.factory import check_kwargs, norm_class
 from mbn.nn.momentum_batchnorm import MomentumBatchNorm, MomentumBatchNorm1d, MomentumBatchNorm3d
@@ -16,7 +16,7 @@ from mbn.nn.momentum_batchnorm import MomentumBatchNorm, MomentumBatchNorm1d, Mo
 __all__ = ["convert_norm", "convert"]
 
 # Layers with batch statistics that convert_norm replaces.
-_CONVERTIBLE = (_BatchNorm, MomentumBatchNorm, BatchRenorm)
+_CONVERTIBLE = (*TORCH_BATCH_NORMS, MomentumBatchNorm, BatchRenorm)
 _DIM_1 = (nn.BatchNorm1d, MomentumBatchNorm1d, BatchRenorm1d)
 _DIM_3 = (nn.BatchNorm3d, MomentumBatchNorm3d, BatchRenorm3d)
 
@@ -57,7 +57,7 @@ def _replacement(layer: nn.Module, name: str, kwargs: dict[str, Any]) -> nn.Modu
 def convert_norm(model: nn.Module, name: str, **kwargs: Any) -> nn.Module:
     """Replace every BatchNorm-like layer of ``model`` by the ``name`` normalization.
 
-    Replaced: ``nn.BatchNorm1d/2d/3d`` (any ``_BatchNorm``, incl. ``SyncBatchNorm``, treated as
+    Replaced: ``nn.BatchNorm1d/2d/3d`` (any of torch's batch norms, incl. ``SyncBatchNorm``, treated as
     2d), :class:`MomentumBatchNorm` and :class:`BatchRenorm` layers, each by the variant of the
     same input rank. The new layer inherits ``eps`` and ``affine`` (unless given in ``kwargs``),
     device, dtype, train/eval mode, ``requires_grad``, and copies every state entry it shares

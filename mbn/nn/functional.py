@@ -46,6 +46,8 @@ import math
 import torch
 from torch import Tensor
 
+from mbn.utils.library_internals import foreach_copy_, foreach_lerp
+
 __all__ = ["COMPILE_MIN_TORCH", "compile_supported", "momentum_batch_norm", "momentum_batch_norm_reference"]
 
 # The oldest torch that compiles an MBN model into one graph without recompiling for every new lam
@@ -78,7 +80,7 @@ class _MomentumBatchNormFunction(torch.autograd.Function):
         if torch.compiler.is_compiling():
             weight_new = torch.ones((), dtype=mean.dtype, device=mean.device).mul_(weight_new)
             weight_new = (weight_new, weight_new)
-        center, phi = torch._foreach_lerp((momentum_mean, momentum_var), (mean, var), weight_new)
+        center, phi = foreach_lerp((momentum_mean, momentum_var), (mean, var), weight_new)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # Arguments of the native backward and of the correction (see backward), kept on ctx:
             # cheaper than save_for_backward, and they are neither inputs nor outputs of the Function.
@@ -93,7 +95,7 @@ class _MomentumBatchNormFunction(torch.autograd.Function):
             ctx.shift = torch.sub(mean, center).mul_(invstd)  # c * s * (mu - M)
             ctx.weight = (torch.ones_like(invstd) if weight is None else weight) / root  # w / c
             ctx.scale = torch.mul(ctx.weight, invstd)  # w * s
-        torch._foreach_copy_((momentum_mean, momentum_var), (center, phi))
+        foreach_copy_((momentum_mean, momentum_var), (center, phi))
         return torch.batch_norm(input, weight, bias, center, phi, False, 0.0, eps, False)
 
     @staticmethod

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from mbn.nn import schedule as _schedule
 from mbn.nn._batch_stats_norm import BatchStatsNorm
 from mbn.nn.functional import momentum_batch_norm, momentum_batch_norm_reference
+from mbn.utils.library_internals import own_buffers
 
 __all__ = [
     "MomentumBatchNorm",
@@ -191,7 +192,7 @@ class MomentumBatchNorm(BatchStatsNorm):
         if m != self._last_m:
             self._update_lam_tau(m)
         lam = self._cached_lam if self._initialized else 0.0  # the first batch initializes M/Phi
-        buffers = self._buffers  # direct access: this runs for every layer at every step
+        buffers = own_buffers(self)  # direct access: this runs for every layer at every step
         output = _TRAINING_STEPS[self._impl](
             input, self.weight, self.bias, buffers["momentum_mean"], buffers["momentum_var"],
             buffers["running_mean"], buffers["running_var"], lam, self._cached_tau, self.eps,

@@ -12,12 +12,13 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from mbn.nn import BatchRenorm, GroupNorm, MomentumBatchNorm
+from mbn.nn.convert import TORCH_BATCH_NORMS
 from mbn.train.stacked_module import member_metric
 
 log = logging.getLogger("mbn.train")
 
 # Layers whose class must survive the strategy's model wrapping (SyncBatchNorm counts too: it must not appear).
-NORM_CLASSES = (MomentumBatchNorm, BatchRenorm, GroupNorm, torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm)
+NORM_CLASSES = (MomentumBatchNorm, BatchRenorm, GroupNorm, *TORCH_BATCH_NORMS, torch.nn.GroupNorm)
 
 
 class MomentumScheduleCallback(Callback):

@@ -27,6 +27,7 @@ from torch import nn
 
 from mbn.nn import MomentumBatchNorm
 from mbn.train.spec import MBN_HISTORIES
+from mbn.utils.library_internals import ignore_in_ddp
 
 log = logging.getLogger("mbn.train")
 
@@ -47,8 +48,7 @@ def keep_momentum_stats_per_device(module: nn.Module) -> list[str]:
     """Make DistributedDataParallel leave ``module``'s MBN momentum statistics out of its buffer
     broadcast (call before wrapping it). Returns the buffer names."""
     names = momentum_buffer_names(module)
-    ignored = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
-    module._ddp_params_and_buffers_to_ignore = ignored + [name for name in names if name not in ignored]
+    ignore_in_ddp(module, names)
     return names
 
 

@@ -10,6 +10,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from mbn.results import summarize_history
 from mbn.train.spec import CsvLoggerSpec, RunSpec, TensorBoardSpec, WandbSpec
+from mbn.utils.library_internals import started_wandb_run, write_tensorboard_summaries
 
 if TYPE_CHECKING:
     from mbn.train.callbacks import EpochRecorder
@@ -172,12 +173,9 @@ class TensorBoardHParams(Callback):
         for logger in self.loggers:
             logger.log_hyperparams(self.hparams)  # into hparams.yaml (no summary: default_hp_metric=False)
             logger.log_metrics(metrics, step=trainer.global_step)
+            # The session without the experiment summary: no public call writes that (see the adapter).
             _, session_start, session_end = hparams_summaries(self.hparams, metrics)
-            # SummaryWriter.add_hparams writes the same summaries through this writer (into a new run dir).
-            writer = logger.experiment._get_file_writer()
-            writer.add_summary(session_start)
-            writer.add_summary(session_end)
-            logger.experiment.flush()
+            write_tensorboard_summaries(logger.experiment, [session_start, session_end])
 
 
 def dashboard_callbacks(spec: RunSpec, recorder: "EpochRecorder", loggers: Sequence[Logger]) -> list[Callback]:
@@ -189,12 +187,15 @@ def finish_loggers(loggers: list[Logger], exit_code: int) -> None:
     """Close loggers; a W&B run is finished with ``exit_code`` (non-zero marks it failed).
 
     Lightning only finalizes W&B loggers without finishing the run; an unfinished run would be
-    reused by the next job of a multirun sweep in the same process.
+    reused by the next job of a multirun sweep in the same process. A W&B logger that never started
+    a run is not made to start one here.
     """
+    from pytorch_lightning.loggers import WandbLogger
+
     for logger in loggers:
         try:
             logger.finalize("success" if exit_code == 0 else "failed")
         finally:
-            experiment = getattr(logger, "_experiment", None)
-            if experiment is not None and hasattr(experiment, "finish"):
-                experiment.finish(exit_code=exit_code)
+            run = started_wandb_run(logger) if isinstance(logger, WandbLogger) else None
+            if run is not None and hasattr(run, "finish"):
+                run.finish(exit_code=exit_code)

@@ -6,6 +6,7 @@ import importlib.metadata
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,17 @@ def test_console_scripts_point_at_the_checked_entry_points():
     text = (ROOT / "pyproject.toml").read_text()
     assert 'mbn-train = "mbn.cli.entry_points:train"' in text
     assert 'mbn-compare = "mbn.cli.entry_points:compare"' in text
+
+
+def test_mbn_train_quotes_values_with_equals_for_the_command_in_this_process(monkeypatch):
+    # No re-exec of the interpreter: the command runs here, sees the quoted form in sys.argv (which
+    # hydra.main reads), and the command line is given back as typed when it returns.
+    seen = []
+    command = types.SimpleNamespace(main=lambda: seen.append(list(sys.argv)) or 0)
+    monkeypatch.setattr(entry_points, "missing_distributions", lambda extra: [])
+    monkeypatch.setattr(importlib, "import_module", lambda name: command if name == "mbn.cli.train" else pytest.fail(name))
+    typed = ["mbn-train", "-m", "output_root=/tmp/a=b", "norm=bn,mbn", "seed=0"]
+    monkeypatch.setattr(sys, "argv", list(typed))
+    assert entry_points.train() == 0
+    assert seen == [["mbn-train", "-m", "output_root='/tmp/a=b'", "norm=bn,mbn", "seed=0"]]
+    assert sys.argv == typed

@@ -26,8 +26,8 @@ def test_overrides_that_parse_as_given_are_left_alone():
 
 
 def test_a_sweep_under_an_output_root_with_equals_as_typed_in_the_shell(tiny, run_env):
-    # The console script's process (python -m mbn.cli.train is the same): it re-executes itself
-    # with the override quoted, so Hydra parses it.
+    # The console script's process (python -m mbn.cli.train is the same): it runs the command with
+    # the override quoted in sys.argv, so Hydra parses it.
     root = run_env.parent / "a=b"
     overrides = [o for o in tiny() if not o.startswith("output_root=")] + [f"output_root={root}"]
     proc = subprocess.run([sys.executable, "-m", "mbn.cli.train", "-m", *overrides, "norm=bn,mbn"],

@@ -76,3 +76,19 @@ def test_to_none_and_errors():
         convert_norm(model, "ln")
     with pytest.raises(TypeError, match="ideal_batch_size"):
         convert_norm(model, "bn", ideal_batch_size=4)
+
+
+def test_torch_s_batch_norms_are_named_by_every_public_class_there_is():
+    # mbn names torch's batch norms by their public classes (their base, _BatchNorm, is private):
+    # a batch norm that a torch release adds to torch.nn fails here until it is added too.
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from mbn.nn.convert import TORCH_BATCH_NORMS
+
+    def subclasses(cls: type) -> set[type]:
+        return set(cls.__subclasses__()).union(*(subclasses(sub) for sub in cls.__subclasses__()))
+
+    in_torch_nn = {cls for cls in subclasses(_BatchNorm) if cls.__module__.startswith("torch.nn.")}
+    assert {nn.BatchNorm2d, nn.SyncBatchNorm, nn.LazyBatchNorm3d} <= in_torch_nn
+    missing = sorted(cls.__qualname__ for cls in in_torch_nn if not issubclass(cls, TORCH_BATCH_NORMS))
+    assert missing == [], f"torch {torch.__version__}: batch norms missing from mbn.nn TORCH_BATCH_NORMS: {missing}"
