@@ -14,7 +14,7 @@ from mbn.models.stack import (
     unstack,
 )
 from mbn.models.stacked_loss import member_cross_entropy
-from mbn.models.stacked_optim import load_member_optimizer_state_dict, member_optimizer_state_dict
+from mbn.models.stacked_optim import MemberSGD, load_member_optimizer_state_dict, member_lr, member_optimizer_state_dict
 from mbn.models.vgg import VGG
 
 __all__ = [
@@ -29,10 +29,12 @@ __all__ = [
     "StackedModel",
     "freeze_member",
     "load_member_model",
+    "MemberSGD",
     "load_member_optimizer_state_dict",
     "load_member_state_dict",
     "member_cross_entropy",
     "member_model",
+    "member_lr",
     "member_optimizer_state_dict",
     "member_state_dict",
     "stack",

@@ -6,14 +6,15 @@ between that and a single run's ``optimizer.state_dict()``, whose parameter indi
 member model's parameter order. Build both optimizers the same way (e.g.
 ``mbn.train.optim.parameter_groups``): the stacked model has the member's parameter order.
 
-Group hyperparameters (lr, momentum, weight decay) are the stacked optimizer's, shared by all
-members: members can only train exactly together at the same learning rate.
+Group hyperparameters (momentum, nesterov) are shared by all members. With ``torch.optim.SGD`` the
+lr and weight decay are shared too; :class:`MemberSGD` gives each member its own (an lr grid trained
+as one model), and member ``k``'s part of its ``state_dict`` holds member ``k``'s values.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -21,7 +22,93 @@ from torch import Tensor
 from mbn.models.stack import StackedModel, _check_index, stacked_modules
 from mbn.models.stacked_layers import member_view
 
-__all__ = ["load_member_optimizer_state_dict", "member_optimizer_state_dict", "member_parameter_shapes"]
+__all__ = ["MemberSGD", "member_lr", "load_member_optimizer_state_dict", "member_optimizer_state_dict", "member_parameter_shapes"]
+
+# MemberSGD's per-member param-group entries (one value per member).
+MEMBER_LR_SCALE = "member_lr_scale"
+MEMBER_WEIGHT_DECAY = "member_weight_decay"
+
+
+class MemberSGD(torch.optim.SGD):
+    """SGD over a stacked model whose members have their own learning rate and weight decay.
+
+    Member ``k``'s block of every parameter steps as ``torch.optim.SGD`` with
+    ``lr = group["lr"] * member_lr_scale[k]`` and ``weight_decay = member_weight_decay[k]`` (per param
+    group: give a group that is not decayed zeros), with the same operations in the same order
+    (momentum, dampening and nesterov as SGD's). A scheduler that sets ``group["lr"]`` (``LambdaLR``)
+    scales every member's lr, as it scales each single run's. Only the members' lr values round
+    differently (``lr * scale`` is member 0's lr times a ratio: member 0's is bit for bit its own).
+
+    Args:
+        params: param groups (every parameter stacked, its first dimension K members' blocks); each
+            group's ``member_lr_scale`` and ``member_weight_decay`` (K values each) default to the
+            constructor's.
+        num_members: K.
+        lr: the lr that ``member_lr_scale`` scales (member 0's, with scale 1.0).
+        member_lr_scale: each member's lr / ``lr``.
+        member_weight_decay: each member's weight decay.
+        momentum, dampening, nesterov: as for ``torch.optim.SGD`` (shared).
+
+    Raises:
+        ValueError: per-member values of another length than ``num_members``.
+    """
+
+    def __init__(self, params: Any, num_members: int, lr: float, member_lr_scale: Sequence[float],
+                 member_weight_decay: Sequence[float], momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False) -> None:
+        self.num_members = num_members
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=0.0, foreach=False)
+        for group in self.param_groups:
+            group.setdefault(MEMBER_LR_SCALE, [float(v) for v in member_lr_scale])
+            group.setdefault(MEMBER_WEIGHT_DECAY, [float(v) for v in member_weight_decay])
+            for key in (MEMBER_LR_SCALE, MEMBER_WEIGHT_DECAY):
+                if len(group[key]) != num_members:
+                    raise ValueError(f"{key} needs one value per member ({num_members}), got {len(group[key])}")
+            if group["weight_decay"] != 0:
+                raise ValueError("MemberSGD takes weight decay per member (member_weight_decay), not as a group's weight_decay")
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One SGD step, member by member where their hyperparameters differ (see the class doc)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            momentum, dampening, nesterov = group["momentum"], group["dampening"], group["nesterov"]
+            lr, scales, decays = group["lr"], group[MEMBER_LR_SCALE], group[MEMBER_WEIGHT_DECAY]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                members = param.view(self.num_members, -1)
+                grad = param.grad.view(self.num_members, -1)
+                if any(decays):
+                    # As SGD's d_p.add(param, alpha=weight_decay), one member's block at a time.
+                    grad = torch.stack([g.add(p, alpha=wd) if wd != 0 else g for g, p, wd in zip(grad, members, decays)])
+                if momentum != 0:
+                    state = self.state[param]
+                    buffer = state.get("momentum_buffer")
+                    if buffer is None:
+                        buffer = state["momentum_buffer"] = torch.clone(grad).detach().view_as(param)
+                    else:
+                        buffer.mul_(momentum).add_(grad.view_as(param), alpha=1 - dampening)
+                    flat = buffer.view(self.num_members, -1)
+                    grad = grad.add(flat, alpha=momentum) if nesterov else flat
+                for k in range(self.num_members):
+                    members[k].add_(grad[k], alpha=-(lr * scales[k]))
+        return loss
+
+
+def member_lr(optimizer: torch.optim.Optimizer, k: int | None) -> float:
+    """The current lr of member ``k`` (its first param group's), or of the optimizer when ``k`` is None.
+
+    Args:
+        optimizer: any optimizer; a :class:`MemberSGD` scales the group's lr by member ``k``'s factor.
+        k: member index, or None for a model that is not stacked.
+    """
+    group = optimizer.param_groups[0]
+    if k is None or MEMBER_LR_SCALE not in group:
+        return float(group["lr"])
+    return float(group["lr"] * group[MEMBER_LR_SCALE][k])
 
 
 def member_parameter_shapes(stacked: StackedModel) -> dict[int, tuple[Tensor, torch.Size]]:
@@ -76,7 +163,16 @@ def member_optimizer_state_dict(optimizer: torch.optim.SGD, stacked: StackedMode
             key: member_view(value, k, stacked.num_members, shape).clone() if isinstance(value, Tensor) else copy.deepcopy(value)
             for key, value in saved.items()
         }
-    return {"state": state, "param_groups": copy.deepcopy(full["param_groups"])}
+    groups = copy.deepcopy(full["param_groups"])
+    if isinstance(optimizer, MemberSGD):
+        for group in groups:
+            # A single run's SGD group: its lr now (and initial_lr, a scheduler's base) and weight decay.
+            scale = group.pop(MEMBER_LR_SCALE)[k]
+            group["weight_decay"] = group.pop(MEMBER_WEIGHT_DECAY)[k]
+            group["lr"] = group["lr"] * scale
+            if "initial_lr" in group:
+                group["initial_lr"] = group["initial_lr"] * scale
+    return {"state": state, "param_groups": groups}
 
 
 def load_member_optimizer_state_dict(

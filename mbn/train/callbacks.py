@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from mbn.nn import BatchRenorm, GroupNorm, MomentumBatchNorm
+from mbn.models.stacked_optim import member_lr
 from mbn.nn.convert import TORCH_BATCH_NORMS
 from mbn.train.stacked_module import member_metric
 
@@ -99,7 +100,7 @@ class EpochRecorder(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
-        self._epoch_lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None
+        self._epoch_lr = member_lr(trainer.optimizers[0], self.member) if trainer.optimizers else None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.member in getattr(pl_module, "diverged", {}):

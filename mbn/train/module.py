@@ -54,6 +54,8 @@ class ClassificationModule(pl.LightningModule):
         self.num_classes = num_classes
         self.check_finite_every_n_steps = max(1, check_finite_every_n_steps)
         self.total_epochs = total_epochs
+        # Each member's optimizer settings where a stack's members differ in lr or weight decay.
+        self.member_optims: list[OptimSpec] | None = None
         self._mbn_layers: list[MomentumBatchNorm] = mbn_layers(model)
         # [batch-mean loss sum, correct top-1, samples, batches]; on-device accumulators, reset each epoch.
         self._train_sums: torch.Tensor | None = None
@@ -147,5 +149,6 @@ class ClassificationModule(pl.LightningModule):
         # estimated_stepping_batches sets up the train loader, so num_training_batches is known after it.
         total_steps = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, int(self.trainer.num_training_batches))
-        optimizer, scheduler = build_optimizer(self.model, self.optim, self.global_batch_size, total_steps, steps_per_epoch)
+        optimizer, scheduler = build_optimizer(self.model, self.optim, self.global_batch_size, total_steps, steps_per_epoch,
+                                               member_specs=self.member_optims)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

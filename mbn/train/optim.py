@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from mbn.models import MemberSGD
+from mbn.models.stacked_optim import MEMBER_WEIGHT_DECAY
 from mbn.train.spec import OptimSpec
+
+# The optimizer settings in which the members of a stack may differ.
+MEMBER_OPTIM_FIELDS = ("base_lr", "weight_decay")
 
 
 
@@ -56,7 +62,8 @@ def lr_factor(spec: OptimSpec, total_steps: int, steps_per_epoch: int) -> Callab
 
 
 def build_optimizer(
-    model: nn.Module, spec: OptimSpec, global_batch_size: int, total_steps: int, steps_per_epoch: int
+    model: nn.Module, spec: OptimSpec, global_batch_size: int, total_steps: int, steps_per_epoch: int,
+    member_specs: Sequence[OptimSpec] | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """SGD at ``spec.lr(global_batch_size)`` with a scheduler to be stepped after every optimizer step.
 
@@ -66,10 +73,39 @@ def build_optimizer(
         global_batch_size: samples per optimizer step over all devices (for the linear scaling rule).
         total_steps: optimizer steps of the whole run.
         steps_per_epoch: optimizer steps per epoch.
+        member_specs: for a stacked model whose members differ in ``base_lr`` or ``weight_decay``
+            (and nothing else of this spec), each member's settings, member 0's being ``spec``:
+            a :class:`~mbn.models.MemberSGD` then steps each member at its own lr and weight decay,
+            and the schedule scales every member's lr as its single run's.
+
+    Raises:
+        ValueError: members that differ in another setting of the optimizer or its schedule.
     """
-    groups: Iterable[dict] = parameter_groups(model, spec.weight_decay, spec.decay_norm_params)
-    optimizer = torch.optim.SGD(
-        groups, lr=spec.lr(global_batch_size), momentum=spec.momentum, nesterov=spec.nesterov
-    )
+    if member_specs is not None and any(_member_settings(other) != _member_settings(spec) for other in member_specs):
+        first = next(other for other in member_specs if _member_settings(other) != _member_settings(spec))
+        differing = [key for key, value in _member_settings(first).items() if value != _member_settings(spec)[key]]
+        raise ValueError(f"members of a stack may differ in base_lr and weight_decay only, not in optim.{differing[0]}")
+    lr = spec.lr(global_batch_size)
+    if member_specs is None or all((other.base_lr, other.weight_decay) == (spec.base_lr, spec.weight_decay) for other in member_specs):
+        groups: Iterable[dict] = parameter_groups(model, spec.weight_decay, spec.decay_norm_params)
+        optimizer: torch.optim.SGD = torch.optim.SGD(groups, lr=lr, momentum=spec.momentum, nesterov=spec.nesterov)
+    else:
+        # Groups marked by a weight decay of 1 (decayed) or 0: each member's decay times the mark.
+        groups = [
+            {"params": group["params"], MEMBER_WEIGHT_DECAY: [other.weight_decay * group["weight_decay"] for other in member_specs]}
+            for group in parameter_groups(model, 1.0, spec.decay_norm_params)
+        ]
+        scales = [other.lr(global_batch_size) / lr for other in member_specs]
+        optimizer = MemberSGD(groups, num_members=len(member_specs), lr=lr, member_lr_scale=scales,
+                              member_weight_decay=[other.weight_decay for other in member_specs],
+                              momentum=spec.momentum, nesterov=spec.nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec, total_steps, steps_per_epoch))
     return optimizer, scheduler
+
+
+def _member_settings(spec: OptimSpec) -> dict:
+    """The optimizer settings that every member of a stack shares (all but base_lr and weight_decay)."""
+    settings = dataclasses.asdict(spec)
+    for key in MEMBER_OPTIM_FIELDS:
+        settings.pop(key)
+    return settings

@@ -32,6 +32,7 @@ from mbn.train.ddp_buffers import PerDeviceMomentumStats
 from mbn.train.datamodule import ImageDataModule
 from mbn.train.loggers import build_loggers, dashboard_callbacks, finish_loggers
 from mbn.train.module import ClassificationModule, DivergedError
+from mbn.train.optim import MEMBER_OPTIM_FIELDS
 from mbn.train.run_dir import CHECKPOINT_DIR, CHECKPOINT_HASH_KEY, JobPlan, JobRecord, disk_full_message, last_checkpoint, verify_checkpoint
 from mbn.train.spec import RunSpec
 from mbn.train.stacked_checkpoint import (
@@ -151,12 +152,16 @@ def build_trainer(spec: RunSpec, callbacks: Sequence[Callback], checkpoint_io: A
 
 
 # RunSpec fields in which the members of a stack may differ: the seed, and what follows from
-# the run being another run (its dir, name, recorded config and hash, overrides).
+# the run being another run (its dir, name, recorded config and hash, overrides); and of its
+# optimizer settings, MEMBER_OPTIM_FIELDS (base_lr, weight_decay).
 MEMBER_FIELDS = ("seed", "output_dir", "run_name", "config", "config_hash", "overrides")
 
 
 def check_stackable(specs: Sequence[RunSpec]) -> None:
     """Raise ``ValueError`` unless ``specs`` can train as one job (any single run can).
+
+    Members may differ in their seed and in ``optim.base_lr`` / ``optim.weight_decay`` (each trains
+    at its own, see :class:`~mbn.models.MemberSGD`).
 
     Args:
         specs: the members' runs.
@@ -171,10 +176,15 @@ def check_stackable(specs: Sequence[RunSpec]) -> None:
     first = specs[0]
     if len(specs) == 1:
         return
+    shared_optim = {key: getattr(first.optim, key) for key in MEMBER_OPTIM_FIELDS}
     for index, spec in enumerate(specs[1:], 1):
         for field in dataclasses.fields(RunSpec):
-            if field.name not in MEMBER_FIELDS and getattr(spec, field.name) != getattr(first, field.name):
-                raise ValueError(f"runs of a stack may differ only in {', '.join(MEMBER_FIELDS)}: run {index} has another {field.name} than run 0")
+            mine, theirs = getattr(spec, field.name), getattr(first, field.name)
+            if field.name == "optim":
+                mine = dataclasses.replace(mine, **shared_optim)
+            if field.name not in MEMBER_FIELDS and mine != theirs:
+                allowed = ", ".join([*MEMBER_FIELDS, *(f"optim.{key}" for key in MEMBER_OPTIM_FIELDS)])
+                raise ValueError(f"runs of a stack may differ only in {allowed}: run {index} has another {field.name} than run 0")
     dirs = [Path(spec.output_dir).resolve() for spec in specs]
     if len(set(dirs)) != len(dirs):
         raise ValueError("every run of a stack needs its own output_dir")
@@ -281,7 +291,7 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
 
 def train_stack(specs: Sequence[RunSpec], callbacks: Sequence[Callback] = ()) -> list[dict[str, Any]]:
     """Train K >= 1 runs as one job and record each in its dir; K > 1 runs (differing only in their
-    seed) train as one stacked model, each member recorded exactly as its single run.
+    seed, lr and weight decay) train as one stacked model, each member recorded exactly as its single run.
 
     ``results.json`` says ``running`` from the start (updated after every epoch) and ends as
     ``completed``, ``diverged`` (NaN/inf loss), ``failed`` (any exception; error and traceback
@@ -370,7 +380,10 @@ def build_module(specs: Sequence[RunSpec], datamodule: ImageDataModule | Stacked
     models = [build_seeded_model(spec, datamodule.num_classes, datamodule.in_channels) for spec in specs]
     if len(models) == 1:
         return training_module(specs[0], models[0], datamodule.num_classes)
-    return training_module(specs[0], stack(models), datamodule.num_classes, StackedClassificationModule)
+    module = training_module(specs[0], stack(models), datamodule.num_classes, StackedClassificationModule)
+    if any(spec.optim != specs[0].optim for spec in specs):
+        module.member_optims = [spec.optim for spec in specs]
+    return module
 
 
 def _resumed_checkpoints(specs: Sequence[RunSpec]) -> list[dict[str, Any]] | None:

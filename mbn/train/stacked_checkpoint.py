@@ -1,8 +1,8 @@
 """Each member of a stacked run checkpoints as its single run: split on save, merged on resume.
 
 A member's ``last.ckpt`` / ``best.ckpt`` hold exactly what its single run's would: the member
-model's ``state_dict`` (``model.*`` keys), its SGD momentum buffers, the shared lr scheduler and
-loop positions, its own :class:`~mbn.train.callbacks.EpochRecorder` history and checkpoint
+model's ``state_dict`` (``model.*`` keys), its SGD momentum buffers and param groups (its own lr and
+weight decay), the lr scheduler (at its own lr) and the loop positions, its own :class:`~mbn.train.callbacks.EpochRecorder` history and checkpoint
 callbacks' state under the single run's state keys, and its config hash. So ``train(spec)`` of
 that member resumes from it, and a stack of members at the same epoch resumes from theirs
 (:func:`merge_member_checkpoints`).
@@ -18,6 +18,7 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from mbn.models import load_member_optimizer_state_dict, load_member_state_dict, member_optimizer_state_dict, member_state_dict
+from mbn.models.stacked_optim import MEMBER_LR_SCALE, MEMBER_WEIGHT_DECAY
 from mbn.train.run_dir import BEST_CHECKPOINT, CHECKPOINT_HASH_KEY, LAST_CHECKPOINT
 from mbn.train.optim import build_optimizer
 from mbn.train.stacked_module import StackedClassificationModule, member_metric
@@ -113,7 +114,15 @@ def split_member_checkpoint(
     """
     member = {key: value for key, value in checkpoint.items() if key not in MEMBER_ENTRIES}
     member["state_dict"] = {MODEL_PREFIX + key: value for key, value in member_state_dict(module.model, k).items()}
-    member["optimizer_states"] = [member_optimizer_state_dict(module.trainer.optimizers[0], module.model, k)]
+    optimizer = module.trainer.optimizers[0]
+    member["optimizer_states"] = [member_optimizer_state_dict(optimizer, module.model, k)]
+    if "lr_schedulers" in member and any(MEMBER_LR_SCALE in group for group in optimizer.param_groups):
+        # The schedule's base and last lr of member k's single run (its lr, not member 0's).
+        scales = [group[MEMBER_LR_SCALE][k] for group in optimizer.param_groups]
+        member["lr_schedulers"] = [
+            {**state, **{key: [lr * scale for lr, scale in zip(state[key], scales)] for key in ("base_lrs", "_last_lr") if key in state}}
+            for state in member["lr_schedulers"]
+        ]
     member["callbacks"] = member_callbacks_state(callbacks)
     member[CHECKPOINT_HASH_KEY] = config_hash
     return member
@@ -149,14 +158,20 @@ def merge_member_checkpoints(
     check_same_position(checkpoints)
     merged = {key: value for key, value in checkpoints[0].items() if key not in MEMBER_ENTRIES}
     # A scratch SGD of the module's parameter layout collects the members' momentum buffers.
-    optimizer, _ = build_optimizer(module.model, module.optim, module.global_batch_size, total_steps=1, steps_per_epoch=1)
+    optimizer, _ = build_optimizer(module.model, module.optim, module.global_batch_size, total_steps=1, steps_per_epoch=1,
+                                   member_specs=module.member_optims)
     for k, checkpoint in enumerate(checkpoints):
         state_dict = {key[len(MODEL_PREFIX):]: value for key, value in checkpoint["state_dict"].items()}
         load_member_state_dict(module.model, k, state_dict)
         load_member_optimizer_state_dict(optimizer, module.model, k, checkpoint["optimizer_states"][0])
     merged["state_dict"] = module.state_dict()
-    # The members share the lr and every group setting; the resumed values are in their param groups.
-    merged["optimizer_states"] = [{"state": optimizer.state_dict()["state"], "param_groups": checkpoints[0]["optimizer_states"][0]["param_groups"]}]
+    # Member 0's lr and schedule are the stack's (the others' are scaled from them, see MemberSGD):
+    # its param groups as resumed, with the stack's own per-member entries.
+    groups = [
+        {**saved, **{key: value for key, value in built.items() if key in (MEMBER_LR_SCALE, MEMBER_WEIGHT_DECAY, "weight_decay")}}
+        for saved, built in zip(checkpoints[0]["optimizer_states"][0]["param_groups"], optimizer.state_dict()["param_groups"])
+    ]
+    merged["optimizer_states"] = [{"state": optimizer.state_dict()["state"], "param_groups": groups}]
     merged["callbacks"] = {
         callback.state_key: checkpoint["callbacks"][callback.single_state_key]
         for checkpoint, member_callbacks in zip(checkpoints, callbacks)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +40,8 @@ class StackedClassificationModule(ClassificationModule):
         num_classes: number of classes.
         check_finite_every_n_steps: divergence check interval in steps.
         total_epochs: planned epochs T of the MBN schedule (None = the Trainer's ``max_epochs``).
+        member_optims: each member's optimizer settings when they differ in ``base_lr`` or
+            ``weight_decay`` (member 0's is ``optim``; see :func:`~mbn.train.optim.build_optimizer`).
     """
 
     def __init__(
@@ -48,8 +52,10 @@ class StackedClassificationModule(ClassificationModule):
         num_classes: int,
         check_finite_every_n_steps: int = 25,
         total_epochs: int | None = None,
+        member_optims: Sequence[OptimSpec] | None = None,
     ) -> None:
         super().__init__(model, optim, global_batch_size, num_classes, check_finite_every_n_steps, total_epochs)
+        self.member_optims = list(member_optims) if member_optims is not None else None
         self.num_members = model.num_members
         # member -> the error message of its divergence (as the single run's DivergedError says it).
         self.diverged: dict[int, str] = {}

@@ -125,6 +125,56 @@ def test_an_interrupted_stack_resumes_to_the_uninterrupted_stacks_weights(runs, 
         assert_weights_equal(weights(tmp_path / f"seed{seed}"), weights(root / "stack" / f"seed{seed}"))
 
 
+# An lr and weight-decay grid of one seed (issue: stacked hyperparameter search), with a step schedule
+# whose decay falls inside the run, so the schedule's lr per epoch is compared too.
+GRID = ((0.1, 1e-4), (0.4, 5e-4), (0.025, 0.0))
+
+
+def grid_specs(root: Path) -> list:
+    from mbn.train import OptimSpec
+
+    return [fake_spec(root / f"lr{lr}_wd{wd}", seed=0, run_name=f"lr{lr}", config_hash=f"hash-lr{lr}",
+                      optim=OptimSpec(base_lr=lr, weight_decay=wd, milestones=(0.5,)))
+            for lr, wd in GRID]
+
+
+def test_members_with_their_own_lr_and_weight_decay_train_resume_and_resume_alone_as_their_single_runs(tmp_path):
+    specs = grid_specs(tmp_path / "stack")
+    singles = [train(spec) for spec in grid_specs(tmp_path / "single")]
+    stacked = train_stack(specs)
+    for spec, results, single in zip(specs, stacked, singles):
+        assert results["status"] == "completed" and results["lr"] == single["lr"]
+        assert_histories_match(results["history"], single["history"])  # (lr per epoch included)
+        assert results["history"][1]["lr"] == pytest.approx(single["history"][1]["lr"], rel=1e-15)
+        assert_weights_match(weights(spec.output_dir), weights(tmp_path / "single" / spec.output_dir.name))
+    lrs = [results["history"][0]["lr"] for results in stacked]
+    assert lrs == pytest.approx([lr * 8 / 64 for lr, _ in GRID])  # linear scaling of each member's own base lr
+    # Interrupted after epoch 1: the stack resumes to the uninterrupted stack, bit for bit.
+    interrupted = grid_specs(tmp_path / "interrupted")
+    assert [r["status"] for r in train_stack(interrupted, callbacks=[FailAtEpoch(2)])] == ["failed"] * len(GRID)
+    for results, uninterrupted in zip(train_stack(interrupted), stacked):
+        assert results["status"] == "completed" and len(results["attempts"]) == 2
+        assert_histories_equal(results["history"], uninterrupted["history"])
+    for spec, stack_spec in zip(interrupted, specs):
+        assert_weights_equal(weights(spec.output_dir), weights(stack_spec.output_dir))
+    # A member of an interrupted stack resumes alone at its own lr and weight decay, as its single run.
+    alone = grid_specs(tmp_path / "alone")
+    train_stack(alone, callbacks=[FailAtEpoch(2)])
+    resumed = train(alone[1])
+    assert resumed["status"] == "completed" and len(resumed["attempts"]) == 2
+    assert_histories_match(resumed["history"], singles[1]["history"])
+    assert resumed["history"][1]["lr"] == pytest.approx(singles[1]["history"][1]["lr"], rel=1e-15)
+    assert_weights_match(weights(alone[1].output_dir), weights(tmp_path / "single" / alone[1].output_dir.name))
+
+
+def test_runs_that_differ_in_another_optimizer_setting_are_refused(tmp_path):
+    from mbn.train import OptimSpec
+
+    specs = [member_spec(tmp_path, 0), member_spec(tmp_path, 1, optim=OptimSpec(momentum=0.5))]
+    with pytest.raises(ValueError, match="run 1 has another optim than run 0"):
+        train_stack(specs)
+
+
 def test_members_at_different_epochs_are_refused(runs, tmp_path):
     root, _, _ = runs
     specs = [member_spec(tmp_path, seed) for seed in SEEDS[:2]]
