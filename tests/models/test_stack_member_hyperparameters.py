@@ -39,8 +39,7 @@ def stacked_optimizer(stacked, nesterov):
                      member_weight_decay=WEIGHT_DECAYS, momentum=MOMENTUM, nesterov=nesterov)
 
 
-@pytest.mark.parametrize("nesterov", [False, True], ids=["momentum", "nesterov"])
-@pytest.mark.parametrize("norm", ["bn", "mbn"])
+@pytest.mark.parametrize("norm, nesterov", [("bn", False), ("mbn", True)], ids=["bn-momentum", "mbn-nesterov"])
 def test_members_with_their_own_lr_and_weight_decay_match_their_single_runs_for_20_steps(norm, nesterov):
     singles = [build("resnet18", norm, seed) for seed in range(len(LRS))]
     stacked = stack(singles)
