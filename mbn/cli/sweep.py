@@ -300,24 +300,23 @@ class SweepCallback(Callback):
         option = sweeper_option(config)
         try:
             check_shared_values(config, sweep_dir)
+            tune_settings(config)
         except ConfigError as exc:
-            print(f"mbn-train: invalid config: {exc} (shared by every job; sweep not started)", file=sys.stderr, flush=True)
+            print(f"mbn-train: invalid config: {exc} (every job; sweep not started)", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_CODES["config_error"]) from None
         if config.get("dry_run", False) is True:
-            print(f"mbn-train: invalid config: dry_run: hydra/sweeper={option} proposes its jobs as they run, so only "
-                  "a basic sweep's jobs can be listed up front", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_CODES["config_error"])
+            # The jobs' values are proposed as the jobs run (from the results so far): none to list.
+            trials = OmegaConf.select(config, "hydra.sweeper.n_trials")
+            print(f"mbn-train: would start the jobs hydra/sweeper={option} proposes"
+                  f"{f' ({trials} trials)' if trials is not None else ''} in {sweep_dir}, each planned, run and "
+                  "recorded as it starts; the values every job shares are valid; nothing was run", flush=True)
+            raise SystemExit(0)
         # Optuna imports alembic, whose plugin registry logs each of its plugins at INFO.
         logging.getLogger("alembic").setLevel(logging.WARNING)
         stack = int(config.get("stack", 1) or 1)
         if stack > 1:
             print(f"mbn-train: stack={stack} packs the seeds of a basic sweep only; with hydra/sweeper={option} "
                   "every job trains alone", flush=True)
-        try:
-            tune_settings(config)
-        except ConfigError as exc:
-            print(f"mbn-train: invalid config: {exc}", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_CODES["config_error"]) from None
         invocation = _tag_jobs_with_invocation(config)
         name = f".mbn-sweep-{invocation}"
         self.ledger = sweep_dir / name
