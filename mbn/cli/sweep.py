@@ -54,7 +54,7 @@ EXIT_CODES = {"completed": 0, "skipped": 0, "dry_run": 0, "busy": 0, "failed": 1
 # options a config was composed from.
 BASIC_SWEEPER = "basic"
 # Set (through ``hydra.job.env_set``) for the jobs of a sweep whose job list is not known up front:
-# the dir where each job writes its outcome for the summary (:func:`record_job`).
+# the name of the dir in the sweep dir where each job writes its outcome for the summary (record_job).
 LEDGER_ENV = "MBN_SWEEP_LEDGER"
 
 
@@ -448,10 +448,10 @@ def objective_value(outcome: JobOutcome | None, objective: str) -> float | None:
     """A job's objective for the sweeper: the metric in its run's ``results.json`` when that run
     completed (in this command or before: a skipped job's value is its run's), else None.
 
-    Hydra's Optuna sweeper records a None as a failed trial ("Return value must be float-castable")
-    and goes on; a NaN would break it (it tells Optuna the failed trial's value, which Optuna
-    refuses), and a raised exception would stop it (and Hydra's basic sweeper) at
-    ``max_failure_rate``. The basic sweeper ignores the value.
+    Hydra's Optuna sweeper (1.3) records a None as a failed trial ("Return value must be
+    float-castable") and goes on; a NaN would break it (it then tells Optuna the failed trial's NaN,
+    which Optuna refuses), and a raised exception would stop Hydra's basic sweeper. The basic sweeper
+    ignores the value.
 
     Args:
         outcome: the job's outcome (None for a dry run).
@@ -616,7 +616,6 @@ def _swept_values(overrides: list[str], every_job: list[list[str]]) -> str:
     """The overrides that tell a job apart from the sweep's other jobs (all of them for a 1-job sweep)."""
     shared = set.intersection(*(set(other) for other in every_job)) if len(every_job) > 1 else set()
     return " ".join(o for o in overrides if o not in shared) or " ".join(overrides) or "(no overrides)"
-
 
 
 def _exit_if_unwritable(directory: str) -> None:

@@ -169,7 +169,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             # run in other processes; their launcher stops on its own, and the sweep summary reports it.)
             raise SystemExit(EXIT_CODES["interrupted"])
         value = sweep.objective_value(outcome, str(cfg.objective))
-        if outcome is not None and not os.environ.get(DDP_CHILD_ENV) and (external_rank() or 0) == 0:
+        if outcome is not None and (external_rank() or 0) == 0:  # one entry per job, from the rank that decides
             sweep.record_job(outcome, value)
         return value
     if outcome is None:
