@@ -113,3 +113,21 @@ def test_shared_values_direction_and_dry_run_are_checked_before_any_trial(optuna
     # A single run checks the objective the same way.
     assert main([*tiny(), "objective=val_acc1"]) == 2
     assert "mbn-train: invalid config: objective: must be a metric of results.json" in capsys.readouterr().err
+
+
+def test_a_trial_whose_process_died_is_counted_from_its_results_json(optuna_sweep, run_env, capsys):
+    from mbn.cli.sweep import unrecorded_outcomes
+    from mbn.results import write_results
+
+    assert main(optuna_sweep("hydra.sweeper.n_trials=1", "sweep_name=killed")) == 0
+    capsys.readouterr()
+    sweep_dir = run_env / "sweeps" / "killed"
+    ((name, record),) = sweep_runs(sweep_dir).items()
+    invocation = record["attempts"][-1]["invocation"]
+    # What a job killed mid-run leaves: a running record of this command's attempt, no ledger entry.
+    write_results(sweep_dir / name, {**record, "status": "running"})
+    (outcome,) = unrecorded_outcomes(sweep_dir, invocation, recorded=set())
+    assert (outcome.status, outcome.output_dir) == ("failed", sweep_dir / name)
+    assert "ended without a final status" in outcome.error
+    assert unrecorded_outcomes(sweep_dir, invocation, recorded={(sweep_dir / name).resolve()}) == []
+    assert unrecorded_outcomes(sweep_dir, "another-command", recorded=set()) == []
