@@ -110,6 +110,13 @@ def test_shared_values_direction_and_dry_run_are_checked_before_any_trial(optuna
     out = capsys.readouterr().out
     assert f"mbn-train: would start the jobs hydra/sweeper=optuna proposes (6 trials) in {run_env / 'sweeps' / 'default'}" in out
     assert not list(run_env.rglob("results.json")) and STUDIES == []
+    # A swept value is checked when its job starts: the job is a failed trial, counted as an invalid config.
+    assert main(optuna_sweep("optim.momentum=choice(1.5)", "hydra.sweeper.n_trials=1")) == 2
+    out, err = capsys.readouterr()
+    assert "mbn-train: invalid config: optim.momentum: must be a number in [0, 1), got 1.5" in err
+    assert "mbn-train: sweep done: 0 completed, 0 failed, 0 skipped, 1 config_error (of 1 jobs)" in out
+    assert [trial.state for trial in STUDIES[-1].trials] == [optuna.trial.TrialState.FAIL]
+    assert not list(run_env.rglob("results.json"))
     # A single run checks the objective the same way.
     assert main([*tiny(), "objective=val_acc1"]) == 2
     assert "mbn-train: invalid config: objective: must be a metric of results.json" in capsys.readouterr().err
