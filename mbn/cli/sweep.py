@@ -252,6 +252,7 @@ class SweepCallback(Callback):
         self.objective = ""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepCallback.unfinished = None  # (a sweep stopped by SystemExit in this process is over)
         _exit_if_unwritable(str(OmegaConf.select(config, "hydra.run.dir")))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
