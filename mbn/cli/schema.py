@@ -24,11 +24,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from mbn.cli.config import ConfigError, unknown_key_error
+from mbn.results import METRIC_KEYS
 from mbn.train import spec as specs
 
 # Top-level keys that steer mbn-train itself (what to do with a job), not the run: they are taken out
 # of the config before it is hashed and recorded, so they never make a finished run look different.
-CONTROL_KEYS = ("dry_run", "rerun_diverged", "debug", "stack", "stack_seeds")
+CONTROL_KEYS = ("dry_run", "rerun_diverged", "debug", "stack", "stack_seeds", "objective")
+# The metrics of results.json a sweep can optimize (``objective``); best_epoch says when, not how well.
+OBJECTIVES = tuple(name for name in METRIC_KEYS if name != "best_epoch")
 
 
 @dataclass
@@ -89,6 +92,8 @@ class TrainConfig:
             model in one process (:func:`mbn.train.train_stack`); 1 = every job alone.
         stack_seeds: set by the sweep for a stacked job (the seeds of its sweep, which it packs in
             chunks of ``stack``); not for the command line.
+        objective: the metric of ``results.json`` a job returns to Hydra's sweeper, which a tuning
+            sweeper (``hydra/sweeper=optuna``) optimizes: minimized for a loss, else maximized.
     """
 
     data: specs.DataSpec = specs.MISSING
@@ -107,8 +112,12 @@ class TrainConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
     stack: int = 1
     stack_seeds: list[int] | None = None
+    objective: str = "final_val_acc1"
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise specs.SpecError("objective", f"must be a metric of results.json, one of {', '.join(OBJECTIVES)}; "
+                                  f"got {self.objective!r}")
         if self.stack < 1:
             raise specs.SpecError("stack", f"must be a positive integer, got {self.stack!r}")
         if self.stack > 1:

@@ -10,15 +10,23 @@ launches the jobs, whichever launcher runs them (in-process, joblib workers, SLU
   and the dirs of the jobs that did not complete, read from their ``results.json``; ``mbn-train``
   raises it as the exit code (a non-zero one), after which ``mbn-train`` returns it.
 
-The job list is the one Hydra's basic sweeper builds (``hydra.sweeper.params`` then command-line
-overrides); with another sweeper the callback does nothing.
+With Hydra's basic sweeper the job list is known before launch (``hydra.sweeper.params`` then
+command-line overrides), so every job is checked and planned up front. Another sweeper (Optuna,
+``hydra/sweeper=optuna``) proposes its jobs as it runs: the values every job shares are checked up
+front, each job writes its outcome and objective to this command's ledger in the sweep dir
+(:func:`record_job`), and the summary reads the ledger, names the best job, and counts a job whose
+process died without an entry from its ``results.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import logging
+import math
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -26,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
@@ -34,14 +42,20 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from mbn.cli.config import ConfigError, check_buildable, composition_error
 from mbn.cli.schema import Job, load_job, to_run_spec
-from mbn.results import config_hash
+from mbn.results import config_hash, iter_results, read_results
 from mbn.train.job import JobOutcome, job_outcome, plan_job, same_config_dirs
 from mbn.train.run_dir import INVOCATION_ENV, JobPlan, verify_checkpoint
 from mbn.train.spec import RunSpec
+from mbn.utils.io import atomic_write_json
 
 EXIT_CODES = {"completed": 0, "skipped": 0, "dry_run": 0, "busy": 0, "failed": 1, "config_error": 2, "diverged": 3, "interrupted": 130}
-# The sweeper whose job list expand_jobs reproduces (the cartesian product of the swept values).
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# The option of Hydra's ``hydra/sweeper`` group whose job list expand_jobs reproduces (the cartesian
+# product of the swept values); read from ``hydra.runtime.choices``, Hydra's public record of the
+# options a config was composed from.
+BASIC_SWEEPER = "basic"
+# Set (through ``hydra.job.env_set``) for the jobs of a sweep whose job list is not known up front:
+# the name of the dir in the sweep dir where each job writes its outcome for the summary (record_job).
+LEDGER_ENV = "MBN_SWEEP_LEDGER"
 
 
 @dataclass
@@ -119,6 +133,16 @@ def ensure_writable(directory: str | Path) -> None:
         raise ConfigError("output_root", f"cannot write to {directory}: {exc.strerror or exc}") from None
 
 
+def sweeper_option(config: DictConfig) -> str | None:
+    """The chosen option of the ``hydra/sweeper`` group (``basic`` unless a command or config picks another).
+
+    Args:
+        config: the multirun's master config (with its ``hydra`` node).
+    """
+    choices = OmegaConf.select(config, "hydra.runtime.choices")
+    return None if choices is None else choices.get("hydra/sweeper")
+
+
 def sweep_overrides(config: DictConfig) -> list[list[str]] | None:
     """Every job's overrides, in launch order, as Hydra's basic sweeper builds them.
 
@@ -129,7 +153,7 @@ def sweep_overrides(config: DictConfig) -> list[list[str]] | None:
     Args:
         config: the multirun's master config (with its ``hydra`` node).
     """
-    if OmegaConf.select(config, "hydra.sweeper._target_") != BASIC_SWEEPER:
+    if sweeper_option(config) != BASIC_SWEEPER:
         return None
     params = OmegaConf.to_container(config.hydra.sweeper.params) if config.hydra.sweeper.get("params") else {}
     arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
@@ -156,16 +180,8 @@ def expand_jobs(config: DictConfig) -> list[SweepJob] | None:
     job_overrides = sweep_overrides(config)
     if job_overrides is None:
         return None
-    loader = GlobalHydra.instance().config_loader()
-    hydra_config = HydraConfig.instance().cfg
     built: dict[str, ConfigError | None] = {}
-    jobs = []
-    try:
-        for overrides in job_overrides:
-            jobs.append(_plan_one(loader, config, overrides, built))
-    finally:
-        if hydra_config is not None:
-            HydraConfig.instance().set_config(hydra_config)
+    jobs = [_plan_one(config, overrides, built) for overrides in job_overrides]
     first_job_of_dir: dict[Path, SweepJob] = {}
     for job in jobs:
         if job.output_dir is None or job.error is not None:
@@ -177,17 +193,19 @@ def expand_jobs(config: DictConfig) -> list[SweepJob] | None:
     return jobs
 
 
-def _plan_one(loader: Any, config: DictConfig, overrides: list[str], built: dict[str, ConfigError | None]) -> SweepJob:
+def _plan_one(config: DictConfig, overrides: list[str], built: dict[str, ConfigError | None]) -> SweepJob:
     job = SweepJob(overrides)
     try:
         try:
-            job_config = loader.load_sweep_config(config, overrides)
+            # What Hydra's launchers compose for a job: the master config's Hydra overrides, then the
+            # job's (Hydra's public Compose API, which works inside a running @hydra.main app).
+            job_config = compose(config_name=config.hydra.job.config_name, return_hydra_config=True,
+                                 overrides=[*config.hydra.overrides.hydra, *overrides])
         except Exception as exc:  # noqa: BLE001 - Hydra composition errors (e.g. an unknown group option)
             raise composition_error(exc) from None
         job.output_dir = Path(str(OmegaConf.select(job_config, "hydra.sweep.dir"))) / str(
             OmegaConf.select(job_config, "hydra.sweep.subdir")
         )
-        HydraConfig.instance().set_config(job_config)
         task = load_job(_task_node(job_config))
         digest = config_hash(task.config)
         spec = to_run_spec(task, job.output_dir, overrides, digest)
@@ -224,16 +242,27 @@ def _check_buildable_once(spec: Any, built: dict[str, ConfigError | None]) -> No
 class SweepCallback(Callback):
     """Hydra callback: check and plan every job before a sweep, summarize it after (see module doc)."""
 
+    # The ledger sweep of this process between its start and its summary: mbn-train summarizes it
+    # when the sweeper raises instead of returning (summarize_after_sweeper_error).
+    unfinished: "SweepCallback | None" = None
+
     def __init__(self) -> None:
         self.jobs: list[SweepJob] | None = None
+        self.ledger: Path | None = None
+        self.objective = ""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepCallback.unfinished = None  # (a sweep stopped by SystemExit in this process is over)
         _exit_if_unwritable(str(OmegaConf.select(config, "hydra.run.dir")))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _exit_if_unwritable(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        sweep_dir = str(OmegaConf.select(config, "hydra.sweep.dir"))
+        _exit_if_unwritable(sweep_dir)
+        SweepCallback.unfinished = None
         self.jobs = expand_jobs(config)
+        self.ledger = None
         if self.jobs is None:
+            self._start_unplanned(config, Path(sweep_dir))
             return
         invalid = [job for job in self.jobs if job.error is not None]
         if invalid and len(invalid) == len(self.jobs) and len({job.error for job in invalid}) == 1:
@@ -243,7 +272,8 @@ class SweepCallback(Callback):
             raise SystemExit(EXIT_CODES["config_error"])
         if invalid:
             for job in invalid:
-                print(f"mbn-train: invalid config in job {_swept_values(job, self.jobs)}: {job.error}", file=sys.stderr, flush=True)
+                print(f"mbn-train: invalid config in job {_swept_values(job.overrides, [other.overrides for other in self.jobs])}: "
+                      f"{job.error}", file=sys.stderr, flush=True)
             print(f"mbn-train: sweep not started: {len(invalid)} of {len(self.jobs)} jobs have an invalid config",
                   file=sys.stderr, flush=True)
             raise SystemExit(EXIT_CODES["config_error"])
@@ -266,15 +296,246 @@ class SweepCallback(Callback):
             _launch_one_job_per_pack(config, _sweep_seeds(self.jobs), stack)
         _tag_jobs_with_invocation(config)
 
+    def _start_unplanned(self, config: DictConfig, sweep_dir: Path) -> None:
+        """A sweeper that proposes its jobs as it runs: check the shared values, open this command's ledger."""
+        option = sweeper_option(config)
+        try:
+            check_shared_values(config, sweep_dir)
+            tune_settings(config)
+        except ConfigError as exc:
+            print(f"mbn-train: invalid config: {exc} (every job; sweep not started)", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_CODES["config_error"]) from None
+        if config.get("dry_run", False) is True:
+            # The jobs' values are proposed as the jobs run (from the results so far): none to list.
+            trials = OmegaConf.select(config, "hydra.sweeper.n_trials")
+            print(f"mbn-train: would start the jobs hydra/sweeper={option} proposes"
+                  f"{f' ({trials} trials)' if trials is not None else ''} in {sweep_dir}, each planned, run and "
+                  "recorded as it starts; the values every job shares are valid; nothing was run", flush=True)
+            raise SystemExit(0)
+        # Optuna imports alembic, whose plugin registry logs each of its plugins at INFO.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        stack = int(config.get("stack", 1) or 1)
+        if stack > 1:
+            print(f"mbn-train: stack={stack} packs the seeds of a basic sweep only; with hydra/sweeper={option} "
+                  "every job trains alone", flush=True)
+        invocation = _tag_jobs_with_invocation(config)
+        name = f".mbn-sweep-{invocation}"
+        self.ledger = sweep_dir / name
+        self.objective = str(config.objective)
+        _set_job_env(config, LEDGER_ENV, name)
+        SweepCallback.unfinished = self
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.jobs is None:
-            return
         invocation = os.environ.get(INVOCATION_ENV)
-        summary = SweepSummary([job_outcome(job.output_dir, job.config_hash, job.plan, invocation) for job in self.jobs])
-        for line in summary.lines():
+        if self.jobs is not None:
+            summary = SweepSummary([job_outcome(job.output_dir, job.config_hash, job.plan, invocation) for job in self.jobs])
+            for line in summary.lines():
+                print(line, flush=True)
+            code = summary.exit_code
+        elif self.ledger is not None:
+            code = self.summarize_ledger()
+        else:
+            return
+        if code:
+            raise SystemExit(code)
+
+    def summarize_ledger(self) -> int:
+        """Print the summary of a sweep whose jobs wrote a ledger and name its best job; remove the ledger.
+
+        Returns:
+            The sweep's exit code.
+        """
+        assert self.ledger is not None
+        SweepCallback.unfinished = None
+        entries = read_ledger(self.ledger)
+        recorded = {Path(entry.outcome.output_dir).resolve() for entry in entries}
+        summary = SweepSummary([entry.outcome for entry in entries]
+                               + unrecorded_outcomes(self.ledger.parent, os.environ.get(INVOCATION_ENV), recorded))
+        for line in [*summary.lines(), best_job_line(entries, self.objective, objective_direction(self.objective))]:
             print(line, flush=True)
-        if summary.exit_code:
-            raise SystemExit(summary.exit_code)
+        shutil.rmtree(self.ledger, ignore_errors=True)
+        return summary.exit_code
+
+
+def summarize_after_sweeper_error(exc: BaseException) -> int | None:
+    """When the sweeper raised after its jobs ran (Optuna's, when no trial completed, has no best
+    trial to report), print the sweep's summary all the same.
+
+    Args:
+        exc: what the sweeper raised.
+
+    Returns:
+        The exit code (at least 1); None when no sweep with a ledger is open in this process.
+    """
+    callback, SweepCallback.unfinished = SweepCallback.unfinished, None
+    if callback is None:
+        return None
+    print(f"mbn-train: the sweeper stopped: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+          file=sys.stderr, flush=True)
+    return max(callback.summarize_ledger(), EXIT_CODES["failed"])
+
+
+def objective_direction(metric: str) -> str:
+    """How a tuning sweeper ranks a metric of ``results.json``: ``minimize`` a loss, ``maximize`` an accuracy.
+
+    Args:
+        metric: the sweep's ``objective``.
+    """
+    return "minimize" if metric.endswith("_loss") else "maximize"
+
+
+def tune_settings(config: DictConfig) -> None:
+    """Set what mbn-train decides in a tuning sweeper's config (the keys of Hydra's Optuna sweeper,
+    where it has them), before Hydra instantiates the sweeper from it:
+
+    - ``hydra.sweeper.direction`` follows ``objective`` (:func:`objective_direction`); Optuna's own
+      default, minimize, would search for the worst accuracy;
+    - an unset ``hydra.sweeper.sampler.seed`` becomes 0, so the same command proposes the same
+      trials and a rerun skips those that completed.
+
+    Args:
+        config: the multirun's master config (with its ``hydra`` node).
+
+    Raises:
+        ConfigError: the command sets a direction that contradicts the objective.
+    """
+    sweeper = config.hydra.sweeper
+    with read_write(sweeper), open_dict(sweeper):
+        if "direction" in sweeper:
+            objective = str(config.get("objective"))
+            wanted = objective_direction(objective)
+            given = [o.partition("=")[2] for o in config.hydra.overrides.hydra
+                     if o.partition("=")[0].lstrip("+") == "hydra.sweeper.direction"]
+            if given and given[-1] != wanted:
+                raise ConfigError("hydra.sweeper.direction", f"{given[-1]} contradicts objective={objective}, which is "
+                                  f"{wanted}d; leave the direction out (it follows the objective) or set another objective")
+            sweeper.direction = wanted
+        if "sampler" in sweeper and "seed" in sweeper.sampler and sweeper.sampler.seed is None:
+            sweeper.sampler.seed = 0
+
+
+def check_shared_values(config: DictConfig, sweep_dir: Path) -> None:
+    """Check what every job of a sweep shares, before any starts: the master config (Hydra leaves the
+    swept keys at their defaults in it), as one job of the sweep would be checked.
+
+    Args:
+        config: the multirun's master config (with its ``hydra`` node).
+        sweep_dir: the sweep's dir.
+
+    Raises:
+        ConfigError: the first bad value.
+    """
+    task = load_job(_task_node(config))
+    spec = to_run_spec(task, sweep_dir / "shared", [], config_hash(task.config))
+    check_buildable(spec)
+
+
+@dataclass
+class LedgerEntry:
+    """One job's line in a sweep's ledger: how it ended and its objective.
+
+    Args:
+        outcome: the job's outcome.
+        overrides: the job's overrides.
+        value: its objective (None when it has none: the job did not complete).
+    """
+
+    outcome: JobOutcome
+    overrides: list[str]
+    value: float | None
+
+
+def objective_value(outcome: JobOutcome | None, objective: str) -> float | None:
+    """A job's objective for the sweeper: the metric in its run's ``results.json`` when that run
+    completed (in this command or before: a skipped job's value is its run's), else None.
+
+    Hydra's Optuna sweeper (1.3) records a None as a failed trial ("Return value must be
+    float-castable") and goes on; a NaN would break it (it then tells Optuna the failed trial's NaN,
+    which Optuna refuses), and a raised exception would stop Hydra's basic sweeper. The basic sweeper
+    ignores the value.
+
+    Args:
+        outcome: the job's outcome (None for a dry run).
+        objective: a metric name of ``results.json``'s ``metrics``.
+    """
+    if outcome is None:
+        return None
+    try:
+        record = read_results(outcome.output_dir)
+    except (OSError, ValueError):
+        return None
+    value = (record.get("metrics") or {}).get(objective)
+    if record.get("status") != "completed" or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def record_job(outcome: JobOutcome, value: float | None) -> None:
+    """Write a job's outcome and objective to its sweep's ledger (when the sweep keeps one: see
+    :data:`LEDGER_ENV`), from whatever process the launcher runs the job in.
+
+    Args:
+        outcome: the job's outcome.
+        value: its objective (:func:`objective_value`).
+    """
+    name = os.environ.get(LEDGER_ENV)
+    if not name:
+        return
+    hydra_cfg = HydraConfig.get()
+    entry = {**dataclasses.asdict(outcome), "output_dir": str(outcome.output_dir),
+             "overrides": list(hydra_cfg.overrides.task), "value": value}
+    atomic_write_json(Path(str(hydra_cfg.sweep.dir)) / name / f"{hydra_cfg.job.num}.json", entry)
+
+
+def read_ledger(ledger: Path) -> list[LedgerEntry]:
+    """The entries of a sweep's ledger, in launch order (empty when no job wrote one)."""
+    paths = sorted(ledger.glob("*.json"), key=lambda path: int(path.stem)) if ledger.is_dir() else []
+    entries = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        outcome = JobOutcome(data["status"], Path(data["output_dir"]), data.get("error"), bool(data.get("elsewhere")))
+        entries.append(LedgerEntry(outcome, list(data["overrides"]), data.get("value")))
+    return entries
+
+
+def unrecorded_outcomes(sweep_dir: Path, invocation: str | None, recorded: set[Path]) -> list[JobOutcome]:
+    """Runs of the sweep dir that this command attempted but whose job wrote no ledger entry (its
+    process died): read from their ``results.json``.
+
+    Args:
+        sweep_dir: the sweep's dir.
+        invocation: this command's :data:`INVOCATION_ENV`.
+        recorded: the run dirs the ledger names (resolved).
+    """
+    outcomes = []
+    for path in iter_results(sweep_dir) if invocation and sweep_dir.is_dir() else ():
+        if path.parent.resolve() in recorded:
+            continue
+        try:
+            record = read_results(path)
+        except (OSError, ValueError):
+            continue
+        attempts = record.get("attempts") or []
+        if not attempts or attempts[-1].get("invocation") != invocation:
+            continue
+        if record.get("status") == "running":
+            outcomes.append(JobOutcome("failed", path.parent, "the job's process ended without a final status (killed?)"))
+        else:
+            outcomes.append(JobOutcome(str(record.get("status")), path.parent))
+    return outcomes
+
+
+def best_job_line(entries: list[LedgerEntry], objective: str, direction: str) -> str:
+    """The line naming the sweep's best job by ``objective`` (``minimize`` or ``maximize``), with the
+    values that tell it apart from the other jobs."""
+    scored = [entry for entry in entries if entry.value is not None]
+    if not scored:
+        return f"mbn-train: best job: none (no job completed with a {objective})"
+    pick = min if direction == "minimize" else max
+    best = pick(scored, key=lambda entry: entry.value)
+    values = _swept_values(best.overrides, [entry.overrides for entry in entries]) if len(entries) > 1 else ""
+    return (f"mbn-train: best job: {objective} {best.value:.4f} ({direction}d over {len(scored)} of {len(entries)} jobs)"
+            f"{': ' + values if values else ''} in {best.outcome.output_dir}")
 
 
 def _seed_of(job: SweepJob) -> int | None:
@@ -330,20 +591,32 @@ def _launch_one_job_per_pack(config: DictConfig, seeds: list[int], stack: int) -
         config.hydra.overrides.task = [*task, f"seed={leaders}", f"stack_seeds=[{','.join(map(str, seeds))}]"]
 
 
-def _tag_jobs_with_invocation(config: DictConfig) -> None:
+def _tag_jobs_with_invocation(config: DictConfig) -> str:
     """Have every job of this command record its invocation id, in whatever process a launcher runs it.
 
-    Jobs are composed again from ``hydra.overrides.hydra`` (in the launching process, a joblib
-    worker or a SLURM task), so the id travels as Hydra's ``hydra.job.env_set`` for the job.
+    Returns:
+        The id.
     """
     invocation = os.environ.setdefault(INVOCATION_ENV, uuid.uuid4().hex[:12])
+    _set_job_env(config, INVOCATION_ENV, invocation)
+    return invocation
+
+
+def _set_job_env(config: DictConfig, name: str, value: str) -> None:
+    """Set an environment variable for every job of the sweep, in whatever process a launcher runs it.
+
+    Jobs are composed again from ``hydra.overrides.hydra`` (in the launching process, a joblib
+    worker or a SLURM task), so the value travels as Hydra's ``hydra.job.env_set`` for the job.
+    """
     with read_write(config.hydra):
         # Quoted: an unquoted hex id such as 12e4... would be parsed as a number.
-        config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{INVOCATION_ENV}='{invocation}'")
-def _swept_values(job: SweepJob, jobs: list[SweepJob]) -> str:
-    """The overrides that tell ``job`` apart from the sweep's other jobs (all of them for a 1-job sweep)."""
-    shared = set.intersection(*(set(other.overrides) for other in jobs)) if len(jobs) > 1 else set()
-    return " ".join(o for o in job.overrides if o not in shared) or " ".join(job.overrides) or "(no overrides)"
+        config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{name}='{value}'")
+
+
+def _swept_values(overrides: list[str], every_job: list[list[str]]) -> str:
+    """The overrides that tell a job apart from the sweep's other jobs (all of them for a 1-job sweep)."""
+    shared = set.intersection(*(set(other) for other in every_job)) if len(every_job) > 1 else set()
+    return " ".join(o for o in overrides if o not in shared) or " ".join(overrides) or "(no overrides)"
 
 
 def _exit_if_unwritable(directory: str) -> None:

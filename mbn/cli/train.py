@@ -150,7 +150,9 @@ def _remove_if_only_bookkeeping(output_dir: Path) -> None:
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """Run one job; in a sweep, return its ``objective`` to the sweeper (None when it did not complete:
+    :func:`mbn.cli.sweep.objective_value`), and record its outcome for the sweep's summary."""
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
@@ -159,14 +161,18 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"mbn-train: invalid config: {exc}", file=sys.stderr, flush=True)
         _remove_if_only_bookkeeping(Path(hydra_cfg.runtime.output_dir))
         if multirun:  # (the sweep checks every job's config first; this is a last line of defense)
-            return
+            sweep.record_job(JobOutcome("config_error", Path(hydra_cfg.runtime.output_dir), str(exc)), None)
+            return None
         raise SystemExit(EXIT_CODES["config_error"]) from None
     if multirun:
         if outcome is not None and outcome.status == "interrupted" and "BasicLauncher" in str(hydra_cfg.launcher.get("_target_", "")):
             # Stop the whole sweep: the user (or the scheduler) asked to stop. (Jobs of other launchers
             # run in other processes; their launcher stops on its own, and the sweep summary reports it.)
             raise SystemExit(EXIT_CODES["interrupted"])
-        return
+        value = sweep.objective_value(outcome, str(cfg.objective))
+        if outcome is not None and (external_rank() or 0) == 0:  # one entry per job, from the rank that decides
+            sweep.record_job(outcome, value)
+        return value
     if outcome is None:
         _remove_if_only_bookkeeping(Path(hydra_cfg.runtime.output_dir))
         return
@@ -224,6 +230,11 @@ def main() -> int:
               f"mbn-train: the disk is full (no space left on device) writing in {where or 'the output dir'}",
               file=sys.stderr, flush=True)
         return EXIT_CODES["failed"]
+    except Exception as exc:  # a sweeper that raised after its jobs ran (Optuna's when none completed)
+        code = sweep.summarize_after_sweeper_error(exc)
+        if code is None:
+            raise
+        return code
     finally:
         if full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

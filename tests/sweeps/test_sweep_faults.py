@@ -151,8 +151,11 @@ def test_the_sweep_pre_check_expands_jobs_exactly_as_hydras_basic_sweeper():
 
     params = {"norm": "bn,mbn", "data.batch_size": "2,8,32"}
     task = ["seed=0,1", "data.batch_size=4,8", "epochs=3", "norm=gn"]
-    config = OmegaConf.create({"hydra": {"sweeper": {"_target_": BASIC_SWEEPER, "params": params},
-                                         "overrides": {"task": task}}})
+    config = OmegaConf.create({"hydra": {"sweeper": {"params": params}, "overrides": {"task": task},
+                                         "runtime": {"choices": {"hydra/sweeper": BASIC_SWEEPER}}}})
     parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + task)
     (expected,) = BasicSweeper.split_arguments(parsed, None)
     assert sweep_overrides(config) == expected and len(expected) == 4
+    # Another sweeper proposes its own jobs: no job list up front.
+    config.hydra.runtime.choices["hydra/sweeper"] = "optuna"
+    assert sweep_overrides(config) is None
