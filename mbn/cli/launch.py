@@ -141,3 +141,60 @@ def quiet_lightning() -> None:
 class _DropAdverts(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "litlogger" not in record.getMessage()
+
+
+def launch_job(job: Any, spec: Any, overrides: list[str], hydra_cfg: Any) -> Any:
+    """Run a checked job where and how its launcher and trainer settings say; its outcome.
+
+    A DDP process this command started trains and reports (the parent planned and locked the dir);
+    ranks > 0 of a cluster launcher follow rank 0's plan; a multi-device job without one runs as
+    torchrun processes; a pack of stacked seeds trains as one job (each member printed); any other
+    job runs in this process. Every path but the DDP children goes through
+    :func:`mbn.train.job.run_job` / :func:`~mbn.train.job.run_pack` (plan, lock, record).
+
+    Args:
+        job: the composed job (:class:`mbn.cli.schema.Job`).
+        spec: its run (:class:`mbn.train.spec.RunSpec`).
+        overrides: the job's command-line overrides (the DDP processes get them).
+        hydra_cfg: Hydra's config of this job.
+
+    Returns:
+        The job's :class:`~mbn.train.job.JobOutcome` (for a pack, its worst member's).
+
+    Raises:
+        ConfigError: several nodes without a cluster launcher.
+    """
+    from mbn.cli.report import print_outcome
+    from mbn.cli.sweep import EXIT_CODES, member_spec
+    from mbn.train.job import JobOutcome, run_job, run_pack
+
+    callbacks = job.debug_callbacks()
+
+    def train_here(run: Any) -> dict:
+        from mbn.train.run import train  # Lightning import: only once the job is known to train
+
+        quiet_lightning()
+        return train(run, callbacks=callbacks)
+
+    if os.environ.get(DDP_CHILD_ENV):
+        return JobOutcome(train_here(spec)["status"], Path(spec.output_dir))
+    rank = external_rank()
+    if rank is not None and rank > 0:
+        return run_job(spec, rerun_diverged=job.rerun_diverged, trainer=train_here, locked=False)
+    pin_parallel_job(spec, hydra_cfg)
+    relaunch = rank is None and spec.trainer.world_size > 1 and spec.trainer.strategy in RELAUNCHED_STRATEGIES
+    if relaunch and spec.trainer.num_nodes > 1:
+        raise ConfigError("trainer.num_nodes", f"{spec.trainer.num_nodes} nodes need a cluster launcher "
+                          "(hydra/launcher=slurm) that starts one process per device")
+    seeds = job.train.pack_seeds()
+    if len(seeds) > 1:
+        quiet_lightning()
+        outcomes = run_pack([member_spec(job, spec, seed) for seed in seeds], rerun_diverged=job.rerun_diverged, callbacks=callbacks)
+        for outcome in outcomes:
+            print_outcome(outcome)
+        # The sweep counts every member from its dir; this job reports its worst member.
+        return max(outcomes, key=lambda outcome: EXIT_CODES.get(outcome.status, 1))
+    trainer = (lambda run: train_ddp_processes(run, overrides)) if relaunch else train_here
+    outcome = run_job(spec, rerun_diverged=job.rerun_diverged, trainer=trainer)
+    print_outcome(outcome)
+    return outcome

@@ -176,6 +176,19 @@ class Job:
     def hold_at_epoch(self) -> int | None:
         return self.train.debug.hold_at_epoch
 
+    def debug_callbacks(self) -> list[Any]:
+        """The fault-injection callbacks ``debug.*`` asks for (tests of sweeps; Lightning imported only then)."""
+        callbacks: list[Any] = []
+        if self.fail_at_epoch is not None:
+            from mbn.train.callbacks import FailAtEpoch
+
+            callbacks.append(FailAtEpoch(self.fail_at_epoch))
+        if self.hold_at_epoch is not None:
+            from mbn.train.callbacks import HoldAtEpoch
+
+            callbacks.append(HoldAtEpoch(self.hold_at_epoch))
+        return callbacks
+
 
 def load_job(cfg: DictConfig) -> Job:
     """Check a composed config against its schemas and rules (nothing heavy is imported).

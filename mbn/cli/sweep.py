@@ -487,6 +487,29 @@ def record_job(outcome: JobOutcome, value: float | None) -> None:
     atomic_write_json(Path(str(hydra_cfg.sweep.dir)) / name / f"{hydra_cfg.job.num}.json", entry)
 
 
+def end_job(outcome: JobOutcome | None, objective: str, deciding_rank: bool) -> float | None:
+    """A sweep job's end: stop the sweep when the job was interrupted in this process, record its
+    outcome (from the rank that decides), and return its objective to the sweeper.
+
+    Args:
+        outcome: the job's outcome (None for a dry run).
+        objective: the metric the sweeper optimizes (``objective``).
+        deciding_rank: this process decides for the job (rank 0, or no cluster launcher).
+
+    Raises:
+        SystemExit: the job was interrupted under the in-process launcher: the user (or the scheduler)
+            asked to stop. (Other launchers run jobs in other processes and stop on their own; the
+            summary reports it.)
+    """
+    launcher = str(HydraConfig.get().launcher.get("_target_", ""))
+    if outcome is not None and outcome.status == "interrupted" and "BasicLauncher" in launcher:
+        raise SystemExit(EXIT_CODES["interrupted"])
+    value = objective_value(outcome, objective)
+    if outcome is not None and deciding_rank:
+        record_job(outcome, value)
+    return value
+
+
 def read_ledger(ledger: Path) -> list[LedgerEntry]:
     """The entries of a sweep's ledger, in launch order (empty when no job wrote one)."""
     paths = sorted(ledger.glob("*.json"), key=lambda path: int(path.stem)) if ledger.is_dir() else []

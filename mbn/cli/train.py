@@ -5,16 +5,14 @@ Examples::
     mbn-train norm=mbn data.batch_size=2 epochs=30
     mbn-train -m norm=bn,gn,brn,mbn data.batch_size=2,4,8,16,32 seed=0,1,2
     mbn-train -m experiment=demo dry_run=true               # list what would run, skip, resume
-    mbn-train -m experiment=demo hydra/launcher=joblib hydra.launcher.n_jobs=2
     mbn-train -m experiment=paper_cifar10 hydra/launcher=slurm hydra.launcher.partition=gpu
     mbn-train trainer=ddp trainer.devices=4 data.batch_size=8     # m=8 per GPU, global batch 32
 
-A thin Hydra adapter: it checks the composed config (:mod:`mbn.cli.schema`) and hands the job to
-:func:`mbn.train.job.run_job`, which owns the job's life (plan, lock, dir, run, record). Each job
-runs in a deterministic dir (``<output_root>/runs/<overrides>`` or
-``<output_root>/sweeps/<sweep_name>/<overrides>``). A failing job never stops a sweep; before the
-first job starts every job's config is checked (see :mod:`mbn.cli.sweep`). DDP jobs
-(``trainer.devices > 1``) run as that many processes started with torchrun, also inside a sweep.
+The task reads top to bottom: Hydra composes, :mod:`mbn.cli.schema` checks, the job is planned
+(dry run) or launched (:mod:`mbn.cli.launch`: in this process, as DDP processes, as a stacked pack;
+:mod:`mbn.train.job` owns its life: plan, lock, dir, run, record), and its outcome is reported
+(:mod:`mbn.cli.report`; a sweep's summary and sweeper values: :mod:`mbn.cli.sweep`). Each job runs in
+a deterministic dir (``<output_root>/runs/<overrides>`` or ``<output_root>/sweeps/<sweep>/<overrides>``).
 Exit code: 0 when every job completed (or was skipped as completed, or is running in another
 command), 1 if one failed, 2 for an invalid config or an unwritable output dir, 3 if one
 diverged, 130 when interrupted.
@@ -24,28 +22,26 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from mbn.cli import sweep
 from mbn.cli.config import CONFIG_DIR, ConfigError, check_buildable, composition_error
-from mbn.cli.launch import DDP_CHILD_ENV, RELAUNCHED_STRATEGIES, external_rank, pin_parallel_job, quiet_lightning, train_ddp_processes
+from mbn.cli.launch import DDP_CHILD_ENV, external_rank, launch_job
+from mbn.cli.report import disk_full_line, remove_if_only_bookkeeping
 from mbn.cli.schema import load_job, to_run_spec
-from mbn.results import LOCK_FILENAME, config_hash
-from mbn.train.job import JobOutcome, plan_job, run_job, run_pack, same_config_dirs
+from mbn.results import config_hash
+from mbn.train.job import JobOutcome, plan_job, same_config_dirs
 from mbn.train.run_dir import INVOCATION_ENV, verify_checkpoint
-from mbn.utils.io import DiskFullError, is_disk_full
-from mbn.utils.library_internals import hydra_job_dir_in_traceback
+from mbn.utils.io import is_disk_full
 
 log = logging.getLogger("mbn.cli")
 
@@ -55,7 +51,7 @@ __all__ = ["main", "EXIT_CODES"]
 
 
 def run_task(cfg: DictConfig) -> JobOutcome | None:
-    """Check one composed job, then run it (or, with ``dry_run=true``, say what it would do).
+    """Check one composed job, plan it, and run it (or, with ``dry_run=true``, say what it would do).
 
     Returns:
         The job's outcome; None for a dry run.
@@ -74,79 +70,10 @@ def run_task(cfg: DictConfig) -> JobOutcome | None:
         print(plan.line(output_dir), flush=True)
         return None
     check_buildable(spec)
-    callbacks = []
-    if job.fail_at_epoch is not None:
-        from mbn.train.callbacks import FailAtEpoch
-
-        callbacks.append(FailAtEpoch(job.fail_at_epoch))
-    if job.hold_at_epoch is not None:
-        from mbn.train.callbacks import HoldAtEpoch
-
-        callbacks.append(HoldAtEpoch(job.hold_at_epoch))
-
-    def train_here(run: Any) -> dict:
-        from mbn.train.run import train  # Lightning import: only once the job is known to train
-
-        quiet_lightning()
-        return train(run, callbacks=callbacks)
-
-    if os.environ.get(DDP_CHILD_ENV):
-        # One of the DDP processes this job's own mbn-train started: the parent planned and locked
-        # the dir, and reports the outcome.
-        return JobOutcome(train_here(spec)["status"], output_dir)
-    rank = external_rank()
-    if rank is not None and rank > 0:
-        # Started by a cluster launcher (SLURM tasks, torchrun): rank 0 decides; the others follow it.
-        return run_job(spec, rerun_diverged=job.rerun_diverged, trainer=train_here, locked=False)
-    pin_parallel_job(spec, hydra_cfg)
-    relaunch = rank is None and spec.trainer.world_size > 1 and spec.trainer.strategy in RELAUNCHED_STRATEGIES
-    if relaunch and spec.trainer.num_nodes > 1:
-        raise ConfigError("trainer.num_nodes", f"{spec.trainer.num_nodes} nodes need a cluster launcher "
-                          "(hydra/launcher=slurm) that starts one process per device")
-    seeds = job.train.pack_seeds()
-    if len(seeds) > 1:
-        quiet_lightning()
-        members = [sweep.member_spec(job, spec, seed) for seed in seeds]
-        outcomes = run_pack(members, rerun_diverged=job.rerun_diverged, callbacks=callbacks)
-        for outcome in outcomes:
-            _print_outcome(outcome)
-        # The sweep counts every member from its dir; this job reports its worst member.
-        return max(outcomes, key=lambda outcome: EXIT_CODES.get(outcome.status, 1))
-    trainer = (lambda run: train_ddp_processes(run, overrides)) if relaunch else train_here
-    outcome = run_job(spec, rerun_diverged=job.rerun_diverged, trainer=trainer)
-    _print_outcome(outcome)
+    outcome = launch_job(job, spec, overrides, hydra_cfg)
     if Path(outcome.output_dir) != output_dir:  # the config's run is in another dir: leave no empty one
-        _remove_if_only_bookkeeping(output_dir)
+        remove_if_only_bookkeeping(output_dir)
     return outcome
-
-
-def _print_outcome(outcome: JobOutcome) -> None:
-    """The job's one line: ``mbn-train: completed <dir>: final val acc1 ..., 12.3 s`` (or why it was skipped)."""
-    from mbn.results import read_results
-
-    if outcome.status in ("skipped", "busy"):
-        print(f"mbn-train: skipped {outcome.output_dir} ({outcome.error})", flush=True)
-        return
-    try:
-        results = read_results(outcome.output_dir)
-    except (OSError, ValueError):
-        results = {}
-    metrics = results.get("metrics") or {}
-    summary = f"mbn-train: {outcome.status} {outcome.output_dir}"
-    if metrics.get("final_val_acc1") is not None:
-        summary += f": final val acc1 {metrics['final_val_acc1']:.4f}, best {metrics['best_val_acc1']:.4f} (epoch {metrics['best_epoch']})"
-    summary += f", {results.get('wall_time_s', 0):.1f} s"
-    if outcome.error:
-        summary += f" - {outcome.error}"
-    print(summary, flush=True)
-
-
-def _remove_if_only_bookkeeping(output_dir: Path) -> None:
-    # Hydra creates the job dir (.hydra/, <job>.log) before the config is checked; an invalid
-    # config should not leave an empty run dir behind.
-    entries = list(output_dir.iterdir()) if output_dir.is_dir() else []
-    if entries and all(p.name in (".hydra", LOCK_FILENAME) or (p.suffix == ".log" and p.is_file()) for p in entries):
-        shutil.rmtree(output_dir, ignore_errors=True)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
@@ -159,49 +86,26 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         outcome = run_task(cfg)
     except ConfigError as exc:
         print(f"mbn-train: invalid config: {exc}", file=sys.stderr, flush=True)
-        _remove_if_only_bookkeeping(Path(hydra_cfg.runtime.output_dir))
+        remove_if_only_bookkeeping(Path(hydra_cfg.runtime.output_dir))
         if multirun:  # (the sweep checks every job's config first; this is a last line of defense)
             sweep.record_job(JobOutcome("config_error", Path(hydra_cfg.runtime.output_dir), str(exc)), None)
             return None
         raise SystemExit(EXIT_CODES["config_error"]) from None
     if multirun:
-        if outcome is not None and outcome.status == "interrupted" and "BasicLauncher" in str(hydra_cfg.launcher.get("_target_", "")):
-            # Stop the whole sweep: the user (or the scheduler) asked to stop. (Jobs of other launchers
-            # run in other processes; their launcher stops on its own, and the sweep summary reports it.)
-            raise SystemExit(EXIT_CODES["interrupted"])
-        value = sweep.objective_value(outcome, str(cfg.objective))
-        if outcome is not None and (external_rank() or 0) == 0:  # one entry per job, from the rank that decides
-            sweep.record_job(outcome, value)
-        return value
+        return sweep.end_job(outcome, str(cfg.objective), deciding_rank=(external_rank() or 0) == 0)
     if outcome is None:
-        _remove_if_only_bookkeeping(Path(hydra_cfg.runtime.output_dir))
+        remove_if_only_bookkeeping(Path(hydra_cfg.runtime.output_dir))
         return
     # A single run's exit code; a sweep's is set by its summary (mbn.cli.sweep.SweepCallback).
     raise SystemExit(EXIT_CODES.get(outcome.status, 1))
-
-
-def _hydra_output_dir(exc: BaseException) -> str | None:
-    """The job's (or sweep's) dir Hydra was writing to when ``exc`` was raised, for a message; None if unknown.
-
-    Hydra resets its config when a job fails, so the job's dir is read from its ``run_job`` frame.
-    """
-    try:
-        job_dir = hydra_job_dir_in_traceback(exc)
-        if job_dir is not None:
-            return job_dir
-        hydra_cfg = HydraConfig.instance().cfg.hydra
-        return str(OmegaConf.select(hydra_cfg, "sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "run.dir"))
-    except Exception:  # noqa: BLE001 - only a message's detail
-        return None
 
 
 def main() -> int:
     """Console entry point (``mbn-train``); the arguments are ``sys.argv`` (``hydra.main`` reads
     them itself and takes no argument list: facebookresearch/hydra#2064).
 
-    Composition errors (an unknown group option or key, a wrong type) are reported in one line
-    naming the key, with exit code 2, as every other config error: ``HYDRA_FULL_ERROR`` makes
-    Hydra raise them to this function instead of printing its own report.
+    Composition errors (an unknown group option or key, a wrong type) are one line naming the key,
+    exit code 2, as every config error (``HYDRA_FULL_ERROR`` makes Hydra raise them to this function).
 
     Returns:
         The exit code: 0 when every job completed (or was skipped, or runs in another command),
@@ -225,10 +129,7 @@ def main() -> int:
     except OSError as exc:  # a full disk before a job could record anything (Hydra's own files)
         if not is_disk_full(exc):
             raise
-        where = _hydra_output_dir(exc)
-        print(f"mbn-train: {exc}" if isinstance(exc, DiskFullError) else
-              f"mbn-train: the disk is full (no space left on device) writing in {where or 'the output dir'}",
-              file=sys.stderr, flush=True)
+        print(disk_full_line(exc), file=sys.stderr, flush=True)
         return EXIT_CODES["failed"]
     except Exception as exc:  # a sweeper that raised after its jobs ran (Optuna's when none completed)
         code = sweep.summarize_after_sweeper_error(exc)
@@ -243,9 +144,7 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
-    # `python -m mbn.cli.train` (how DDP jobs and the experiment runners start it) is the console
-    # script: the same dependency check and override quoting (mbn.cli.entry_points).
+if __name__ == "__main__":  # `python -m mbn.cli.train` (DDP jobs, experiment runners) is the console script
     from mbn.cli.entry_points import train as console_script
 
     sys.exit(console_script())
