@@ -29,7 +29,7 @@ FLIPS = 2
 def histories_close(a: dict, b: dict) -> None:
     """``a`` trained as ``b`` (tiny runs: 64 training and 32 validation samples, batches of 8)."""
     assert_histories_close(a["history"], b["history"], steps_per_epoch=8, growth=GROWTH, train_samples=64,
-                           val_samples=32, allowed_flips=FLIPS)
+                           test_samples=32, allowed_flips=FLIPS)
 
 
 def by_seed(sweep_dir) -> dict[int, dict]:
