@@ -102,15 +102,15 @@ class ImageDataModule(pl.LightningDataModule):
         return "cpu" if trainer is None else str(trainer.strategy.root_device)
 
     def train_dataloader(self) -> TensorBatchLoader | StreamingBatchLoader:
-        return self._loader(train=True)
+        return self._loader(self.load().train, train=True)
 
     def val_dataloader(self) -> list[TensorBatchLoader | StreamingBatchLoader]:
         """One loader per evaluation split (:attr:`eval_splits`): the validation split's, then the test split's."""
         splits = self.load()
         by_name = {"val": self.val_split, "test": splits.test}
-        return [self._loader(train=False, split=by_name[name]) for name in self.eval_splits]
+        return [self._loader(by_name[name], train=False) for name in self.eval_splits]
 
-    def _loader(self, train: bool, split: ImageArrays | ImageFiles | None = None) -> TensorBatchLoader | StreamingBatchLoader:
+    def _loader(self, split: ImageArrays | ImageFiles, train: bool) -> TensorBatchLoader | StreamingBatchLoader:
         splits = self.load()
         rank, world_size = self._rank_and_world()
         common = dict(
@@ -118,7 +118,6 @@ class ImageDataModule(pl.LightningDataModule):
             seed=self.seed, rank=rank, world_size=world_size, device=self._device(),
         )
         batch_size = self.spec.batch_size if train else self.spec.eval_batch_size
-        split = splits.train if train else split
         if isinstance(splits, FileSplits):
             loader = StreamingBatchLoader(split, batch_size, image_size=splits.image_size, evaluation=not train,
                                           num_workers=self.spec.num_workers, **common)
