@@ -38,7 +38,7 @@ test-threads: setup
 
 demo: setup
 	$(BIN)/mbn-train -m experiment=demo
-	$(BIN)/mbn-compare outputs/sweeps/demo --out outputs/compare/demo --baseline bn --interval ci95 --metric final_val_acc1
+	$(BIN)/mbn-compare outputs/sweeps/demo --out outputs/compare/demo --baseline bn --interval ci95 --metric final_test_acc1
 
 bench: setup
 	$(BIN)/python scripts/bench_norms.py

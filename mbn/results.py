@@ -4,10 +4,10 @@ This file is the contract between training (which writes it), sweeps (which skip
 ``results.json`` says ``completed`` for the same ``config_hash``) and ``mbn-compare`` (which reads
 it). Pure Python: no torch, Lightning or Hydra import.
 
-Schema (``schema_version`` 1)::
+Schema (``schema_version`` 2)::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "status": "running" | "completed" | "failed" | "diverged" | "interrupted",
       "error": null | "ExceptionType: message" (plus "traceback" with the full text),
       "config_hash": "1f3a...",           # stable hash of the resolved config (see config_hash())
@@ -20,14 +20,18 @@ Schema (``schema_version`` 1)::
       "epochs": 10,                         # planned epochs T
       "epochs_completed": 10,
       "metrics": {                          # fractions in [0, 1]; null when not measured
-        "final_val_acc1": 0.81, "best_val_acc1": 0.82, "best_epoch": 9,
-        "final_val_acc5": 0.99, "final_val_loss": 0.6,
-        "final_test_acc1": 0.81, "best_test_acc1": 0.82,
+        "final_test_acc1": 0.81, "final_test_acc5": 0.99, "final_test_loss": 0.6,   # test split, last epoch
+        "best_test_acc1": 0.82,             # max over epochs: chosen on the test split itself
+        "final_val_acc1": 0.80, "final_val_acc5": 0.99, "final_val_loss": 0.62,    # validation split
+        "best_val_acc1": 0.81,              #   (data.val_subset); null without one
+        "best_epoch": 9,                    # the epoch best.ckpt holds: max val_acc1, else max test_acc1
+        "best_epoch_test_acc1": 0.81,       # test_acc1 of best_epoch
         "final_train_loss": 0.3, "final_train_acc1": 0.9   # train_* = running mean over the last epoch
       },
       "history": [                          # one row per finished epoch
-        {"epoch": 1, "train_loss": ..., "train_acc1": ..., "val_loss": ..., "val_acc1": ...,
-         "val_acc5": ..., "lr": ..., "lam": ... or null, "tau": ... or null, "time_s": ...}
+        {"epoch": 1, "train_loss": ..., "train_acc1": ..., "val_loss": ..., "val_acc1": ..., "val_acc5": ...,
+         "test_loss": ..., "test_acc1": ..., "test_acc5": ..., "lr": ..., "lam": ... or null,
+         "tau": ... or null, "time_s": ...}
       ],
       "attempts": [                         # one per start of this run dir (resumes add one)
         {"started_at": ..., "finished_at": ..., "status": ..., "resumed_from": null or ckpt path,
@@ -37,6 +41,11 @@ Schema (``schema_version`` 1)::
       "started_at": "2026-11-25T12:00:00+00:00", "finished_at": "...",
       "versions": {"mbn": "0.1.0", "torch": "...", "pytorch_lightning": "..."}
     }
+
+Schema 1 (before validation splits) evaluated on the test split only and called it ``val``: its
+``val_*`` history columns and ``final_val_*`` / ``best_val_acc1`` metrics are test-split numbers
+(``final_test_acc1`` and ``best_test_acc1`` were copies), and ``best_epoch`` was picked on the test
+split. :func:`upgrade_record` reads such a record in schema 2's names.
 """
 
 from __future__ import annotations
@@ -56,7 +65,9 @@ if TYPE_CHECKING:
 
 from mbn.utils.io import atomic_write_json, overwrite_in_place
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# The layouts upgrade_record reads (the older ones are translated to the current one).
+READABLE_SCHEMA_VERSIONS = (1, 2)
 RESULTS_FILENAME = "results.json"
 # Held (flock) by the process running a run: a second command never trains the same dir at once, and a
 # "running" record whose lock nobody holds belongs to a process that died.
@@ -83,8 +94,11 @@ def config_hash(config: Mapping[str, Any], exclude: tuple[str, ...] = HASH_EXCLU
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-METRIC_KEYS = ("final_val_acc1", "best_val_acc1", "best_epoch", "final_val_acc5", "final_val_loss",
-               "final_test_acc1", "best_test_acc1", "final_train_loss", "final_train_acc1")
+METRIC_KEYS = ("final_test_acc1", "final_test_acc5", "final_test_loss", "best_test_acc1",
+               "final_val_acc1", "final_val_acc5", "final_val_loss", "best_val_acc1", "best_epoch", "best_epoch_test_acc1",
+               "final_train_loss", "final_train_acc1")
+# The history columns of each evaluation split (``val`` = the held-out validation split, ``test`` = the test split).
+EVAL_COLUMNS = ("loss", "acc1", "acc5")
 
 
 @dataclass(frozen=True)
@@ -114,8 +128,6 @@ class RunRecord:
     started_at: str
     error: str | None = None
     traceback: str | None = None
-    # Validation runs on the test split (as in the paper), so val and test metrics coincide.
-    eval_split: str = "test"
     resumed_from: str | None = None
     finished_at: str | None = None
     epochs_completed: int = 0
@@ -172,24 +184,66 @@ class RunRecord:
 
 
 def summarize_history(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """``epochs_completed``, ``metrics`` and ``history`` (non-finite numbers as null) of a run's epochs."""
+    """``epochs_completed``, ``metrics`` and ``history`` (non-finite numbers as null) of a run's epochs.
+
+    ``best_epoch`` is the epoch of the highest ``val_acc1`` when the rows have one (a validation
+    split), else of the highest ``test_acc1``: the epoch ``best.ckpt`` holds.
+    """
     metrics: dict[str, Any] = dict.fromkeys(METRIC_KEYS)
     if history:
         last = history[-1]
-        scored = [row for row in history if row.get("val_acc1") is not None]
-        best = max(scored, key=lambda row: row["val_acc1"]) if scored else None
+        for split in ("val", "test"):
+            for column in EVAL_COLUMNS:
+                metrics[f"final_{split}_{column}"] = last.get(f"{split}_{column}")
+            best = _best_row(history, f"{split}_acc1")
+            metrics[f"best_{split}_acc1"] = best[f"{split}_acc1"] if best else None
+        selected = _best_row(history, "val_acc1") or _best_row(history, "test_acc1")
         metrics.update(
-            final_val_acc1=last.get("val_acc1"),
-            final_val_acc5=last.get("val_acc5"),
-            final_val_loss=last.get("val_loss"),
+            best_epoch=selected["epoch"] if selected else None,
+            best_epoch_test_acc1=selected.get("test_acc1") if selected else None,
             final_train_loss=last.get("train_loss"),
             final_train_acc1=last.get("train_acc1"),
-            best_val_acc1=best["val_acc1"] if best else None,
-            best_epoch=best["epoch"] if best else None,
         )
-        metrics["final_test_acc1"] = metrics["final_val_acc1"]
-        metrics["best_test_acc1"] = metrics["best_val_acc1"]
     return {"epochs_completed": len(history), "metrics": metrics, "history": [_finite(row) for row in history]}
+
+
+def _best_row(history: list[dict[str, Any]], column: str) -> dict[str, Any] | None:
+    """The first row with the highest number in ``column`` (None when no row has one)."""
+    scored = [row for row in history if isinstance(row.get(column), (int, float)) and math.isfinite(row[column])]
+    return max(scored, key=lambda row: row[column]) if scored else None
+
+
+def upgrade_record(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``results.json`` object in the current schema's names (``schema_version`` is kept as recorded).
+
+    A schema 1 record evaluated on the test split only and called it ``val``: its ``val_*`` history
+    columns and ``final_val_*`` metrics are copied to the ``test_*`` names (``final_test_acc5``,
+    ``final_test_loss``, ``best_epoch_test_acc1``, ...). The ``val_*`` names are kept as they were
+    recorded, as aliases of the test numbers, so a v1 study's ``--metric final_val_acc1`` still reads
+    its published numbers; they are no validation-split numbers (use ``final_test_acc1`` to compare
+    with schema 2 records). A record of the current schema (or without ``schema_version``) is
+    returned as it is.
+
+    Args:
+        data: the record as read (:func:`read_results`).
+    """
+    if data.get("schema_version") != 1:
+        return dict(data)
+    upgraded = dict(data)
+    history = [dict(row) if isinstance(row, Mapping) else row for row in data.get("history") or []]
+    for row in history:
+        if isinstance(row, dict):
+            for column in EVAL_COLUMNS:
+                row.setdefault(f"test_{column}", row.get(f"val_{column}"))
+    upgraded["history"] = history
+    metrics = dict(data.get("metrics") or {})
+    for column in EVAL_COLUMNS:
+        metrics.setdefault(f"final_test_{column}", metrics.get(f"final_val_{column}"))
+    metrics.setdefault("best_test_acc1", metrics.get("best_val_acc1"))
+    # v1's best_epoch was picked on the test split: its test accuracy is best_test_acc1.
+    metrics.setdefault("best_epoch_test_acc1", metrics.get("best_val_acc1"))
+    upgraded["metrics"] = metrics
+    return upgraded
 
 
 def _finite(row: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ tiny=(data=fake data.source.num_train=64 data.source.num_test=32 data.source.ima
       data.eval_batch_size=32 model.width=4 trainer.num_threads=1 "output_root=$WORK/outputs")
 "$bin/mbn-train" "${tiny[@]}" norm=mbn epochs=2 "logger=[csv,wandb,tensorboard]"
 "$bin/mbn-train" -m "${tiny[@]}" epochs=1 "logger=[csv]" norm=bn,mbn sweep_name=floor
-"$bin/mbn-compare" "$WORK/outputs/sweeps/floor" --out "$WORK/compare" --baseline bn --metric final_val_acc1
+"$bin/mbn-compare" "$WORK/outputs/sweeps/floor" --out "$WORK/compare" --baseline bn --metric final_test_acc1
 
 set +e
 message=$("$bin/mbn-train" "${tiny[@]}" trainer.compile=true 2>&1)

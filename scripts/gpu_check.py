@@ -223,7 +223,7 @@ def _run_numbers(result: dict[str, Any]) -> dict[str, Any]:
         "run": result.get("run_name"),
         "status": result.get("status"),
         "epochs_completed": result.get("epochs_completed"),
-        "final_val_acc1": (result.get("metrics") or {}).get("final_val_acc1"),
+        "final_test_acc1": (result.get("metrics") or {}).get("final_test_acc1"),
         "final_train_loss": history[-1].get("train_loss"),
         "last_epoch_lam": history[-1].get("lam"),
         "wall_time_s": result.get("wall_time_s"),
@@ -436,10 +436,10 @@ def _result_line(entry: dict[str, Any]) -> str:
     if "runs" in numbers:
         runs = numbers["runs"]
         completed = [run for run in runs if run["status"] == "completed"]
-        accs = ", ".join(f"{run['final_val_acc1']:.3f}" for run in completed if run["final_val_acc1"] is not None)
+        accs = ", ".join(f"{run['final_test_acc1']:.3f}" for run in completed if run["final_test_acc1"] is not None)
         first = runs[0] if runs else {}
         return (f"{len(completed)}/{len(runs)} runs completed ({first.get('precision')}, "
-                f"GPU used: {numbers['gpu_used']}); final val acc1 {accs or '-'}")
+                f"GPU used: {numbers['gpu_used']}); final test acc1 {accs or '-'}")
     rows = numbers.get("rows", [])
     if entry["name"] == "bench_norms":
         mbn = [row for row in rows if row["norm"] == "mbn"]

@@ -146,9 +146,10 @@ def assert_histories_close(
     steps_per_epoch: int,
     growth: float,
     train_samples: int,
-    val_samples: int,
+    test_samples: int,
     allowed_flips: int,
     dtype: torch.dtype = torch.float32,
+    val_samples: int | None = None,
 ) -> None:
     """Two runs' ``results.json`` histories: the same computation in another order (see the module docstring).
 
@@ -163,18 +164,26 @@ def assert_histories_close(
         steps_per_epoch: training steps per epoch.
         growth: amplification of one step's rounding difference, as the calling test states it.
         train_samples: samples ``train_acc1`` counts per epoch.
-        val_samples: samples ``val_acc1`` and ``val_acc5`` count.
+        test_samples: samples ``test_acc1`` and ``test_acc5`` count.
         allowed_flips: samples per epoch and accuracy that may be predicted differently.
         dtype: the dtype the runs trained in.
+        val_samples: samples ``val_acc1`` and ``val_acc5`` count (the validation split's); None = the
+            runs have no validation split (their ``val_*`` columns must be null).
     """
     assert [row["epoch"] for row in actual] == [row["epoch"] for row in expected]
     steps = steps_per_epoch * len(expected)
-    for column in ("train_loss", "val_loss"):
+    evaluated = ("test",) if val_samples is None else ("test", "val")
+    if val_samples is None:
+        assert all(row.get(column) is None for row in (*actual, *expected) for column in ("val_loss", "val_acc1", "val_acc5"))
+    for column in ("train_loss", *(f"{split}_loss" for split in evaluated)):
         assert_close_normwise([row[column] for row in actual], [row[column] for row in expected], dtype=dtype,
                               steps=steps, growth=growth, what=column)
-    for column, samples in (("train_acc1", train_samples), ("val_acc1", val_samples), ("val_acc5", val_samples)):
+    counted = [("train_acc1", train_samples), ("test_acc1", test_samples), ("test_acc5", test_samples)]
+    if val_samples is not None:
+        counted += [("val_acc1", val_samples), ("val_acc5", val_samples)]
+    for column, samples in counted:
         for row, want in zip(actual, expected):
-            if column in want:
+            if want.get(column) is not None:
                 assert_counts_close(row[column], want[column], samples=samples, allowed=allowed_flips,
                                     what=f"{column} of epoch {want['epoch']}")
     for column in ("lr", "lam", "tau"):

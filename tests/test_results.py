@@ -28,7 +28,7 @@ def test_config_hash_changes_with_what_the_run_computes():
 def test_write_then_read_results(tmp_path):
     write_results(tmp_path, {"status": "completed", "metrics": {"best_val_acc1": 0.9}})
     data = read_results(tmp_path)
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
     assert data["metrics"]["best_val_acc1"] == 0.9
     assert data["output_dir"] == str(tmp_path)
 
@@ -65,11 +65,37 @@ def test_flatten_uses_dotted_keys():
 def test_summarize_history_reads_the_final_and_best_epochs():
     from mbn.results import METRIC_KEYS, summarize_history
 
-    history = [{"epoch": 1, "train_loss": 2.0, "train_acc1": 0.3, "val_loss": 1.9, "val_acc1": 0.35, "val_acc5": 0.8},
-               {"epoch": 2, "train_loss": 1.5, "train_acc1": 0.5, "val_loss": 1.6, "val_acc1": 0.33, "val_acc5": 0.85}]
+    # A validation split: the best epoch is the validation split's (2), not the test split's (1).
+    history = [{"epoch": 1, "train_loss": 2.0, "train_acc1": 0.3, "val_loss": 1.8, "val_acc1": 0.30, "val_acc5": 0.7,
+                "test_loss": 1.9, "test_acc1": 0.35, "test_acc5": 0.8},
+               {"epoch": 2, "train_loss": 1.5, "train_acc1": 0.5, "val_loss": 1.7, "val_acc1": 0.40, "val_acc5": 0.75,
+                "test_loss": 1.6, "test_acc1": 0.33, "test_acc5": 0.85}]
     summary = summarize_history(history)
     assert summary["epochs_completed"] == 2 and set(summary["metrics"]) == set(METRIC_KEYS)
     assert summary["metrics"] == {
-        "final_val_acc1": 0.33, "best_val_acc1": 0.35, "best_epoch": 1, "final_val_acc5": 0.85, "final_val_loss": 1.6,
-        "final_test_acc1": 0.33, "best_test_acc1": 0.35, "final_train_loss": 1.5, "final_train_acc1": 0.5}
+        "final_test_acc1": 0.33, "final_test_acc5": 0.85, "final_test_loss": 1.6, "best_test_acc1": 0.35,
+        "final_val_acc1": 0.40, "final_val_acc5": 0.75, "final_val_loss": 1.7, "best_val_acc1": 0.40,
+        "best_epoch": 2, "best_epoch_test_acc1": 0.33, "final_train_loss": 1.5, "final_train_acc1": 0.5}
+    # No validation split (val_* null): the best epoch is the test split's, as best.ckpt's.
+    no_val = [{**row, "val_loss": None, "val_acc1": None, "val_acc5": None} for row in history]
+    metrics = summarize_history(no_val)["metrics"]
+    assert metrics["final_val_acc1"] is metrics["best_val_acc1"] is None
+    assert (metrics["best_epoch"], metrics["best_epoch_test_acc1"], metrics["final_test_acc1"]) == (1, 0.35, 0.33)
     assert summarize_history([])["metrics"] == dict.fromkeys(METRIC_KEYS)
+
+
+def test_a_schema_1_record_reads_its_test_split_numbers_under_test_names_and_keeps_the_val_aliases():
+    from mbn.results import upgrade_record
+
+    v1 = {"schema_version": 1, "status": "completed",
+          "metrics": {"final_val_acc1": 0.33, "best_val_acc1": 0.35, "best_epoch": 1, "final_val_acc5": 0.85,
+                      "final_val_loss": 1.6, "final_test_acc1": 0.33, "best_test_acc1": 0.35},
+          "history": [{"epoch": 1, "val_loss": 1.9, "val_acc1": 0.35, "val_acc5": 0.8},
+                      {"epoch": 2, "val_loss": 1.6, "val_acc1": 0.33, "val_acc5": 0.85}]}
+    upgraded = upgrade_record(v1)
+    assert upgraded["schema_version"] == 1 and v1["history"][0].keys() == {"epoch", "val_loss", "val_acc1", "val_acc5"}
+    assert upgraded["metrics"] == {**v1["metrics"], "final_test_acc5": 0.85, "final_test_loss": 1.6, "best_epoch_test_acc1": 0.35}
+    assert upgraded["history"] == [{**row, "test_loss": row["val_loss"], "test_acc1": row["val_acc1"], "test_acc5": row["val_acc5"]}
+                                   for row in v1["history"]]
+    v2 = {"schema_version": 2, "status": "completed", "metrics": {"final_val_acc1": 0.4}, "history": []}
+    assert upgrade_record(v2) == v2

@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from mbn.compare.aggregate import DEFAULT_COLS, DEFAULT_METRIC, DEFAULT_OVER, GridSpec, default_rows
-from mbn.compare.collect import UNREADABLE, RunSet, read_records, runset_from_records
+from mbn.compare.aggregate import DEFAULT_COLS, DEFAULT_CURVE_METRIC, DEFAULT_METRIC, DEFAULT_OVER, GridSpec, default_rows
+from mbn.compare.collect import UNREADABLE, RunSet, read_records, runset_from_records, schema1_note
 from mbn.compare.comparison import Comparison, UnknownColumnValue, compare, write_outputs
 from mbn.compare.configdiff import summarize_config
 from mbn.compare.differences import DEFAULT_DETECT, UnknownBaseline
@@ -60,15 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--over", default=DEFAULT_OVER, metavar="KEY",
                         help=f"config key of the repeats averaged in a cell (default {DEFAULT_OVER})")
     parser.add_argument("--metric", default=DEFAULT_METRIC,
-                        help=f"metric of results.json shown in the cells (default {DEFAULT_METRIC}; e.g. final_val_acc1)")
+                        help=f"metric of results.json shown in the cells (default {DEFAULT_METRIC}, the test split after the last "
+                             "epoch; final_val_acc1 / best_val_acc1 for the validation split of data.val_subset; a schema 1 "
+                             "record's val_* metrics are its test-split numbers)")
     parser.add_argument("--format", default="text", choices=TABLE_FORMATS, help="table format on stdout (default text)")
     parser.add_argument("--decimals", type=int, default=2, help="digits after the point (default 2)")
     parser.add_argument("--out", metavar="DIR",
                         help="write the table in every format, the plots (PNG+SVG), runs.csv and report.html here")
     parser.add_argument("--curve-batch-size", type=int, metavar="M",
                         help="column value (batch size) of the accuracy-vs-epoch plot (default: the smallest)")
-    parser.add_argument("--curve-metric", default="val_acc1", metavar="KEY",
-                        help="history key of the per-epoch plot (default val_acc1)")
+    parser.add_argument("--curve-metric", default=DEFAULT_CURVE_METRIC, metavar="KEY",
+                        help=f"history key of the per-epoch plot (default {DEFAULT_CURVE_METRIC}; val_acc1 for the validation split)")
     parser.add_argument("--interval", default=STD, choices=INTERVALS,
                         help="what each cell and error bar shows around the mean: std = sample std (default), "
                              "ci95 = 95%% t confidence interval, bootstrap = 95%% percentile bootstrap of the mean "
@@ -122,6 +124,9 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"no readable runs found in {', '.join(sources)}"
                          + (f" ({len(runset)} unreadable results.json listed above)" if len(runset) else ""))
     spec = _spec(args, runset)
+    note = schema1_note(runset, [spec.metric, args.curve_metric])
+    if note:
+        print(f"mbn-compare: note: {note}", file=sys.stderr)
     try:
         comparison = compare(runset, spec, curve_col=args.curve_batch_size, curve_metric=args.curve_metric,
                              interval=args.interval, baseline=args.baseline, detect=args.detect)

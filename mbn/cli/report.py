@@ -16,7 +16,7 @@ from mbn.utils.library_internals import hydra_job_dir_in_traceback
 
 
 def print_outcome(outcome: JobOutcome) -> None:
-    """The job's one line: ``mbn-train: completed <dir>: final val acc1 ..., 12.3 s`` (or why it was skipped)."""
+    """The job's one line: ``mbn-train: completed <dir>: final test acc1 ..., 12.3 s`` (or why it was skipped)."""
     if outcome.status in ("skipped", "busy"):
         print(f"mbn-train: skipped {outcome.output_dir} ({outcome.error})", flush=True)
         return
@@ -28,6 +28,8 @@ def print_outcome(outcome: JobOutcome) -> None:
     summary = f"mbn-train: {outcome.status} {outcome.output_dir}"
     if metrics.get("final_val_acc1") is not None:
         summary += f": final val acc1 {metrics['final_val_acc1']:.4f}, best {metrics['best_val_acc1']:.4f} (epoch {metrics['best_epoch']})"
+    if metrics.get("final_test_acc1") is not None:
+        summary += f"{',' if metrics.get('final_val_acc1') is not None else ':'} final test acc1 {metrics['final_test_acc1']:.4f}"
     summary += f", {results.get('wall_time_s', 0):.1f} s"
     if outcome.error:
         summary += f" - {outcome.error}"

@@ -21,7 +21,11 @@ DEFAULT_ROWS = ("norm.name",)
 OPTIONAL_ROWS = ("model.name", "data.name")
 DEFAULT_COLS = "data.batch_size"
 DEFAULT_OVER = "seed"
-DEFAULT_METRIC = "best_val_acc1"
+# The test split's accuracy after the last epoch (no epoch chosen on the test images); tuning reads
+# the validation split's (final_val_acc1, best_val_acc1) instead.
+DEFAULT_METRIC = "final_test_acc1"
+# History column of the per-epoch plot.
+DEFAULT_CURVE_METRIC = "test_acc1"
 TABLE_STATUSES = ("completed",)
 # Why a run is not in the table when another run of the same config hash stands for it (duplicate_runs).
 DUPLICATE = "duplicate"
@@ -38,7 +42,7 @@ class GridSpec:
         rows: column names (resolved, e.g. ``("norm.name",)``) whose values label a table row.
         cols: column name whose values are the table columns (``"data.batch_size"``).
         over: column name that distinguishes repeats of a cell (``"seed"``).
-        metric: metric column averaged in each cell (``"best_val_acc1"``).
+        metric: metric column averaged in each cell (``"final_test_acc1"``).
     """
 
     rows: tuple[str, ...] = DEFAULT_ROWS

@@ -17,13 +17,23 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from mbn.results import LOCK_FILENAME, METRIC_KEYS, SCHEMA_VERSION, flatten, iter_results, read_results, summarize_history
+from mbn.results import (
+    LOCK_FILENAME,
+    METRIC_KEYS,
+    READABLE_SCHEMA_VERSIONS,
+    SCHEMA_VERSION,
+    flatten,
+    iter_results,
+    read_results,
+    summarize_history,
+    upgrade_record,
+)
 from mbn.utils.io import is_file_locked
 
 UNREADABLE = "unreadable"
-# results.json layouts this module can read; a record without the key (a converted W&B run) is taken
-# to be in the current one.
-KNOWN_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
+# results.json layouts this module can read (older ones in the current names, mbn.results.upgrade_record);
+# a record without the key (a converted W&B run) is taken to be in the current one.
+KNOWN_SCHEMA_VERSIONS = READABLE_SCHEMA_VERSIONS
 
 # The error shown for a run recorded "running" whose process is gone (listed as interrupted).
 STALE_RUNNING = "its process ended without a final status (killed, or out of disk); a rerun resumes it"
@@ -32,7 +42,7 @@ INVALID_METRICS = "invalid_metrics"
 # Per-run columns that are not config keys or metrics.
 META_COLUMNS = (
     "source", "run_dir", "status", "error", "epochs_completed", "wall_time_s",
-    "config_hash", "started_at", "finished_at", INVALID_METRICS,
+    "config_hash", "started_at", "finished_at", "schema_version", INVALID_METRICS,
 )
 
 # Top-level shortcuts of results.json used when the nested config lacks the key (e.g. W&B runs
@@ -56,7 +66,7 @@ class RunSet:
             of ``results["metrics"]`` and one per flattened config key (``"norm.name"``,
             ``"data.batch_size"``, ...).
         history: long table of per-epoch rows, columns ``run_id``, ``epoch`` and the history keys
-            (``val_acc1``, ``lam``, ``tau``, ...).
+            (``test_acc1``, ``val_acc1``, ``lam``, ``tau``, ...).
         config_keys: the columns of ``runs`` that come from the config.
         metric_keys: the columns of ``runs`` that come from ``results["metrics"]`` (always including
             :data:`mbn.results.METRIC_KEYS`, empty until a run reports them).
@@ -134,7 +144,9 @@ def runset_from_records(records: Iterable[tuple[str, Mapping[str, Any] | Excepti
     """Build a :class:`RunSet` from ``(source, results dict or read error)`` pairs.
 
     A record whose ``schema_version`` is not in :data:`KNOWN_SCHEMA_VERSIONS` becomes an ``unreadable``
-    run: its fields may mean something else, so none of them is used.
+    run: its fields may mean something else, so none of them is used. An older known one is read in
+    the current names (:func:`mbn.results.upgrade_record`: a schema 1 record's test-split numbers
+    get their ``test_*`` names and keep their ``val_*`` ones as aliases).
 
     Args:
         records: ``source`` names where the run came from (a results.json path or a W&B run URL);
@@ -162,7 +174,8 @@ def runset_from_records(records: Iterable[tuple[str, Mapping[str, Any] | Excepti
             rows.append({"source": source, "run_dir": run_location(source, results), "status": UNREADABLE,
                          "error": f"unknown schema_version {version!r} (this mbn-compare reads {known})"})
             continue
-        row = _meta_row(source, results)
+        results = upgrade_record(results)
+        row = {**_meta_row(source, results), "schema_version": version}
         history = [epoch_row for epoch_row in results.get("history") or [] if isinstance(epoch_row, Mapping)]
         metrics = dict(results.get("metrics") or {})
         # A record written before a metric joined the schema (final_train_acc1) gets it from its history.
@@ -194,6 +207,25 @@ def runset_from_records(records: Iterable[tuple[str, Mapping[str, Any] | Excepti
     if history.empty:
         history = pd.DataFrame(columns=["run_id", "epoch"])
     return RunSet(runs=runs, history=history, config_keys=list(config_keys), metric_keys=list(metric_keys))
+
+
+def schema1_note(runset: RunSet, keys: Sequence[str]) -> str | None:
+    """What a reader must know when ``keys`` (a metric, a history column) read ``val_*`` numbers of
+    schema 1 records, which are test-split numbers; None when they do not.
+
+    Args:
+        runset: the runs.
+        keys: the metric and history keys a comparison shows.
+    """
+    val_keys = [key for key in keys if key.startswith(("val_", "final_val_", "best_val_"))]
+    if not val_keys or "schema_version" not in runset.runs:
+        return None
+    old = int((runset.runs["schema_version"] == 1).sum())
+    if not old:
+        return None
+    test_keys = ", ".join(key.replace("val_", "test_", 1) for key in val_keys)
+    return (f"{old} run(s) are schema 1 records (no validation split): their {', '.join(val_keys)} are test-split numbers, "
+            f"the same as {test_keys}; compare them with schema 2 runs by {test_keys}")
 
 
 def metric_problem(value: Any) -> str | None:

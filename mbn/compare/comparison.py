@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import pandas as pd
 from matplotlib.figure import Figure
 
-from mbn.compare.aggregate import Grid, GridSpec, build_grid
+from mbn.compare.aggregate import DEFAULT_CURVE_METRIC, Grid, GridSpec, build_grid
 from mbn.compare.collect import RunSet
 from mbn.compare.differences import DEFAULT_DETECT, DifferenceTable, compute_differences, format_differences
 from mbn.compare.plots import (
@@ -50,7 +50,7 @@ class Comparison:
     problems: list[RunProblem]
     notes: list[GridNote]
     curve_col: Any
-    curve_metric: str = "val_acc1"
+    curve_metric: str = DEFAULT_CURVE_METRIC
     interval: str = STD
     differences: DifferenceTable | None = None
 
@@ -110,7 +110,7 @@ class Comparison:
                 f"{spec.metric}: difference to {base} vs {short_key(spec.cols)} (error bars: 95% t CI)", fig)
 
 
-def compare(runset: RunSet, spec: GridSpec, curve_col: Any = None, curve_metric: str = "val_acc1",
+def compare(runset: RunSet, spec: GridSpec, curve_col: Any = None, curve_metric: str = DEFAULT_CURVE_METRIC,
             statuses: Sequence[str] = ("completed",), interval: str = STD, baseline: str | None = None,
             detect: float = DEFAULT_DETECT) -> Comparison:
     """Aggregate ``runset`` into the table of ``spec``, compare with the baseline and collect what it leaves out.

@@ -17,7 +17,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
-from mbn.compare.aggregate import Grid
+from mbn.compare.aggregate import DEFAULT_CURVE_METRIC, Grid
 from mbn.compare.collect import RunSet
 from mbn.compare.differences import DifferenceTable, title as difference_title
 from mbn.compare.problems import row_label, short_key
@@ -125,7 +125,7 @@ def plot_differences(table: DifferenceTable) -> Figure | None:
     return fig
 
 
-def plot_curves(runset: RunSet, grid: Grid, col: Any, metric: str = "val_acc1") -> Figure | None:
+def plot_curves(runset: RunSet, grid: Grid, col: Any, metric: str = DEFAULT_CURVE_METRIC) -> Figure | None:
     """A history metric vs epoch for the runs of one column (the paper's Fig. 5), one line per row.
 
     Lines are the mean over the cell's runs, the band their std.
@@ -134,7 +134,7 @@ def plot_curves(runset: RunSet, grid: Grid, col: Any, metric: str = "val_acc1") 
         runset: the runs (their ``history``).
         grid: the aggregated table; its cells say which runs belong to which row.
         col: the column value (batch size) to plot.
-        metric: history key to plot (``val_acc1``, ``train_loss``, ...).
+        metric: history key to plot (``test_acc1``, ``val_acc1``, ``train_loss``, ...).
 
     Returns:
         The figure, or None when no run of that column has ``metric`` in its history.

@@ -15,7 +15,9 @@ Conversion rules (the logging side may use Lightning's ``val/acc1`` or flat ``va
 - status: a logged summary ``status`` (one of :data:`mbn.results.STATUSES`) wins, else the W&B state
   (finished -> completed, crashed/failed -> failed, killed/preempted -> interrupted, running/pending -> running);
 - metrics: the summary's results.json metric names (``best_val_acc1``, optionally under ``metrics/``),
-  else derived from the history (best = max of ``val_acc1``, final = the last epoch's value);
+  else derived from the history (best = max of ``val_acc1`` / ``test_acc1``, final = the last epoch's
+  value); a W&B run has no ``schema_version`` and is read as the current schema (runs logged before
+  schema 2 logged the test split as ``val/*``);
 - history: one row per ``epoch`` (0-based Lightning epochs are shifted to the 1-based results.json convention).
 """
 
@@ -58,6 +60,8 @@ DERIVED_METRICS = (
     ("final_val_loss", "val_loss", "last"),
     ("best_test_acc1", "test_acc1", "max"),
     ("final_test_acc1", "test_acc1", "last"),
+    ("final_test_acc5", "test_acc5", "last"),
+    ("final_test_loss", "test_loss", "last"),
     ("final_train_loss", "train_loss", "last"),
     ("final_train_acc1", "train_acc1", "last"),
 )

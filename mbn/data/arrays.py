@@ -48,8 +48,15 @@ class ImageArrays:
             n: number of samples, ``1 <= n <= len(self)``.
             seed: selects which samples of each class are taken.
         """
-        picked = stratified_subset(self.labels, len(self.classes), n, seed)
-        return ImageArrays(self.images[picked], self.labels[picked], self.classes)
+        return self.take(stratified_subset(self.labels, len(self.classes), n, seed))
+
+    def take(self, indices: torch.Tensor) -> "ImageArrays":
+        """The samples at ``indices`` (int64), in that order.
+
+        Args:
+            indices: sample indices.
+        """
+        return ImageArrays(self.images[indices], self.labels[indices], self.classes)
 
 
 def stratified_subset(labels: torch.Tensor, num_classes: int, n: int, seed: int) -> torch.Tensor:
@@ -80,6 +87,27 @@ def stratified_subset(labels: torch.Tensor, num_classes: int, n: int, seed: int)
     position = (rank.double() + 0.5) / counts[shuffled_labels].double()
     picked = order[torch.sort(position, stable=True).indices[:n]]
     return torch.sort(picked).values
+
+
+def stratified_holdout(labels: torch.Tensor, num_classes: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the samples into ``n`` held out (:func:`stratified_subset`) and the rest, both in ascending order.
+
+    Args:
+        labels: int64 class index of every sample.
+        num_classes: number of classes.
+        n: samples held out, ``1 <= n < len(labels)`` (the rest keeps at least one).
+        seed: selects which samples of each class are held out.
+
+    Returns:
+        ``(held_out, rest)`` index tensors, disjoint, together every sample once.
+    """
+    total = len(labels)
+    if not 1 <= n < total:
+        raise ValueError(f"held-out size must be in [1, {total - 1}] (fewer than the {total} samples), got {n}")
+    held_out = stratified_subset(labels, num_classes, n, seed)
+    keep = torch.ones(total, dtype=torch.bool)
+    keep[held_out] = False
+    return held_out, keep.nonzero().squeeze(1)
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:

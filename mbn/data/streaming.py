@@ -64,8 +64,15 @@ class ImageFiles:
 
     def subset(self, n: int, seed: int) -> "ImageFiles":
         """The same ``n`` samples :meth:`mbn.data.arrays.ImageArrays.subset` picks, in dataset order."""
-        picked = stratified_subset(self.labels, len(self.classes), n, seed).tolist()
-        return ImageFiles([self.samples[i] for i in picked], self.classes)
+        return self.take(stratified_subset(self.labels, len(self.classes), n, seed))
+
+    def take(self, indices: torch.Tensor) -> "ImageFiles":
+        """The samples at ``indices`` (int64), in that order.
+
+        Args:
+            indices: sample indices.
+        """
+        return ImageFiles([self.samples[i] for i in indices.tolist()], self.classes)
 
 
 @dataclass

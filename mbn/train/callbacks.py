@@ -51,7 +51,8 @@ class EpochRecorder(Callback):
     """Collect one history row per finished epoch; log epoch-level training metrics.
 
     A row holds ``epoch`` (1-based), ``train_loss``, ``train_acc1``, ``val_loss``, ``val_acc1``,
-    ``val_acc5``, ``lr`` (at the epoch's start), ``lam``, ``tau`` and ``time_s``. The history is part
+    ``val_acc5`` (the validation split's; null without one), ``test_loss``, ``test_acc1``,
+    ``test_acc5``, ``lr`` (at the epoch's start), ``lam``, ``tau`` and ``time_s``. The history is part
     of the checkpoint (callback state), so a resumed run keeps the rows of the epochs before the
     interruption.
 
@@ -121,6 +122,9 @@ class EpochRecorder(Callback):
             "val_loss": _number(metrics.get("val/loss")),
             "val_acc1": _number(metrics.get("val/acc1")),
             "val_acc5": _number(metrics.get("val/acc5")),
+            "test_loss": _number(metrics.get("test/loss")),
+            "test_acc1": _number(metrics.get("test/acc1")),
+            "test_acc5": _number(metrics.get("test/acc5")),
             "lr": self._epoch_lr,
             "lam": schedule.get("lam"),
             "tau": schedule.get("tau"),
@@ -143,7 +147,7 @@ def _number(value: Any) -> float | None:
 def _format_row(row: dict[str, Any], total_epochs: int | None) -> str:
     parts = [f"epoch {row['epoch']}" + (f"/{total_epochs}" if total_epochs else "")]
     for key, fmt in (("train_loss", ".4f"), ("train_acc1", ".2%"), ("val_loss", ".4f"), ("val_acc1", ".2%"),
-                     ("lr", ".4g"), ("lam", ".3f"), ("tau", ".3f")):
+                     ("test_loss", ".4f"), ("test_acc1", ".2%"), ("lr", ".4g"), ("lam", ".3f"), ("tau", ".3f")):
         if row.get(key) is not None:
             parts.append(f"{key} {row[key]:{fmt}}")
     parts.append(f"({row['time_s']:.1f} s)")

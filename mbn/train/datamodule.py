@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 
-from mbn.data import DatasetSplits, TensorBatchLoader, dataset_arguments, load_dataset
-from mbn.data.streaming import FileSplits, StreamingBatchLoader, open_image_folder
-from mbn.train.spec import DataSpec
+from mbn.data import DatasetSplits, ImageArrays, TensorBatchLoader, dataset_arguments, load_dataset, stratified_holdout
+from mbn.data.streaming import FileSplits, ImageFiles, StreamingBatchLoader, open_image_folder
+from mbn.train.spec import DataSpec, SpecError
 
 
 class ImageDataModule(pl.LightningDataModule):
-    """Training batches of exactly ``batch_size`` samples per device; evaluation on the test split.
+    """Training batches of exactly ``batch_size`` samples per device; evaluation on the validation
+    split (``data.val_subset``, when set) and the test split, in :attr:`eval_splits` order.
+
+    The validation split is held out of the whole training split first (``val_subset`` images,
+    stratified by class, chosen by ``subset_seed``); ``train_subset`` then takes its images from
+    the rest, so the two never share an image and a run without ``train_subset`` trains on every
+    training image but the held-out ones. The normalization statistics stay those of the whole
+    training split (as with ``train_subset``).
 
     Each training epoch's order and augmentation depend only on ``(seed, epoch)`` (Lightning calls
     the loader's ``set_epoch``), so a run resumed from an epoch-end checkpoint sees the same data as
@@ -29,6 +36,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.seed = seed
         self.cache_dir = cache_dir
         self.splits: DatasetSplits | FileSplits | None = None
+        # The validation split held out of the training split (None without data.val_subset).
+        self.val_split: ImageArrays | ImageFiles | None = None
         self._streaming_loaders: list[StreamingBatchLoader] = []
 
     def load(self) -> DatasetSplits | FileSplits:
@@ -43,6 +52,8 @@ class ImageDataModule(pl.LightningDataModule):
                 if self.cache_dir is not None and "cache_dir" in dataset_arguments(self.spec.name):
                     source.setdefault("cache_dir", self.cache_dir)
                 splits = load_dataset(self.spec.name, **source)
+            if self.spec.val_subset is not None:
+                self.val_split, splits.train = hold_out(splits.train, self.spec.val_subset, self.spec.subset_seed)
             if self.spec.train_subset is not None:
                 splits.train = splits.train.subset(min(self.spec.train_subset, len(splits.train)), self.spec.subset_seed)
             if self.spec.test_subset is not None:
@@ -54,6 +65,11 @@ class ImageDataModule(pl.LightningDataModule):
     def num_classes(self) -> int:
         """Number of classes (loads the data)."""
         return self.load().num_classes
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        """The evaluation splits' names, in the order of :meth:`val_dataloader`'s loaders."""
+        return self.spec.eval_splits
 
     @property
     def in_channels(self) -> int:
@@ -86,12 +102,15 @@ class ImageDataModule(pl.LightningDataModule):
         return "cpu" if trainer is None else str(trainer.strategy.root_device)
 
     def train_dataloader(self) -> TensorBatchLoader | StreamingBatchLoader:
-        return self._loader(train=True)
+        return self._loader(self.load().train, train=True)
 
-    def val_dataloader(self) -> TensorBatchLoader | StreamingBatchLoader:
-        return self._loader(train=False)
+    def val_dataloader(self) -> list[TensorBatchLoader | StreamingBatchLoader]:
+        """One loader per evaluation split (:attr:`eval_splits`): the validation split's, then the test split's."""
+        splits = self.load()
+        by_name = {"val": self.val_split, "test": splits.test}
+        return [self._loader(by_name[name], train=False) for name in self.eval_splits]
 
-    def _loader(self, train: bool) -> TensorBatchLoader | StreamingBatchLoader:
+    def _loader(self, split: ImageArrays | ImageFiles, train: bool) -> TensorBatchLoader | StreamingBatchLoader:
         splits = self.load()
         rank, world_size = self._rank_and_world()
         common = dict(
@@ -99,10 +118,26 @@ class ImageDataModule(pl.LightningDataModule):
             seed=self.seed, rank=rank, world_size=world_size, device=self._device(),
         )
         batch_size = self.spec.batch_size if train else self.spec.eval_batch_size
-        split = splits.train if train else splits.test
         if isinstance(splits, FileSplits):
             loader = StreamingBatchLoader(split, batch_size, image_size=splits.image_size, evaluation=not train,
                                           num_workers=self.spec.num_workers, **common)
             self._streaming_loaders.append(loader)
             return loader
         return TensorBatchLoader(split, batch_size, crop_padding=self.spec.crop_padding, **common)
+
+
+def hold_out(split: ImageArrays | ImageFiles, n: int, seed: int) -> tuple[ImageArrays | ImageFiles, ImageArrays | ImageFiles]:
+    """``(held_out, rest)``: ``n`` images of ``split`` (:func:`~mbn.data.stratified_holdout`) and the others.
+
+    Args:
+        split: the training split.
+        n: images held out (``data.val_subset``).
+        seed: which images (``data.subset_seed``).
+
+    Raises:
+        SpecError: ``n`` is not smaller than the split (a dataset whose size the schema cannot know).
+    """
+    if n >= len(split):
+        raise SpecError("data.val_subset", f"must be smaller than the {len(split)} training images, got {n}")
+    held_out, rest = stratified_holdout(split.labels, len(split.classes), n, seed)
+    return split.take(held_out), split.take(rest)

@@ -16,7 +16,12 @@ if TYPE_CHECKING:
     from mbn.train.callbacks import EpochRecorder
 
 # results.json's metrics shown next to the hyperparameters in TensorBoard's HParams dashboard, by tag.
+# The val ones only when the run has a validation split (null metrics are left out).
 DASHBOARD_METRICS = {
+    "final/test_acc1": "final_test_acc1",
+    "final/test_acc5": "final_test_acc5",
+    "final/test_loss": "final_test_loss",
+    "best_epoch/test_acc1": "best_epoch_test_acc1",
     "final/val_acc1": "final_val_acc1",
     "best/val_acc1": "best_val_acc1",
     "final/val_acc5": "final_val_acc5",

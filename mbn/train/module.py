@@ -31,6 +31,9 @@ class ClassificationModule(pl.LightningModule):
         num_classes: number of classes (top-5 accuracy is reported only when it exceeds 5).
         check_finite_every_n_steps: divergence check interval in steps.
         total_epochs: planned epochs T of the MBN schedule; None = the Trainer's ``max_epochs``.
+        eval_splits: the names of the evaluation dataloaders, in order (``("val", "test")`` or
+            ``("test",)``, :attr:`mbn.train.spec.DataSpec.eval_splits`): split ``s`` is logged as
+            ``s/loss``, ``s/acc1`` and ``s/acc5``.
 
     The module drives the MBN schedule itself: at every training batch start it sets the fractional
     1-based epoch ``current_epoch + 1 + batch_idx / num_training_batches`` on its (cached)
@@ -46,6 +49,7 @@ class ClassificationModule(pl.LightningModule):
         num_classes: int,
         check_finite_every_n_steps: int = 25,
         total_epochs: int | None = None,
+        eval_splits: tuple[str, ...] = ("test",),
     ) -> None:
         super().__init__()
         self.model = model
@@ -54,12 +58,13 @@ class ClassificationModule(pl.LightningModule):
         self.num_classes = num_classes
         self.check_finite_every_n_steps = max(1, check_finite_every_n_steps)
         self.total_epochs = total_epochs
+        self.eval_splits = tuple(eval_splits)
         # Each member's optimizer settings where a stack's members differ in lr or weight decay.
         self.member_optims: list[OptimSpec] | None = None
         self._mbn_layers: list[MomentumBatchNorm] = mbn_layers(model)
         # [batch-mean loss sum, correct top-1, samples, batches]; on-device accumulators, reset each epoch.
         self._train_sums: torch.Tensor | None = None
-        # [loss sum (per sample), correct top-1, correct top-5, samples]
+        # Per evaluation split: [loss sum (per sample), correct top-1, correct top-5, samples].
         self._val_sums: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,12 +126,12 @@ class ClassificationModule(pl.LightningModule):
     # --- validation -----------------------------------------------------------------------------
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sums = torch.zeros(4, device=self.device, dtype=torch.float64)
+        self._val_sums = torch.zeros(len(self.eval_splits), 4, device=self.device, dtype=torch.float64)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch
         logits = self.model(x)
-        sums = self._val_sums
+        sums = self._val_sums[dataloader_idx]
         sums[0] += F.cross_entropy(logits.float(), y, reduction="sum")
         topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = topk == y.unsqueeze(1)
@@ -136,12 +141,15 @@ class ClassificationModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._val_sums.clone(), reduce_op="sum")
-        loss_sum, correct1, correct5, samples = sums.tolist()
-        metrics = {"val/loss": loss_sum / samples, "val/acc1": correct1 / samples}
-        if self.num_classes > 5:
-            metrics["val/acc5"] = correct5 / samples
-        # Values are already reduced over devices; every rank logs the same numbers.
-        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+        metrics = {}
+        for split, (loss_sum, correct1, correct5, samples) in zip(self.eval_splits, sums.tolist()):
+            metrics[f"{split}/loss"] = loss_sum / samples
+            metrics[f"{split}/acc1"] = correct1 / samples
+            if self.num_classes > 5:
+                metrics[f"{split}/acc5"] = correct5 / samples
+        # Values are already reduced over devices; every rank logs the same numbers. The names say
+        # the split: no "/dataloader_idx_<i>" suffix.
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False, add_dataloader_idx=False)
 
     # --- optimization ---------------------------------------------------------------------------
 

@@ -93,6 +93,7 @@ def training_module(spec: RunSpec, model: torch.nn.Module, num_classes: int,
         num_classes=num_classes,
         check_finite_every_n_steps=spec.trainer.check_finite_every_n_steps,
         total_epochs=spec.epochs,
+        eval_splits=spec.data.eval_splits,
     )
 
 
@@ -236,9 +237,9 @@ class Member:
         self.loggers = build_loggers(self.spec, concurrent=self.stacked)
         dirpath = Path(self.spec.output_dir) / CHECKPOINT_DIR
         if self.stacked:
-            self.checkpoints = member_checkpoints(dirpath, self.k)
+            self.checkpoints = member_checkpoints(dirpath, self.k, self.spec.data.selection_metric)
         else:
-            self.checkpoints = [ModelCheckpoint(**kwargs) for kwargs in checkpoint_settings(dirpath)]
+            self.checkpoints = [ModelCheckpoint(**kwargs) for kwargs in checkpoint_settings(dirpath, self.spec.data.selection_metric)]
         self.dashboards = dashboard_callbacks(self.spec, self.recorder, self.loggers)
         log_batch_sizes(self.spec, self.loggers)
 
@@ -261,7 +262,8 @@ class Member:
 
 # History column -> the metric name a run logs it under.
 LOGGED_METRICS = {"train_loss": "train/loss", "train_acc1": "train/acc1", "lr": "lr", "val_loss": "val/loss", "val_acc1": "val/acc1",
-                  "val_acc5": "val/acc5", "lam": "mbn/lam", "tau": "mbn/tau"}
+                  "val_acc5": "val/acc5", "test_loss": "test/loss", "test_acc1": "test/acc1", "test_acc5": "test/acc5",
+                  "lam": "mbn/lam", "tau": "mbn/tau"}
 
 
 class _StepsPerEpoch(Callback):
@@ -297,7 +299,7 @@ def train_stack(specs: Sequence[RunSpec], callbacks: Sequence[Callback] = ()) ->
     ``completed``, ``diverged`` (NaN/inf loss), ``failed`` (any exception; error and traceback
     recorded) or ``interrupted`` (Ctrl-C / SIGTERM). Each call appends one entry to ``attempts``
     (start, end, status, resumed checkpoint, host, pid, threads, GPUs), kept across resumes. Each
-    member's dir ends with ``checkpoints/last.ckpt`` and ``best.ckpt`` (by its own val/acc1) in the
+    member's dir ends with ``checkpoints/last.ckpt`` and ``best.ckpt`` (by its own val/acc1, or test/acc1 without a validation split) in the
     single-run format, ``csv/version_<n>/metrics.csv`` (one row per epoch), TensorBoard events with
     HParams and its own W&B run when configured (always finished). If every member has a
     ``last.ckpt`` the job resumes from them (loaded weights-only; a stack's must be of their

@@ -263,7 +263,12 @@ class DataSpec:
         eval_batch_size: batch size for validation (does not affect results: eval uses running statistics).
         train_subset: use only this many training images (stratified); ``None`` = all.
         test_subset: use only this many test images; ``None`` = all.
-        subset_seed: which images the subsets take.
+        val_subset: hold out this many training images (stratified by class) as the validation
+            split, reported as ``val/*`` (the test split as ``test/*``) and used to pick
+            ``best.ckpt``; they are held out of the whole training split first, then
+            ``train_subset`` is taken from the rest. ``None`` = no validation split (``best.ckpt``
+            is then picked on the test split).
+        subset_seed: which images the subsets and the validation split take.
         augment: random crop (with ``crop_padding``) and horizontal flip on training batches.
         crop_padding: zero padding before the random crop.
     """
@@ -274,6 +279,7 @@ class DataSpec:
     eval_batch_size: int = 500
     train_subset: int | None = None
     test_subset: int | None = None
+    val_subset: int | None = None
     subset_seed: int = 0
     augment: bool = True
     crop_padding: int = 4
@@ -284,6 +290,10 @@ class DataSpec:
         _at_least("eval_batch_size", self.eval_batch_size, 1)
         _at_least("train_subset", self.train_subset, 1, optional=True)
         _at_least("test_subset", self.test_subset, 1, optional=True)
+        _at_least("val_subset", self.val_subset, 1, optional=True)
+        train_images = self.train_images
+        if self.val_subset is not None and train_images is not None and self.val_subset >= train_images:
+            raise SpecError("val_subset", f"must be smaller than the {train_images} training images, got {self.val_subset}")
         _at_least("subset_seed", self.subset_seed, 0)
         _at_least("crop_padding", self.crop_padding, 0)
 
@@ -297,6 +307,30 @@ class DataSpec:
         """Read the images from disk batch by batch (:mod:`mbn.data.streaming`) instead of decoding them into memory."""
         return False
 
+    @property
+    def train_images(self) -> int | None:
+        """The training split's size when the config tells it (generated data, CIFAR), else None."""
+        num_train = getattr(self.source, "num_train", None)
+        return num_train if isinstance(num_train, int) else None
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        """The evaluation splits, in order: ``("val", "test")`` with a validation split, else ``("test",)``.
+
+        A run logs each as ``<split>/loss``, ``<split>/acc1``, ``<split>/acc5`` and picks ``best.ckpt``
+        by the first one's ``acc1`` (:attr:`selection_metric`).
+        """
+        return ("val", "test") if self.val_subset is not None else ("test",)
+
+    @property
+    def selection_metric(self) -> str:
+        """The metric ``best.ckpt`` maximizes: the validation split's top-1 accuracy, else the test split's."""
+        return f"{self.eval_splits[0]}/acc1"
+
+
+# CIFAR-10's and CIFAR-100's training split.
+CIFAR_TRAIN_IMAGES = 50_000
+
 
 @schema_of(DATA_SCHEMAS)
 @dataclass
@@ -305,6 +339,10 @@ class Cifar10ArchiveDataSpec(DataSpec):
 
     name: str = "cifar10_archive"
     source: ArchiveSource = field(default_factory=ArchiveSource)
+
+    @property
+    def train_images(self) -> int | None:
+        return CIFAR_TRAIN_IMAGES
 
 
 @schema_of(DATA_SCHEMAS)
@@ -315,6 +353,10 @@ class Cifar10DataSpec(DataSpec):
     name: str = "cifar10"
     source: CifarSource = field(default_factory=lambda: CifarSource(root="${paths.data_root}/cifar10"))
 
+    @property
+    def train_images(self) -> int | None:
+        return CIFAR_TRAIN_IMAGES
+
 
 @schema_of(DATA_SCHEMAS)
 @dataclass
@@ -323,6 +365,10 @@ class Cifar100DataSpec(DataSpec):
 
     name: str = "cifar100"
     source: CifarSource = field(default_factory=lambda: CifarSource(root="${paths.data_root}/cifar100"))
+
+    @property
+    def train_images(self) -> int | None:
+        return CIFAR_TRAIN_IMAGES
 
 
 @schema_of(DATA_SCHEMAS)

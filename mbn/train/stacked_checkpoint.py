@@ -29,18 +29,20 @@ MODEL_PREFIX = "model."
 MEMBER_ENTRIES = ("state_dict", "optimizer_states", "callbacks", CHECKPOINT_HASH_KEY)
 
 
-def checkpoint_settings(dirpath: str | Path) -> list[dict[str, Any]]:
+def checkpoint_settings(dirpath: str | Path, monitor: str) -> list[dict[str, Any]]:
     """A run's checkpoint callbacks' ``ModelCheckpoint`` arguments: ``last.ckpt`` after every epoch,
-    then ``best.ckpt`` by val/acc1.
+    then ``best.ckpt`` by ``monitor``.
 
     Args:
         dirpath: the run's checkpoint dir.
+        monitor: the metric ``best.ckpt`` maximizes (:attr:`mbn.train.spec.DataSpec.selection_metric`:
+            ``val/acc1`` with a validation split, else ``test/acc1``).
     """
     # last.ckpt after every epoch (what a rerun resumes from; Lightning's save_last=True only
-    # rewrites it in epochs that also save a top-k checkpoint), best.ckpt by val/acc1.
+    # rewrites it in epochs that also save a top-k checkpoint), best.ckpt by the monitored accuracy.
     return [
         dict(dirpath=dirpath, filename=Path(LAST_CHECKPOINT).stem, monitor=None, save_top_k=1, enable_version_counter=False),
-        dict(dirpath=dirpath, filename=Path(BEST_CHECKPOINT).stem, monitor="val/acc1", mode="max", save_top_k=1,
+        dict(dirpath=dirpath, filename=Path(BEST_CHECKPOINT).stem, monitor=monitor, mode="max", save_top_k=1,
              enable_version_counter=False),
     ]
 
@@ -81,14 +83,15 @@ class MemberCheckpoint(ModelCheckpoint):
             super().on_validation_end(trainer, pl_module)
 
 
-def member_checkpoints(dirpath: str | Path, member: int) -> list[MemberCheckpoint]:
+def member_checkpoints(dirpath: str | Path, member: int, monitor: str) -> list[MemberCheckpoint]:
     """Member ``member``'s checkpoint callbacks: its single run's (:func:`checkpoint_settings`) on its metrics.
 
     Args:
         dirpath: the member's checkpoint dir.
         member: member index.
+        monitor: the single run's metric ``best.ckpt`` maximizes.
     """
-    return [MemberCheckpoint(member, **kwargs) for kwargs in checkpoint_settings(dirpath)]
+    return [MemberCheckpoint(member, **kwargs) for kwargs in checkpoint_settings(dirpath, monitor)]
 
 
 def member_callbacks_state(callbacks: Sequence[Callback]) -> dict[str, Any]:

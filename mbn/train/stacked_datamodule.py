@@ -1,4 +1,4 @@
-"""LightningDataModule of a stacked run: each member's training batches from its own seed, one test split."""
+"""LightningDataModule of a stacked run: each member's training batches from its own seed, shared evaluation splits."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ class StackedDataModule(pl.LightningDataModule):
     """K :class:`ImageDataModule` members side by side (:class:`~mbn.data.StackedBatchLoader` layout).
 
     Member k's training batches are exactly those of its single run (order and augmentation from
-    ``(seeds[k], epoch)``); every member is evaluated on the same test batches. The dataset is
-    loaded once and shared.
+    ``(seeds[k], epoch)``); every member is evaluated on the same validation and test batches. The
+    dataset (and its held-out validation split) is loaded once and shared.
 
     Args:
         spec: dataset and batching settings (shared by the members).
@@ -33,11 +33,17 @@ class StackedDataModule(pl.LightningDataModule):
         splits = self.members[0].load()
         for member in self.members[1:]:
             member.splits = splits
+            member.val_split = self.members[0].val_split
 
     @property
     def num_classes(self) -> int:
         """Number of classes (loads the data)."""
         return self.members[0].num_classes
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        """The evaluation splits' names, in the order of :meth:`val_dataloader`'s loaders."""
+        return self.members[0].eval_splits
 
     @property
     def in_channels(self) -> int:
@@ -53,5 +59,6 @@ class StackedDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> StackedBatchLoader:
         return StackedBatchLoader([member.train_dataloader() for member in self.members])
 
-    def val_dataloader(self) -> StackedBatchLoader:
-        return StackedBatchLoader([self.members[0].val_dataloader()] * len(self.members))
+    def val_dataloader(self) -> list[StackedBatchLoader]:
+        """Per evaluation split, its batches given to every member."""
+        return [StackedBatchLoader([loader] * len(self.members)) for loader in self.members[0].val_dataloader()]

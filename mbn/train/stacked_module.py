@@ -14,7 +14,7 @@ from mbn.train.spec import OptimSpec
 
 
 def member_metric(k: int, name: str) -> str:
-    """The name under which a stacked run logs member ``k``'s metric ``name`` (``member0/val/acc1``).
+    """The name under which a stacked run logs member ``k``'s metric ``name`` (``member0/test/acc1``).
 
     Args:
         k: member index.
@@ -40,6 +40,7 @@ class StackedClassificationModule(ClassificationModule):
         num_classes: number of classes.
         check_finite_every_n_steps: divergence check interval in steps.
         total_epochs: planned epochs T of the MBN schedule (None = the Trainer's ``max_epochs``).
+        eval_splits: the names of the evaluation dataloaders, in order (as for :class:`ClassificationModule`).
         member_optims: each member's optimizer settings when they differ in ``base_lr`` or
             ``weight_decay`` (member 0's is ``optim``; see :func:`~mbn.train.optim.build_optimizer`).
     """
@@ -52,9 +53,10 @@ class StackedClassificationModule(ClassificationModule):
         num_classes: int,
         check_finite_every_n_steps: int = 25,
         total_epochs: int | None = None,
+        eval_splits: tuple[str, ...] = ("test",),
         member_optims: Sequence[OptimSpec] | None = None,
     ) -> None:
-        super().__init__(model, optim, global_batch_size, num_classes, check_finite_every_n_steps, total_epochs)
+        super().__init__(model, optim, global_batch_size, num_classes, check_finite_every_n_steps, total_epochs, eval_splits)
         self.member_optims = list(member_optims) if member_optims is not None else None
         self.num_members = model.num_members
         # member -> the error message of its divergence (as the single run's DivergedError says it).
@@ -106,13 +108,13 @@ class StackedClassificationModule(ClassificationModule):
         return metrics
 
     def on_validation_epoch_start(self) -> None:
-        # Per member: [loss sum (per sample), correct top-1, correct top-5, samples].
-        self._val_sums = torch.zeros(self.num_members, 4, device=self.device, dtype=torch.float64)
+        # Per evaluation split and member: [loss sum (per sample), correct top-1, correct top-5, samples].
+        self._val_sums = torch.zeros(len(self.eval_splits), self.num_members, 4, device=self.device, dtype=torch.float64)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch
         logits = self.model(x)
-        sums = self._val_sums
+        sums = self._val_sums[dataloader_idx]
         sums[:, 0] += F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").sum(0)
         topk = logits.topk(min(5, logits.shape[2]), dim=2).indices
         hits = topk == y.unsqueeze(2)
@@ -122,9 +124,10 @@ class StackedClassificationModule(ClassificationModule):
 
     def on_validation_epoch_end(self) -> None:
         metrics = {}
-        for k, (loss_sum, correct1, correct5, samples) in enumerate(self._val_sums.tolist()):
-            metrics[member_metric(k, "val/loss")] = loss_sum / samples
-            metrics[member_metric(k, "val/acc1")] = correct1 / samples
-            if self.num_classes > 5:
-                metrics[member_metric(k, "val/acc5")] = correct5 / samples
-        self.log_dict(metrics, on_step=False, on_epoch=True)
+        for split, split_sums in zip(self.eval_splits, self._val_sums.tolist()):
+            for k, (loss_sum, correct1, correct5, samples) in enumerate(split_sums):
+                metrics[member_metric(k, f"{split}/loss")] = loss_sum / samples
+                metrics[member_metric(k, f"{split}/acc1")] = correct1 / samples
+                if self.num_classes > 5:
+                    metrics[member_metric(k, f"{split}/acc5")] = correct5 / samples
+        self.log_dict(metrics, on_step=False, on_epoch=True, add_dataloader_idx=False)

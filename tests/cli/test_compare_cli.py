@@ -28,7 +28,7 @@ def sweep(tmp_path):
     return make_fake_sweep(tmp_path / "sweeps" / "fake")
 
 
-def cell(sweep, norm, m, metric="best_val_acc1"):
+def cell(sweep, norm, m, metric="final_test_acc1"):
     values = sweep.completed_values(norm, m, metric)
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f} ({len(values)})"
 
@@ -67,7 +67,7 @@ def test_out_dir_gets_everything(sweep, tmp_path, capsys):
     assert main([str(sweep.root), "--out", str(out_dir), "--curve-batch-size", "8"]) == 0
     names = {p.name for p in out_dir.iterdir()}
     assert {"table.txt", "table.md", "table.csv", "table.tex", "runs.csv", "report.html",
-            "val_acc1_vs_epoch_m8.png", "val_acc1_vs_epoch_m8.svg"} <= names
+            "test_acc1_vs_epoch_m8.png", "test_acc1_vs_epoch_m8.svg"} <= names
     assert f"open {out_dir}/report.html" in capsys.readouterr().err
     assert cell(sweep, "bn", 32) in (out_dir / "table.txt").read_text()
 
@@ -139,7 +139,7 @@ def test_wandb_runs_join_local_runs(sweep, capsys, monkeypatch):
         id, name, group, tags, state = "w1", "w1", "demo", [], "finished"
         url = "https://wandb.example/ent/proj/runs/w1"
         config = {"norm": {"name": "gn"}, "data": {"batch_size": 4}, "seed": 0}
-        summary = {"best_val_acc1": 0.7}
+        summary = {"final_test_acc1": 0.7}
 
         def history(self, samples=500, pandas=True, **kwargs):
             return []
@@ -173,7 +173,7 @@ def test_console_script_exit_codes(sweep, tmp_path):
 def test_baseline_prints_the_difference_table_after_the_table(sweep, capsys):
     assert main([str(sweep.root), "--baseline", "bn", "--interval", "ci95", "--detect", "2"]) == 0
     out = capsys.readouterr().out
-    table, differences = out.split("\ndifference to bn (best_val_acc1, row − bn):\n")
+    table, differences = out.split("\ndifference to bn (final_test_acc1, row − bn):\n")
     assert "95% t confidence interval" in table.splitlines()[0]
     gn, bn = sweep.completed_values("gn", 8), sweep.completed_values("bn", 8)
     welch = scipy_stats.ttest_ind(gn, bn, equal_var=False)
@@ -257,14 +257,28 @@ def test_a_metric_of_the_wrong_type_is_invalid_and_nan_is_shown_as_nan(tmp_path,
         write_fake_run(run_dir, "bn", 2, seed)
         path = run_dir / RESULTS_FILENAME
         record = json.loads(path.read_text())
-        record["metrics"]["best_val_acc1"] = value
+        record["metrics"]["final_test_acc1"] = value
         path.write_text(json.dumps(record))  # NaN is written as the NaN literal Python's json reads back
     assert main([str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert "80.00 (1)" in out and "90.00" not in out
     lines = err.splitlines()
-    assert any(line.strip().startswith("invalid: metric best_val_acc1 is '0.9' (a str, not a number)")
+    assert any(line.strip().startswith("invalid: metric final_test_acc1 is '0.9' (a str, not a number)")
                and f"[{tmp_path / 'seed=1'}]" in line for line in lines), err
-    assert any(line.strip().startswith("invalid: metric best_val_acc1 is nan") and f"[{tmp_path / 'seed=2'}]" in line
+    assert any(line.strip().startswith("invalid: metric final_test_acc1 is nan") and f"[{tmp_path / 'seed=2'}]" in line
                for line in lines), err
     assert "None" not in err
+
+
+def test_a_val_metric_over_schema_1_records_reads_their_published_numbers_with_a_note(tmp_path, capsys):
+    published = Path(__file__).resolve().parents[2] / "experiments" / "batch_size_study" / "results" / "runs"
+    shutil.copytree(published / "data.batch_size=2,norm=bn,seed=0", tmp_path / "v1")
+    write_fake_run(tmp_path / "v2", "bn", 8, 0)
+    v1 = json.loads((tmp_path / "v1" / RESULTS_FILENAME).read_text())
+    assert main([str(tmp_path), "--metric", "final_val_acc1", "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert f"{100 * v1['metrics']['final_val_acc1']:.2f}" in out
+    assert "mbn-compare: note: 1 run(s) are schema 1 records (no validation split)" in err
+    assert main([str(tmp_path), "--format", "csv"]) == 0  # the default, final_test_acc1: every schema has it
+    out, err = capsys.readouterr()
+    assert f"{100 * v1['metrics']['final_test_acc1']:.2f}" in out and "schema 1" not in err

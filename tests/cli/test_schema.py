@@ -60,6 +60,8 @@ def test_the_run_spec_is_built_by_omegaconf_from_the_typed_config(tmp_path):
         (["debug.fail_at_epoch=0"], "debug.fail_at_epoch: must be a positive integer or null, got 0"),
         (["debug.hold_at_epoch=-1"], "debug.hold_at_epoch: must be a positive integer or null, got -1"),
         (["dry_run=maybe"], "dry_run: Value 'maybe' is not a valid bool"),
+        (["data.val_subset=-1"], "data.val_subset: must be a positive integer or null, got -1"),
+        (["data.source.num_train=100", "data.val_subset=100"], "data.val_subset: must be smaller than the 100 training images, got 100"),
         # `+` opens the config for a key the schema lacks: still refused, after composition.
         (["+trainer.sync_batchnorm=true"], "trainer.sync_batchnorm: unknown key; valid keys of trainer: accelerator,"),
         (["+foo=1"], "foo: unknown key; valid keys of the config: data, debug,"),

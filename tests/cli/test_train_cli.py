@@ -48,8 +48,9 @@ def test_one_epoch_per_norm_on_fake_data(norm, tiny, run_env, capsys):
     assert results["lr"] == pytest.approx(0.1 * 8 / 64)
     assert results["epochs"] == results["epochs_completed"] == len(results["history"]) == 1
     row = results["history"][0]
-    assert 0.0 <= row["val_acc1"] <= row["val_acc5"] <= 1.0 and row["train_loss"] > 0
-    assert results["metrics"]["final_val_acc1"] == results["metrics"]["best_val_acc1"] == row["val_acc1"]
+    assert 0.0 <= row["test_acc1"] <= row["test_acc5"] <= 1.0 and row["train_loss"] > 0
+    assert row["val_acc1"] is None and results["metrics"]["final_val_acc1"] is None  # no validation split
+    assert results["metrics"]["final_test_acc1"] == results["metrics"]["best_epoch_test_acc1"] == row["test_acc1"]
     assert results["wall_time_s"] > 0 and results["finished_at"] is not None
     if norm == "mbn":  # T = 1: the only epoch is the last one, lam = 1 - m/m0
         assert row["lam"] == pytest.approx(schedule.lam(1, 1, 8, 32)) == pytest.approx(0.75)
@@ -59,7 +60,8 @@ def test_one_epoch_per_norm_on_fake_data(norm, tiny, run_env, capsys):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best.ckpt").is_file()
     with open(run_dir / "csv" / "version_0" / "metrics.csv") as f:
         logged = list(csv.DictReader(f))
-    assert any(r.get("val/acc1") for r in logged) and any(r.get("train/loss") for r in logged)
+    assert any(r.get("test/acc1") for r in logged) and any(r.get("train/loss") for r in logged)
+    assert not any(r.get("val/acc1") for r in logged)
     assert f"mbn-train: completed {run_dir}" in capsys.readouterr().out
 
 
@@ -67,14 +69,18 @@ def test_run_on_a_slice_of_the_real_cifar10_archive(run_env):
     assert CIFAR10_ARCHIVE.is_file(), "the real CIFAR-10 archive is part of this project's environment"
     overrides = [
         "data=cifar10_archive", f"data.source.archive={CIFAR10_ARCHIVE}", "data.train_subset=80",
-        "data.test_subset=100", "data.batch_size=8", "data.eval_batch_size=100", "model.width=4",
+        "data.test_subset=100", "data.val_subset=50", "data.batch_size=8", "data.eval_batch_size=100", "model.width=4",
         "norm=mbn", "epochs=1", "trainer.num_threads=1", f"output_root={run_env}",
     ]
     assert main(overrides) == 0
     results = read_results(only_run_dir(run_env))
     assert results["status"] == "completed" and results["dataset"] == "cifar10_archive"
     assert results["config"]["data"]["train_subset"] == 80
-    assert 0.0 <= results["metrics"]["final_val_acc1"] <= 1.0 and results["metrics"]["final_val_acc5"] is not None
+    metrics = results["metrics"]
+    assert 0.0 <= metrics["final_test_acc1"] <= 1.0 and metrics["final_test_acc5"] is not None
+    # The 50 held-out training images are the validation split: counted in steps of 1/50.
+    assert 0.0 <= metrics["final_val_acc1"] <= 1.0 and (metrics["final_val_acc1"] * 50) == pytest.approx(round(metrics["final_val_acc1"] * 50))
+    assert metrics["best_epoch"] == 1 and metrics["best_val_acc1"] == metrics["final_val_acc1"]
 
 
 def test_multirun_sweep_writes_one_result_per_job_and_rerun_skips_them(tiny, run_env, capsys):
@@ -131,7 +137,7 @@ def test_wandb_offline_run_files_contain_the_metrics(tiny, run_env):
     assert run.run_group == "wb" and run.job_type == "train" and run.display_name == run_dir.name
     assert {"norm=mbn", "m=8", "model=resnet18", "data=fake"} <= set(run.tags)
     logged = wandb_history(records)
-    assert logged["val/acc1"] == pytest.approx([row["val_acc1"] for row in results["history"]])
+    assert logged["test/acc1"] == pytest.approx([row["test_acc1"] for row in results["history"]])
     assert logged["train/loss"] == pytest.approx([row["train_loss"] for row in results["history"]], rel=1e-6)
     assert logged["mbn/lam"] == pytest.approx([0.0, 0.75])
     assert logged["lr"] == pytest.approx([row["lr"] for row in results["history"]], rel=1e-6)
@@ -215,7 +221,7 @@ def test_interrupted_run_resumes_to_the_same_weights(signum, tiny, run_env, tmp_
     resumed = read_results(run_dir)
     assert resumed["status"] == "completed" and resumed["resumed_from"].endswith("last.ckpt")
     assert [row["epoch"] for row in resumed["history"]] == [1, 2]
-    for key in ("val_acc1", "val_loss", "train_loss", "lam"):
+    for key in ("test_acc1", "test_loss", "train_loss", "lam"):
         assert [row[key] for row in resumed["history"]] == [row[key] for row in reference["history"]]
     expected, actual = final_state(only_run_dir(reference_root)), final_state(run_dir)
     assert expected.keys() == actual.keys()

@@ -45,7 +45,7 @@ def test_a_streamed_run_interrupted_after_epoch_1_resumes_to_the_same_weights(tr
     assert main(tree_overrides(run_env)) == 0
     resumed, expected = read_results(run_dir_of(run_env)), read_results(run_dir_of(reference))
     assert resumed["status"] == "completed" and resumed["resumed_from"].endswith("last.ckpt")
-    for key in ("train_loss", "val_loss", "val_acc1"):
+    for key in ("train_loss", "test_loss", "test_acc1"):
         assert [row[key] for row in resumed["history"]] == [row[key] for row in expected["history"]]
     states = [torch.load(run_dir_of(root) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
               for root in (reference, run_env)]

@@ -7,6 +7,9 @@ Grid: norms bn/gn/mbn x per-device batch sizes 2/8/32 x seeds 0/1/2, 4 epochs, w
 - gn m=32 seed 1 diverged (NaN loss in epoch 2),
 - mbn m=32 seed 2 still running (2 of 4 epochs done),
 - bn m=8 seed 1 missing (never launched: no dir at all).
+
+Records are of the current schema, with a validation split (``val_*``) and the test split (``test_*``,
+one point below the validation accuracy).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mbn.results import RESULTS_FILENAME, config_hash, write_results
+from mbn.compare.aggregate import DEFAULT_METRIC
+from mbn.results import METRIC_KEYS, RESULTS_FILENAME, config_hash, write_results
 
 NORMS = ("bn", "gn", "mbn")
 BATCH_SIZES = (2, 8, 32)
@@ -47,7 +51,7 @@ class FakeSweep:
     statuses: dict[tuple[str, int, int], str] = field(default_factory=dict)
     results: dict[tuple[str, int, int], dict[str, Any]] = field(default_factory=dict)
 
-    def completed_values(self, norm: str, m: int, metric: str = "best_val_acc1") -> list[float]:
+    def completed_values(self, norm: str, m: int, metric: str = DEFAULT_METRIC) -> list[float]:
         """The metric of the completed runs of one cell, in seed order."""
         return [self.results[(norm, m, s)]["metrics"][metric] for s in SEEDS
                 if self.statuses.get((norm, m, s)) == "completed"]
@@ -77,7 +81,7 @@ def make_config(norm: str, m: int, seed: int, sweep_name: str, model: str = "res
     return {
         "norm": norm_cfg,
         "data": {"name": dataset, "batch_size": m, "archive": "../shared/data/cifar10-jpeg.tar.gz",
-                 "train_subset": 2000, "augment": True},
+                 "train_subset": 2000, "val_subset": 500, "augment": True},
         "model": {"name": model, "width": 16},
         "optim": {"name": "sgd", "base_lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
                   "schedule": "step", "milestones": [0.3, 0.6, 0.9]},
@@ -103,7 +107,9 @@ def make_history(norm: str, m: int, seed: int, rng: random.Random, epochs: int,
         history.append({
             "epoch": epoch, "train_loss": train_loss, "train_acc1": round(min(val_acc1 + 0.05, 1.0), 4),
             "val_loss": round(1.8 - 1.2 * val_acc1, 4), "val_acc1": val_acc1,
-            "val_acc5": round(min(val_acc1 + 0.15, 1.0), 4), "lr": 0.1 * m / 64 * (0.1 if progress > 0.9 else 1.0),
+            "val_acc5": round(min(val_acc1 + 0.15, 1.0), 4),
+            "test_loss": round(1.81 - 1.2 * val_acc1, 4), "test_acc1": round(val_acc1 - 0.01, 4),
+            "test_acc5": round(min(val_acc1 + 0.14, 1.0), 4), "lr": 0.1 * m / 64 * (0.1 if progress > 0.9 else 1.0),
             "lam": round(lam_schedule(epoch, m), 6) if norm == "mbn" else None,
             "tau": round(tau_value(m), 6) if norm == "mbn" else None,
             "time_s": round(rng.uniform(20, 40) * 32 / m, 2),
@@ -113,15 +119,14 @@ def make_history(norm: str, m: int, seed: int, rng: random.Random, epochs: int,
 
 def metrics_from(history: list[dict[str, Any]]) -> dict[str, Any]:
     if not history:
-        return {key: None for key in ("final_val_acc1", "best_val_acc1", "best_epoch", "final_val_acc5",
-                                      "final_val_loss", "final_test_acc1", "best_test_acc1", "final_train_loss",
-                                      "final_train_acc1")}
+        return dict.fromkeys(METRIC_KEYS)
     best = max(history, key=lambda row: row["val_acc1"])
     last = history[-1]
     return {
+        "final_test_acc1": last["test_acc1"], "final_test_acc5": last["test_acc5"], "final_test_loss": last["test_loss"],
+        "best_test_acc1": max(row["test_acc1"] for row in history),
         "final_val_acc1": last["val_acc1"], "best_val_acc1": best["val_acc1"], "best_epoch": best["epoch"],
-        "final_val_acc5": last["val_acc5"], "final_val_loss": last["val_loss"],
-        "final_test_acc1": last["val_acc1"], "best_test_acc1": best["val_acc1"],
+        "best_epoch_test_acc1": best["test_acc1"], "final_val_acc5": last["val_acc5"], "final_val_loss": last["val_loss"],
         "final_train_loss": last["train_loss"], "final_train_acc1": last["train_acc1"],
     }
 

@@ -12,7 +12,7 @@ from mbn.compare.aggregate import GridSpec, build_grid, default_rows, exclusion_
 from mbn.compare.collect import collect_runs
 
 
-@pytest.mark.parametrize("metric", ["best_val_acc1", "final_val_acc1"])
+@pytest.mark.parametrize("metric", ["final_test_acc1", "final_val_acc1"])
 def test_cells_are_mean_and_sample_std_over_completed_seeds(fake_sweep, metric):
     grid = build_grid(collect_runs([fake_sweep.root]), GridSpec(metric=metric))
     assert grid.row_keys == [(n,) for n in NORMS]
@@ -72,11 +72,11 @@ def test_completed_run_without_metric_or_key_is_excluded_with_reason(tmp_path):
     write_fake_run(tmp_path / "a", "bn", 2, 0)
     path = tmp_path / "a" / "results.json"
     data = json.loads(path.read_text())
-    data["metrics"]["best_val_acc1"] = None
+    data["metrics"]["final_test_acc1"] = None
     path.write_text(json.dumps(data))
     runset = collect_runs([tmp_path])
     reasons = exclusion_reasons(runset, GridSpec())
-    assert reasons.iloc[0].startswith("metric best_val_acc1 missing")
+    assert reasons.iloc[0].startswith("metric final_test_acc1 missing")
 
 
 def test_runs_of_different_configs_with_one_seed_are_one_value_of_that_seed(tmp_path):
@@ -89,7 +89,7 @@ def test_runs_of_different_configs_with_one_seed_are_one_value_of_that_seed(tmp_
     cell = grid.cell(("bn",), 2)
     assert cell.n == 2 and cell.duplicated_over == [0] and sorted(cell.run_over) == [0, 0, 1]
     values = dict(zip(cell.over_values, cell.values))
-    metric = "best_val_acc1"
+    metric = "final_test_acc1"
     assert values == {0: statistics.fmean([a["metrics"][metric], b["metrics"][metric]]), 1: c["metrics"][metric]}
 
 
@@ -103,7 +103,7 @@ def test_runs_of_one_config_hash_count_once_the_newest_completed_is_used(tmp_pat
         path = tmp_path / name / "results.json"
         record = json.loads(path.read_text())
         record["finished_at"] = finished
-        record["metrics"]["best_val_acc1"] = {"old": 0.1, "new": 0.5, "failed": None}[name]
+        record["metrics"]["final_test_acc1"] = {"old": 0.1, "new": 0.5, "failed": None}[name]
         path.write_text(json.dumps(record))
     runset = collect_runs([tmp_path])
     grid = build_grid(runset, GridSpec())

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 
 from fake_sweep import EPOCHS, write_fake_run
 from mbn.compare.aggregate import GridSpec, build_grid
-from mbn.compare.collect import UNREADABLE, collect_runs, load_runs, plain
+from mbn.compare.collect import UNREADABLE, collect_runs, load_runs, plain, schema1_note
 from mbn.compare.problems import run_problems
 from mbn.results import RESULTS_FILENAME
 
@@ -24,8 +25,8 @@ def test_every_results_json_becomes_one_row(fake_sweep):
         row = by_dir.loc[str(run_dir)]
         assert row["status"] == fake_sweep.statuses[key]
         assert (row["norm.name"], plain(row["data.batch_size"]), plain(row["seed"])) == key
-        expected = fake_sweep.results[key]["metrics"]["best_val_acc1"]
-        assert (plain(row["best_val_acc1"]) is None) if expected is None else row["best_val_acc1"] == expected
+        expected = fake_sweep.results[key]["metrics"]["final_test_acc1"]
+        assert (plain(row["final_test_acc1"]) is None) if expected is None else row["final_test_acc1"] == expected
 
 
 def test_config_metrics_and_errors_are_columns(fake_sweep):
@@ -89,11 +90,11 @@ def test_resolve_key_aliases_and_suggests(fake_sweep):
 
 def test_unknown_schema_version_is_a_problem_run_not_a_table_cell(fake_sweep):
     path = fake_sweep.run_dirs[("gn", 8, 0)] / RESULTS_FILENAME
-    path.write_text(path.read_text().replace('"schema_version": 1', '"schema_version": 2'))
+    path.write_text(path.read_text().replace('"schema_version": 2', '"schema_version": 3'))
     runset = collect_runs([fake_sweep.root])
     run = runset.runs.set_index("run_dir").loc[str(path.parent)]
     assert run["status"] == UNREADABLE
-    assert run["error"] == "unknown schema_version 2 (this mbn-compare reads 1)"
+    assert run["error"] == "unknown schema_version 3 (this mbn-compare reads 1, 2)"
     grid = build_grid(runset, GridSpec())
     assert grid.cell(("gn",), 8).n == 2 and 0 not in grid.cell(("gn",), 8).over_values
     problems = run_problems(runset, GridSpec())
@@ -141,3 +142,37 @@ def test_a_running_record_whose_process_is_gone_is_interrupted(tmp_path):
     assert runs.loc[str(tmp_path / "dead"), "error"].startswith("its process ended without a final status")
     assert runs.loc[str(tmp_path / "alive"), "status"] == "running"
     assert runs.loc[str(tmp_path / "unknown"), "status"] == "running"
+
+
+# A published schema 1 record (the trained-regime study's BN, m = 2, seed 0): its val_* are test-split numbers.
+V1_RECORD = Path(__file__).resolve().parents[2] / "experiments" / "batch_size_study" / "results" / "runs" / \
+    "data.batch_size=2,norm=bn,seed=0" / RESULTS_FILENAME
+
+
+def test_a_schema_1_and_a_schema_2_record_are_read_in_the_current_names(tmp_path):
+    (tmp_path / "v1").mkdir()
+    shutil.copy(V1_RECORD, tmp_path / "v1" / RESULTS_FILENAME)
+    v1 = json.loads(V1_RECORD.read_text())
+    v2 = write_fake_run(tmp_path / "v2", "bn", 8, 0)
+    assert (v1["schema_version"], v2["schema_version"]) == (1, 2)
+    runset = collect_runs([tmp_path])
+    rows = runset.runs.set_index("run_dir")
+    old, new = rows.loc[str(tmp_path / "v1")], rows.loc[str(tmp_path / "v2")]
+    assert (old["schema_version"], new["schema_version"]) == (1, 2)
+    # Schema 1's test-split numbers under the test names, and still under the old val names.
+    for test_key, v1_key in (("final_test_acc1", "final_val_acc1"), ("final_test_acc5", "final_val_acc5"),
+                             ("final_test_loss", "final_val_loss"), ("best_test_acc1", "best_val_acc1")):
+        assert old[test_key] == old[v1_key] == v1["metrics"][v1_key], test_key
+    assert old["best_epoch"] == v1["metrics"]["best_epoch"]
+    for key in ("final_test_acc1", "final_val_acc1", "best_val_acc1", "best_epoch_test_acc1"):
+        assert new[key] == v2["metrics"][key], key
+    assert new["final_val_acc1"] != new["final_test_acc1"]  # two splits
+    history = runset.history[runset.history["run_id"] == rows.index.get_loc(str(tmp_path / "v1"))]
+    assert list(history["test_acc1"]) == [row["val_acc1"] for row in v1["history"]]
+    grid = build_grid(runset, GridSpec(metric="final_test_acc1"))
+    assert grid.cell(("bn",), 2).values == [v1["metrics"]["final_val_acc1"]]
+    assert grid.cell(("bn",), 8).values == [v2["metrics"]["final_test_acc1"]]
+    assert schema1_note(runset, ["final_test_acc1", "test_acc1"]) is None
+    note = schema1_note(runset, ["final_val_acc1", "test_acc1"])
+    assert note.startswith("1 run(s) are schema 1 records (no validation split): their final_val_acc1 are test-split numbers")
+    assert schema1_note(collect_runs([tmp_path / "v2"]), ["final_val_acc1"]) is None

@@ -15,7 +15,7 @@ from mbn.compare.differences import UnknownBaseline, compute_differences, format
 from mbn.compare.stats import PAIRED, WELCH, seeds_needed, t_test_power
 
 
-def grid_of(cells: dict[tuple, dict[int, float]], metric: str = "best_val_acc1",
+def grid_of(cells: dict[tuple, dict[int, float]], metric: str = "final_test_acc1",
             rows: tuple[str, ...] = ("norm.name",)) -> Grid:
     """A grid from ``{(norm, m) or (norm, model, m): {seed: value}}``, one in-memory results record per run."""
     records = []
@@ -67,7 +67,7 @@ def test_mismatched_seeds_fall_back_to_welch_and_say_so():
 
 def test_a_seed_with_two_runs_is_not_paired():
     runs = [("bn", 0, 0.80), ("bn", 1, 0.70), ("mbn", 0, 0.82), ("mbn", 0, 0.79), ("mbn", 1, 0.71)]
-    records = [(f"mem/{i}/results.json", {"status": "completed", "metrics": {"best_val_acc1": v},
+    records = [(f"mem/{i}/results.json", {"status": "completed", "metrics": {"final_test_acc1": v},
                                           "config": {"norm": {"name": n}, "data": {"batch_size": 2}, "seed": s}})
                for i, (n, s, v) in enumerate(runs)]
     grid = build_grid(runset_from_records(records), GridSpec())

@@ -20,7 +20,7 @@ def test_real_sweep_then_compare(tiny, run_env, tmp_path, capsys):
     sweep_dir = run_env / "sweeps" / "e2e"
     runs = [read_results(p) for p in iter_results(sweep_dir)]
     assert len(runs) == 4 and {r["status"] for r in runs} == {"completed"}
-    expected = {(r["norm"], r["batch_size"]): 100 * r["metrics"]["best_val_acc1"] for r in runs}
+    expected = {(r["norm"], r["batch_size"]): 100 * r["metrics"]["final_test_acc1"] for r in runs}
     capsys.readouterr()
 
     out_dir = tmp_path / "compare"
@@ -35,7 +35,7 @@ def test_real_sweep_then_compare(tiny, run_env, tmp_path, capsys):
     html = (out_dir / "report.html").read_text()
     HTMLParser().feed(html)
     assert "<table" in html and "mbn" in html
-    for plot in ["best_val_acc1_vs_m", "val_acc1_vs_epoch_m4", "mbn_lam_tau_vs_epoch"]:
+    for plot in ["final_test_acc1_vs_m", "test_acc1_vs_epoch_m4", "mbn_lam_tau_vs_epoch"]:
         for suffix in (".png", ".svg"):
             assert (out_dir / f"{plot}{suffix}").stat().st_size > 0
 
@@ -45,13 +45,13 @@ def test_real_three_seed_sweep_compared_with_the_bn_baseline(tiny, run_env, tmp_
     sweep_dir = run_env / "sweeps" / "seeds"
     runs = [read_results(p) for p in iter_results(sweep_dir)]
     assert len(runs) == 12 and {r["status"] for r in runs} == {"completed"}
-    acc = {(r["norm"], r["batch_size"], r["seed"]): r["metrics"]["best_val_acc1"] for r in runs}
+    acc = {(r["norm"], r["batch_size"], r["seed"]): r["metrics"]["final_test_acc1"] for r in runs}
     capsys.readouterr()
 
     out_dir = tmp_path / "compare"
     assert compare_main([str(sweep_dir), "--baseline", "bn", "--interval", "ci95", "--out", str(out_dir)]) == 0
     out = capsys.readouterr().out
-    assert "difference to bn (best_val_acc1, row − bn):" in out and out.count("paired t (n=3)") == 2
+    assert "difference to bn (final_test_acc1, row − bn):" in out and out.count("paired t (n=3)") == 2
 
     rows = {int(r["data.batch_size"]): r for r in csv.DictReader(io.StringIO((out_dir / "differences.csv").read_text()))}
     assert set(rows) == {4, 8}
@@ -71,4 +71,4 @@ def test_real_three_seed_sweep_compared_with_the_bn_baseline(tiny, run_env, tmp_
     HTMLParser().feed(html)
     assert '<section id="differences">' in html
     for suffix in (".png", ".svg"):
-        assert (out_dir / f"best_val_acc1_difference_to_bn_vs_m{suffix}").stat().st_size > 0
+        assert (out_dir / f"final_test_acc1_difference_to_bn_vs_m{suffix}").stat().st_size > 0

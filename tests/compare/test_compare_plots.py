@@ -34,7 +34,7 @@ def test_accuracy_vs_batch_size_has_log2_axis_lines_and_labels(fake_sweep, grid)
     assert list(ax.get_xticks()) == list(BATCH_SIZES)
     assert [t.get_text() for t in ax.get_xticklabels()] == [str(m) for m in BATCH_SIZES]
     assert "batch size" in ax.get_xlabel() and "log2" in ax.get_xlabel()
-    assert ax.get_ylabel() == "best_val_acc1 (%)" and ax.get_title()
+    assert ax.get_ylabel() == "final_test_acc1 (%)" and ax.get_title()
     assert [t.get_text() for t in ax.get_legend().get_texts()] == list(NORMS)
     bn_line = ax.get_lines()[0]
     assert list(bn_line.get_xdata()) == list(BATCH_SIZES)
@@ -45,10 +45,10 @@ def test_accuracy_vs_batch_size_has_log2_axis_lines_and_labels(fake_sweep, grid)
 def test_curves_at_the_chosen_batch_size(fake_sweep, runset, grid):
     fig = plot_curves(runset, grid, 8)
     ax = fig.axes[0]
-    assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "val_acc1 (%)" and "m=8" in ax.get_title()
+    assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "test_acc1 (%)" and "m=8" in ax.get_title()
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["bn (n=2)", "gn (n=3)", "mbn (n=3)"]
     mbn_line = ax.get_lines()[2]
-    last_epoch = [100 * fake_sweep.results[("mbn", 8, s)]["history"][-1]["val_acc1"] for s in (0, 1, 2)]
+    last_epoch = [100 * fake_sweep.results[("mbn", 8, s)]["history"][-1]["test_acc1"] for s in (0, 1, 2)]
     assert mbn_line.get_ydata()[-1] == pytest.approx(statistics.mean(last_epoch))
     assert plot_curves(runset, grid, 8, metric="no_such_key") is None
     assert plot_curves(runset, grid, 3) is None
@@ -77,7 +77,7 @@ def test_saved_png_and_svg_are_valid_files(grid, tmp_path):
     assert encoded["png"].startswith(PNG_MAGIC) and len(encoded["png"]) > 5000
     root = ET.fromstring(encoded["svg"])
     assert root.tag.endswith("svg")
-    assert "best_val_acc1" in svg.read_text()
+    assert "final_test_acc1" in svg.read_text()
 
 
 def error_bar_ends(container):

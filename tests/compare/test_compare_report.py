@@ -105,7 +105,7 @@ def test_outputs_written(written):
     names = sorted(p.name for p in paths)
     assert names == sorted([
         "table.txt", "table.md", "table.csv", "table.tex", "runs.csv", "report.html",
-        "best_val_acc1_vs_m.png", "best_val_acc1_vs_m.svg", "val_acc1_vs_epoch_m2.png", "val_acc1_vs_epoch_m2.svg",
+        "final_test_acc1_vs_m.png", "final_test_acc1_vs_m.svg", "test_acc1_vs_epoch_m2.png", "test_acc1_vs_epoch_m2.svg",
         "mbn_lam_tau_vs_epoch.png", "mbn_lam_tau_vs_epoch.svg",
     ])
     assert all(p.stat().st_size > 0 for p in paths)
@@ -187,8 +187,8 @@ def written_with_baseline(module_sweep, tmp_path_factory):
 def test_baseline_adds_differences_csv_plot_and_report_section(written_with_baseline, module_sweep):
     out, paths = written_with_baseline
     names = {p.name for p in paths}
-    assert {"differences.csv", "best_val_acc1_difference_to_bn_vs_m.png",
-            "best_val_acc1_difference_to_bn_vs_m.svg"} <= names
+    assert {"differences.csv", "final_test_acc1_difference_to_bn_vs_m.png",
+            "final_test_acc1_difference_to_bn_vs_m.svg"} <= names
     rows = list(csv.DictReader(io.StringIO((out / "differences.csv").read_text())))
     assert len(rows) == 6 and {r["norm.name"] for r in rows} == {"gn", "mbn"}
     gn2 = next(r for r in rows if r["norm.name"] == "gn" and r["data.batch_size"] == "2")

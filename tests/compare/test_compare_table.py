@@ -72,7 +72,7 @@ def test_csv_parses_back_to_the_numbers(fake_sweep, grid):
     assert len(rows) == len(NORMS) * len(BATCH_SIZES)
     for row in rows:
         values = fake_sweep.completed_values(row["norm.name"], int(row["data.batch_size"]))
-        assert row["metric"] == "best_val_acc1"
+        assert row["metric"] == "final_test_acc1"
         assert float(row["mean_pct"]) == pytest.approx(100 * statistics.mean(values), rel=1e-5)
         assert float(row["std_pct"]) == pytest.approx(100 * statistics.stdev(values), rel=1e-5)
         assert int(row["n"]) == len(values)
@@ -86,7 +86,7 @@ def test_single_run_cell_shows_no_std(tmp_path):
     results = write_fake_run(tmp_path / "a", "bn", 2, 0)
     grid = build_grid(collect_runs([tmp_path]), GridSpec())
     text = format_table(grid, "text")
-    assert f"{100 * results['metrics']['best_val_acc1']:.2f} (1)*" in text
+    assert f"{100 * results['metrics']['final_test_acc1']:.2f} (1)*" in text
     assert "± " not in text.splitlines()[-1]
 
 
@@ -130,7 +130,7 @@ def test_csv_with_an_interval_has_its_ends(fake_sweep, grid):
 
 @pytest.mark.parametrize("interval", INTERVALS)
 def test_single_seed_cells_say_intervals_need_two_seeds(tmp_path, interval):
-    single = write_fake_run(tmp_path / "a", "bn", 2, 0)["metrics"]["best_val_acc1"]
+    single = write_fake_run(tmp_path / "a", "bn", 2, 0)["metrics"]["final_test_acc1"]
     write_fake_run(tmp_path / "b", "bn", 8, 0)
     write_fake_run(tmp_path / "c", "bn", 8, 1)
     text = format_table(build_grid(collect_runs([tmp_path]), GridSpec()), "text", interval=interval)

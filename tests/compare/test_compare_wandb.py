@@ -220,7 +220,7 @@ def test_real_wandb_run_objects_convert(monkeypatch, tmp_path):
     assert [row["val_acc1"] for row in first["history"]] == [0.3, 0.5]
     runset = runset_from_records(records)
     assert list(runset.runs["status"]) == ["completed", "completed", "completed", "failed"]
-    grid = build_grid(runset, GridSpec())
+    grid = build_grid(runset, GridSpec(metric="best_val_acc1"))
     assert grid.cell(("bn",), 2).values == [0.5, 0.55]
     assert grid.cell(("mbn",), 2).values == [0.6]
 

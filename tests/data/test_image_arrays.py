@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mbn.data import DatasetSplits, ImageArrays, channel_stats
+from mbn.data import DatasetSplits, ImageArrays, channel_stats, stratified_holdout
 
 
 def arrays_with_counts(counts: list[int], size: int = 4) -> ImageArrays:
@@ -51,6 +51,23 @@ def test_subset_of_everything_is_a_permutation_free_copy():
 def test_subset_size_out_of_range_is_an_error(n):
     with pytest.raises(ValueError, match=rf"subset size n must be in \[1, 12\], got {n}"):
         arrays_with_counts([6, 6]).subset(n, seed=0)
+
+
+def test_holdout_is_stratified_disjoint_from_the_rest_and_fixed_by_its_seed():
+    data = arrays_with_counts([600, 300, 100])
+    held, rest = stratified_holdout(data.labels, 3, 100, seed=5)
+    assert torch.bincount(data.labels[held], minlength=3).tolist() == [60, 30, 10]
+    assert len(held) == 100 and len(rest) == 900
+    assert set(held.tolist()).isdisjoint(rest.tolist()) and set(held.tolist()) | set(rest.tolist()) == set(range(1000))
+    assert torch.equal(held, torch.sort(held).values) and torch.equal(rest, torch.sort(rest).values)
+    assert torch.equal(stratified_holdout(data.labels, 3, 100, seed=5)[0], held)
+    assert not torch.equal(stratified_holdout(data.labels, 3, 100, seed=6)[0], held)
+
+
+@pytest.mark.parametrize("n", [0, 12])
+def test_holdout_must_leave_samples_in_the_rest(n):
+    with pytest.raises(ValueError, match=rf"held-out size must be in \[1, 11\] \(fewer than the 12 samples\), got {n}"):
+        stratified_holdout(arrays_with_counts([6, 6]).labels, 2, n, seed=0)
 
 
 def test_image_arrays_validates_dtype_and_shapes():

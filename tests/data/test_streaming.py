@@ -9,7 +9,7 @@ from data_layouts import make_tree, random_images, write_dir
 
 import mbn.data.datasets
 import mbn.data.memory
-from mbn.data import TensorBatchLoader, load_dataset
+from mbn.data import TensorBatchLoader, load_dataset, stratified_holdout
 from mbn.data.memory import DatasetTooLarge
 from mbn.data.streaming import StreamingBatchLoader, open_image_folder
 
@@ -59,6 +59,18 @@ def test_without_augmentation_both_paths_give_the_same_batches_in_the_same_order
     for epoch in (0, 1):
         assert_same_batches(batches(streamed, epoch), batches(in_memory, epoch))
     assert not torch.equal(torch.cat([y for _, y in batches(streamed, 0)]), torch.cat([y for _, y in batches(streamed, 1)]))
+
+
+def test_a_held_out_split_and_its_rest_are_the_same_images_on_both_paths(tree_root, tmp_path):
+    memory = load_dataset("imagefolder", root=str(tree_root), image_size=SIZE, cache_dir=tmp_path / "cache")
+    files = open_image_folder(tree_root, SIZE, num_workers=0)
+    held_out, rest = stratified_holdout(memory.train.labels, len(CLASSES), 4, seed=2)
+    options = dict(mean=memory.mean, std=memory.std, shuffle=False, drop_last=False, augment=False, seed=0)
+    for indices in (held_out, rest):
+        images, listed = memory.train.take(indices), files.train.take(indices)
+        assert torch.equal(listed.labels, images.labels)
+        streamed = StreamingBatchLoader(listed, 2, image_size=SIZE, num_workers=0, **options)
+        assert_same_batches(batches(streamed, 0), batches(TensorBatchLoader(images, 2, **options), 0))
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_image_not_of_workers_or_restarts(tree_root):

@@ -126,7 +126,7 @@ def test_dry_run_prints_what_a_user_types(capsys, monkeypatch):
     assert lines[:5] == [study.shown(command) for command in TRAINED.train_commands()]
     assert lines[0] == "mbn-train -m experiment=study_trained norm=bn,mbn data.batch_size=2 seed=0,1,2,3,4 stack=5"
     assert lines[5] == ("mbn-compare outputs/sweeps/study_trained --out outputs/compare/study_trained --format markdown "
-                        "--metric final_val_acc1 --interval ci95 --curve-batch-size 2 --baseline bn")
+                        "--metric final_test_acc1 --interval ci95 --curve-batch-size 2 --baseline bn")
     assert lines[6:] == [
         "mbn-compare outputs/sweeps/study_trained --format markdown --metric final_train_loss --interval ci95 "
         "--decimals 3 > outputs/compare/study_trained/final_train_loss.md",
@@ -178,7 +178,7 @@ def test_a_tiny_study_runs_end_to_end_stacked_and_in_parallel(tiny, run_env, tmp
     assert all(len(v) == 1 for v in pids.values()) and pids["bn"] != pids["mbn"]
     assert {p.name for p in published.iterdir()} == {
         "table.md", "differences.csv", "final_train_loss.md", "final_train_acc1.md", "runs.csv", "runs",
-        "final_val_acc1_vs_m.png", "final_val_acc1_difference_to_bn_vs_m.png", "val_acc1_vs_epoch_m8.png",
+        "final_test_acc1_vs_m.png", "final_test_acc1_difference_to_bn_vs_m.png", "test_acc1_vs_epoch_m8.png",
         "mbn_lam_tau_vs_epoch.png"}
     table = (published / "table.md").read_text()
     assert "difference to bn" in table and "paired t (n=2)" in table

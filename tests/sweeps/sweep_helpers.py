@@ -29,7 +29,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def assert_same_run(actual: dict, expected: dict, actual_dir: Path, expected_dir: Path) -> None:
     """Two records of the same config hold identical per-epoch metrics and identical final weights."""
     assert actual["config_hash"] == expected["config_hash"]
-    for key in ("train_loss", "train_acc1", "val_loss", "val_acc1", "lr", "lam"):
+    for key in ("train_loss", "train_acc1", "test_loss", "test_acc1", "lr", "lam"):
         assert [row[key] for row in actual["history"]] == [row[key] for row in expected["history"]], key
     assert actual["metrics"] == expected["metrics"]
     got, want = final_weights(actual_dir), final_weights(expected_dir)

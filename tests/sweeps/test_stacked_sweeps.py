@@ -29,7 +29,7 @@ FLIPS = 2
 def histories_close(a: dict, b: dict) -> None:
     """``a`` trained as ``b`` (tiny runs: 64 training and 32 validation samples, batches of 8)."""
     assert_histories_close(a["history"], b["history"], steps_per_epoch=8, growth=GROWTH, train_samples=64,
-                           val_samples=32, allowed_flips=FLIPS)
+                           test_samples=32, allowed_flips=FLIPS)
 
 
 def by_seed(sweep_dir) -> dict[int, dict]:
@@ -107,7 +107,7 @@ def test_every_member_of_a_stack_has_its_own_wandb_run(tiny, run_env):
         (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
         assert run.run_group == "wbstack" and run.display_name == run_dir.name
         logged = wandb_history(records)
-        assert logged["val/acc1"] == pytest.approx([row["val_acc1"] for row in record["history"]])
+        assert logged["test/acc1"] == pytest.approx([row["test_acc1"] for row in record["history"]])
         assert logged["train/loss"] == pytest.approx([row["train_loss"] for row in record["history"]], rel=1e-6)
         (exit_record,) = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
         assert exit_record.exit_code == 0

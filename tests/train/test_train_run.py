@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 from pytorch_lightning.callbacks import Callback
 
 from mbn.nn import schedule
@@ -50,7 +52,7 @@ def test_train_without_hydra_records_every_epoch(tmp_path):
     probe = SeeResultsAtEpochStart(spec.output_dir)
     results = train(spec, callbacks=[probe])
     on_disk = read_results(spec.output_dir)
-    assert on_disk.pop("schema_version") == 1 and on_disk == results
+    assert on_disk.pop("schema_version") == 2 and on_disk == results
     assert probe.seen["status"] == "running" and probe.seen["epochs_completed"] == 1
     assert results["status"] == "completed" and results["config_hash"] == "0123456789abcdef"
     assert results["config"] == {"note": "hand-made"}
@@ -127,3 +129,76 @@ def test_the_module_drives_the_mbn_schedule_under_a_plain_trainer(tmp_path, tota
     expected = [schedule.lam(epoch + 1 + i / batches, T, 8, 32) for epoch in range(3) for i in range(batches)]
     assert [lam for _, _, lam in probe.seen] == expected  # the same float function of the same inputs
     assert max(expected) > 0.3
+
+
+def image_bytes(split) -> list[bytes]:
+    """Each image's bytes (the fake images are all different): a split compared as a set of images."""
+    return [image.numpy().tobytes() for image in split.images]
+
+
+def spec_with_validation_split(output_dir: Path, val_subset: int = 20, **data) -> RunSpec:
+    """fake_spec on 80 training images (8 per class) with ``val_subset`` of them held out."""
+    spec = fake_spec(output_dir, epochs=3)
+    spec.data = FakeDataSpec(source=FakeSource(num_train=80, num_test=32, image_size=8), batch_size=8, eval_batch_size=32,
+                             augment=True, crop_padding=1, val_subset=val_subset, **data)
+    return spec
+
+
+def test_val_subset_holds_out_stratified_training_images_and_train_subset_takes_the_rest():
+    from mbn.data import load_dataset
+    from mbn.train.datamodule import ImageDataModule
+
+    spec = spec_with_validation_split(Path("unused")).data
+    full = set(image_bytes(load_dataset(spec.name, **spec.source_options).train))
+    assert len(full) == 80
+    datamodule = ImageDataModule(spec)
+    train, val = datamodule.load().train, datamodule.val_split
+    assert datamodule.eval_splits == ("val", "test") and len(datamodule.val_dataloader()) == 2
+    assert len(val) == 20 and torch.bincount(val.labels, minlength=10).tolist() == [2] * 10
+    held_out = set(image_bytes(val))
+    assert len(held_out) == 20 and held_out.isdisjoint(image_bytes(train)) and held_out | set(image_bytes(train)) == full
+
+    subset = ImageDataModule(dataclasses.replace(spec, train_subset=30))
+    subset_train = set(image_bytes(subset.load().train))
+    assert len(subset_train) == 30 and subset_train.isdisjoint(held_out) and set(image_bytes(subset.val_split)) == held_out
+
+    without = ImageDataModule(dataclasses.replace(spec, val_subset=None))
+    assert without.eval_splits == ("test",) and len(without.load().train) == 80 and without.val_split is None
+
+
+def test_a_run_with_a_validation_split_records_it_as_val_and_the_test_split_as_test(tmp_path):
+    """The recorded accuracies are those of the held-out images and of the test images: the last
+    epoch's are recounted from ``last.ckpt`` on the datamodule's loaders (the same computation on the
+    same machine, so the counts are equal), and ``best.ckpt`` is the epoch of the best val_acc1."""
+    from mbn.train.datamodule import ImageDataModule
+    from mbn.train.run import build_seeded_model
+
+    spec = spec_with_validation_split(tmp_path / "run")
+    results = train(spec)
+    assert results["status"] == "completed"
+    rows, metrics = results["history"], results["metrics"]
+    for row in rows:
+        for column, samples in (("val_acc1", 20), ("val_acc5", 20), ("test_acc1", 32), ("test_acc5", 32)):
+            assert row[column] * samples == pytest.approx(round(row[column] * samples)), column
+        assert row["val_loss"] > 0 and row["test_loss"] > 0
+    best = max(rows, key=lambda row: row["val_acc1"])
+    assert (metrics["best_epoch"], metrics["best_val_acc1"], metrics["best_epoch_test_acc1"]) == (
+        best["epoch"], best["val_acc1"], best["test_acc1"])
+    assert (metrics["final_val_acc1"], metrics["final_test_acc1"]) == (rows[-1]["val_acc1"], rows[-1]["test_acc1"])
+    checkpoints = spec.output_dir / "checkpoints"
+    best_checkpoint = torch.load(checkpoints / "best.ckpt", weights_only=True)
+    assert best_checkpoint["epoch"] == metrics["best_epoch"] - 1
+    assert any("'monitor': 'val/acc1'" in key for key in best_checkpoint["callbacks"])
+
+    datamodule = ImageDataModule(spec.data, seed=spec.seed)
+    model = build_seeded_model(spec, datamodule.num_classes, datamodule.in_channels)
+    state = torch.load(checkpoints / "last.ckpt", weights_only=True)["state_dict"]
+    model.load_state_dict({key.removeprefix("model."): value for key, value in state.items()})
+    model.eval()
+    with torch.no_grad():
+        for split, loader in zip(datamodule.eval_splits, datamodule.val_dataloader()):
+            correct = samples = 0
+            for x, y in loader:
+                correct += int((model(x).argmax(1) == y).sum())
+                samples += len(y)
+            assert (samples, correct) == ({"val": 20, "test": 32}[split], round(rows[-1][f"{split}_acc1"] * samples)), split

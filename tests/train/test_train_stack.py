@@ -11,6 +11,7 @@ resumed against the uninterrupted one, the members next to a frozen one) must be
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def weights(output_dir: Path, name: str = "last.ckpt") -> dict[str, torch.Tensor
 def assert_histories_match(history, expected):
     """The same training in another order: the error model above."""
     assert_histories_close(history, expected, steps_per_epoch=STEPS // 2, growth=GROWTH, train_samples=64,
-                           val_samples=32, allowed_flips=FLIPS)
+                           test_samples=32, allowed_flips=FLIPS)
 
 
 def assert_histories_equal(history, expected):
@@ -92,7 +93,7 @@ def test_each_member_trains_and_is_recorded_as_its_single_run(runs):
         checkpoint = torch.load(member_dir / "checkpoints" / "last.ckpt", weights_only=True)
         assert checkpoint["mbn_config_hash"] == f"hash-seed{seed}" and checkpoint["epoch"] == 1
         rows = (member_dir / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
-        assert "val/acc1" in rows[0] and len(rows) == 3  # header + one row per epoch
+        assert "test/acc1" in rows[0] and len(rows) == 3  # header + one row per epoch
     # The seeds are different runs: other initializations and batches.
     losses = {results["history"][0]["train_loss"] for results in stacked}
     assert len(losses) == len(SEEDS)
@@ -204,7 +205,24 @@ def test_each_member_writes_its_own_tensorboard_events(tmp_path):
         assert results["status"] == "completed"
         events = EventAccumulator(str(spec.output_dir / "tensorboard" / "version_0"))
         events.Reload()
-        assert [event.value for event in events.Scalars("val/acc1")] == pytest.approx([results["history"][0]["val_acc1"]])
+        assert [event.value for event in events.Scalars("test/acc1")] == pytest.approx([results["history"][0]["test_acc1"]])
+
+
+@pytest.mark.numerics
+def test_stacked_members_report_the_shared_validation_split_as_their_single_runs(tmp_path):
+    """Members share the held-out images (the split depends on ``subset_seed`` only): each member's
+    val_* and test_* columns match its single run's (the error model above, 16 validation samples)."""
+    data = dataclasses.replace(member_spec(tmp_path, 0).data, val_subset=16)  # 48 training images left
+    singles = [train(member_spec(tmp_path / "single", seed, data=data)) for seed in SEEDS[:2]]
+    stacked = train_stack([member_spec(tmp_path / "stack", seed, data=data) for seed in SEEDS[:2]])
+    for seed, single, member in zip(SEEDS, singles, stacked):
+        assert member["status"] == single["status"] == "completed"
+        assert all(row["val_acc1"] is not None and row["test_acc1"] is not None for row in member["history"])
+        assert_histories_close(member["history"], single["history"], steps_per_epoch=48 // 8, growth=GROWTH,
+                               train_samples=48, test_samples=32, val_samples=16, allowed_flips=FLIPS)
+        best = torch.load(tmp_path / "stack" / f"seed{seed}" / "checkpoints" / "best.ckpt", weights_only=True)
+        assert any("'monitor': 'val/acc1'" in key for key in best["callbacks"])  # picked on the validation split
+        assert best["epoch"] == member["metrics"]["best_epoch"] - 1
 
 
 class PoisonMember(Callback):
@@ -274,6 +292,6 @@ def test_a_compiled_stack_trains_as_the_eager_one(tmp_path, monkeypatch):
         assert found["status"] == expected["status"] == "completed"
         assert [row["lam"] for row in found["history"]] != [0.0]  # MBN's momentum was on
         assert_histories_close(found["history"], expected["history"], steps_per_epoch=STEPS // 2, growth=GROWTH,
-                               train_samples=64, val_samples=32, allowed_flips=FLIPS)
+                               train_samples=64, test_samples=32, allowed_flips=FLIPS)
         assert_weights_match(weights(tmp_path / "compiled" / f"seed{seed}"), weights(tmp_path / "eager" / f"seed{seed}"),
                              steps=STEPS // 2)

@@ -37,13 +37,13 @@ def test_each_run_writes_its_hparams_with_its_final_metrics(tiny, run_env, stack
         # A session per run and no per-run experiment: TensorBoard builds the experiment from all runs
         # and lists the hyperparameters that differ between them first.
         assert plugin_tags == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
-        assert {"final/val_acc1", "best/val_acc1", "final/val_loss", "final/train_loss"} <= set(events.Tags()["scalars"])
+        assert {"final/test_acc1", "final/test_loss", "final/train_loss"} <= set(events.Tags()["scalars"])
         metrics = record["metrics"]
-        assert events.Scalars("final/val_acc1")[-1].value == pytest.approx(metrics["final_val_acc1"])
-        assert events.Scalars("best/val_acc1")[-1].value == pytest.approx(metrics["best_val_acc1"])
+        assert events.Scalars("final/test_acc1")[-1].value == pytest.approx(metrics["final_test_acc1"])
+        assert "final/val_acc1" not in events.Tags()["scalars"]  # no validation split: no val metric
         assert events.Scalars("final/train_loss")[-1].value == pytest.approx(metrics["final_train_loss"])
         # The epoch rows, under the single run's names.
-        assert [event.value for event in events.Scalars("val/acc1")] == pytest.approx([row["val_acc1"] for row in record["history"]])
+        assert [event.value for event in events.Scalars("test/acc1")] == pytest.approx([row["test_acc1"] for row in record["history"]])
         seen.add((hparams["norm"], hparams["seed"]))
     assert seen == {("bn", 0), ("bn", 1), ("mbn", 0), ("mbn", 1)}
 
