@@ -79,8 +79,14 @@ STATUSES = ("running", "completed", "failed", "diverged", "interrupted")
 HASH_EXCLUDED_KEYS = ("output_root", "hydra", "logger", "paths", "sweep_name", "run_name")
 
 
+# Keys added to the config after runs were recorded, at the value that computes what those runs
+# computed: left out of the hash at that value, so a rerun of an earlier command still finds its runs.
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, ...], Any] = {("data", "val_subset"): None}
+
+
 def config_hash(config: Mapping[str, Any], exclude: tuple[str, ...] = HASH_EXCLUDED_KEYS) -> str:
-    """Stable short hash of a resolved config, ignoring top-level keys in ``exclude``.
+    """Stable short hash of a resolved config, ignoring top-level keys in ``exclude`` and the keys of
+    :data:`HASH_NEUTRAL_DEFAULTS` at their neutral value.
 
     Args:
         config: resolved config as nested plain dicts/lists/scalars.
@@ -90,6 +96,16 @@ def config_hash(config: Mapping[str, Any], exclude: tuple[str, ...] = HASH_EXCLU
         16 hex characters.
     """
     kept = {k: v for k, v in config.items() if k not in exclude}
+    for path, neutral in HASH_NEUTRAL_DEFAULTS.items():
+        parent = kept
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, Mapping) else None
+        if isinstance(parent, Mapping) and path[-1] in parent and parent[path[-1]] == neutral:
+            parent = kept
+            for key in path[:-1]:  # copy the dicts on the way down: the caller's config stays as it is
+                parent[key] = dict(parent[key])
+                parent = parent[key]
+            del parent[path[-1]]
     canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

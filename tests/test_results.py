@@ -25,6 +25,16 @@ def test_config_hash_changes_with_what_the_run_computes():
     assert config_hash(base) != config_hash({"seed": 0, "data": {"batch_size": 4}})
 
 
+def test_a_key_added_at_its_neutral_value_keeps_the_hash_of_the_runs_recorded_before_it():
+    # data.val_subset arrived after the published studies: at null (no validation split) the run
+    # computes what those runs computed, so a rerun of their commands must find them by hash.
+    before = {"seed": 0, "data": {"batch_size": 2, "name": "c10"}}
+    now = {"seed": 0, "data": {"batch_size": 2, "name": "c10", "val_subset": None}}
+    assert config_hash(now) == config_hash(before)
+    assert now["data"]["val_subset"] is None  # the caller's config is left as it was
+    assert config_hash({**now, "data": {**now["data"], "val_subset": 500}}) != config_hash(before)
+
+
 def test_write_then_read_results(tmp_path):
     write_results(tmp_path, {"status": "completed", "metrics": {"best_val_acc1": 0.9}})
     data = read_results(tmp_path)
