@@ -186,10 +186,11 @@ def launch_job(job: Any, spec: Any, overrides: list[str], hydra_cfg: Any) -> Any
     if relaunch and spec.trainer.num_nodes > 1:
         raise ConfigError("trainer.num_nodes", f"{spec.trainer.num_nodes} nodes need a cluster launcher "
                           "(hydra/launcher=slurm) that starts one process per device")
-    seeds = job.train.pack_seeds()
-    if len(seeds) > 1:
+    values = job.train.pack_values()
+    if len(values) > 1:
         quiet_lightning()
-        outcomes = run_pack([member_spec(job, spec, seed) for seed in seeds], rerun_diverged=job.rerun_diverged, callbacks=callbacks)
+        members = [member_spec(job, spec, job.train.stack_key, value) for value in values]
+        outcomes = run_pack(members, rerun_diverged=job.rerun_diverged, callbacks=callbacks)
         for outcome in outcomes:
             print_outcome(outcome)
         # The sweep counts every member from its dir; this job reports its worst member.

@@ -29,7 +29,10 @@ from mbn.train import spec as specs
 
 # Top-level keys that steer mbn-train itself (what to do with a job), not the run: they are taken out
 # of the config before it is hashed and recorded, so they never make a finished run look different.
-CONTROL_KEYS = ("dry_run", "rerun_diverged", "debug", "stack", "stack_seeds", "objective")
+CONTROL_KEYS = ("dry_run", "rerun_diverged", "debug", "stack", "stack_key", "stack_values", "objective")
+# The keys along which a sweep packs jobs into stacked models (the first one swept): a stack's members
+# may differ in these only (mbn.train.run.check_stackable).
+PACK_KEYS = ("seed", "optim.base_lr", "optim.weight_decay")
 # The metrics of results.json a sweep can optimize (``objective``); best_epoch says when, not how well.
 OBJECTIVES = tuple(name for name in METRIC_KEYS if name != "best_epoch")
 
@@ -88,10 +91,12 @@ class TrainConfig:
         rerun_diverged: a diverged run is final like a completed one (a rerun would diverge the
             same way); true restarts it.
         debug: fault injection.
-        stack: in a sweep, train up to this many jobs that differ only in ``seed`` as one stacked
-            model in one process (:func:`mbn.train.train_stack`); 1 = every job alone.
-        stack_seeds: set by the sweep for a stacked job (the seeds of its sweep, which it packs in
-            chunks of ``stack``); not for the command line.
+        stack: in a sweep, train up to this many jobs that differ only in one swept key of
+            :data:`PACK_KEYS` (the first swept: ``seed``, else ``optim.base_lr``, else
+            ``optim.weight_decay``) as one stacked model in one process (:func:`mbn.train.train_stack`);
+            1 = every job alone.
+        stack_key, stack_values: set by the sweep for a stacked job (the key it packs along and
+            that key's swept values, which it packs in chunks of ``stack``); not for the command line.
         objective: the metric of ``results.json`` a job returns to Hydra's sweeper, which a tuning
             sweeper (``hydra/sweeper=optuna``) optimizes: minimized for a loss, else maximized.
     """
@@ -111,7 +116,8 @@ class TrainConfig:
     rerun_diverged: bool = False
     debug: DebugConfig = field(default_factory=DebugConfig)
     stack: int = 1
-    stack_seeds: list[int] | None = None
+    stack_key: str = "seed"
+    stack_values: list[str] | None = None
     objective: str = "final_val_acc1"
 
     def __post_init__(self) -> None:
@@ -124,12 +130,28 @@ class TrainConfig:
             if self.trainer.devices * self.trainer.num_nodes > 1:
                 raise specs.SpecError("stack", "stacked runs train on one device: use stack=1 with trainer.devices > 1")
 
-    def pack_seeds(self) -> list[int]:
-        """The seeds this job trains: its chunk of ``stack_seeds`` (just its own seed when not stacked)."""
-        if self.stack == 1 or not self.stack_seeds or self.seed not in self.stack_seeds:
-            return [self.seed]
-        start = self.stack_seeds.index(self.seed) // self.stack * self.stack
-        return list(self.stack_seeds[start : start + self.stack])
+    def key_value(self, key: str) -> Any:
+        """This job's value of ``key`` (a dotted key, e.g. ``optim.base_lr``)."""
+        value: Any = self
+        for part in key.split("."):
+            value = getattr(value, part)
+        return value
+
+    def pack_values(self) -> list[str]:
+        """The values of ``stack_key`` this job trains: its chunk of ``stack_values`` (just its own when not stacked)."""
+        own = self.key_value(self.stack_key)
+        same = [i for i, value in enumerate(self.stack_values or []) if _same_value(value, own)]
+        if self.stack == 1 or not same:
+            return [str(own)]
+        start = same[0] // self.stack * self.stack
+        return list(self.stack_values[start : start + self.stack])
+
+
+def _same_value(text: str, value: Any) -> bool:
+    try:
+        return float(text) == float(value)
+    except (TypeError, ValueError):
+        return str(text) == str(value)
 
 
 def register_schemas() -> None:

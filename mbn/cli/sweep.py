@@ -41,7 +41,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from mbn.cli.config import ConfigError, check_buildable, composition_error
-from mbn.cli.schema import Job, load_job, to_run_spec
+from mbn.cli.schema import PACK_KEYS, Job, load_job, to_run_spec
 from mbn.results import config_hash, iter_results, read_results
 from mbn.train.job import JobOutcome, job_outcome, plan_job, same_config_dirs
 from mbn.train.run_dir import INVOCATION_ENV, JobPlan, verify_checkpoint
@@ -278,7 +278,8 @@ class SweepCallback(Callback):
                   file=sys.stderr, flush=True)
             raise SystemExit(EXIT_CODES["config_error"])
         stack = int(config.get("stack", 1) or 1)
-        packs = seed_packs(self.jobs, stack) if stack > 1 else []
+        key = pack_key(self.jobs) if stack > 1 else None
+        packs = stacked_packs(self.jobs, key, stack) if key is not None else []
         if config.get("dry_run", False) is True:
             counts: dict[str, int] = {}
             for job in self.jobs:
@@ -286,14 +287,14 @@ class SweepCallback(Callback):
                 print(plan.line(job.output_dir), flush=True)
                 counts[plan.action] = counts.get(plan.action, 0) + 1
             for pack in packs:
-                seeds = ", ".join(str(_seed_of(job)) for job in pack)
-                print(f"mbn-train: would stack seeds {seeds} in one process (with {pack[0].output_dir})", flush=True)
+                values = ", ".join(str(_value_of(job, key)) for job in pack)
+                print(f"mbn-train: would stack {_plural(key)} {values} in one process (with {pack[0].output_dir})", flush=True)
             listing = ", ".join(f"{n} {action}" for action, n in sorted(counts.items()))
             stacked = f" in {len(packs)} stacked pack{'s' if len(packs) > 1 else ''}" if packs else ""
             print(f"mbn-train: dry run of {len(self.jobs)} jobs{stacked}: {listing}; nothing was run", flush=True)
             raise SystemExit(0)
         if packs:
-            _launch_one_job_per_pack(config, _sweep_seeds(self.jobs), stack)
+            _launch_one_job_per_pack(config, key, _sweep_values(self.jobs, key), stack)
         _tag_jobs_with_invocation(config)
 
     def _start_unplanned(self, config: DictConfig, sweep_dir: Path) -> None:
@@ -561,57 +562,68 @@ def best_job_line(entries: list[LedgerEntry], objective: str, direction: str) ->
             f"{': ' + values if values else ''} in {best.outcome.output_dir}")
 
 
-def _seed_of(job: SweepJob) -> int | None:
-    values = [o.partition("=")[2] for o in job.overrides if o.lstrip("+").partition("=")[0] == "seed"]
-    return int(values[-1]) if values else None
+def _value_of(job: SweepJob, key: str) -> str | None:
+    values = [o.partition("=")[2] for o in job.overrides if o.lstrip("+").partition("=")[0] == key]
+    return values[-1] if values else None
 
 
-def _sweep_seeds(jobs: list[SweepJob]) -> list[int]:
-    """The sweep's seeds in launch order (each once)."""
-    return list(dict.fromkeys(seed for seed in map(_seed_of, jobs) if seed is not None))
+def _plural(key: str) -> str:
+    return "seeds" if key == "seed" else f"{key} values"
 
 
-def seed_packs(jobs: list[SweepJob], stack: int) -> list[list[SweepJob]]:
-    """Jobs that differ only in ``seed``, in packs of up to ``stack`` (in launch order).
+def _sweep_values(jobs: list[SweepJob], key: str) -> list[str]:
+    """The sweep's values of ``key`` in launch order (each once)."""
+    return list(dict.fromkeys(value for job in jobs if (value := _value_of(job, key)) is not None))
+
+
+def pack_key(jobs: list[SweepJob]) -> str | None:
+    """The key a stacked sweep packs along: the first of :data:`~mbn.cli.schema.PACK_KEYS` with several values; None if none has."""
+    return next((key for key in PACK_KEYS if len(_sweep_values(jobs, key)) > 1), None)
+
+
+def stacked_packs(jobs: list[SweepJob], key: str, stack: int) -> list[list[SweepJob]]:
+    """Jobs that differ only in ``key``, in packs of up to ``stack`` (in launch order).
 
     Jobs that differ in anything else are never packed together: a pack shares every other override.
     Packs of one job are left out (they run as today).
 
     Args:
         jobs: the sweep's jobs (:func:`expand_jobs`).
+        key: the key to pack along (:func:`pack_key`).
         stack: the most jobs one pack holds.
     """
-    seeds = _sweep_seeds(jobs)
+    values = _sweep_values(jobs, key)
     groups: dict[tuple[str, ...], list[SweepJob]] = {}
     for job in jobs:
-        if _seed_of(job) is None:
+        if _value_of(job, key) is None:
             continue
-        others = tuple(o for o in job.overrides if o.lstrip("+").partition("=")[0] != "seed")
+        others = tuple(o for o in job.overrides if o.lstrip("+").partition("=")[0] != key)
         groups.setdefault(others, []).append(job)
     packs = []
     for members in groups.values():
-        members.sort(key=lambda job: seeds.index(_seed_of(job)))
-        for start in range(0, len(seeds), stack):
-            chunk = [job for job in members if seeds.index(_seed_of(job)) // stack == start // stack]
+        members.sort(key=lambda job: values.index(_value_of(job, key)))
+        for start in range(0, len(values), stack):
+            chunk = [job for job in members if values.index(_value_of(job, key)) // stack == start // stack]
             if len(chunk) > 1:
                 packs.append(chunk)
     return packs
 
 
-def _launch_one_job_per_pack(config: DictConfig, seeds: list[int], stack: int) -> None:
-    """Have the launcher run one job per pack: the seed sweep becomes a sweep over each pack's first seed.
+def _launch_one_job_per_pack(config: DictConfig, key: str, values: list[str], stack: int) -> None:
+    """Have the launcher run one job per pack: the sweep of ``key`` becomes a sweep over each pack's first value.
 
-    Every launched job gets the sweep's seeds (``stack_seeds``) and trains its chunk of them
-    (:meth:`mbn.cli.schema.TrainConfig.pack_seeds`). Hydra reads the sweep's parameters and
-    overrides after ``on_multirun_start``, so any launcher (basic, joblib, SLURM) sees the packs.
+    Every launched job gets the sweep's values (``stack_values``, along ``stack_key``) and trains its
+    chunk of them (:meth:`mbn.cli.schema.TrainConfig.pack_values`). Hydra reads the sweep's
+    parameters and overrides after ``on_multirun_start``, so any launcher (basic, joblib, SLURM)
+    sees the packs.
     """
-    leaders = ",".join(str(seed) for seed in seeds[::stack])
+    leaders = ",".join(values[::stack])
     with read_write(config.hydra), open_dict(config.hydra):
         params = config.hydra.sweeper.get("params")
-        if params is not None and "seed" in params:
-            del params["seed"]
-        task = [o for o in config.hydra.overrides.task if o.lstrip("+").partition("=")[0] != "seed"]
-        config.hydra.overrides.task = [*task, f"seed={leaders}", f"stack_seeds=[{','.join(map(str, seeds))}]"]
+        if params is not None and key in params:
+            del params[key]
+        task = [o for o in config.hydra.overrides.task if o.lstrip("+").partition("=")[0] != key]
+        config.hydra.overrides.task = [*task, f"{key}={leaders}", f"stack_key={key}", f"stack_values=[{','.join(values)}]"]
 
 
 def _tag_jobs_with_invocation(config: DictConfig) -> str:
@@ -650,18 +662,29 @@ def _exit_if_unwritable(directory: str) -> None:
         raise SystemExit(EXIT_CODES["config_error"]) from None
 
 
-def member_spec(job: Job, leader: RunSpec, seed: int) -> RunSpec:
-    """The run of one member of a stacked pack: the leader's run with another seed, in that seed's dir.
+def member_spec(job: Job, leader: RunSpec, key: str, value: str) -> RunSpec:
+    """The run of one member of a stacked pack: the leader's run with another value of ``key``, in its dir.
 
-    The dir is the one the unstacked sweep gives the job with this seed: the config's own
+    The dir is the one the unstacked sweep gives the job with this value: the config's own
     ``hydra.sweep.subdir`` rule applied to the member's overrides.
+
+    Args:
+        job: the leader's composed job.
+        leader: the leader's run.
+        key: the key the pack varies (one of :data:`~mbn.cli.schema.PACK_KEYS`).
+        value: the member's value, as the sweep wrote it.
     """
-    overrides = [o for o in leader.overrides if o.lstrip("+").partition("=")[0] not in ("seed", "stack_seeds")]
-    overrides.append(f"seed={seed}")
+    overrides = [o for o in leader.overrides if o.lstrip("+").partition("=")[0] not in (key, "stack_key", "stack_values")]
+    overrides.append(f"{key}={value}")
     hydra_cfg = HydraConfig.get()
     subdir_rule = OmegaConf.to_container(hydra_cfg.sweep, resolve=False)["subdir"]
     subdir = OmegaConf.create({"hydra": {"overrides": {"task": overrides}, "sweep": {"subdir": subdir_rule}}}).hydra.sweep.subdir
-    config = {**job.config, "seed": seed}
     output_dir = Path(leader.output_dir).parent / str(subdir)
-    return dataclasses.replace(leader, seed=seed, output_dir=output_dir, run_name=output_dir.name, config=config,
-                               config_hash=config_hash(config), overrides=overrides)
+    if key == "seed":
+        config, changes = {**job.config, "seed": int(value)}, {"seed": int(value)}
+    else:  # optim.<field>: a float field of OptimSpec
+        field_name = key.split(".", 1)[1]
+        config = {**job.config, "optim": {**job.config["optim"], field_name: float(value)}}
+        changes = {"optim": dataclasses.replace(leader.optim, **{field_name: float(value)})}
+    return dataclasses.replace(leader, output_dir=output_dir, run_name=output_dir.name, config=config,
+                               config_hash=config_hash(config), overrides=overrides, **changes)

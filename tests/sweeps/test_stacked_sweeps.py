@@ -72,6 +72,31 @@ def test_a_stacked_sweep_records_each_seed_as_its_unstacked_run(tiny, run_env, c
 
 
 @pytest.mark.numerics
+def test_a_swept_learning_rate_grid_trains_as_one_stack_and_each_member_is_its_unstacked_run(tiny, run_env, capsys):
+    # The lr grid of one seed (the fair curve study's tuning): packed along optim.base_lr, seed fixed.
+    base = ["-m", *tiny(epochs=2, model__width=8), "optim.base_lr=0.1,0.05"]
+    assert main([*base, "stack=2", "dry_run=true"]) == 0
+    out = capsys.readouterr().out
+    assert "mbn-train: would stack optim.base_lr values 0.1, 0.05 in one process" in out
+    assert "mbn-train: dry run of 2 jobs in 1 stacked pack: 2 start; nothing was run" in out
+    assert main([*base, "stack=2", "sweep_name=grid"]) == 0
+    assert "sweep done: 2 completed, 0 failed, 0 skipped (of 2 jobs)" in capsys.readouterr().out
+    stacked = {record["config"]["optim"]["base_lr"]: record for record in sweep_runs(run_env / "sweeps" / "grid").values()}
+    assert sorted(stacked) == [0.05, 0.1]
+    assert len({record["attempts"][0]["pid"] for record in stacked.values()}) == 1  # one process, one model
+    assert [stacked[lr]["history"][0]["lr"] for lr in (0.1, 0.05)] == pytest.approx([0.1 * 8 / 64, 0.05 * 8 / 64])
+    # The same sweep unstacked finds every member's run (same dir, same config hash): nothing trains again.
+    assert main([*base, "sweep_name=grid"]) == 0
+    assert "sweep done: 0 completed, 0 failed, 2 skipped (of 2 jobs)" in capsys.readouterr().out
+    # Trained alone, each lr's run is its member's (the error model above).
+    assert main([*base, "sweep_name=alone"]) == 0
+    alone = {record["config"]["optim"]["base_lr"]: record for record in sweep_runs(run_env / "sweeps" / "alone").values()}
+    for lr in (0.1, 0.05):
+        assert alone[lr]["config_hash"] == stacked[lr]["config_hash"] and alone[lr]["run_name"] == stacked[lr]["run_name"]
+        histories_close(stacked[lr], alone[lr])
+
+
+@pytest.mark.numerics
 def test_members_that_stopped_at_different_epochs_each_resume_exactly(tiny, run_env, capsys):
     base = ["-m", *tiny(epochs=3, model__width=8), "seed=0,1"]
     assert main([*base, "sweep_name=reference"]) == 0

@@ -156,4 +156,6 @@ def test_results_json_has_one_writer_and_the_cli_no_hydra_internals_globals_or_a
     for path in package.rglob("*.py"):
         text = path.read_text()
         assert "import hydra._internal" not in text and "from hydra._internal" not in text, path
-        assert "sys.argv =" not in text, path
+        # Only the console script, the program that owns the command line, may set sys.argv (for the
+        # command's run: hydra.main reads nothing else, facebookresearch/hydra#2064).
+        assert "sys.argv =" not in text or path.relative_to(package).as_posix() == "cli/entry_points.py", path
