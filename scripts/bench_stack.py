@@ -14,6 +14,7 @@ mid-schedule (epoch 5 of 10, ``m0 = 32``): ``lam > 0`` at m < 32.
     python scripts/bench_stack.py --widths 64 --batch-sizes 2 32 --stacks 4 --steps 8
     python scripts/bench_stack.py --device cuda --threads 0        # unchanged on a GPU
     python scripts/bench_stack.py --device cuda --batch-sizes 2 --stacks 1 4 --json stack.json
+    python scripts/bench_stack.py --lr-grid --batch-sizes 2 8 --stacks 4     # an lr grid of 4 (MemberSGD)
 
 On a GPU every timed block starts and ends with a device synchronization, and the peak GPU memory
 allocated by PyTorch is printed at the end. ``--json PATH`` also writes the table (and that peak) as JSON.
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mbn.models import build_model, member_cross_entropy, stack
+from mbn.models import MemberSGD, build_model, member_cross_entropy, stack
 from mbn.nn import norm_layer, schedule, set_progress
 
 EPOCH, TOTAL_EPOCHS = 5, 10  # MBN mid-schedule
@@ -52,8 +53,15 @@ def build(norm: str, width: int, seed: int, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
-def make_separate_step(models: list[nn.Module], images: list[torch.Tensor], labels: list[torch.Tensor]) -> Callable[[], None]:
-    optimizers = [torch.optim.SGD(model.parameters(), **SGD) for model in models]
+def lr_factors(members: int, lr_grid: bool) -> list[float]:
+    """Each member's lr as a factor of SGD's: 1 for seeds; for an lr grid, 3x apart (1, 3, 9, ...)."""
+    return [3.0 ** k if lr_grid else 1.0 for k in range(members)]
+
+
+def make_separate_step(models: list[nn.Module], images: list[torch.Tensor], labels: list[torch.Tensor],
+                       lr_grid: bool = False) -> Callable[[], None]:
+    factors = lr_factors(len(models), lr_grid)
+    optimizers = [torch.optim.SGD(model.parameters(), **{**SGD, "lr": SGD["lr"] * factor}) for model, factor in zip(models, factors)]
 
     def step() -> None:
         for model, optimizer, x, y in zip(models, optimizers, images, labels):
@@ -64,8 +72,15 @@ def make_separate_step(models: list[nn.Module], images: list[torch.Tensor], labe
     return step
 
 
-def make_stacked_step(stacked: nn.Module, images: list[torch.Tensor], labels: list[torch.Tensor]) -> Callable[[], None]:
-    optimizer = torch.optim.SGD(stacked.parameters(), **SGD)
+def make_stacked_step(stacked: nn.Module, images: list[torch.Tensor], labels: list[torch.Tensor],
+                      lr_grid: bool = False) -> Callable[[], None]:
+    if lr_grid:  # each member at its own lr: MemberSGD, as mbn-train's stacked lr grids train
+        members = len(images)
+        optimizer: torch.optim.Optimizer = MemberSGD(
+            stacked.parameters(), num_members=members, lr=SGD["lr"], member_lr_scale=lr_factors(members, True),
+            member_weight_decay=[SGD["weight_decay"]] * members, momentum=SGD["momentum"])
+    else:
+        optimizer = torch.optim.SGD(stacked.parameters(), **SGD)
     x, y = torch.cat(images, 1), torch.stack(labels, 1)  # what StackedBatchLoader yields
 
     def step() -> None:
@@ -93,7 +108,8 @@ def bench(width: int, norm: str, batch_size: int, members: int, args: argparse.N
     labels = [torch.randint(0, 10, (batch_size,), generator=generator).to(device) for _ in range(members)]
     separate_models = [build(norm, width, seed, device) for seed in range(members)]
     stacked = stack([build(norm, width, seed, device) for seed in range(members)])
-    steps = {"separate": make_separate_step(separate_models, images, labels), "stacked": make_stacked_step(stacked, images, labels)}
+    steps = {"separate": make_separate_step(separate_models, images, labels, args.lr_grid),
+             "stacked": make_stacked_step(stacked, images, labels, args.lr_grid)}
     for step in steps.values():  # allocator, MBN's momentum initialization (first step has lam = 0)
         time_steps(step, args.warmup, device)
     per_round = max(1, args.steps // args.rounds)
@@ -122,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0 = leave torch's default)")
     parser.add_argument("--device", default="cpu", help="torch device of the models and batches, e.g. cuda")
+    parser.add_argument("--lr-grid", action="store_true",
+                        help="the K runs are one seed's lr grid (lrs 3x apart): separate SGDs vs one MemberSGD")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the table and the peak GPU memory as JSON")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

@@ -400,10 +400,14 @@ def tune_settings(config: DictConfig) -> None:
     Raises:
         ConfigError: the command sets a direction that contradicts the objective.
     """
+    objective = str(config.get("objective"))
+    if objective.split("_")[1:2] == ["val"] and OmegaConf.select(config, "data.val_subset") is None:
+        raise ConfigError("objective", f"{objective} is measured on the validation split, which this sweep does not hold "
+                          "out: set data.val_subset=N (N training images; tuning on the test split would bias the "
+                          "result it reports), or tune another objective")
     sweeper = config.hydra.sweeper
     with read_write(sweeper), open_dict(sweeper):
         if "direction" in sweeper:
-            objective = str(config.get("objective"))
             wanted = objective_direction(objective)
             given = [o.partition("=")[2] for o in config.hydra.overrides.hydra
                      if o.partition("=")[0].lstrip("+") == "hydra.sweeper.direction"]

@@ -13,9 +13,7 @@ The task reads top to bottom: Hydra composes, :mod:`mbn.cli.schema` checks, the 
 :mod:`mbn.train.job` owns its life: plan, lock, dir, run, record), and its outcome is reported
 (:mod:`mbn.cli.report`; a sweep's summary and sweeper values: :mod:`mbn.cli.sweep`). Each job runs in
 a deterministic dir (``<output_root>/runs/<overrides>`` or ``<output_root>/sweeps/<sweep>/<overrides>``).
-Exit code: 0 when every job completed (or was skipped as completed, or is running in another
-command), 1 if one failed, 2 for an invalid config or an unwritable output dir, 3 if one
-diverged, 130 when interrupted.
+Exit codes: see :func:`main`.
 """
 
 from __future__ import annotations
