@@ -95,19 +95,22 @@ def config_hash(config: Mapping[str, Any], exclude: tuple[str, ...] = HASH_EXCLU
     Returns:
         16 hex characters.
     """
-    kept = {k: v for k, v in config.items() if k not in exclude}
+    kept: Mapping[str, Any] = {k: v for k, v in config.items() if k not in exclude}
     for path, neutral in HASH_NEUTRAL_DEFAULTS.items():
-        parent = kept
-        for key in path[:-1]:
-            parent = parent.get(key) if isinstance(parent, Mapping) else None
-        if isinstance(parent, Mapping) and path[-1] in parent and parent[path[-1]] == neutral:
-            parent = kept
-            for key in path[:-1]:  # copy the dicts on the way down: the caller's config stays as it is
-                parent[key] = dict(parent[key])
-                parent = parent[key]
-            del parent[path[-1]]
+        kept = _without_neutral(kept, path, neutral)
     canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _without_neutral(config: Mapping[str, Any], path: tuple[str, ...], neutral: Any) -> Mapping[str, Any]:
+    """``config`` without the key at ``path`` when it holds ``neutral`` (copied along the path; ``config`` is left as it is)."""
+    head, *rest = path
+    if head not in config:
+        return config
+    if not rest:
+        return {k: v for k, v in config.items() if k != head} if config[head] == neutral else config
+    child = config[head]
+    return {**config, head: _without_neutral(child, tuple(rest), neutral)} if isinstance(child, Mapping) else config
 
 
 METRIC_KEYS = ("final_test_acc1", "final_test_acc5", "final_test_loss", "best_test_acc1",

@@ -21,6 +21,9 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from mbn.cli.config import ConfigError
+from mbn.cli.report import print_outcome
+from mbn.cli.sweep import EXIT_CODES, member_spec
+from mbn.train.job import JobOutcome, run_job, run_pack
 from mbn.train.run_dir import record_failure
 
 # Set in the torchrun processes mbn-train starts for a DDP job: the parent already planned the dir.
@@ -164,10 +167,6 @@ def launch_job(job: Any, spec: Any, overrides: list[str], hydra_cfg: Any) -> Any
     Raises:
         ConfigError: several nodes without a cluster launcher.
     """
-    from mbn.cli.report import print_outcome
-    from mbn.cli.sweep import EXIT_CODES, member_spec
-    from mbn.train.job import JobOutcome, run_job, run_pack
-
     callbacks = job.debug_callbacks()
 
     def train_here(run: Any) -> dict:

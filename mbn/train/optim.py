@@ -81,10 +81,10 @@ def build_optimizer(
     Raises:
         ValueError: members that differ in another setting of the optimizer or its schedule.
     """
-    if member_specs is not None and any(_member_settings(other) != _member_settings(spec) for other in member_specs):
-        first = next(other for other in member_specs if _member_settings(other) != _member_settings(spec))
-        differing = [key for key, value in _member_settings(first).items() if value != _member_settings(spec)[key]]
-        raise ValueError(f"members of a stack may differ in base_lr and weight_decay only, not in optim.{differing[0]}")
+    for other in member_specs or ():
+        differing = member_optim_difference(spec, other)
+        if differing is not None:
+            raise ValueError(f"members of a stack may differ in base_lr and weight_decay only, not in optim.{differing}")
     lr = spec.lr(global_batch_size)
     if member_specs is None or all((other.base_lr, other.weight_decay) == (spec.base_lr, spec.weight_decay) for other in member_specs):
         groups: Iterable[dict] = parameter_groups(model, spec.weight_decay, spec.decay_norm_params)
@@ -103,9 +103,13 @@ def build_optimizer(
     return optimizer, scheduler
 
 
-def _member_settings(spec: OptimSpec) -> dict:
-    """The optimizer settings that every member of a stack shares (all but base_lr and weight_decay)."""
-    settings = dataclasses.asdict(spec)
-    for key in MEMBER_OPTIM_FIELDS:
-        settings.pop(key)
-    return settings
+def member_optim_difference(spec: OptimSpec, other: OptimSpec) -> str | None:
+    """The first optimizer setting other than :data:`MEMBER_OPTIM_FIELDS` in which ``other`` differs
+    from ``spec`` (two runs with one cannot train as one stack); None when there is none.
+
+    Args:
+        spec: one member's settings.
+        other: another member's.
+    """
+    return next((field.name for field in dataclasses.fields(OptimSpec)
+                 if field.name not in MEMBER_OPTIM_FIELDS and getattr(spec, field.name) != getattr(other, field.name)), None)

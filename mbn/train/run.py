@@ -32,7 +32,7 @@ from mbn.train.ddp_buffers import PerDeviceMomentumStats
 from mbn.train.datamodule import ImageDataModule
 from mbn.train.loggers import build_loggers, dashboard_callbacks, finish_loggers
 from mbn.train.module import ClassificationModule, DivergedError
-from mbn.train.optim import MEMBER_OPTIM_FIELDS
+from mbn.train.optim import MEMBER_OPTIM_FIELDS, member_optim_difference
 from mbn.train.run_dir import CHECKPOINT_DIR, CHECKPOINT_HASH_KEY, JobPlan, JobRecord, disk_full_message, last_checkpoint, verify_checkpoint
 from mbn.train.spec import RunSpec
 from mbn.train.stacked_checkpoint import (
@@ -177,13 +177,11 @@ def check_stackable(specs: Sequence[RunSpec]) -> None:
     first = specs[0]
     if len(specs) == 1:
         return
-    shared_optim = {key: getattr(first.optim, key) for key in MEMBER_OPTIM_FIELDS}
     for index, spec in enumerate(specs[1:], 1):
         for field in dataclasses.fields(RunSpec):
             mine, theirs = getattr(spec, field.name), getattr(first, field.name)
-            if field.name == "optim":
-                mine = dataclasses.replace(mine, **shared_optim)
-            if field.name not in MEMBER_FIELDS and mine != theirs:
+            differs = member_optim_difference(theirs, mine) is not None if field.name == "optim" else mine != theirs
+            if field.name not in MEMBER_FIELDS and differs:
                 allowed = ", ".join([*MEMBER_FIELDS, *(f"optim.{key}" for key in MEMBER_OPTIM_FIELDS)])
                 raise ValueError(f"runs of a stack may differ only in {allowed}: run {index} has another {field.name} than run 0")
     dirs = [Path(spec.output_dir).resolve() for spec in specs]
