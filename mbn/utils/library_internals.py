@@ -68,6 +68,31 @@ def foreach_copy_(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
     torch._foreach_copy_(targets, sources)
 
 
+def foreach_add(tensors: Sequence[Tensor], others: Sequence[Tensor], alpha: float = 1.0) -> list[Tensor]:
+    """``[t.add(o, alpha=alpha) for t, o in zip(tensors, others)]`` as one multi-tensor op (see :func:`foreach_lerp`)."""
+    return list(torch._foreach_add(tensors, others, alpha=alpha))
+
+
+def foreach_add_(tensors: Sequence[Tensor], others: Sequence[Tensor], alpha: float = 1.0) -> None:
+    """``t.add_(o, alpha=alpha)`` for each pair, as one multi-tensor op (see :func:`foreach_lerp`)."""
+    torch._foreach_add_(tensors, others, alpha=alpha)
+
+
+def foreach_mul_(tensors: Sequence[Tensor], scalar: float) -> None:
+    """``t.mul_(scalar)`` for each tensor, as one multi-tensor op (see :func:`foreach_lerp`)."""
+    torch._foreach_mul_(tensors, scalar)
+
+
+def foreach_addcmul(tensors: Sequence[Tensor], factors1: Sequence[Tensor], factors2: Sequence[Tensor]) -> list[Tensor]:
+    """``[t.addcmul(a, b) for ...]`` (``t + a * b``, broadcasting ``b``) as one multi-tensor op (see :func:`foreach_lerp`)."""
+    return list(torch._foreach_addcmul(tensors, factors1, factors2))
+
+
+def foreach_addcmul_(tensors: Sequence[Tensor], factors1: Sequence[Tensor], factors2: Sequence[Tensor]) -> None:
+    """``t.addcmul_(a, b)`` (``t += a * b``, broadcasting ``b``) for each triple, as one multi-tensor op (see :func:`foreach_lerp`)."""
+    torch._foreach_addcmul_(tensors, factors1, factors2)
+
+
 def own_buffers(module: torch.nn.Module) -> dict[str, Tensor | None]:
     """The live dict of ``module``'s own buffers (not its children's), by name: reading
     ``own_buffers(layer)["running_mean"]`` is ``layer.running_mean``.

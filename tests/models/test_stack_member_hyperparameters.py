@@ -32,19 +32,21 @@ def single_optimizer(model, lr, weight_decay, nesterov):
     return torch.optim.SGD(parameter_groups(model, weight_decay, decay_norm_params=False), lr=lr, momentum=MOMENTUM, nesterov=nesterov)
 
 
-def stacked_optimizer(stacked, nesterov):
-    groups = [{"params": group["params"], "member_weight_decay": [wd * group["weight_decay"] for wd in WEIGHT_DECAYS]}
+def stacked_optimizer(stacked, nesterov, weight_decays=WEIGHT_DECAYS):
+    groups = [{"params": group["params"], "member_weight_decay": [wd * group["weight_decay"] for wd in weight_decays]}
               for group in parameter_groups(stacked, 1.0, decay_norm_params=False)]
     return MemberSGD(groups, num_members=len(LRS), lr=LRS[0], member_lr_scale=[lr / LRS[0] for lr in LRS],
-                     member_weight_decay=WEIGHT_DECAYS, momentum=MOMENTUM, nesterov=nesterov)
+                     member_weight_decay=weight_decays, momentum=MOMENTUM, nesterov=nesterov)
 
 
-@pytest.mark.parametrize("norm, nesterov", [("bn", False), ("mbn", True)], ids=["bn-momentum", "mbn-nesterov"])
-def test_members_with_their_own_lr_and_weight_decay_match_their_single_runs_for_20_steps(norm, nesterov):
+# Members' weight decays differ (a K-column per parameter) or are one value (SGD's own weight-decay op).
+@pytest.mark.parametrize("norm, nesterov, weight_decays", [("bn", False, WEIGHT_DECAYS), ("mbn", True, WEIGHT_DECAYS), ("bn", False, (1e-3,) * 3)],
+                         ids=["bn-momentum", "mbn-nesterov", "bn-one-weight-decay"])
+def test_members_with_their_own_lr_and_weight_decay_match_their_single_runs_for_20_steps(norm, nesterov, weight_decays):
     singles = [build("resnet18", norm, seed) for seed in range(len(LRS))]
     stacked = stack(singles)
-    optimizers = [single_optimizer(model, lr, wd, nesterov) for model, lr, wd in zip(singles, LRS, WEIGHT_DECAYS)]
-    optimizer = stacked_optimizer(stacked, nesterov)
+    optimizers = [single_optimizer(model, lr, wd, nesterov) for model, lr, wd in zip(singles, LRS, weight_decays)]
+    optimizer = stacked_optimizer(stacked, nesterov, weight_decays)
     # The same lr schedule on both sides (as the runs' per-step LambdaLR): halved every 5 steps.
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 0.5 ** (step // 5)) for o in [*optimizers, optimizer]]
     generator = torch.Generator().manual_seed(0)

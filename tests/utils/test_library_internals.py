@@ -15,8 +15,13 @@ from torch.utils.data import DataLoader
 from mbn.utils import library_internals
 from mbn.utils.library_internals import (
     LibraryChangedError,
+    foreach_add,
+    foreach_add_,
+    foreach_addcmul,
+    foreach_addcmul_,
     foreach_copy_,
     foreach_lerp,
+    foreach_mul_,
     hydra_job_dir_in_traceback,
     ignore_in_ddp,
     own_buffers,
@@ -50,6 +55,34 @@ def test_foreach_lerp_and_copy_are_lerp_and_copy_per_tensor():
     except AttributeError as exc:
         pytest.fail(changed("torch", f"torch._foreach_copy_ is gone ({exc})"))
     assert all(torch.equal(t, e) for t, e in zip(targets, ends)), changed("torch", "_foreach_copy_ copies otherwise")
+
+
+def test_foreach_arithmetic_is_the_per_tensor_op_bit_for_bit():
+    """Exact equality with the per-tensor op, broadcasting a K x 1 column where MemberSGD does."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(4, 6, generator=generator), torch.randn(4, 1, generator=generator)]
+    others = [torch.randn(4, 6, generator=generator), torch.randn(4, 1, generator=generator)]
+    column = torch.randn(4, 1, generator=generator)
+    try:
+        added = foreach_add(tensors, others, alpha=0.3)
+        products = foreach_addcmul(tensors, others, [column, column])
+        targets = [t.clone() for t in tensors]
+        foreach_add_(targets, others, alpha=-0.7)
+        scaled = [t.clone() for t in tensors]
+        foreach_mul_(scaled, 0.9)
+        stepped = [t.clone() for t in tensors]
+        foreach_addcmul_(stepped, others, [column, column])
+    except (AttributeError, RuntimeError) as exc:
+        pytest.fail(changed("torch", f"a torch._foreach_* op is gone or takes other arguments ({exc})"))
+    cases = {
+        "_foreach_add": (added, [t.add(o, alpha=0.3) for t, o in zip(tensors, others)]),
+        "_foreach_addcmul": (products, [t.addcmul(o, column) for t, o in zip(tensors, others)]),
+        "_foreach_add_": (targets, [t.add(o, alpha=-0.7) for t, o in zip(tensors, others)]),
+        "_foreach_mul_": (scaled, [t.mul(0.9) for t in tensors]),
+        "_foreach_addcmul_": (stepped, [t.addcmul(o, column) for t, o in zip(tensors, others)]),
+    }
+    for op, (results, expected) in cases.items():
+        assert all(torch.equal(r, x) for r, x in zip(results, expected)), changed("torch", f"{op} computes otherwise")
 
 
 def test_own_buffers_is_the_live_dict_of_the_module_s_own_buffers():
