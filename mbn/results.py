@@ -81,7 +81,10 @@ HASH_EXCLUDED_KEYS = ("output_root", "hydra", "logger", "paths", "sweep_name", "
 
 # Keys added to the config after runs were recorded, at the value that computes what those runs
 # computed: left out of the hash at that value, so a rerun of an earlier command still finds its runs.
-HASH_NEUTRAL_DEFAULTS: dict[tuple[str, ...], Any] = {("data", "val_subset"): None}
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, ...], Any] = {
+    ("data", "val_subset"): None,
+    **{("norm", key): None for key in ("warmup_epochs", "r_max_ramp_epochs", "d_max_ramp_epochs")},
+}
 
 
 def config_hash(config: Mapping[str, Any], exclude: tuple[str, ...] = HASH_EXCLUDED_KEYS) -> str:

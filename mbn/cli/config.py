@@ -187,7 +187,7 @@ def check_buildable(spec: "RunSpec") -> None:
     from mbn.nn import norm_layer
 
     try:
-        factory = norm_layer(spec.norm.name, **spec.norm_options)
+        factory = norm_layer(spec.norm.name, **spec.norm_options(steps_per_epoch=1))
     except (TypeError, ValueError) as exc:
         raise ConfigError("norm", str(exc)) from None
     try:

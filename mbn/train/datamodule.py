@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 
 from mbn.data import DatasetSplits, ImageArrays, TensorBatchLoader, dataset_arguments, load_dataset, stratified_holdout
+from mbn.data.epoch_split import EpochSplit
 from mbn.data.streaming import FileSplits, ImageFiles, StreamingBatchLoader, open_image_folder
 from mbn.train.spec import DataSpec, SpecError
 
@@ -70,6 +71,10 @@ class ImageDataModule(pl.LightningDataModule):
     def eval_splits(self) -> tuple[str, ...]:
         """The evaluation splits' names, in the order of :meth:`val_dataloader`'s loaders."""
         return self.spec.eval_splits
+
+    def steps_per_epoch(self, world_size: int = 1) -> int:
+        """Training batches (optimizer steps) per epoch on each of ``world_size`` devices (loads the data)."""
+        return EpochSplit(len(self.load().train), self.spec.batch_size, 0, world_size, drop_last=True).num_batches
 
     @property
     def in_channels(self) -> int:

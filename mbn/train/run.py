@@ -53,7 +53,7 @@ class RunInterrupted(BaseException):
     """SIGTERM outside ``trainer.fit`` (inside it Lightning raises its own ``SIGTERMException``)."""
 
 
-def build_seeded_model(spec: RunSpec, num_classes: int, in_channels: int) -> torch.nn.Module:
+def build_seeded_model(spec: RunSpec, num_classes: int, in_channels: int, steps_per_epoch: int | None = None) -> torch.nn.Module:
     """The run's network, initialized from ``spec.seed`` (seeds every generator first).
 
     A stacked run builds each member with this, so member k starts exactly as its single run.
@@ -62,12 +62,13 @@ def build_seeded_model(spec: RunSpec, num_classes: int, in_channels: int) -> tor
         spec: the run.
         num_classes: classes of the dataset.
         in_channels: image channels of the dataset.
+        steps_per_epoch: training steps per epoch, for norm options given in epochs (BRN's ramps).
     """
     pl.seed_everything(spec.seed, workers=True, verbose=False)
     return build_model(
         spec.model.name,
         num_classes=num_classes,
-        norm_layer=norm_layer(spec.norm.name, **spec.norm_options),
+        norm_layer=norm_layer(spec.norm.name, **spec.norm_options(steps_per_epoch)),
         width=spec.model.width,
         in_channels=in_channels,
         **spec.model.options,
@@ -377,7 +378,8 @@ def build_datamodule(specs: Sequence[RunSpec]) -> ImageDataModule | StackedDataM
 
 def build_module(specs: Sequence[RunSpec], datamodule: ImageDataModule | StackedDataModule) -> ClassificationModule:
     """Each member's model as its single run builds it (seeded), stacked when there are several, in the job's module."""
-    models = [build_seeded_model(spec, datamodule.num_classes, datamodule.in_channels) for spec in specs]
+    steps_per_epoch = datamodule.steps_per_epoch(specs[0].trainer.world_size)
+    models = [build_seeded_model(spec, datamodule.num_classes, datamodule.in_channels, steps_per_epoch) for spec in specs]
     if len(models) == 1:
         return training_module(specs[0], models[0], datamodule.num_classes)
     module = training_module(specs[0], stack(models), datamodule.num_classes, StackedClassificationModule)

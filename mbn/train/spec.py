@@ -513,12 +513,14 @@ class NormSpec:
         """The fields as keyword arguments for ``norm_layer`` (every field but ``name``)."""
         return options_of(self)
 
-    def layer_options(self, width: int) -> dict[str, Any]:
+    def layer_options(self, width: int, steps_per_epoch: int | None = None) -> dict[str, Any]:
         """Keyword arguments for ``norm_layer`` in a network of base ``width``: :attr:`options`, with
-        defaults that depend on the width resolved (GN's groups); :attr:`RunSpec.norm_options`.
+        defaults that depend on the width resolved (GN's groups) and lengths given in epochs
+        converted to steps (BRN's ramps); :meth:`RunSpec.norm_options`.
 
         Args:
             width: ``model.width``.
+            steps_per_epoch: the run's optimizer steps per epoch (None = unknown).
         """
         return self.options
 
@@ -598,7 +600,7 @@ class GroupNormSpec(NormSpec):
             raise SpecError("num_groups", f"{self.num_groups} groups do not divide model.width={width} channels "
                             "(null means width-scaled groups, which always do)")
 
-    def layer_options(self, width: int) -> dict[str, Any]:
+    def layer_options(self, width: int, steps_per_epoch: int | None = None) -> dict[str, Any]:
         """Keyword arguments for ``norm_layer`` in a network of base ``width`` (the default resolved)."""
         options = self.options
         if self.num_groups is None and self.group_size is None:
@@ -606,11 +608,17 @@ class GroupNormSpec(NormSpec):
         return options
 
 
+# BRN's ramp lengths in steps, and the fields that give each in epochs instead.
+BRN_RAMP_EPOCH_FIELDS = {"warmup_steps": "warmup_epochs", "r_max_ramp_steps": "r_max_ramp_epochs", "d_max_ramp_steps": "d_max_ramp_epochs"}
+
+
 @schema_of(NORM_SCHEMAS)
 @dataclass
 class BatchRenormSpec(NormSpec):
     """Batch Renormalization (Ioffe, 2017): r/d corrections clipped to r_max/d_max, which ramp up
-    in training steps after ``warmup_steps`` of plain BN.
+    after a warmup of plain BN. The warmup and ramps are given in training steps (Ioffe's unit) or
+    in epochs (``*_epochs``, converted with the run's steps per epoch), which is the same fraction
+    of training at every batch size; the ``norm=brn_epochs`` option sets them so.
 
     Args:
         r_max: final clip of the std ratio r.
@@ -618,6 +626,9 @@ class BatchRenormSpec(NormSpec):
         warmup_steps: steps of plain BN (r = 1, d = 0) first.
         r_max_ramp_steps: steps over which r_max ramps from 1.
         d_max_ramp_steps: steps over which d_max ramps from 0.
+        warmup_epochs: the warmup in epochs instead (``warmup_steps`` then stays at its default).
+        r_max_ramp_epochs: r_max's ramp in epochs instead.
+        d_max_ramp_epochs: d_max's ramp in epochs instead.
         momentum: running-statistics update factor.
         eps: added to the variance.
     """
@@ -628,6 +639,9 @@ class BatchRenormSpec(NormSpec):
     warmup_steps: int = 0
     r_max_ramp_steps: int = 5000
     d_max_ramp_steps: int = 5000
+    warmup_epochs: float | None = None
+    r_max_ramp_epochs: float | None = None
+    d_max_ramp_epochs: float | None = None
     momentum: float = 0.1
     eps: float = 1e-5
 
@@ -635,10 +649,36 @@ class BatchRenormSpec(NormSpec):
         super().__post_init__()
         _within("r_max", self.r_max, 1.0, math.inf)
         _within("d_max", self.d_max, 0.0, math.inf)
-        for key in ("warmup_steps", "r_max_ramp_steps", "d_max_ramp_steps"):
-            _at_least(key, getattr(self, key), 0)
+        for steps_key, epochs_key in BRN_RAMP_EPOCH_FIELDS.items():
+            _at_least(steps_key, getattr(self, steps_key), 0)
+            if getattr(self, epochs_key) is None:
+                continue
+            _within(epochs_key, getattr(self, epochs_key), 0.0, math.inf)
+            default = next(f.default for f in dataclasses.fields(BatchRenormSpec) if f.name == steps_key)
+            if getattr(self, steps_key) != default:
+                raise SpecError(epochs_key, f"set {steps_key} or {epochs_key}, not both ({steps_key}={getattr(self, steps_key)})")
         _within("momentum", self.momentum, 0.0, 1.0)
         _within("eps", self.eps, 0.0, math.inf)
+
+    def layer_options(self, width: int, steps_per_epoch: int | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``norm_layer``: the ramps given in epochs converted to steps.
+
+        Args:
+            width: ``model.width`` (unused).
+            steps_per_epoch: the run's optimizer steps per epoch; needed when a ``*_epochs`` field is set.
+
+        Raises:
+            SpecError: a ``*_epochs`` field is set and ``steps_per_epoch`` is not given.
+        """
+        options = self.options
+        for steps_key, epochs_key in BRN_RAMP_EPOCH_FIELDS.items():
+            epochs = options.pop(epochs_key)
+            if epochs is None:
+                continue
+            if steps_per_epoch is None:
+                raise SpecError(epochs_key, "needs the run's steps per epoch to be converted to steps")
+            options[steps_key] = round(epochs * steps_per_epoch)
+        return options
 
 
 @schema_of(NORM_SCHEMAS)
@@ -936,7 +976,12 @@ class RunSpec:
         """Samples per optimizer step over all devices."""
         return self.data.batch_size * self.trainer.world_size
 
-    @property
-    def norm_options(self) -> dict[str, Any]:
-        """Keyword arguments of the run's ``norm_layer``, width-dependent defaults resolved."""
-        return self.norm.layer_options(self.model.width)
+    def norm_options(self, steps_per_epoch: int | None = None) -> dict[str, Any]:
+        """Keyword arguments of the run's ``norm_layer``, width-dependent defaults resolved and lengths
+        in epochs converted to steps.
+
+        Args:
+            steps_per_epoch: optimizer steps per epoch (:meth:`mbn.train.datamodule.ImageDataModule.steps_per_epoch`);
+                needed by a norm with lengths in epochs.
+        """
+        return self.norm.layer_options(self.model.width, steps_per_epoch)

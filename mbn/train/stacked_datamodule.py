@@ -50,6 +50,10 @@ class StackedDataModule(pl.LightningDataModule):
         """Image channels of one member (loads the data)."""
         return self.members[0].in_channels
 
+    def steps_per_epoch(self, world_size: int = 1) -> int:
+        """Training steps per epoch, the same for every member (loads the data)."""
+        return self.members[0].steps_per_epoch(world_size)
+
     def setup(self, stage: str | None = None) -> None:
         self.load()
         # The members pick rank, world size and device from the trainer, as in a single run.

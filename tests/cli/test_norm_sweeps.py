@@ -37,7 +37,7 @@ def test_every_norm_builds_at_every_width(norm, width, tmp_path):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["data=fake", f"norm={norm}", f"model.width={width}"])
     run = to_run_spec(load_job(cfg), tmp_path / "run", [], "hash")
-    model = build_model(run.model.name, num_classes=10, norm_layer=norm_layer(norm, **run.norm_options), width=width)
+    model = build_model(run.model.name, num_classes=10, norm_layer=norm_layer(norm, **run.norm_options()), width=width)
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
     if norm == "gn":  # 2 channels per group in the first stage, as GN-32 in the 64-wide network
         assert {m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)} == {width // 2}

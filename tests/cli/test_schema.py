@@ -25,7 +25,9 @@ def test_group_yaml_files_extend_their_schema_and_repeat_none_of_its_defaults(gr
         assert any(str(entry).startswith(f"/schema/{group}/") or entry in group_options(group) for entry in content["defaults"]), path
         values = {k: v for k, v in content.items() if k != "defaults"}
         if group in defaults_of:
-            schema_class = defaults_of[group][path.stem]
+            # A variant file (norm/brn_epochs) extends another option's schema, the one its defaults name.
+            schema_entry = next(str(entry) for entry in content["defaults"] if str(entry).startswith(f"/schema/{group}/"))
+            schema_class = defaults_of[group][schema_entry.removeprefix(f"/schema/{group}/").split("@")[0]]
             defaults = {f.name: getattr(schema_class(**({"name": path.stem} if group == "model" else {})), f.name)
                         for f in dataclasses.fields(schema_class)}
             repeated = {k: v for k, v in values.items() if k in defaults and defaults[k] == v}
@@ -48,7 +50,7 @@ def test_the_run_spec_is_built_by_omegaconf_from_the_typed_config(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["norm=foo"], "norm: unknown option 'foo'; expected one of bn, brn, gn, mbn, none"),
+        (["norm=foo"], "norm: unknown option 'foo'; expected one of bn, brn, brn_epochs, gn, mbn, none"),
         (["model=foo"], "model: unknown option 'foo'; expected one of imagenet_resnet18"),
         (["logger=[foo]"], "logger: unknown option 'foo'; expected one of csv, tensorboard, wandb"),
         (["data.batchsize=2"], "data.batchsize: unknown key; did you mean data.batch_size"),

@@ -111,7 +111,7 @@ def test_every_norm_of_the_studies_validates_and_builds(norm, tmp_path):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["experiment=study_cpu", f"paths.data_root={tmp_path}", f"norm={norm}", *options])
     run = to_run_spec(load_job(cfg), tmp_path / "run", [], "hash")
-    model = build_model("resnet18", num_classes=10, norm_layer=norm_layer(norm, **run.norm_options), width=run.model.width)
+    model = build_model("resnet18", num_classes=10, norm_layer=norm_layer(norm, **run.norm_options()), width=run.model.width)
     assert sum(p.numel() for p in model.parameters()) > 0
     if norm == "gn":  # the width-scaled default: 8 groups in every layer of the width-16 network
         assert {m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)} == {8}

@@ -202,3 +202,29 @@ def test_a_run_with_a_validation_split_records_it_as_val_and_the_test_split_as_t
                 correct += int((model(x).argmax(1) == y).sum())
                 samples += len(y)
             assert (samples, correct) == ({"val": 20, "test": 32}[split], round(rows[-1][f"{split}_acc1"] * samples)), split
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["single", "stack-of-2"])
+def test_brn_ramps_in_epochs_are_the_runs_steps_per_epoch_times_their_epochs(tmp_path, stacked):
+    """norm=brn_epochs: the layers get warmup and ramps of as many steps as the Trainer runs per epoch."""
+    import pytorch_lightning as pl
+
+    from mbn.nn import BatchRenorm
+    from mbn.train.run import build_datamodule, build_module
+    from mbn.train.spec import BatchRenormSpec
+
+    norm = BatchRenormSpec(warmup_epochs=1, r_max_ramp_epochs=2.5, d_max_ramp_epochs=0.5)
+    # 60 of 64 images with val_subset=4, batch 8: 7 steps (the held-out images and the cut last batch are not steps).
+    spec = fake_spec(tmp_path / "run", norm=norm, data=dataclasses.replace(fake_spec(tmp_path).data, val_subset=4))
+    specs = [spec, dataclasses.replace(spec, seed=1)] if stacked else [spec]
+    datamodule = build_datamodule(specs)
+    module = build_module(specs, datamodule)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu")
+    trainer.fit(module, datamodule=datamodule)
+    steps = trainer.num_training_batches
+    assert steps == 7
+    layers = [m for m in module.modules() if isinstance(m, BatchRenorm)]
+    assert layers
+    for layer in layers:
+        assert (layer.warmup_steps, layer.r_max_ramp_steps, layer.d_max_ramp_steps) == (steps, round(2.5 * steps), round(0.5 * steps))

@@ -24,11 +24,11 @@ def test_the_run_resolves_gn_defaults_with_its_width_and_keeps_set_values():
     def run(norm: specs.GroupNormSpec, width: int) -> specs.RunSpec:
         return specs.RunSpec(data=specs.FakeDataSpec(), model=specs.ResNetSpec(name="resnet18", width=width), norm=norm)
 
-    assert run(specs.GroupNormSpec(), 16).norm_options == {"num_groups": 8, "group_size": None, "eps": 1e-5}
-    assert run(specs.GroupNormSpec(), 64).norm_options["num_groups"] == specs.DEFAULT_GN_GROUPS
-    assert run(specs.GroupNormSpec(num_groups=2), 16).norm_options["num_groups"] == 2
-    assert run(specs.GroupNormSpec(group_size=4), 16).norm_options == {"num_groups": None, "group_size": 4, "eps": 1e-5}
-    assert run(specs.BatchNormSpec(), 16).norm_options == {"eps": 1e-5, "momentum": 0.1}
+    assert run(specs.GroupNormSpec(), 16).norm_options() == {"num_groups": 8, "group_size": None, "eps": 1e-5}
+    assert run(specs.GroupNormSpec(), 64).norm_options()["num_groups"] == specs.DEFAULT_GN_GROUPS
+    assert run(specs.GroupNormSpec(num_groups=2), 16).norm_options()["num_groups"] == 2
+    assert run(specs.GroupNormSpec(group_size=4), 16).norm_options() == {"num_groups": None, "group_size": 4, "eps": 1e-5}
+    assert run(specs.BatchNormSpec(), 16).norm_options() == {"eps": 1e-5, "momentum": 0.1}
     with pytest.raises(specs.SpecError, match="norm.num_groups: 32 groups do not divide model.width=16"):
         run(specs.GroupNormSpec(num_groups=32), 16)
 
@@ -82,3 +82,24 @@ def test_the_loggers_of_a_run_are_the_selected_ones_and_csv_in_registry_order():
         specs.LoggerSpec(selected={"foo": specs.TensorBoardSpec()})
     with pytest.raises(specs.SpecError, match="^wandb: must be a WandbSpec, got TensorBoardSpec"):
         specs.LoggerSpec(selected={"wandb": specs.TensorBoardSpec()})
+
+
+def test_brn_ramps_given_in_epochs_become_steps_with_the_runs_steps_per_epoch():
+    norm = specs.BatchRenormSpec(warmup_epochs=1, r_max_ramp_epochs=9, d_max_ramp_epochs=0.5)
+    options = norm.layer_options(16, steps_per_epoch=2500)
+    assert (options["warmup_steps"], options["r_max_ramp_steps"], options["d_max_ramp_steps"]) == (2500, 22500, 1250)
+    assert not {"warmup_epochs", "r_max_ramp_epochs", "d_max_ramp_epochs"} & options.keys()
+    # Given in steps (the default), they stay steps whatever the epoch length.
+    assert specs.BatchRenormSpec(warmup_steps=7).layer_options(16, steps_per_epoch=2500)["warmup_steps"] == 7
+    with pytest.raises(specs.SpecError, match="warmup_epochs: needs the run's steps per epoch"):
+        specs.BatchRenormSpec(warmup_epochs=1).layer_options(16)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"warmup_epochs": 1, "warmup_steps": 10}, "warmup_epochs: set warmup_steps or warmup_epochs, not both"),
+    ({"r_max_ramp_epochs": -1.0}, r"r_max_ramp_epochs: must be a number in \[0, inf\)"),
+    ({"d_max_ramp_epochs": float("nan")}, "d_max_ramp_epochs: must be a number"),
+])
+def test_brn_ramps_in_epochs_refuse_bad_values(changes, message):
+    with pytest.raises(specs.SpecError, match=message):
+        specs.BatchRenormSpec(**changes)
