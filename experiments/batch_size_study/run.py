@@ -58,15 +58,25 @@ class Study:
             must be ``sweep_name``.
         sweep_name: the sweep dir every command writes into (``<output_root>/sweeps/<sweep_name>``).
         sweeps: the Hydra overrides of each ``mbn-train -m`` command, after ``experiment=...``.
-        curve_batch_size: batch size of the test-accuracy-per-epoch plot.
+        curve_batch_size: column value (batch size) of the accuracy-per-epoch plot (None: mbn-compare's default).
         baseline: the row every other row is compared with, or None for no difference table.
+        rows: mbn-compare's ``--rows`` (config keys of the table rows).
+        cols: mbn-compare's ``--cols`` (config key of the columns).
+        metric: the main table's metric.
+        curve_metric: the history key of the accuracy-per-epoch plot.
+        compare_name: the dir of its tables under ``<output_root>/compare/`` (None: ``sweep_name``).
     """
 
     experiment: str
     sweep_name: str
     sweeps: tuple[tuple[str, ...], ...]
-    curve_batch_size: int
+    curve_batch_size: int | None
     baseline: str | None = "bn"
+    rows: str = "norm"
+    cols: str = "data.batch_size"
+    metric: str = TABLE_METRIC
+    curve_metric: str = "test_acc1"
+    compare_name: str | None = None
 
     def train_commands(self, extra: Sequence[str] = ()) -> list[list[str]]:
         """The study's ``mbn-train -m`` commands, each with the overrides ``extra`` appended."""
@@ -74,11 +84,14 @@ class Study:
 
     def compare_commands(self, sweep_dir: Path, compare_dir: Path) -> list[tuple[list[str], Path | None]]:
         """``(mbn-compare command, file its stdout goes to or None)`` of the study's tables and plots."""
-        main = ["mbn-compare", str(sweep_dir), "--out", str(compare_dir), "--format", "markdown",
-                "--metric", TABLE_METRIC, "--interval", "ci95", "--curve-batch-size", str(self.curve_batch_size)]
+        layout = ["--rows", self.rows, "--cols", self.cols]
+        main = ["mbn-compare", str(sweep_dir), "--out", str(compare_dir), "--format", "markdown", *layout,
+                "--metric", self.metric, "--interval", "ci95", "--curve-metric", self.curve_metric]
+        if self.curve_batch_size is not None:
+            main += ["--curve-batch-size", str(self.curve_batch_size)]
         if self.baseline is not None:
             main += ["--baseline", self.baseline]
-        side = [(["mbn-compare", str(sweep_dir), "--format", "markdown", "--metric", metric, "--interval", "ci95",
+        side = [(["mbn-compare", str(sweep_dir), "--format", "markdown", *layout, "--metric", metric, "--interval", "ci95",
                   "--decimals", str(decimals)], compare_dir / f"{metric}.md") for metric, decimals in SIDE_TABLES]
         return [(main, None), *side]
 
@@ -98,6 +111,26 @@ STUDIES: dict[str, Study] = {
             ("norm=gn,brn", "data.batch_size=2", "seed=0,1,2", "stack=3"),
         ),
         curve_batch_size=2,
+    ),
+    # The fair curve study's lr grids (EXPERIMENTS.md, "The paper's figure, fairly: protocol"): factors
+    # 0.3, 1, 3, 10 of lr = 0.1 m / 64 on seed 0, read on the validation split only (final_val_acc1).
+    # At m = 2 each norm's grid is one stacked pack of 4 (two packs at a time); at m = 32 stacking
+    # loses, so the 12 runs go 2 at a time unstacked (MBN at m = 32 is BN: it takes BN's factor).
+    "curve_grid": Study(
+        experiment="study_curve",
+        sweep_name="study_curve",
+        sweeps=(
+            ("norm=bn,mbn", "data.batch_size=2", "optim.base_lr=0.03,0.1,0.3,1", "stack=4"),
+            ("norm=gn,brn_epochs", "data.batch_size=2", "optim.base_lr=0.03,0.1,0.3,1", "stack=4"),
+            ("norm=bn,gn,brn_epochs", "data.batch_size=32", "optim.base_lr=0.03,0.1,0.3,1"),
+        ),
+        curve_batch_size=None,
+        baseline=None,
+        rows="norm,data.batch_size",
+        cols="optim.base_lr",
+        metric="final_val_acc1",
+        curve_metric="val_acc1",
+        compare_name="study_curve_grid",
     ),
     # The earlier, under-trained study (6 epochs, 3,000 images; every norm x m in {2..32} x 2 seeds).
     # With 6 epochs MBN uses the per-iteration schedule: the per-epoch one moves lam in 6 large jumps.
@@ -228,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     study = STUDIES[args.study]
     extra = [*([f"output_root={args.out}"] if args.out is not None else []), *args.overrides]
     sweep_dir = sweep_dir_of(study, args.out)
-    compare_dir = Path(args.compare_dir) if args.compare_dir else sweep_dir.parent.parent / "compare" / study.sweep_name
+    compare_dir = Path(args.compare_dir) if args.compare_dir else sweep_dir.parent.parent / "compare" / (study.compare_name or study.sweep_name)
     train = [(command, None) for command in study.train_commands(extra)]
     compare = [] if args.no_compare else study.compare_commands(sweep_dir, compare_dir)
     if args.dry_run:

@@ -90,6 +90,23 @@ def test_the_trained_experiment_is_the_protocols_recipe(tmp_path):
     assert (mbn["norm"]["ideal_batch_size"], mbn["norm"]["schedule"]) == (32, "epoch")
 
 
+def test_the_curve_experiment_is_the_protocols_recipe(tmp_path):
+    """EXPERIMENTS.md, "The paper's figure, fairly": the trained-regime recipe with a 1,000-image validation
+    split, and BRN's ramps of 1 / 9 / 6 epochs; its grid tables read the validation split only."""
+    config, _ = compose_experiment("study_curve", [], tmp_path)
+    trained, _ = compose_experiment("study_trained", [], tmp_path)
+    assert config["data"]["val_subset"] == 1000 and config["sweep_name"] == "study_curve"
+    for key in ("model", "optim", "trainer", "epochs"):
+        assert config[key] == trained[key], key
+    assert {k: v for k, v in config["data"].items() if k != "val_subset"} == {k: v for k, v in trained["data"].items() if k != "val_subset"}
+    brn, _ = compose_experiment("study_curve", ["norm=brn_epochs"], tmp_path)
+    assert brn["norm"]["name"] == "brn"
+    assert (brn["norm"]["warmup_epochs"], brn["norm"]["r_max_ramp_epochs"], brn["norm"]["d_max_ramp_epochs"]) == (1, 9, 6)
+    assert (brn["norm"]["r_max"], brn["norm"]["d_max"]) == (3.0, 5.0)
+    grid = study.STUDIES["curve_grid"]
+    assert grid.metric == "final_val_acc1" and grid.curve_metric == "val_acc1" and grid.baseline is None
+
+
 def test_the_undertrained_study_covers_exactly_its_grid(tmp_path):
     config, params = compose_experiment("study_cpu", [], tmp_path)
     assert (config["epochs"], config["data"]["train_subset"], config["model"]["width"]) == (6, 3000, 16)
@@ -126,11 +143,11 @@ def test_dry_run_prints_what_a_user_types(capsys, monkeypatch):
     assert lines[:5] == [study.shown(command) for command in TRAINED.train_commands()]
     assert lines[0] == "mbn-train -m experiment=study_trained norm=bn,mbn data.batch_size=2 seed=0,1,2,3,4 stack=5"
     assert lines[5] == ("mbn-compare outputs/sweeps/study_trained --out outputs/compare/study_trained --format markdown "
-                        "--metric final_test_acc1 --interval ci95 --curve-batch-size 2 --baseline bn")
+                        "--rows norm --cols data.batch_size --metric final_test_acc1 --interval ci95 --curve-metric test_acc1 --curve-batch-size 2 --baseline bn")
     assert lines[6:] == [
-        "mbn-compare outputs/sweeps/study_trained --format markdown --metric final_train_loss --interval ci95 "
+        "mbn-compare outputs/sweeps/study_trained --format markdown --rows norm --cols data.batch_size --metric final_train_loss --interval ci95 "
         "--decimals 3 > outputs/compare/study_trained/final_train_loss.md",
-        "mbn-compare outputs/sweeps/study_trained --format markdown --metric final_train_acc1 --interval ci95 "
+        "mbn-compare outputs/sweeps/study_trained --format markdown --rows norm --cols data.batch_size --metric final_train_acc1 --interval ci95 "
         "--decimals 2 > outputs/compare/study_trained/final_train_acc1.md"]
     # Without --out the sweep dir follows the config's output_root default, $MBN_OUTPUT_ROOT included.
     monkeypatch.setenv("MBN_OUTPUT_ROOT", "/data/runs")
