@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from experiments.batch_size_study.curve import FACTORS_FILE, read_factors, seed_sweeps, select_runs
 from mbn.results import RESULTS_FILENAME, iter_results
 from mbn.utils.io import atomic_write
 
@@ -144,6 +145,12 @@ STUDIES: dict[str, Study] = {
 }
 
 
+def curve_study(factors: dict[str, dict[int, float]]) -> Study:
+    """The fair curve study's seeds at the chosen factors (:mod:`experiments.batch_size_study.curve`):
+    its runs share the grids' sweep dir, so the grids' seed-0 runs at the chosen factors are reused."""
+    return Study(experiment="study_curve", sweep_name="study_curve", sweeps=seed_sweeps(factors), curve_batch_size=2)
+
+
 def executable(command: Sequence[str]) -> list[str]:
     """The argv that runs ``command``: an entry point (``mbn-train``) becomes ``python -m <its module>``,
     so the study runs with this interpreter whether or not the entry points are on PATH."""
@@ -156,32 +163,53 @@ def shown(command: Sequence[str], stdout: Path | None = None) -> str:
     return shlex.join(command) + (f" > {shlex.quote(str(stdout))}" if stdout is not None else "")
 
 
-def run_commands(commands: Sequence[tuple[Sequence[str], Path | None]]) -> list[int]:
-    """Run the commands one after another, each printed first; a command's output goes to this
-    process's stdout, or to its file.
+def run_commands(commands: Sequence[tuple[Sequence[str], Path | None]], jobs: int = 1, log_dir: Path | None = None) -> list[int]:
+    """Run the commands, each printed first, ``jobs`` at a time; a command's output goes to this
+    process's stdout, or to its file (with ``jobs > 1``, to ``log_dir/command-<i>.log``).
 
     Args:
         commands: ``(command, file for its stdout or None)`` pairs.
+        jobs: how many commands run at once.
+        log_dir: where the commands' logs go when several run at once.
 
     Returns:
-        the exit code of every command started; after an interrupted or killed command (exit
-        130 or a signal) no further command starts.
+        the exit code of every command started, in the order they were given; after an interrupted
+        or killed command (exit 130 or a signal) no further command starts.
     """
-    codes: list[int] = []
-    for command, stdout in commands:
-        _say(f"$ {shown(command, stdout)}")
-        started = time.monotonic()
-        if stdout is None:
-            code = subprocess.call(executable(command))
-        else:
-            stdout.parent.mkdir(parents=True, exist_ok=True)
-            with open(stdout, "w") as out:
-                code = subprocess.call(executable(command), stdout=out)
-        codes.append(code)
-        _say(f"exit {code} after {time.monotonic() - started:.0f} s")
-        if code < 0 or code == INTERRUPTED_EXIT_CODE:
-            break
-    return codes
+    pending = list(enumerate(commands))
+    running: dict[int, tuple[subprocess.Popen, float, object]] = {}
+    codes: dict[int, int] = {}
+    stopped = False
+    while pending or running:
+        while pending and not stopped and len(running) < jobs:
+            index, (command, stdout) = pending.pop(0)
+            if stdout is None and jobs > 1 and log_dir is not None:
+                stdout = log_dir / f"command-{index + 1}.log"
+            _say(f"$ {shown(command, stdout)}")
+            out = None
+            if stdout is not None:
+                stdout.parent.mkdir(parents=True, exist_ok=True)
+                out = open(stdout, "w")
+            running[index] = (subprocess.Popen(executable(command), stdout=out, stderr=subprocess.STDOUT if out and jobs > 1 else None),
+                              time.monotonic(), out)
+        finished = _wait_any(running)
+        process, started, out = running.pop(finished)
+        if out is not None:
+            out.close()
+        codes[finished] = process.returncode
+        _say(f"exit {process.returncode} after {time.monotonic() - started:.0f} s: {shown(commands[finished][0])}")
+        if process.returncode < 0 or process.returncode == INTERRUPTED_EXIT_CODE:
+            stopped = True
+    return [codes[index] for index in sorted(codes)]
+
+
+def _wait_any(running: dict[int, tuple[subprocess.Popen, float, object]]) -> int:
+    # The index of a finished process (polling: the processes run for minutes to hours).
+    while True:
+        for index, (process, _, _) in running.items():
+            if process.poll() is not None:
+                return index
+        time.sleep(0.5)
 
 
 def sweep_dir_of(study: Study, output_root: str | os.PathLike | None) -> Path:
@@ -245,7 +273,10 @@ def _say(message: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.batch_size_study.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--study", choices=sorted(STUDIES), default="trained", help="which study (default trained)")
+    parser.add_argument("--study", choices=sorted([*STUDIES, "curve"]), default="trained",
+                        help="which study (default trained; curve = the fair curve study's seeds, once its factors are chosen)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="run N commands at once, each one process (hydra.launcher.n_jobs=1), logs in <compare dir>/logs/")
     parser.add_argument("--out", help="output_root of the runs (default: the config's, $MBN_OUTPUT_ROOT or outputs)")
     parser.add_argument("--compare-dir", help="mbn-compare's --out (default <output_root>/compare/<sweep_name>)")
     parser.add_argument("--publish", metavar="DIR", help="copy tables, plots, runs CSV and run records here")
@@ -257,23 +288,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a study; returns 0 when every command succeeded."""
-    args = build_parser().parse_intermixed_args(argv)
-    study = STUDIES[args.study]
-    extra = [*([f"output_root={args.out}"] if args.out is not None else []), *args.overrides]
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.study == "curve":
+        factors = read_factors()
+        if factors is None:
+            print(f"{parser.prog}: the curve study's factors are not chosen yet ({FACTORS_FILE} is missing): run the grids "
+                  f"(--study curve_grid), then python -m experiments.batch_size_study.curve <sweep dir> --write {FACTORS_FILE}",
+                  file=sys.stderr)
+            return 2
+        study = curve_study(factors)
+    else:
+        study = STUDIES[args.study]
+    extra = [*([f"output_root={args.out}"] if args.out is not None else []), *args.overrides,
+             *(["hydra.launcher.n_jobs=1"] if args.jobs > 1 else [])]
     sweep_dir = sweep_dir_of(study, args.out)
     compare_dir = Path(args.compare_dir) if args.compare_dir else sweep_dir.parent.parent / "compare" / (study.compare_name or study.sweep_name)
     train = [(command, None) for command in study.train_commands(extra)]
-    compare = [] if args.no_compare else study.compare_commands(sweep_dir, compare_dir)
+    # The curve study's sweep dir also holds the grids' other lrs: its tables read a selection.
+    compare_source = compare_dir / "selected" if args.study == "curve" else sweep_dir
+    compare = [] if args.no_compare else study.compare_commands(compare_source, compare_dir)
     if args.dry_run:
         for command, stdout in [*train, *compare]:
             print(shown(command, stdout))
         return 0
     started = time.monotonic()
-    codes = run_commands(train)
+    codes = run_commands(train, jobs=args.jobs, log_dir=compare_dir / "logs")
     _say(f"sweeps done in {time.monotonic() - started:.0f} s; exit codes {codes}")
     status = 0 if len(codes) == len(train) and all(code == 0 for code in codes) else 1
     if len(codes) < len(train) or not compare:
         return status
+    if args.study == "curve":
+        selected = select_runs(sweep_dir, factors, compare_source)
+        _say(f"selected the {len(selected)} runs at the chosen factors into {compare_source}")
     if any(code != 0 for code in run_commands(compare)):
         return 1
     if args.publish:

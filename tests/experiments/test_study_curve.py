@@ -1,0 +1,151 @@
+"""The fair curve study's tuning rule (experiments/batch_size_study/curve.py) and its seeds' commands:
+the protocol of EXPERIMENTS.md ("The paper's figure, fairly") applied to hand-made grid records."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.batch_size_study import curve
+from experiments.batch_size_study import run as study
+from mbn.results import write_results
+
+
+def record(sweep: Path, norm: str, m: int, factor: float, val_acc1: float, seed: int = 0, status: str = "completed",
+           dir_suffix: str = "") -> None:
+    name = f"data.batch_size={m},norm={norm},optim.base_lr={curve.base_lr_of(factor):g}" + (f",seed={seed}" if seed else "") + dir_suffix
+    config = {"norm": {"name": norm}, "data": {"batch_size": m}, "optim": {"base_lr": curve.base_lr_of(factor)}, "seed": seed}
+    write_results(sweep / name, {"status": status, "config": config, "metrics": {"final_val_acc1": val_acc1}})
+
+
+def test_an_inner_best_factor_is_chosen_and_ties_go_to_the_linear_scaling_rule():
+    assert curve.tune({0.3: 0.50, 1.0: 0.61, 3.0: 0.64, 10.0: 0.40}) == curve.Tuned(3.0)
+    assert curve.tune({0.3: 0.50, 1.0: 0.64, 3.0: 0.64, 10.0: 0.40}) == curve.Tuned(1.0)
+
+
+def test_a_best_factor_at_an_edge_extends_the_grid_once_and_then_takes_the_best_of_it():
+    assert curve.tune({0.3: 0.70, 1.0: 0.61, 3.0: 0.64, 10.0: 0.40}) == curve.Tuned(None, extension=0.1)
+    assert curve.tune({0.3: 0.50, 1.0: 0.61, 3.0: 0.64, 10.0: 0.66}) == curve.Tuned(None, extension=30.0)
+    # Extended once: its best is taken, at the new edge too (no second extension).
+    assert curve.tune({0.1: 0.72, 0.3: 0.70, 1.0: 0.61, 3.0: 0.64, 10.0: 0.40}) == curve.Tuned(0.1)
+    assert curve.tune({0.1: 0.69, 0.3: 0.70, 1.0: 0.61, 3.0: 0.64, 10.0: 0.40}) == curve.Tuned(0.3)
+    assert curve.tune({0.3: 0.5, 3.0: 0.6}) == curve.Tuned(None, missing=(1.0, 10.0))
+
+
+@pytest.mark.parametrize("factor_2, factor_32, expected", [
+    (1.0, 1.0, {4: 1.0, 8: 1.0, 16: 1.0}),
+    # log-linear from 0.3 to 3: 0.53 (nearer 0.3 in log), 0.95 -> 1, 1.69 (nearer 1 than 3 in log: 0.52 < 0.57)
+    (0.3, 3.0, {4: 0.3, 8: 1.0, 16: 1.0}),
+    (10.0, 0.3, {4: 3.0, 8: 1.0, 16: 1.0}),  # m = 8: exactly between 1 and 3 in log: 1
+])
+def test_the_factor_between_the_tuned_batch_sizes_is_log_interpolated_and_snapped(factor_2, factor_32, expected):
+    for m, factor in expected.items():
+        assert curve.interpolated_factor(factor_2, factor_32, m) == factor, m
+    values = sorted({*curve.GRID, *curve.EXTENSION.values()})
+    for m in (4, 8, 16):  # the snap is the nearest value in log
+        t = (math.log2(m) - 1) / 4
+        target = (1 - t) * math.log(factor_2) + t * math.log(factor_32)
+        chosen = curve.interpolated_factor(factor_2, factor_32, m)
+        assert all(abs(math.log(chosen) - target) <= abs(math.log(v) - target) + 1e-9 for v in values)
+
+
+def test_grid_records_give_every_norms_factors_and_mbn_takes_bns_at_32(tmp_path):
+    sweep = tmp_path / "study_curve"
+    accuracies = {0.3: 0.55, 1.0: 0.60, 3.0: 0.62, 10.0: 0.30}
+    for norm in curve.NORMS:
+        for m in curve.TUNED_BATCH_SIZES:
+            if (norm, m) != ("mbn", 32):
+                for factor, value in accuracies.items():
+                    record(sweep, norm, m, factor, value + (0.1 if (norm, m, factor) == ("gn", 2, 1.0) else 0.0))
+    # Not grid evidence: another seed, a failed run, a batch size that is not tuned.
+    record(sweep, "bn", 2, 10.0, 0.99, seed=1)
+    record(sweep, "bn", 32, 10.0, 0.99, status="failed", dir_suffix=",trainer.num_threads=2")
+    record(sweep, "bn", 8, 10.0, 0.99)
+    scores = curve.grid_scores(sweep)
+    assert scores[("bn", 2)] == accuracies and ("bn", 8) not in scores
+    factors, pending = curve.choose_factors(scores)
+    assert pending == []
+    assert factors["bn"] == {2: 3.0, 4: 3.0, 8: 3.0, 16: 3.0, 32: 3.0}
+    assert factors["gn"] == {2: 1.0, 4: 1.0, 8: 1.0, 16: 3.0, 32: 3.0}  # m = 8 a tie in log: 1
+    assert factors["mbn"][32] == factors["bn"][32]
+
+
+def test_an_incomplete_grid_or_an_edge_says_what_to_run_and_writes_nothing(tmp_path, capsys):
+    sweep = tmp_path / "study_curve"
+    for factor, value in {0.3: 0.70, 1.0: 0.61, 3.0: 0.64, 10.0: 0.40}.items():
+        record(sweep, "bn", 2, factor, value)
+    out_file = tmp_path / "factors.json"
+    assert curve.main([str(sweep), "--write", str(out_file)]) == 1
+    out = capsys.readouterr().out
+    assert "still to run: bn at m=2: best at the grid's edge, extend with factor 0.1 (optim.base_lr=0.01)" in out
+    assert "still to run: gn at m=2: no completed run yet at factor(s) 0.3, 1, 3, 10" in out
+    assert "| bn | 2 | 70.00 | 61.00 | 64.00 | 40.00 |" in out
+    assert not out_file.exists()
+
+
+def test_chosen_factors_are_written_once_complete_and_give_the_protocols_74_seed_runs(tmp_path, capsys):
+    sweep = tmp_path / "study_curve"
+    for norm in curve.NORMS:
+        for m in curve.TUNED_BATCH_SIZES:
+            if (norm, m) != ("mbn", 32):
+                for factor, value in {0.3: 0.50, 1.0: 0.64, 3.0: 0.61, 10.0: 0.40}.items():
+                    record(sweep, norm, m, factor, value if norm != "brn" or m != 32 else {3.0: 0.7}.get(factor, value))
+    out_file = tmp_path / "factors.json"
+    assert curve.main([str(sweep), "--write", str(out_file)]) == 0
+    factors = curve.read_factors(out_file)
+    assert factors["bn"] == dict.fromkeys(curve.CURVE_BATCH_SIZES, 1.0)
+    assert factors["brn"] == {2: 1.0, 4: 1.0, 8: 1.0, 16: 3.0, 32: 3.0}
+    assert json.loads(out_file.read_text())["grid_scores"]["brn@32"]["3"] == 0.7
+    sweeps = curve.seed_sweeps(factors)
+    runs = [(norm, sweep[1], sweep[2], seed) for sweep in sweeps for norm in sweep[0].removeprefix("norm=").split(",")
+            for seed in sweep[3].removeprefix("seed=").split(",")]
+    assert len(runs) == len(set(runs)) == 74
+    assert ("norm=bn,gn,brn_epochs,mbn", "data.batch_size=2", "optim.base_lr=0.1", "seed=0,1,2,3,4", "stack=5") in sweeps
+    assert ("norm=brn_epochs", "data.batch_size=16", "optim.base_lr=0.3", "seed=0,1,2", "stack=3") in sweeps
+    assert ("norm=mbn", "data.batch_size=32", "optim.base_lr=0.1", "seed=0") in sweeps  # one run, unstacked at m = 32
+    # The seeds' study: the runner prints these commands, one process each when several run at once.
+    study_ = study.curve_study(factors)
+    assert [c[3:] for c in study_.train_commands()] == [list(s) for s in sweeps]
+
+
+def test_the_curve_study_refuses_to_start_before_its_factors_are_chosen(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(study, "read_factors", lambda: None)
+    assert study.main(["--study", "curve", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "factors are not chosen yet" in err[0] and "--study curve_grid" in err[0]
+    monkeypatch.setattr(study, "read_factors", lambda: {norm: dict.fromkeys(curve.CURVE_BATCH_SIZES, 1.0) for norm in curve.NORMS})
+    assert study.main(["--study", "curve", "--dry-run", "--jobs", "2", "--no-compare"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("mbn-train -m experiment=study_curve norm=bn,gn,brn_epochs,mbn data.batch_size=2 optim.base_lr=0.1 "
+                        "seed=0,1,2,3,4 stack=5 hydra.launcher.n_jobs=1")
+
+
+def test_commands_run_several_at_once_with_their_logs_and_codes_in_order(tmp_path):
+    marker = tmp_path / "started"
+    # The first waits until the second has started: they can only both finish when they run at once.
+    first = [sys.executable, "-c", f"import pathlib, time\nwhile not pathlib.Path({str(marker)!r}).exists(): time.sleep(0.05)\nprint('first')"]
+    second = [sys.executable, "-c", f"import pathlib, sys\npathlib.Path({str(marker)!r}).touch()\nprint('second')\nsys.exit(3)"]
+    codes = study.run_commands([(first, None), (second, None)], jobs=2, log_dir=tmp_path / "logs")
+    assert codes == [0, 3]
+    assert (tmp_path / "logs" / "command-1.log").read_text().strip() == "first"
+    assert (tmp_path / "logs" / "command-2.log").read_text().strip() == "second"
+
+
+def test_the_curve_tables_read_only_the_runs_at_the_chosen_factors(tmp_path):
+    sweep = tmp_path / "study_curve"
+    for factor in curve.GRID:
+        record(sweep, "bn", 2, factor, 0.5)
+    for seed in (1, 2):
+        record(sweep, "bn", 2, 3.0, 0.5, seed=seed)
+        record(sweep, "bn", 2, 1.0, 0.5, seed=seed)  # not the chosen factor
+    target = tmp_path / "selected"
+    write_results(target / "stale", {"status": "completed", "config": {}})
+    copied = curve.select_runs(sweep, {"bn": {2: 3.0}}, target)
+    assert sorted(p.parent.name for p in copied) == ["data.batch_size=2,norm=bn,optim.base_lr=0.3",
+                                                     "data.batch_size=2,norm=bn,optim.base_lr=0.3,seed=1",
+                                                     "data.batch_size=2,norm=bn,optim.base_lr=0.3,seed=2"]
+    assert sorted(p.parent.name for p in target.rglob("results.json")) == sorted(p.parent.name for p in copied)
