@@ -723,9 +723,10 @@ class NoNormSpec(NormSpec):
     name: str = "none"
 
 
+# B0's options are BN's (eps, momentum; the same checks), so its schema is BN's.
 @schema_of(NORM_SCHEMAS)
 @dataclass
-class EvoNormB0Spec(NormSpec):
+class EvoNormB0Spec(BatchNormSpec):
     """EvoNorm-B0 (Liu et al., NeurIPS 2020): x / max(sqrt(batch variance + eps), v * x + sqrt(instance
     variance + eps)) * gamma + beta, with a running variance (as BN's) at inference.
 
@@ -735,13 +736,6 @@ class EvoNormB0Spec(NormSpec):
     """
 
     name: str = "evonorm_b0"
-    eps: float = 1e-5
-    momentum: float = 0.1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _within("eps", self.eps, 0.0, math.inf)
-        _within("momentum", self.momentum, 0.0, 1.0)
 
 
 # S0's groups follow GN's rules, so its schema is GN's (same fields, checks and width-scaled default;

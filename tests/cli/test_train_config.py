@@ -192,6 +192,11 @@ BAD_OVERRIDES = [
      "smallest feature map (1x1 at 32 px)"),
     (["model=imagenet_resnet18", "norm=mbn", "data=fake", "data.source.image_size=32", "data.batch_size=1"],
      "data.batch_size: 1 image per device leaves the mbn layers"),
+    (["model=imagenet_resnet18", "norm=evonorm_b0", "data=fake", "data.source.image_size=32", "data.batch_size=1"],
+     "data.batch_size: 1 image per device leaves the evonorm_b0 layers"),
+    (["norm=evonorm_s0", "model.width=8", "norm.num_groups=3"], "norm.num_groups: 3 groups do not divide model.width=8 channels"),
+    (["norm=evonorm_b0", "norm.momentum=2"], "norm.momentum: must be a number in [0, 1], got 2.0"),
+    (["norm=frn", "norm.eps=-1"], "norm.eps: must be a number in [0, inf), got -1.0"),
 ]
 
 
