@@ -34,8 +34,9 @@ class EvoNormB0(nn.Module):
     ``weight``, ``bias`` and ``running_var`` load from a BatchNorm state_dict (``convert_norm``).
 
     DDP: the batch variance is each device's own (as ``nn.BatchNorm`` without SyncBatchNorm; not a
-    ``_BatchNorm``, so ``convert_sync_batchnorm`` leaves it alone); ``running_var`` is a buffer like
-    BN's running statistics.
+    ``_BatchNorm``, so ``convert_sync_batchnorm`` leaves it alone); the instance variance is per
+    sample. ``running_var`` is a buffer, so DDP's buffer broadcast gives every device rank 0's at
+    each forward, as it does BN's running statistics.
 
     Args:
         num_features: number of channels ``C``.
