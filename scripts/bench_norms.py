@@ -42,8 +42,8 @@ EPOCH, TOTAL_EPOCHS = 5, 10  # MBN mid-schedule
 
 
 def norm_kwargs(norm: str, args: argparse.Namespace) -> dict:
-    # Width-16 channels (16..128) are not divisible into GroupNorm's default 32 groups.
-    return {"gn": {"num_groups": 8}, "mbn": {"ideal_batch_size": args.mbn_m0}}.get(norm, {})
+    # Width-16 channels (16..128) are not divisible into GroupNorm's (and EvoNorm-S0's) default 32 groups.
+    return {"gn": {"num_groups": 8}, "evonorm_s0": {"num_groups": 8}, "mbn": {"ideal_batch_size": args.mbn_m0}}.get(norm, {})
 
 
 def build(norm: str, args: argparse.Namespace, seed: int, device: torch.device) -> nn.Module:
@@ -122,7 +122,7 @@ def bench(norms: list[str], batch_size: int, args: argparse.Namespace, device: t
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 32])
-    parser.add_argument("--norms", nargs="+", default=["bn", "gn", "brn", "mbn"], choices=[n for n in NORM_NAMES if n != "none"])
+    parser.add_argument("--norms", nargs="+", default=["bn", "gn", "brn", "mbn", "evonorm_b0", "evonorm_s0", "frn"], choices=[n for n in NORM_NAMES if n != "none"])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the whole run")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per batch size and mode")
     parser.add_argument("--samples-per-round", type=int, default=128, help="images per timed block (steps = this // batch)")
@@ -151,14 +151,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     m0 = args.mbn_m0
     lams = ", ".join(f"m={m}: lam={schedule.lam(EPOCH, TOTAL_EPOCHS, m, m0):.3f}" for m in args.batch_sizes)
-    print(f"# mbn: m0={m0}, epoch {EPOCH}/{TOTAL_EPOCHS} ({lams}); gn: num_groups=8; brn: defaults")
-    print(f"{'batch':>5} {'norm':>5} {'train ms':>9} {'train/BN':>9} {'eval ms':>8} {'eval/BN':>8}")
+    print(f"# mbn: m0={m0}, epoch {EPOCH}/{TOTAL_EPOCHS} ({lams}); gn, evonorm_s0: num_groups=8; brn, evonorm_b0, frn: defaults")
+    print(f"{'batch':>5} {'norm':>10} {'train ms':>9} {'train/BN':>9} {'eval ms':>8} {'eval/BN':>8}")
     rows = []
     for batch_size in args.batch_sizes:
         for norm, row in bench(norms, batch_size, args, device).items():
             rows.append({"batch_size": batch_size, "norm": norm, **row})
             print(
-                f"{batch_size:>5} {norm:>5} {row['train_ms']:>9.2f} {row['train_ratio']:>9.3f} "
+                f"{batch_size:>5} {norm:>10} {row['train_ms']:>9.2f} {row['train_ratio']:>9.3f} "
                 f"{row['eval_ms']:>8.2f} {row['eval_ratio']:>8.3f}",
                 flush=True,
             )

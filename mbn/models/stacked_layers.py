@@ -12,6 +12,8 @@ an output and no operation combines channels of two members:
 * :class:`StackedBatchNorm2d`, :class:`StackedMomentumBatchNorm2d`, :class:`StackedBatchRenorm2d`:
   the layer over ``K * C`` channels. Their statistics are per channel, hence per member.
 * :class:`StackedGroupNorm`: ``K * G`` groups of consecutive channels, none straddling two members.
+* :class:`StackedEvoNormB0`, :class:`StackedFilterResponseNorm`: the layer over ``K * C`` channels
+  (per-channel statistics and parameters); :class:`StackedEvoNormS0`: ``K * G`` groups, as GN.
 
 Each stacked layer keeps one *shell* per member: a copy of the member layer whose tensors live on
 the meta device (no memory). A shell carries its member's class and hyperparameters, so
@@ -30,7 +32,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 from torch import Tensor, nn
 
-from mbn.nn import BatchRenorm2d, GroupNorm, MomentumBatchNorm2d
+from mbn.nn import BatchRenorm2d, EvoNormB0, EvoNormS0, FilterResponseNorm, GroupNorm, MomentumBatchNorm2d
 from mbn.nn.momentum_batchnorm import _TRAINING_STEPS
 from mbn.utils.library_internals import own_buffers
 
@@ -39,6 +41,9 @@ __all__ = [
     "StackedBatchNorm2d",
     "StackedBatchRenorm2d",
     "StackedConv2d",
+    "StackedEvoNormB0",
+    "StackedEvoNormS0",
+    "StackedFilterResponseNorm",
     "StackedGroupNorm",
     "StackedLayer",
     "StackedLinear",
@@ -548,6 +553,36 @@ class StackedBatchRenorm2d(StackedLayer, BatchRenorm2d):
         self._set_member_steps(steps)
 
 
+class StackedEvoNormB0(StackedLayer, EvoNormB0):
+    """K :class:`~mbn.nn.EvoNormB0` members as one over ``K * C`` channels.
+
+    Its batch and instance variances and ``running_var`` are per channel, hence per member; the
+    forward is EvoNorm-B0's.
+    """
+
+    @classmethod
+    def _empty(cls, prototype: EvoNormB0, num_members: int) -> "StackedEvoNormB0":
+        return cls(prototype.num_features * num_members, eps=prototype.eps, momentum=prototype.momentum, device="meta")
+
+
+class StackedEvoNormS0(StackedLayer, EvoNormS0):
+    """K :class:`~mbn.nn.EvoNormS0` members as one with ``K * G`` groups of consecutive channels over
+    ``K * C`` channels: member k's groups are groups ``[k * G, (k + 1) * G)``, none straddling two
+    members. The forward is EvoNorm-S0's."""
+
+    @classmethod
+    def _empty(cls, prototype: EvoNormS0, num_members: int) -> "StackedEvoNormS0":
+        return cls(prototype.num_features * num_members, num_groups=prototype.num_groups * num_members, eps=prototype.eps, device="meta")
+
+
+class StackedFilterResponseNorm(StackedLayer, FilterResponseNorm):
+    """K :class:`~mbn.nn.FilterResponseNorm` members as one over ``K * C`` channels (its statistic is
+    per sample and channel); the forward is FRN + TLU's."""
+
+    @classmethod
+    def _empty(cls, prototype: FilterResponseNorm, num_members: int) -> "StackedFilterResponseNorm":
+        return cls(prototype.num_features * num_members, eps=prototype.eps, device="meta")
+
 # Member class -> its stacked layer. Exact classes: a subclass may compute something else.
 STACKED_LAYERS: dict[type[nn.Module], type[StackedLayer]] = {
     nn.Conv2d: StackedConv2d,
@@ -557,4 +592,7 @@ STACKED_LAYERS: dict[type[nn.Module], type[StackedLayer]] = {
     GroupNorm: StackedGroupNorm,
     MomentumBatchNorm2d: StackedMomentumBatchNorm2d,
     BatchRenorm2d: StackedBatchRenorm2d,
+    EvoNormB0: StackedEvoNormB0,
+    EvoNormS0: StackedEvoNormS0,
+    FilterResponseNorm: StackedFilterResponseNorm,
 }

@@ -1,4 +1,5 @@
-"""Normalization layers for the small-batch study: MBN, Batch Renorm, GroupNorm, BN, none.
+"""Normalization layers for the small-batch study: MBN, Batch Renorm, GroupNorm, BN, none, and the
+small-batch peers EvoNorm-B0/S0 and FRN.
 
 Pure PyTorch (no Lightning, no Hydra), so ``from mbn.nn import MomentumBatchNorm2d`` works in any
 model. Backbones take ``norm_layer("mbn", ideal_batch_size=32)``; the training loop calls
@@ -9,7 +10,10 @@ from mbn.nn import schedule
 from mbn.nn._batch_stats_norm import min_values_per_channel
 from mbn.nn.batch_renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from mbn.nn.convert import convert, convert_norm
+from mbn.nn.evonorm_b0 import EvoNormB0
+from mbn.nn.evonorm_s0 import EvoNormS0
 from mbn.nn.factory import NORM_NAMES, make_norm, norm_class, norm_layer
+from mbn.nn.filter_response_norm import FilterResponseNorm
 from mbn.nn.functional import momentum_batch_norm, momentum_batch_norm_reference
 from mbn.nn.group_norm import GroupNorm
 from mbn.nn.momentum_batchnorm import (
@@ -27,6 +31,9 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
     "GroupNorm",
     "MomentumBatchNorm",
     "MomentumBatchNorm1d",

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mbn.nn._input_checks import check_input, check_training_batch
+from mbn.nn.evonorm_b0 import EvoNormB0
 from mbn.utils.library_internals import own_buffers
 
 # torch's batch-norm layers, named by their public classes (their common base, ``_BatchNorm``, is
@@ -23,7 +24,7 @@ _INPUT_DIMS: dict[int, tuple[int, ...]] = {1: (2, 3), 2: (4,), 3: (5,)}
 
 def min_values_per_channel(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
     """The fewest values per channel that a batch-statistics norm layer of ``model`` (``nn.BatchNorm*``,
-    MBN, Batch Renorm) sees for one input of ``input_shape``: its smallest feature map's size.
+    MBN, Batch Renorm, EvoNorm-B0) sees for one input of ``input_shape``: its smallest feature map's size.
 
     A training batch of ``m`` inputs gives such a layer ``m`` times that many values per channel;
     one value has no variance (torch raises "Expected more than 1 value per channel when training").
@@ -36,7 +37,7 @@ def min_values_per_channel(model: nn.Module, input_shape: tuple[int, ...]) -> in
     Returns:
         The smallest feature map's number of values per channel; None without such layers.
     """
-    layers = [m for m in model.modules() if isinstance(m, (*TORCH_BATCH_NORMS, BatchStatsNorm))]
+    layers = [m for m in model.modules() if isinstance(m, (*TORCH_BATCH_NORMS, BatchStatsNorm, EvoNormB0))]
     seen: list[int] = []
     hooks = [layer.register_forward_pre_hook(lambda _, args: seen.append(args[0][0].numel() // args[0].shape[1]))
              for layer in layers]

@@ -11,6 +11,7 @@ from torch import nn
 from mbn.nn._batch_stats_norm import TORCH_BATCH_NORMS
 from mbn.nn.batch_renorm import BatchRenorm, BatchRenorm1d, BatchRenorm3d
 from mbn.nn.factory import check_kwargs, norm_class
+from mbn.nn.filter_response_norm import FilterResponseNorm
 from mbn.nn.momentum_batchnorm import MomentumBatchNorm, MomentumBatchNorm1d, MomentumBatchNorm3d
 
 __all__ = ["convert_norm", "convert"]
@@ -19,6 +20,9 @@ __all__ = ["convert_norm", "convert"]
 _CONVERTIBLE = (*TORCH_BATCH_NORMS, MomentumBatchNorm, BatchRenorm)
 _DIM_1 = (nn.BatchNorm1d, MomentumBatchNorm1d, BatchRenorm1d)
 _DIM_3 = (nn.BatchNorm3d, MomentumBatchNorm3d, BatchRenorm3d)
+# Targets whose eps is added to another statistic than a batch variance (FRN: the mean square):
+# they keep their own (their paper's) default instead of inheriting the old layer's.
+_OWN_EPS = (FilterResponseNorm,)
 
 
 def _input_rank(layer: nn.Module) -> int:
@@ -36,6 +40,8 @@ def _replacement(layer: nn.Module, name: str, kwargs: dict[str, Any]) -> nn.Modu
     accepted = inspect.signature(cls.__init__).parameters
     # Inherit what eval outputs depend on, unless overridden.
     inherited = {arg: getattr(layer, arg) for arg in ("eps", "affine") if arg in accepted and arg not in kwargs}
+    if issubclass(cls, _OWN_EPS):
+        inherited.pop("eps", None)
     new = cls(layer.num_features, **inherited, **kwargs)
     tensors = [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]
     floating = next((t for t in tensors if t.is_floating_point()), None)
@@ -64,7 +70,9 @@ def convert_norm(model: nn.Module, name: str, **kwargs: Any) -> nn.Module:
     with the old one: affine parameters, running statistics, ``num_batches_tracked``. So MBN/BRN ->
     ``"bn"`` gives identical eval outputs (deployment without overhead), and BN -> ``"mbn"``
     starts from the BN's running statistics (MBN's momentum statistics initialize from the next
-    batch). GroupNorm and Identity layers are left alone.
+    batch). BN -> ``"evonorm_b0"`` keeps ``weight``, ``bias`` and ``running_var``; ``"evonorm_s0"`` and
+    ``"frn"`` keep ``weight`` and ``bias`` (FRN keeps its own ``eps`` default, 1e-6, as its eps is added
+    to a mean square). GroupNorm and Identity layers are left alone.
 
     Args:
         model: the model; modified in place.

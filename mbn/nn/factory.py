@@ -9,6 +9,9 @@ from typing import Any, Callable
 from torch import nn
 
 from mbn.nn.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from mbn.nn.evonorm_b0 import EvoNormB0
+from mbn.nn.evonorm_s0 import EvoNormS0
+from mbn.nn.filter_response_norm import FilterResponseNorm
 from mbn.nn.group_norm import GroupNorm
 from mbn.nn.momentum_batchnorm import MomentumBatchNorm1d, MomentumBatchNorm2d, MomentumBatchNorm3d
 
@@ -22,6 +25,9 @@ NORM_LAYERS: dict[str, dict[int, type[nn.Module]]] = {
     "brn": {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d},
     "mbn": {1: MomentumBatchNorm1d, 2: MomentumBatchNorm2d, 3: MomentumBatchNorm3d},
     "none": {1: nn.Identity, 2: nn.Identity, 3: nn.Identity},
+    "evonorm_b0": {1: EvoNormB0, 2: EvoNormB0, 3: EvoNormB0},
+    "evonorm_s0": {1: EvoNormS0, 2: EvoNormS0, 3: EvoNormS0},
+    "frn": {1: FilterResponseNorm, 2: FilterResponseNorm, 3: FilterResponseNorm},
 }
 NORM_NAMES: tuple[str, ...] = tuple(NORM_LAYERS)
 
@@ -79,12 +85,14 @@ def make_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
 
     Args:
         name: ``"bn"`` (``nn.BatchNorm2d``), ``"gn"`` (:class:`GroupNorm`), ``"brn"``
-            (:class:`BatchRenorm2d`), ``"mbn"`` (:class:`MomentumBatchNorm2d`) or ``"none"``
-            (``nn.Identity``, takes no keyword arguments).
+            (:class:`BatchRenorm2d`), ``"mbn"`` (:class:`MomentumBatchNorm2d`), ``"none"``
+            (``nn.Identity``, takes no keyword arguments), ``"evonorm_b0"`` (:class:`EvoNormB0`),
+            ``"evonorm_s0"`` (:class:`EvoNormS0`) or ``"frn"`` (:class:`FilterResponseNorm`).
         num_features: channel count.
         **kwargs: constructor arguments of that layer, e.g. mbn: ``ideal_batch_size``, ``tau0``,
             ``schedule``, ``fixed_lam``, ``eps``; gn: ``num_groups`` or ``group_size``; brn:
-            ``r_max``, ``d_max``, ``warmup_steps``, ``r_max_ramp_steps``, ``d_max_ramp_steps``, ``momentum``.
+            ``r_max``, ``d_max``, ``warmup_steps``, ``r_max_ramp_steps``, ``d_max_ramp_steps``, ``momentum``;
+            evonorm_b0: ``eps``, ``momentum``; evonorm_s0: ``num_groups`` or ``group_size``, ``eps``; frn: ``eps``.
 
     Returns:
         The layer.

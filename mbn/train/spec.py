@@ -723,6 +723,57 @@ class NoNormSpec(NormSpec):
     name: str = "none"
 
 
+# B0's options are BN's (eps, momentum; the same checks), so its schema is BN's.
+@schema_of(NORM_SCHEMAS)
+@dataclass
+class EvoNormB0Spec(BatchNormSpec):
+    """EvoNorm-B0 (Liu et al., NeurIPS 2020): x / max(sqrt(batch variance + eps), v * x + sqrt(instance
+    variance + eps)) * gamma + beta, with a running variance (as BN's) at inference.
+
+    Args:
+        eps: added to both variances.
+        momentum: running-variance update factor.
+    """
+
+    name: str = "evonorm_b0"
+
+
+# S0's groups follow GN's rules, so its schema is GN's (same fields, checks and width-scaled default;
+# RunSpec checks the groups against the width for both).
+@schema_of(NORM_SCHEMAS)
+@dataclass
+class EvoNormS0Spec(GroupNormSpec):
+    """EvoNorm-S0 (Liu et al., NeurIPS 2020): x * sigmoid(v * x) / group std * gamma + beta, batch-independent.
+    Groups as GN's (:class:`GroupNormSpec`): ``num_groups`` or ``group_size``, both null = width-scaled
+    groups (32 at width 64).
+
+    Args:
+        num_groups: groups per layer.
+        group_size: channels per group.
+        eps: added to the group variance.
+    """
+
+    name: str = "evonorm_s0"
+
+
+@schema_of(NORM_SCHEMAS)
+@dataclass
+class FilterResponseNormSpec(NormSpec):
+    """Filter Response Normalization + TLU (Singh & Krishnan, CVPR 2020): max(gamma * x / sqrt(mean
+    over HxW of x^2 + eps) + beta, tau), batch-independent.
+
+    Args:
+        eps: added to the mean square.
+    """
+
+    name: str = "frn"
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _within("eps", self.eps, 0.0, math.inf)
+
+
 # --- optimization, trainer, loggers ---------------------------------------------------------------
 
 

@@ -164,7 +164,7 @@ def test_job_dirname_is_deterministic_sorted_and_excludes_keys():
 
 BAD_OVERRIDES = [
     (["data.batch_size=0"], "data.batch_size: must be a positive integer, got 0"),
-    (["norm.name=foo"], "norm.name: unknown value 'foo'; expected one of bn, gn, brn, mbn, none"),
+    (["norm.name=foo"], "norm.name: unknown value 'foo'; expected one of bn, gn, brn, mbn, none, evonorm_b0, evonorm_s0, frn"),
     # A name is its option's: renaming one would configure another with the wrong schema.
     (["norm=bn", "norm.name=gn"], "norm.name: 'gn' is another option (a GroupNormSpec, not a BatchNormSpec): select it with norm=gn"),
     (["model.name=resnet19"], "model.name: unknown value 'resnet19'; expected one of resnet18, resnet34"),
@@ -192,6 +192,11 @@ BAD_OVERRIDES = [
      "smallest feature map (1x1 at 32 px)"),
     (["model=imagenet_resnet18", "norm=mbn", "data=fake", "data.source.image_size=32", "data.batch_size=1"],
      "data.batch_size: 1 image per device leaves the mbn layers"),
+    (["model=imagenet_resnet18", "norm=evonorm_b0", "data=fake", "data.source.image_size=32", "data.batch_size=1"],
+     "data.batch_size: 1 image per device leaves the evonorm_b0 layers"),
+    (["norm=evonorm_s0", "model.width=8", "norm.num_groups=3"], "norm.num_groups: 3 groups do not divide model.width=8 channels"),
+    (["norm=evonorm_b0", "norm.momentum=2"], "norm.momentum: must be a number in [0, 1], got 2.0"),
+    (["norm=frn", "norm.eps=-1"], "norm.eps: must be a number in [0, inf), got -1.0"),
 ]
 
 
@@ -210,7 +215,7 @@ def test_bad_values_fail_with_one_line_naming_the_key(overrides, message, run_en
 def test_unknown_key_and_unknown_group_option_fail_before_training(run_env):
     # Hydra's own composition errors get the same contract as every config error: one line, exit 2.
     for overrides, expected in ((["data.batch_sise=3"], "data.batch_sise: unknown key; did you mean data.batch_size or data.eval_batch_size?"),
-                                (["norm=foo"], "norm: unknown option 'foo'; expected one of bn, brn, brn_epochs, gn, mbn, none")):
+                                (["norm=foo"], "norm: unknown option 'foo'; expected one of bn, brn, brn_epochs, evonorm_b0, evonorm_s0, frn, gn, mbn, none")):
         proc = subprocess.run(
             [sys.executable, "-m", "mbn.cli.train", *overrides, f"output_root={run_env}"],
             capture_output=True, text=True, timeout=60,

@@ -10,10 +10,12 @@ from mbn.models import build_model, member_cross_entropy, member_state_dict
 from mbn.nn import norm_layer, set_progress
 from numerics import assert_close_normwise
 
-NORMS = ("bn", "gn", "brn", "mbn", "none")
-# Width-4 channels (4..32) split into 2 groups; BRN ramps within a few steps so its clipping moves.
+NORMS = ("bn", "gn", "brn", "mbn", "none", "evonorm_b0", "evonorm_s0", "frn")
+# Width-4 channels (4..32) split into 2 groups (GN, EvoNorm-S0: member k's groups must not straddle
+# into member k+1's channels); BRN ramps within a few steps so its clipping moves.
 NORM_KWARGS = {
     "gn": {"num_groups": 2},
+    "evonorm_s0": {"num_groups": 2},
     "brn": {"warmup_steps": 2, "r_max_ramp_steps": 5, "d_max_ramp_steps": 5},
     "mbn": {"ideal_batch_size": 32},
 }

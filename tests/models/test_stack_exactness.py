@@ -13,7 +13,8 @@ norm-wise: ``||stacked - single||_F / ||single||_F <= growth * steps * eps(float
 - Training: the weights, losses and SGD momentum buffers after up to 20 steps at batch size 8,
   ``TRAINING_GROWTH`` (tests/models/stacking.py, with its measurement). (At batch size 4 on 8x8 images
   the last norm layers see 4 values each and a 1e-15 perturbation grows to 1e-2 in 20 steps: no
-  reordering of float operations could match there, stacked or not.)
+  reordering of float operations could match there, stacked or not. EvoNorm-B0 and FRN runs are
+  chaotic even at batch size 8: they are compared where they are not, ``CHAOTIC_SETUPS``.)
 
 A real error is far outside both: with one label of member 1 replaced by member 0's in the stacked
 loss, the 20-step test's losses are off by 9e-4 to 2e-2 (checked for both backbones and every norm).
@@ -56,30 +57,57 @@ K = 3
 BACKBONE_PASS_GROWTH = 1e4
 
 
-@pytest.mark.parametrize("norm", NORMS)
+# Runs of these norms are chaotic at the 20-step test's sizes (8x8 images, batch 8): a single run whose
+# parameters are scaled by 1 + 1e-15 is off its unperturbed copy by 1e-5 (EvoNorm-B0 in ResNet-18) to
+# 1.4 (FRN in ResNet-18; FRN on 1x1 maps, the regime the paper's learned eps is for) after 20 steps,
+# norm-wise, so no reordering of float operations could match there, stacked or not (measured with
+# one thread). They are compared where a single run is not chaotic: (backbone, norm, image size,
+# SGD steps). Measured at most 1.6e2 units of steps * eps (B0 in ResNet-18 after 2 steps; it grows
+# about 40-fold per step, to 4e4 after 3) and 28 (FRN in ResNet-18 on 16x16 images, 20 steps).
+CHAOTIC_SETUPS = [
+    ("resnet18", "evonorm_b0", 8, 2),
+    ("vgg11", "evonorm_b0", 8, 2),
+    ("resnet18", "frn", 16, 20),
+]
+CHAOTIC_NORMS = {norm for _, norm, _, _ in CHAOTIC_SETUPS}
+
+
+@pytest.mark.parametrize("norm", [norm for norm in NORMS if norm not in CHAOTIC_NORMS])
 @pytest.mark.parametrize("name", ["resnet18", "vgg11"])
 def test_stacked_runs_match_their_single_runs_for_20_sgd_steps(name, norm):
+    stacked = _train_side_by_side(name, norm, size=8, steps=20)
+    if norm == "mbn":  # the momentum schedule was really active
+        assert all(layer.lam > 0 for _, layer in stacked_modules(stacked) if isinstance(layer, StackedMomentumBatchNorm2d))
+
+
+@pytest.mark.parametrize("name, norm, size, steps", CHAOTIC_SETUPS)
+def test_stacked_runs_of_chaotic_norms_match_their_single_runs_where_a_single_run_is_not_chaotic(name, norm, size, steps):
+    _train_side_by_side(name, norm, size=size, steps=steps)
+
+
+def _train_side_by_side(name: str, norm: str, size: int, steps: int):
+    # K single runs and their stack, trained on the same batches of size x size images; losses, states and SGD momentum
+    # buffers compared within TRAINING_GROWTH * steps * eps(float64). Returns the stacked model.
     singles = [build(name, norm, seed) for seed in range(K)]
     stacked = stack(singles)
     single_optimizers = [torch.optim.SGD(model.parameters(), **SGD) for model in singles]
     optimizer = torch.optim.SGD(stacked.parameters(), **SGD)
     generator = torch.Generator().manual_seed(0)
-    for step in range(20):
+    for step in range(steps):
         set_all_progress([*singles, stacked], step)
-        images, labels = batches(K, 8, 8, generator)
+        images, labels = batches(K, 8, size, generator)
         expected = [single_step(*run, x, y) for run, x, y in zip(zip(singles, single_optimizers), images, labels)]
         losses = stacked_step(stacked, optimizer, images, labels)
         assert_close_normwise(losses, expected, dtype=torch.float64, steps=step + 1, growth=TRAINING_GROWTH, what="losses")
-    assert_members_match(stacked, singles, steps=20, growth=TRAINING_GROWTH)
+    assert_members_match(stacked, singles, steps=steps, growth=TRAINING_GROWTH)
     for k, single_optimizer in enumerate(single_optimizers):
         state = member_optimizer_state_dict(optimizer, stacked, k)
         expected = single_optimizer.state_dict()
         assert state["param_groups"] == expected["param_groups"]
         for index, entry in expected["state"].items():
             assert_close_normwise(state["state"][index]["momentum_buffer"], entry["momentum_buffer"], dtype=torch.float64,
-                                  steps=20, growth=TRAINING_GROWTH, what=f"member {k} momentum buffer {index}")
-    if norm == "mbn":  # the momentum schedule was really active
-        assert all(layer.lam > 0 for _, layer in stacked_modules(stacked) if isinstance(layer, StackedMomentumBatchNorm2d))
+                                  steps=steps, growth=TRAINING_GROWTH, what=f"member {k} momentum buffer {index}")
+    return stacked
 
 
 @pytest.mark.parametrize("norm", NORMS)

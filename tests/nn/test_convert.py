@@ -5,7 +5,17 @@ import torch
 import torchvision
 from torch import nn
 
-from mbn.nn import BatchRenorm2d, GroupNorm, MomentumBatchNorm1d, MomentumBatchNorm2d, convert, convert_norm
+from mbn.nn import (
+    BatchRenorm2d,
+    EvoNormB0,
+    EvoNormS0,
+    FilterResponseNorm,
+    GroupNorm,
+    MomentumBatchNorm1d,
+    MomentumBatchNorm2d,
+    convert,
+    convert_norm,
+)
 
 
 def trained_resnet():
@@ -67,6 +77,28 @@ def test_to_groupnorm_copies_affine_and_keeps_dtype_mode_grad_flags():
     assert gn.weight.dtype == torch.float64 and torch.equal(gn.weight, bn.weight)
     assert gn.weight.requires_grad and not gn.bias.requires_grad
 
+
+
+@pytest.mark.parametrize("name, kwargs, cls, kept, eps", [
+    ("evonorm_b0", {}, EvoNormB0, ("weight", "bias", "running_var"), 1e-3),
+    ("evonorm_s0", {"num_groups": 2}, EvoNormS0, ("weight", "bias"), 1e-3),
+    ("frn", {}, FilterResponseNorm, ("weight", "bias"), 1e-6),  # FRN's own eps: it is added to a mean square
+])
+def test_a_models_batchnorms_to_each_peer_by_name(name, kwargs, cls, kept, eps):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, eps=1e-3), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, eps=1e-3)).double()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 3, 3, dtype=torch.float64))  # running statistics away from their initial values
+        for layer in (model[1], model[4]):
+            layer.weight.uniform_()
+            layer.bias.uniform_()
+    expected = [{key: getattr(model[i], key).detach().clone() for key in kept} for i in (1, 4)]
+    converted = convert_norm(model.eval(), name, **kwargs)
+    for index, state in zip((1, 4), expected):
+        layer = converted[index]
+        assert type(layer) is cls and not layer.training and layer.eps == eps
+        assert all(torch.equal(getattr(layer, key), value) for key, value in state.items())
+        assert layer.weight.dtype == torch.float64
+    assert converted(torch.randn(2, 3, 3, 3, dtype=torch.float64)).shape == (2, 4, 3, 3)
 
 def test_to_none_and_errors():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), GroupNorm(4, num_groups=2))

@@ -6,11 +6,22 @@ import pytest
 import torch
 from torch import nn
 
-from mbn.nn import NORM_NAMES, BatchRenorm2d, GroupNorm, MomentumBatchNorm2d, make_norm, norm_class, norm_layer
+from mbn.nn import (
+    NORM_NAMES,
+    BatchRenorm2d,
+    EvoNormB0,
+    EvoNormS0,
+    FilterResponseNorm,
+    GroupNorm,
+    MomentumBatchNorm2d,
+    make_norm,
+    norm_class,
+    norm_layer,
+)
 
 
 def test_names():
-    assert NORM_NAMES == ("bn", "gn", "brn", "mbn", "none")
+    assert NORM_NAMES == ("bn", "gn", "brn", "mbn", "none", "evonorm_b0", "evonorm_s0", "frn")
 
 
 @pytest.mark.parametrize(
@@ -21,6 +32,9 @@ def test_names():
         ("brn", {"r_max": 2.0}, BatchRenorm2d),
         ("mbn", {"ideal_batch_size": 8}, MomentumBatchNorm2d),
         ("none", {}, nn.Identity),
+        ("evonorm_b0", {"momentum": 0.2}, EvoNormB0),
+        ("evonorm_s0", {"num_groups": 4}, EvoNormS0),
+        ("frn", {"eps": 1e-5}, FilterResponseNorm),
     ],
 )
 def test_make_norm_builds_working_layers(name, kwargs, cls):

@@ -33,6 +33,32 @@ def test_the_run_resolves_gn_defaults_with_its_width_and_keeps_set_values():
         run(specs.GroupNormSpec(num_groups=32), 16)
 
 
+
+def test_evonorm_s0_takes_gns_groups_width_scaled_and_checked_against_the_width():
+    def run(norm: specs.NormSpec, width: int) -> specs.RunSpec:
+        return specs.RunSpec(data=specs.FakeDataSpec(), model=specs.ResNetSpec(name="resnet18", width=width), norm=norm)
+
+    assert run(specs.EvoNormS0Spec(), 16).norm_options() == {"num_groups": 8, "group_size": None, "eps": 1e-5}
+    assert run(specs.EvoNormS0Spec(), 64).norm_options()["num_groups"] == specs.DEFAULT_GN_GROUPS
+    assert run(specs.EvoNormS0Spec(group_size=4), 16).norm_options() == {"num_groups": None, "group_size": 4, "eps": 1e-5}
+    with pytest.raises(specs.SpecError, match="norm.num_groups: 32 groups do not divide model.width=16"):
+        run(specs.EvoNormS0Spec(num_groups=32), 16)
+    with pytest.raises(specs.SpecError, match="group_size: set num_groups or group_size, not both"):
+        specs.EvoNormS0Spec(num_groups=2, group_size=4)
+    assert run(specs.EvoNormB0Spec(), 16).norm_options() == {"eps": 1e-5, "momentum": 0.1}
+    assert run(specs.FilterResponseNormSpec(), 16).norm_options() == {"eps": 1e-6}
+
+
+@pytest.mark.parametrize("spec, changes, message", [
+    (specs.EvoNormB0Spec, {"eps": -1.0}, "eps: must be a number in [0, inf), got -1.0"),
+    (specs.EvoNormB0Spec, {"momentum": 1.5}, "momentum: must be a number in [0, 1], got 1.5"),
+    (specs.EvoNormS0Spec, {"num_groups": 0}, "num_groups: must be a positive integer or null, got 0"),
+    (specs.FilterResponseNormSpec, {"eps": float("nan")}, "eps: must be a number in [0, inf), got nan"),
+])
+def test_the_peers_schemas_refuse_bad_values(spec, changes, message):
+    with pytest.raises(specs.SpecError, match=re.escape(message)):
+        spec(**changes)
+
 def test_compile_is_refused_below_the_torch_that_compiles_mbn(monkeypatch):
     assert specs.COMPILE_MIN_TORCH == functional.COMPILE_MIN_TORCH
     # The installed torch passes exactly when mbn.nn says it compiles MBN.

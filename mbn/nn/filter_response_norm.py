@@ -1,0 +1,69 @@
+"""Filter Response Normalization with a Thresholded Linear Unit (Singh & Krishnan, CVPR 2020), channel count first.
+
+FRN + TLU is a normalization-activation layer: it replaces a BatchNorm-ReLU pair. Where a backbone
+has ``norm_layer(C)`` followed by a ReLU, the ReLU stays (as after GN in these backbones): unlike
+the paper, where TLU replaces it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mbn.nn._input_checks import check_input, check_num_features, check_number
+
+__all__ = ["FilterResponseNorm"]
+
+
+class FilterResponseNorm(nn.Module):
+    """FRN + TLU (Singh & Krishnan, 2020, Eqs. 1-4), batch-independent; for inputs ``(N, C, *)`` of any rank >= 2.
+
+    Per sample and channel, with ``nu2`` the mean of ``x ** 2`` over the spatial positions (for
+    ``(N, C)`` inputs, ``x ** 2`` itself):
+
+        x_hat = x / sqrt(nu2 + eps),  y = max(weight * x_hat + bias, tau)
+
+    No mean is subtracted. ``weight``, ``bias`` and ``tau`` are per channel, initialized to 1, 0
+    and 0 (so at initialization TLU is a ReLU of the normalized input). Train and eval mode compute
+    the same; there is no running state. ``eps`` is fixed (the paper's learned eps for 1x1
+    activation maps is not implemented).
+
+    DDP: no statistics across samples, so nothing is per device.
+
+    Args:
+        num_features: number of channels ``C``.
+        eps: added to ``nu2`` before the square root (the paper's 1e-6).
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-6, device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        name = type(self).__name__
+        check_num_features(name, num_features)
+        self.num_features = num_features
+        self.eps = check_number(name, "eps", eps, 0.0)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(num_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        self.tau = nn.Parameter(torch.zeros(num_features, **factory))
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize ``input`` of shape ``(N, C, *)`` and threshold it; see the class docstring."""
+        check_input(self, input, ())
+        shape = (1, -1) + (1,) * (input.dim() - 2)  # a per-channel vector against (N, C, *)
+        spatial = tuple(range(2, input.dim()))
+        nu2 = input.square().mean(dim=spatial, keepdim=True) if spatial else input.square()
+        x_hat = input * torch.rsqrt(nu2 + self.eps)
+        return torch.maximum(torch.addcmul(self.bias.view(shape), x_hat, self.weight.view(shape)), self.tau.view(shape))
+
+    def reset_parameters(self) -> None:
+        """Reset the parameters to ``weight = 1``, ``bias = tau = 0``."""
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+        nn.init.zeros_(self.tau)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
