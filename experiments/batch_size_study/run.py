@@ -192,6 +192,8 @@ def run_commands(commands: Sequence[tuple[Sequence[str], Path | None]], jobs: in
                 out = open(stdout, "w")
             running[index] = (subprocess.Popen(executable(command), stdout=out, stderr=subprocess.STDOUT if out and jobs > 1 else None),
                               time.monotonic(), out)
+        if not running:  # stopped: what is pending does not start
+            break
         finished = _wait_any(running)
         process, started, out = running.pop(finished)
         if out is not None:
