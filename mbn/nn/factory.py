@@ -9,8 +9,10 @@ from typing import Any, Callable
 from torch import nn
 
 from mbn.nn.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from mbn.nn.cross_iteration_batchnorm import CrossIterationBatchNorm1d, CrossIterationBatchNorm2d, CrossIterationBatchNorm3d
 from mbn.nn.group_norm import GroupNorm
 from mbn.nn.momentum_batchnorm import MomentumBatchNorm1d, MomentumBatchNorm2d, MomentumBatchNorm3d
+from mbn.nn.moving_average_batchnorm import MovingAverageBatchNorm1d, MovingAverageBatchNorm2d, MovingAverageBatchNorm3d
 
 __all__ = ["NORM_LAYERS", "NORM_NAMES", "make_norm", "norm_layer", "norm_class"]
 
@@ -22,6 +24,8 @@ NORM_LAYERS: dict[str, dict[int, type[nn.Module]]] = {
     "brn": {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d},
     "mbn": {1: MomentumBatchNorm1d, 2: MomentumBatchNorm2d, 3: MomentumBatchNorm3d},
     "none": {1: nn.Identity, 2: nn.Identity, 3: nn.Identity},
+    "mabn": {1: MovingAverageBatchNorm1d, 2: MovingAverageBatchNorm2d, 3: MovingAverageBatchNorm3d},
+    "cbn": {1: CrossIterationBatchNorm1d, 2: CrossIterationBatchNorm2d, 3: CrossIterationBatchNorm3d},
 }
 NORM_NAMES: tuple[str, ...] = tuple(NORM_LAYERS)
 
@@ -84,7 +88,11 @@ def make_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
         num_features: channel count.
         **kwargs: constructor arguments of that layer, e.g. mbn: ``ideal_batch_size``, ``tau0``,
             ``schedule``, ``fixed_lam``, ``eps``; gn: ``num_groups`` or ``group_size``; brn:
-            ``r_max``, ``d_max``, ``warmup_steps``, ``r_max_ramp_steps``, ``d_max_ramp_steps``, ``momentum``.
+            ``r_max``, ``d_max``, ``warmup_steps``, ``r_max_ramp_steps``, ``d_max_ramp_steps``, ``momentum``;
+            mabn (:class:`MovingAverageBatchNorm2d`): ``window``, ``momentum``, ``grad_momentum``,
+            ``warmup_steps``, ``r_max``, ``renorm_warmup_steps``; cbn (:class:`CrossIterationBatchNorm2d`):
+            ``window``, ``burnin_steps``, ``momentum``. MABN and CBN need the convolution in front of
+            them (:func:`mbn.nn.bind_norm`; the backbones of :mod:`mbn.models` hand it over).
 
     Returns:
         The layer.
