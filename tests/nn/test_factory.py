@@ -10,7 +10,7 @@ from mbn.nn import NORM_NAMES, BatchRenorm2d, GroupNorm, MomentumBatchNorm2d, ma
 
 
 def test_names():
-    assert NORM_NAMES == ("bn", "gn", "brn", "mbn", "none")
+    assert NORM_NAMES == ("bn", "gn", "brn", "mbn", "none", "mabn", "cbn")
 
 
 @pytest.mark.parametrize(
