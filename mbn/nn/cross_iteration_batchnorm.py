@@ -87,7 +87,11 @@ class CrossIterationBatchNorm(BatchStatsNorm):
     iterations: ``3 * (window - 1)`` copies of the convolution's weight), so a resumed run continues
     with its window. A training step under ``torch.no_grad`` (or with a frozen input) cannot take
     the derivatives and stores zero ones (a frozen convolution does not change anyway). Under DDP
-    the statistics are per device (the window holds each device's own batches), as in the reference.
+    the statistics are per device, as in the reference: no statistic is synchronized across
+    devices, the current batch's are the device's own. DDP's default buffer broadcast
+    (``broadcast_buffers=True``) copies rank 0's buffers (the window and the running statistics) to
+    every device before each forward, so a device pools rank 0's past iterations with its own
+    current batch (the per-device history of :mod:`mbn.train.ddp_buffers` covers MBN only).
 
     Args:
         num_features: number of channels ``C``.

@@ -98,7 +98,11 @@ class MovingAverageBatchNorm(BatchStatsNorm):
     Any batch size (the reference's classification code hard-codes 2) and any window; batches of
     different sizes weigh the same in the window. The window (``window_sq``), ``grad_ema`` and the
     step count are buffers, so a resumed run continues where it stopped. Under DDP the statistics
-    are per device (each device normalizes with its own batches' window), as the reference's.
+    are per device, as in the reference: no statistic is synchronized across devices, each device's
+    batch statistics are its own batch's. DDP's default buffer broadcast (``broadcast_buffers=True``)
+    copies rank 0's buffers (``window_sq``, ``grad_ema``, ``running_var``) to every device before each
+    forward, so a device averages rank 0's past iterations with its own current batch (the
+    per-device history of :mod:`mbn.train.ddp_buffers` covers MBN only).
 
     Args:
         num_features: number of channels ``C``.
