@@ -126,9 +126,10 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         self.burnin_steps = burnin_steps
         self.momentum = float(momentum)
         past = window - 1
-        self.register_buffer("past_mean", torch.zeros(past, num_features, device=device, dtype=dtype))
-        self.register_buffer("past_sq", torch.zeros(past, num_features, device=device, dtype=dtype))
-        # (past, *weight shape) each, allocated by bind_preceding (the weight's shape is known then).
+        # Channels first, as every per-channel tensor (stacked models stack along dim 0): (C, past) ...
+        self.register_buffer("past_mean", torch.zeros(num_features, past, device=device, dtype=dtype))
+        self.register_buffer("past_sq", torch.zeros(num_features, past, device=device, dtype=dtype))
+        # ... and (C, past, *weight shape[1:]) each, allocated by bind_preceding (the weight's shape is known then).
         self.register_buffer("past_weight", None)
         self.register_buffer("past_dmean", None)
         self.register_buffer("past_dsq", None)
@@ -153,7 +154,7 @@ class CrossIterationBatchNorm(BatchStatsNorm):
             raise ValueError(f"{type(self).__name__}({self.num_features}): the layer in front must have a weight of shape "
                              f"({self.num_features}, ...); got {type(layer).__name__} with weight {shape}")
         self._preceding = (layer,)
-        past = (self.window - 1, *weight.shape)
+        past = (self.num_features, self.window - 1, *weight.shape[1:])
         factory = {"device": self.past_mean.device, "dtype": self.past_mean.dtype}
         self.past_weight = torch.zeros(past, **factory)
         self.past_dmean = torch.zeros(past, **factory)
@@ -175,10 +176,10 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         conv_weight = self._preceding[0].weight
         filled = self._filled(step)
         with torch.no_grad():
-            change = conv_weight.detach().unsqueeze(0) - self.past_weight[:filled]
+            change = conv_weight.detach().unsqueeze(1) - self.past_weight[:, :filled]
             per_channel = tuple(range(2, change.dim()))
-            past_mean = self.past_mean[:filled] + (self.past_dmean[:filled] * change).sum(per_channel)
-            past_sq = self.past_sq[:filled] + (self.past_dsq[:filled] * change).sum(per_channel)
+            past_mean = (self.past_mean[:, :filled] + (self.past_dmean[:, :filled] * change).sum(per_channel)).T
+            past_sq = (self.past_sq[:, :filled] + (self.past_dsq[:, :filled] * change).sum(per_channel)).T
             torch.batch_norm_update_stats(input.detach(), self.running_mean, self.running_var, self.momentum)
         output = cross_iteration_batch_norm(input, past_mean, past_sq, self.weight, self.bias, self.eps)
         self._remember(input, conv_weight, (step - self.burnin_steps) % (self.window - 1))
@@ -197,15 +198,15 @@ class CrossIterationBatchNorm(BatchStatsNorm):
                 raise RuntimeError(f"{type(self).__name__}: its input does not depend on the weight of the layer bound to it "
                                    f"({type(self._preceding[0]).__name__}); bind the layer directly in front")
         with torch.no_grad():
-            self.past_mean[slot].copy_(mean)
-            self.past_sq[slot].copy_(sq)
-            self.past_weight[slot].copy_(conv_weight)
+            self.past_mean[:, slot].copy_(mean)
+            self.past_sq[:, slot].copy_(sq)
+            self.past_weight[:, slot].copy_(conv_weight)
             if differentiable:
-                self.past_dmean[slot].copy_(dmean)
-                self.past_dsq[slot].copy_(dsq)
+                self.past_dmean[:, slot].copy_(dmean)
+                self.past_dsq[:, slot].copy_(dsq)
             else:
-                self.past_dmean[slot].zero_()
-                self.past_dsq[slot].zero_()
+                self.past_dmean[:, slot].zero_()
+                self.past_dsq[:, slot].zero_()
 
     def _reset_own_buffers(self) -> None:
         for buffer in (self.past_mean, self.past_sq, self.past_weight, self.past_dmean, self.past_dsq):

@@ -149,7 +149,8 @@ class MovingAverageBatchNorm(BatchStatsNorm):
         self.warmup_steps = warmup_steps
         self.r_max = float(r_max)
         self.renorm_warmup_steps = renorm_warmup_steps
-        self.register_buffer("window_sq", torch.zeros(window, num_features, device=device, dtype=dtype))
+        # (C, window): channels first, as every per-channel tensor (stacked models stack along dim 0).
+        self.register_buffer("window_sq", torch.zeros(num_features, window, device=device, dtype=dtype))
         self.register_buffer("grad_ema", torch.zeros(num_features, device=device, dtype=dtype))
         self._step = 0  # Python mirror of num_batches_tracked (see BatchStatsNorm._sync_with_buffers)
 
@@ -165,8 +166,8 @@ class MovingAverageBatchNorm(BatchStatsNorm):
         step, dims = self._step, _reduce_dims(input)
         with torch.no_grad():
             chi_batch = input.square().mean(dims).to(self.window_sq.dtype)
-            self.window_sq[step % self.window].copy_(chi_batch)
-            chi = chi_batch if step < self.warmup_steps else self.window_sq[: min(step + 1, self.window)].mean(0)
+            self.window_sq[:, step % self.window].copy_(chi_batch)
+            chi = chi_batch if step < self.warmup_steps else self.window_sq[:, : min(step + 1, self.window)].mean(1)
             limit = 1.0 if step < self.renorm_warmup_steps else self.r_max
             r = (torch.sqrt(chi + self.eps) / torch.sqrt(self.running_var + self.eps)).clamp_(1.0 / limit, limit)
             self.running_var.lerp_(chi, self.momentum)

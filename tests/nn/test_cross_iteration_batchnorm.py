@@ -131,8 +131,8 @@ def test_the_mean_compensation_is_exact():
     norm(conv(old_images)).sum().backward()
     with torch.no_grad():
         conv.weight.add_(0.3 * torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64))
-    change = conv.weight.detach() - norm.past_weight[0]
-    compensated = norm.past_mean[0] + (norm.past_dmean[0] * change).sum((1, 2, 3))
+    change = conv.weight.detach() - norm.past_weight[:, 0]
+    compensated = norm.past_mean[:, 0] + (norm.past_dmean[:, 0] * change).sum((1, 2, 3))
     close(compensated, conv(old_images).mean((0, 2, 3)).detach(), steps=1, what="compensated mean")
 
 
@@ -214,7 +214,7 @@ def test_backbones_hand_each_layer_its_convolution():
     norms = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
     assert len(norms) == 20 and all(norm.past_weight is not None for norm in norms)
     named = dict(model.named_modules())
-    assert norms[0].past_weight.shape[1:] == named["stem.0"].weight.shape
+    assert norms[0].past_weight.shape == (4, 3, *named["stem.0"].weight.shape[1:])  # (C, window - 1, ...)
     assert list(model.state_dict()) == list(build_model("resnet18", num_classes=3, norm_layer=norm_layer("cbn"), width=4).state_dict())
     vgg = build_model("vgg11", num_classes=3, norm_layer=norm_layer("cbn"), width=4)
     assert all(m.past_weight is not None for m in vgg.modules() if isinstance(m, CrossIterationBatchNorm2d))

@@ -153,7 +153,7 @@ def test_backward_after_the_warmup_is_not_the_gradient_of_the_forward():
     g = torch.randn(2, C, 2, 2, generator=gen, dtype=torch.float64)
     (dx,) = torch.autograd.grad(layer(x), x, g)
     # The same forward as a differentiable function of x (the other window entries constants).
-    chi = (history[:3].sum(0) + (x * x).mean((0, 2, 3))) / 4  # step 3 writes slot 3 of the 4
+    chi = (history[:, :3].sum(1) + (x * x).mean((0, 2, 3))) / 4  # step 3 writes slot 3 of the 4
     y_true = channel_view(layer.weight.detach(), 4) * x / channel_view(torch.sqrt(chi + 1e-5), 4)
     (dx_true,) = torch.autograd.grad(y_true, x, g)
     assert (dx - dx_true).norm() > 1e-3 * dx_true.norm()
