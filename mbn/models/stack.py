@@ -89,9 +89,11 @@ def stack(models: Sequence[nn.Module]) -> StackedModel:
 
     Stackable: ``nn.Conv2d``, ``nn.Linear``, ``nn.BatchNorm2d``, ``nn.GroupNorm`` and
     :class:`mbn.nn.GroupNorm`, :class:`~mbn.nn.MomentumBatchNorm2d`,
-    :class:`~mbn.nn.BatchRenorm2d`, inside ``nn.Sequential``, :class:`~mbn.models.ResNet`,
+    :class:`~mbn.nn.BatchRenorm2d`, :class:`~mbn.nn.MovingAverageBatchNorm2d` and
+    :class:`~mbn.nn.CenteredConv2d`, inside ``nn.Sequential``, :class:`~mbn.models.ResNet`,
     :class:`~mbn.models.VGG` and their blocks, with parameter-free channelwise layers (ReLU,
-    pooling, Identity): every model :func:`~mbn.models.build_model` builds, with every norm.
+    pooling, Identity): every model :func:`~mbn.models.build_model` builds, with every norm but
+    ``cbn`` (:class:`~mbn.nn.CrossIterationBatchNorm2d` holds its convolution: refused).
 
     Args:
         models: K >= 1 models of identical architecture and configuration.

@@ -163,18 +163,28 @@ class MovingAverageBatchNorm(BatchStatsNorm):
         return centered(layer)
 
     def _normalize_training_batch(self, input: Tensor) -> Tensor:
-        step, dims = self._step, _reduce_dims(input)
-        with torch.no_grad():
-            chi_batch = input.square().mean(dims).to(self.window_sq.dtype)
-            self.window_sq[:, step % self.window].copy_(chi_batch)
-            chi = chi_batch if step < self.warmup_steps else self.window_sq[:, : min(step + 1, self.window)].mean(1)
-            limit = 1.0 if step < self.renorm_warmup_steps else self.r_max
-            r = (torch.sqrt(chi + self.eps) / torch.sqrt(self.running_var + self.eps)).clamp_(1.0 / limit, limit)
-            self.running_var.lerp_(chi, self.momentum)
-        output = _MABNFunction.apply(input, self.weight, self.bias, chi.to(input.dtype), r.to(input.dtype), self.eps,
-                                     self.grad_ema, self.grad_momentum, step < self.warmup_steps, step == 0)
+        output = self._training_step(input, self.weight, self.bias, self.window_sq, self.grad_ema, self.running_var, self._step)
         self._step += 1  # the base class counts num_batches_tracked
         return output
+
+    def _training_step(self, input: Tensor, weight: Tensor | None, bias: Tensor | None, window_sq: Tensor,
+                       grad_ema: Tensor, running_var: Tensor, step: int) -> Tensor:
+        """Training step ``step`` on ``input``'s channels with these (views of the) parameters and buffers.
+
+        Updates ``window_sq`` and ``running_var`` in place now, ``grad_ema`` in the backward. A hook for
+        layers that hold several runs' channels (:mod:`mbn.models.stacked_layers`), whose runs may
+        stand at different steps.
+        """
+        dims = _reduce_dims(input)
+        with torch.no_grad():
+            chi_batch = input.square().mean(dims).to(window_sq.dtype)
+            window_sq[:, step % self.window].copy_(chi_batch)
+            chi = chi_batch if step < self.warmup_steps else window_sq[:, : min(step + 1, self.window)].mean(1)
+            limit = 1.0 if step < self.renorm_warmup_steps else self.r_max
+            r = (torch.sqrt(chi + self.eps) / torch.sqrt(running_var + self.eps)).clamp_(1.0 / limit, limit)
+            running_var.lerp_(chi, self.momentum)
+        return _MABNFunction.apply(input, weight, bias, chi.to(input.dtype), r.to(input.dtype), self.eps,
+                                   grad_ema, self.grad_momentum, step < self.warmup_steps, step == 0)
 
     def _reset_own_buffers(self) -> None:
         self.window_sq.zero_()

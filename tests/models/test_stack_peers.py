@@ -1,0 +1,68 @@
+"""Stacked runs of the small-batch peers (MABN) train as their single runs; CBN is refused.
+
+Error model (tests/numerics.py, tests/models/test_stack_exactness.py): a stack computes each member's
+numbers in another order than its single run (grouped convolutions, a batched linear layer), so the
+two round differently in the last bits and training carries the difference on; compared per tensor,
+norm-wise, within ``TRAINING_GROWTH * steps * eps(float64)`` (tests/models/stacking.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mbn.models import load_member_optimizer_state_dict, load_member_state_dict, stack, stacked_modules
+from mbn.models.stacked_layers import StackedCenteredConv2d, StackedMovingAverageBatchNorm2d
+from numerics import assert_close_normwise
+from stacking import SGD, TRAINING_GROWTH, assert_members_match, batches, build, single_step, stacked_step
+
+pytestmark = pytest.mark.numerics
+
+K = 3
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11"])
+def test_stacked_mabn_runs_match_their_single_runs_for_20_sgd_steps(name):
+    """Through MABN's warmup, renormalization warmup and full window (kwargs in tests/models/stacking.py)."""
+    singles = [build(name, "mabn", seed) for seed in range(K)]
+    stacked = stack(singles)
+    layers = [layer for _, layer in stacked_modules(stacked)]
+    assert any(isinstance(layer, StackedCenteredConv2d) for layer in layers)
+    assert any(isinstance(layer, StackedMovingAverageBatchNorm2d) for layer in layers)
+    single_optimizers = [torch.optim.SGD(model.parameters(), **SGD) for model in singles]
+    optimizer = torch.optim.SGD(stacked.parameters(), **SGD)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(20):
+        images, labels = batches(K, 8, 8, generator)
+        expected = [single_step(*run, x, y) for run, x, y in zip(zip(singles, single_optimizers), images, labels)]
+        losses = stacked_step(stacked, optimizer, images, labels)
+        assert_close_normwise(losses, expected, dtype=torch.float64, steps=step + 1, growth=TRAINING_GROWTH, what="losses")
+    assert_members_match(stacked, singles, steps=20, growth=TRAINING_GROWTH)
+
+
+def test_mabn_members_at_different_steps_train_as_their_single_runs():
+    # Member 1 resumes from a single run 3 steps ahead: its window slot, warmup and r limit differ.
+    singles = [build("resnet18", "mabn", seed) for seed in range(K)]
+    stacked = stack(singles)
+    single_optimizers = [torch.optim.SGD(model.parameters(), **SGD) for model in singles]
+    optimizer = torch.optim.SGD(stacked.parameters(), **SGD)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        images, labels = batches(1, 8, 8, generator)
+        single_step(singles[1], single_optimizers[1], images[0], labels[0])
+    load_member_state_dict(stacked, 1, singles[1].state_dict())
+    load_member_optimizer_state_dict(optimizer, stacked, 1, single_optimizers[1].state_dict())
+    for step in range(6):
+        images, labels = batches(K, 8, 8, generator)
+        expected = [single_step(*run, x, y) for run, x, y in zip(zip(singles, single_optimizers), images, labels)]
+        assert_close_normwise(stacked_step(stacked, optimizer, images, labels), expected, dtype=torch.float64,
+                              steps=step + 1, growth=TRAINING_GROWTH, what="losses")
+    assert_members_match(stacked, singles, steps=6, growth=TRAINING_GROWTH)
+    layer = next(layer for _, layer in stacked_modules(stacked) if isinstance(layer, StackedMovingAverageBatchNorm2d))
+    assert layer.member_steps == (6, 9, 6)
+
+
+def test_stack_refuses_cbn_with_a_clear_error():
+    singles = [build("resnet18", "cbn", seed) for seed in range(2)]
+    with pytest.raises(ValueError, match="cannot stack .*CrossIterationBatchNorm2d"):
+        stack(singles)
