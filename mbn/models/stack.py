@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from mbn.models.resnet import BasicBlock, Bottleneck, ResNet
 from mbn.models.stacked_layers import STACKED_LAYERS, StackedConv2d, StackedLayer
 from mbn.models.vgg import VGG
+from mbn.nn.preceding_layer import relink_preceding_layers
 
 __all__ = [
     "StackedModel",
@@ -89,11 +90,11 @@ def stack(models: Sequence[nn.Module]) -> StackedModel:
 
     Stackable: ``nn.Conv2d``, ``nn.Linear``, ``nn.BatchNorm2d``, ``nn.GroupNorm`` and
     :class:`mbn.nn.GroupNorm`, :class:`~mbn.nn.MomentumBatchNorm2d`,
-    :class:`~mbn.nn.BatchRenorm2d`, :class:`~mbn.nn.MovingAverageBatchNorm2d` and
+    :class:`~mbn.nn.BatchRenorm2d`, :class:`~mbn.nn.MovingAverageBatchNorm2d`,
     :class:`~mbn.nn.CenteredConv2d`, inside ``nn.Sequential``, :class:`~mbn.models.ResNet`,
     :class:`~mbn.models.VGG` and their blocks, with parameter-free channelwise layers (ReLU,
-    pooling, Identity): every model :func:`~mbn.models.build_model` builds, with every norm but
-    ``cbn`` (:class:`~mbn.nn.CrossIterationBatchNorm2d` holds its convolution: refused).
+    pooling, Identity), and :class:`~mbn.nn.CrossIterationBatchNorm2d` (its members at one step):
+    every model :func:`~mbn.models.build_model` builds, with every norm.
 
     Args:
         models: K >= 1 models of identical architecture and configuration.
@@ -139,6 +140,7 @@ def stack(models: Sequence[nn.Module]) -> StackedModel:
             raise ValueError(f"cannot stack {label}: {kind.__qualname__} is not a module stack() knows ({known})")
     # The deepcopy memo substitutes the stacked layers; everything else left holds no tensors.
     body = copy.deepcopy(reference, memo=dict(stacked_layers))
+    relink_preceding_layers(body)  # CBN's link to its convolution: now the stacked one
     first_conv = next((module for module in body.modules() if isinstance(module, StackedConv2d)), None)
     member_in_channels = None if first_conv is None else first_conv.in_channels // len(models)
     return StackedModel(body, len(models), member_in_channels)
@@ -169,7 +171,9 @@ def member_model(stacked: StackedModel, k: int) -> nn.Module:
     """
     layers = stacked_modules(stacked)
     _check_index(stacked, k)
-    return copy.deepcopy(stacked.body, memo={id(layer): layer.member(k) for _, layer in layers})
+    model = copy.deepcopy(stacked.body, memo={id(layer): layer.member(k) for _, layer in layers})
+    relink_preceding_layers(model)  # CBN's link to its convolution: now member k's
+    return model
 
 
 def unstack(stacked: StackedModel) -> list[nn.Module]:

@@ -10,7 +10,8 @@ an output and no operation combines channels of two members:
   concatenated along the output channels).
 * :class:`StackedLinear`: one batched matrix product, ``(m, K * in) -> (m, K * out)``.
 * :class:`StackedBatchNorm2d`, :class:`StackedMomentumBatchNorm2d`, :class:`StackedBatchRenorm2d`,
-  :class:`StackedMovingAverageBatchNorm2d`: the layer over ``K * C`` channels. Their statistics are per channel, hence per member.
+  :class:`StackedMovingAverageBatchNorm2d`, :class:`StackedCrossIterationBatchNorm2d`: the layer
+  over ``K * C`` channels. Their statistics are per channel, hence per member.
 * :class:`StackedGroupNorm`: ``K * G`` groups of consecutive channels, none straddling two members.
 
 Each stacked layer keeps one *shell* per member: a copy of the member layer whose tensors live on
@@ -30,7 +31,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 from torch import Tensor, nn
 
-from mbn.nn import BatchRenorm2d, CenteredConv2d, GroupNorm, MomentumBatchNorm2d, MovingAverageBatchNorm2d
+from mbn.nn import BatchRenorm2d, CenteredConv2d, CrossIterationBatchNorm2d, GroupNorm, MomentumBatchNorm2d, MovingAverageBatchNorm2d
 from mbn.nn.momentum_batchnorm import _TRAINING_STEPS
 from mbn.utils.library_internals import own_buffers
 
@@ -40,6 +41,7 @@ __all__ = [
     "StackedBatchRenorm2d",
     "StackedCenteredConv2d",
     "StackedConv2d",
+    "StackedCrossIterationBatchNorm2d",
     "StackedGroupNorm",
     "StackedLayer",
     "StackedLinear",
@@ -627,6 +629,75 @@ class StackedMovingAverageBatchNorm2d(StackedLayer, MovingAverageBatchNorm2d):
         self._set_member_steps(steps)
 
 
+class StackedCrossIterationBatchNorm2d(StackedLayer, CrossIterationBatchNorm2d):
+    """K :class:`~mbn.nn.CrossIterationBatchNorm2d` members as one over ``K * C`` channels.
+
+    Bound to the stacked convolution in front (:func:`mbn.nn.preceding_layer.relink_preceding_layers`,
+    which :func:`~mbn.models.stack` calls): channel ``c`` of the stacked convolution depends only on
+    its own weight rows, so CBN's per-channel derivatives and compensation are each member's own.
+    The members must stand at one step (``num_batches_tracked`` is ``(K,)``): the step picks the
+    burn-in and the window slot, and a forward with members at different steps raises.
+    """
+
+    @classmethod
+    def _check_stackable(cls, prototype: CrossIterationBatchNorm2d) -> None:
+        if prototype.past_weight is None:
+            raise ValueError("CrossIterationBatchNorm2d without its convolution (mbn.nn.bind_norm) cannot be stacked")
+
+    @classmethod
+    def _empty(cls, prototype: CrossIterationBatchNorm2d, num_members: int) -> "StackedCrossIterationBatchNorm2d":
+        layer = cls(
+            prototype.num_features * num_members, window=prototype.window, burnin_steps=prototype.burnin_steps,
+            momentum=prototype.momentum, eps=prototype.eps, affine=prototype.affine, device="meta",
+        )  # fmt: skip
+        shape = (prototype.num_features * num_members, *prototype.past_weight.shape[1:])
+        for name in ("past_weight", "past_dmean", "past_dsq"):
+            setattr(layer, name, torch.empty(shape, device="meta"))
+        return layer
+
+    @property
+    def member_steps(self) -> tuple[int, ...]:
+        """Each member's training step count (the Python mirror of ``num_batches_tracked``)."""
+        return self._member_steps
+
+    def _set_member_steps(self, steps: Sequence[int]) -> None:
+        self._member_steps = tuple(int(step) for step in steps)
+        self._step = self._member_steps[0]
+
+    def _normalize_training_batch(self, input: Tensor) -> Tensor:
+        if len(set(self._member_steps)) > 1:
+            raise ValueError(f"{type(self).__name__}: members at different steps {self._member_steps} cannot train together "
+                             "(CBN's burn-in and window follow one step)")
+        output = super()._normalize_training_batch(input)
+        self._set_member_steps([self._step] * self.num_members)
+        return output
+
+    def _sync_with_buffers(self) -> None:
+        self._set_member_steps(self.num_batches_tracked.tolist())
+
+    def _import_python_state(self, members: Sequence[nn.Module]) -> None:
+        for shell in self._member_shells:
+            shell._preceding = ()  # the shell's deep copy of the member's convolution: not needed
+        self._set_member_steps([member._step for member in members])
+
+    def _import_member_python_state(self, k: int, layer: nn.Module) -> None:
+        self._member_shells[k]._preceding = ()
+        steps = list(self._member_steps)
+        steps[k] = layer._step
+        self._set_member_steps(steps)
+
+    def _export_python_state(self, k: int, layer: nn.Module) -> None:
+        layer._step = self._member_steps[k]
+
+    def member_buffer_mirror(self, k: int) -> int:
+        return self._member_steps[k]
+
+    def set_member_buffer_mirror(self, k: int, value: int) -> None:
+        steps = list(self._member_steps)
+        steps[k] = value
+        self._set_member_steps(steps)
+
+
 # Member class -> its stacked layer. Exact classes: a subclass may compute something else.
 STACKED_LAYERS: dict[type[nn.Module], type[StackedLayer]] = {
     nn.Conv2d: StackedConv2d,
@@ -638,4 +709,5 @@ STACKED_LAYERS: dict[type[nn.Module], type[StackedLayer]] = {
     BatchRenorm2d: StackedBatchRenorm2d,
     CenteredConv2d: StackedCenteredConv2d,
     MovingAverageBatchNorm2d: StackedMovingAverageBatchNorm2d,
+    CrossIterationBatchNorm2d: StackedCrossIterationBatchNorm2d,
 }

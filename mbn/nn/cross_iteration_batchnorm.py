@@ -155,11 +155,17 @@ class CrossIterationBatchNorm(BatchStatsNorm):
                              f"({self.num_features}, ...); got {type(layer).__name__} with weight {shape}")
         self._preceding = (layer,)
         past = (self.num_features, self.window - 1, *weight.shape[1:])
-        factory = {"device": self.past_mean.device, "dtype": self.past_mean.dtype}
-        self.past_weight = torch.zeros(past, **factory)
-        self.past_dmean = torch.zeros(past, **factory)
-        self.past_dsq = torch.zeros(past, **factory)
+        if self.past_weight is None or self.past_weight.shape != past:  # else a re-link after a copy: keep the window
+            factory = {"device": self.past_mean.device, "dtype": self.past_mean.dtype}
+            self.past_weight = torch.zeros(past, **factory)
+            self.past_dmean = torch.zeros(past, **factory)
+            self.past_dsq = torch.zeros(past, **factory)
         return layer
+
+    @property
+    def preceding_layer(self) -> nn.Module | None:
+        """The layer bound by :meth:`bind_preceding` (None before)."""
+        return self._preceding[0] if self._preceding else None
 
     def _filled(self, step: int) -> int:
         """Past iterations in the window at training step ``step``."""

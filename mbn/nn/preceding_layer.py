@@ -13,7 +13,7 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["bind_norm", "conv_norm", "needs_preceding_layer"]
+__all__ = ["bind_norm", "conv_norm", "needs_preceding_layer", "relink_preceding_layers"]
 
 
 def needs_preceding_layer(norm: nn.Module) -> bool:
@@ -48,3 +48,19 @@ def conv_norm(conv: nn.Module, norm_layer: Callable[[int], nn.Module], num_chann
     """
     norm = norm_layer(num_channels)
     return bind_norm(conv, norm), norm
+
+
+def relink_preceding_layers(model: nn.Module) -> None:
+    """Bind every norm of ``model`` that holds its preceding layer (CBN: ``preceding_layer``) to the
+    module registered just before it in its parent, keeping its state: after a copy that could not
+    carry the link (stacking and unstacking models, :mod:`mbn.models.stack`).
+
+    Args:
+        model: the model; its norms are re-bound in place.
+    """
+    for parent in model.modules():
+        previous = None
+        for child in parent.children():
+            if previous is not None and hasattr(child, "preceding_layer"):
+                child.bind_preceding(previous)
+            previous = child

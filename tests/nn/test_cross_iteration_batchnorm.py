@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mbn.models import build_model, stack
+from mbn.models import build_model
 from mbn.nn import (
     CrossIterationBatchNorm1d,
     CrossIterationBatchNorm2d,
@@ -236,12 +236,6 @@ def test_a_tiny_resnet18_trains_with_finite_loss(batch_size):
     assert all(torch.isfinite(torch.tensor(losses)))
     model.eval()
     assert torch.isfinite(model(torch.randn(2, 3, 8, 8))).all()
-
-
-def test_stack_refuses_cbn_models():
-    models = [build_model("resnet18", num_classes=3, norm_layer=norm_layer("cbn"), width=4) for _ in range(2)]
-    with pytest.raises(ValueError, match="cannot stack .*CrossIterationBatchNorm2d"):
-        stack(models)
 
 
 def test_validation():
