@@ -635,8 +635,9 @@ class StackedCrossIterationBatchNorm2d(StackedLayer, CrossIterationBatchNorm2d):
     Bound to the stacked convolution in front (:func:`mbn.nn.preceding_layer.relink_preceding_layers`,
     which :func:`~mbn.models.stack` calls): channel ``c`` of the stacked convolution depends only on
     its own weight rows, so CBN's per-channel derivatives and compensation are each member's own.
-    The members must stand at one step (``num_batches_tracked`` is ``(K,)``): the step picks the
-    burn-in and the window slot, and a forward with members at different steps raises.
+    Each member has its own step (``num_batches_tracked`` is ``(K,)``), which picks its burn-in and
+    window slot: while the members' steps agree the forward is one call of CBN's training step over
+    all channels; otherwise one call per run of consecutive members at the same step.
     """
 
     @classmethod
@@ -665,11 +666,21 @@ class StackedCrossIterationBatchNorm2d(StackedLayer, CrossIterationBatchNorm2d):
         self._step = self._member_steps[0]
 
     def _normalize_training_batch(self, input: Tensor) -> Tensor:
-        if len(set(self._member_steps)) > 1:
-            raise ValueError(f"{type(self).__name__}: members at different steps {self._member_steps} cannot train together "
-                             "(CBN's burn-in and window follow one step)")
-        output = super()._normalize_training_batch(input)
-        self._set_member_steps([self._step] * self.num_members)
+        steps = self._member_steps
+        if len(set(steps)) == 1:
+            output = self._training_step(input, self.weight, self.bias, slice(None), steps[0])
+        else:
+            channels = self.num_features // self.num_members
+            outputs, start = [], 0
+            for step, run in itertools.groupby(steps):
+                stop = start + len(list(run))
+                block = slice(start * channels, stop * channels)
+                weight = None if self.weight is None else self.weight[block]
+                bias = None if self.bias is None else self.bias[block]
+                outputs.append(self._training_step(input[:, block], weight, bias, block, step))
+                start = stop
+            output = torch.cat(outputs, 1)
+        self._set_member_steps([step + 1 for step in steps])
         return output
 
     def _sync_with_buffers(self) -> None:

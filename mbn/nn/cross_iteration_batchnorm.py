@@ -174,45 +174,56 @@ class CrossIterationBatchNorm(BatchStatsNorm):
     def _normalize_training_batch(self, input: Tensor) -> Tensor:
         step = self._step
         self._step += 1  # the base class counts num_batches_tracked
+        return self._training_step(input, self.weight, self.bias, slice(None), step)
+
+    def _training_step(self, input: Tensor, weight: Tensor | None, bias: Tensor | None, channels: slice, step: int) -> Tensor:
+        """Training step ``step`` on ``input``, the layer's ``channels`` (with their ``weight``, ``bias``).
+
+        Updates those channels' running statistics and window in place. A hook for layers that hold
+        several runs' channels (:mod:`mbn.models.stacked_layers`), whose runs may stand at different steps.
+        """
+        running_mean, running_var = self.running_mean[channels], self.running_var[channels]
         if step < self.burnin_steps or self.window == 1:
-            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, True, self.momentum, self.eps)
+            return F.batch_norm(input, running_mean, running_var, weight, bias, True, self.momentum, self.eps)
         if not self._preceding:
             raise RuntimeError(f"{type(self).__name__} needs the convolution in front of it: build the model with "
                                "mbn.models.build_model, or convert_norm(model, 'cbn'), or call mbn.nn.bind_norm(conv, norm)")
-        conv_weight = self._preceding[0].weight
+        full_weight = self._preceding[0].weight
+        conv_weight = full_weight[channels]
         filled = self._filled(step)
+        past_mean, past_sq = self.past_mean[channels], self.past_sq[channels]
+        past_weight, past_dmean, past_dsq = self.past_weight[channels], self.past_dmean[channels], self.past_dsq[channels]
         with torch.no_grad():
-            change = conv_weight.detach().unsqueeze(1) - self.past_weight[:, :filled]
+            change = conv_weight.detach().unsqueeze(1) - past_weight[:, :filled]
             per_channel = tuple(range(2, change.dim()))
-            past_mean = (self.past_mean[:, :filled] + (self.past_dmean[:, :filled] * change).sum(per_channel)).T
-            past_sq = (self.past_sq[:, :filled] + (self.past_dsq[:, :filled] * change).sum(per_channel)).T
-            torch.batch_norm_update_stats(input.detach(), self.running_mean, self.running_var, self.momentum)
-        output = cross_iteration_batch_norm(input, past_mean, past_sq, self.weight, self.bias, self.eps)
-        self._remember(input, conv_weight, (step - self.burnin_steps) % (self.window - 1))
-        return output
+            compensated_mean = (past_mean[:, :filled] + (past_dmean[:, :filled] * change).sum(per_channel)).T
+            compensated_sq = (past_sq[:, :filled] + (past_dsq[:, :filled] * change).sum(per_channel)).T
+            torch.batch_norm_update_stats(input.detach(), running_mean, running_var, self.momentum)
+        output = cross_iteration_batch_norm(input, compensated_mean, compensated_sq, weight, bias, self.eps)
 
-    def _remember(self, input: Tensor, conv_weight: Tensor, slot: int) -> None:
-        """Store this iteration's statistics, their derivatives by the conv weight, and that weight."""
+        # Remember this iteration: its statistics, their derivatives by the conv weight, and that weight.
+        slot = (step - self.burnin_steps) % (self.window - 1)
         dims = [0, *range(2, input.dim())]
         mean, sq = input.mean(dims), input.square().mean(dims)
-        differentiable = torch.is_grad_enabled() and input.requires_grad and conv_weight.requires_grad
+        differentiable = torch.is_grad_enabled() and input.requires_grad and full_weight.requires_grad
         if differentiable:
             # Channel c depends only on W[c], so the gradient of sum_c mu_c is the per-channel d mu_c / d W[c].
             ones = torch.ones_like(mean)
-            dmean, dsq = (torch.autograd.grad(stat, conv_weight, ones, retain_graph=True, allow_unused=True)[0] for stat in (mean, sq))
+            dmean, dsq = (torch.autograd.grad(stat, full_weight, ones, retain_graph=True, allow_unused=True)[0] for stat in (mean, sq))
             if dmean is None:
                 raise RuntimeError(f"{type(self).__name__}: its input does not depend on the weight of the layer bound to it "
                                    f"({type(self._preceding[0]).__name__}); bind the layer directly in front")
         with torch.no_grad():
-            self.past_mean[:, slot].copy_(mean)
-            self.past_sq[:, slot].copy_(sq)
-            self.past_weight[:, slot].copy_(conv_weight)
+            past_mean[:, slot].copy_(mean)
+            past_sq[:, slot].copy_(sq)
+            past_weight[:, slot].copy_(conv_weight)
             if differentiable:
-                self.past_dmean[:, slot].copy_(dmean)
-                self.past_dsq[:, slot].copy_(dsq)
+                past_dmean[:, slot].copy_(dmean[channels])
+                past_dsq[:, slot].copy_(dsq[channels])
             else:
-                self.past_dmean[:, slot].zero_()
-                self.past_dsq[:, slot].zero_()
+                past_dmean[:, slot].zero_()
+                past_dsq[:, slot].zero_()
+        return output
 
     def _reset_own_buffers(self) -> None:
         for buffer in (self.past_mean, self.past_sq, self.past_weight, self.past_dmean, self.past_dsq):

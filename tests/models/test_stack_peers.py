@@ -54,28 +54,6 @@ def test_stacked_mabn_runs_match_their_single_runs_for_20_sgd_steps(name):
     assert_members_match(stacked, singles, steps=20, growth=TRAINING_GROWTH)
 
 
-def test_mabn_members_at_different_steps_train_as_their_single_runs():
-    # Member 1 resumes from a single run 3 steps ahead: its window slot, warmup and r limit differ.
-    singles = [build("resnet18", "mabn", seed) for seed in range(K)]
-    stacked = stack(singles)
-    single_optimizers = [torch.optim.SGD(model.parameters(), **SGD) for model in singles]
-    optimizer = torch.optim.SGD(stacked.parameters(), **SGD)
-    generator = torch.Generator().manual_seed(2)
-    for _ in range(3):
-        images, labels = batches(1, 8, 8, generator)
-        single_step(singles[1], single_optimizers[1], images[0], labels[0])
-    load_member_state_dict(stacked, 1, singles[1].state_dict())
-    load_member_optimizer_state_dict(optimizer, stacked, 1, single_optimizers[1].state_dict())
-    for step in range(6):
-        images, labels = batches(K, 8, 8, generator)
-        expected = [single_step(*run, x, y) for run, x, y in zip(zip(singles, single_optimizers), images, labels)]
-        assert_close_normwise(stacked_step(stacked, optimizer, images, labels), expected, dtype=torch.float64,
-                              steps=step + 1, growth=TRAINING_GROWTH, what="losses")
-    assert_members_match(stacked, singles, steps=6, growth=TRAINING_GROWTH)
-    layer = next(layer for _, layer in stacked_modules(stacked) if isinstance(layer, StackedMovingAverageBatchNorm2d))
-    assert layer.member_steps == (6, 9, 6)
-
-
 @pytest.mark.parametrize("name", ["resnet18", "vgg11"])
 def test_stacked_cbn_runs_match_their_single_runs_for_20_sgd_steps(name):
     """Through CBN's burn-in and full window: each member compensates for its own convolution's change."""
@@ -109,9 +87,25 @@ def test_stacked_cbn_runs_match_their_single_runs_for_20_sgd_steps(name):
                           steps=21, growth=TRAINING_GROWTH, what="loss of the unstacked member")
 
 
-def test_cbn_members_at_different_steps_are_refused():
-    singles = [build("resnet18", "cbn", seed) for seed in range(2)]
-    single_step(singles[1], torch.optim.SGD(singles[1].parameters(), **SGD), *[t[0] for t in batches(1, 8, 8, torch.Generator().manual_seed(0))])
+@pytest.mark.parametrize("norm", ["mabn", "cbn"])
+def test_members_at_different_steps_train_as_their_single_runs(norm):
+    # Member 1 resumes from a single run 3 steps ahead: its window slot and warmup / burn-in differ.
+    singles = [build("resnet18", norm, seed) for seed in range(K)]
     stacked = stack(singles)
-    with pytest.raises(ValueError, match="members at different steps"):
-        stacked(torch.randn(8, 6, 8, 8, dtype=torch.float64))
+    single_optimizers = [torch.optim.SGD(model.parameters(), **SGD) for model in singles]
+    optimizer = torch.optim.SGD(stacked.parameters(), **SGD)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        images, labels = batches(1, 8, 8, generator)
+        single_step(singles[1], single_optimizers[1], images[0], labels[0])
+    load_member_state_dict(stacked, 1, singles[1].state_dict())
+    load_member_optimizer_state_dict(optimizer, stacked, 1, single_optimizers[1].state_dict())
+    for step in range(6):
+        images, labels = batches(K, 8, 8, generator)
+        expected = [single_step(*run, x, y) for run, x, y in zip(zip(singles, single_optimizers), images, labels)]
+        assert_close_normwise(stacked_step(stacked, optimizer, images, labels), expected, dtype=torch.float64,
+                              steps=step + 1, growth=TRAINING_GROWTH, what="losses")
+    assert_members_match(stacked, singles, steps=6, growth=TRAINING_GROWTH)
+    stacked_class = StackedMovingAverageBatchNorm2d if norm == "mabn" else StackedCrossIterationBatchNorm2d
+    layer = next(layer for _, layer in stacked_modules(stacked) if isinstance(layer, stacked_class))
+    assert layer.member_steps == (6, 9, 6)
