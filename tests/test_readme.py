@@ -42,7 +42,7 @@ def test_mbn_train_commands_compose_and_validate(argv, tmp_path, capsys):
     args = argv[1:]
     if args == ["--help"]:
         assert train_main(args) == 0
-        assert "norm: bn, brn, gn, mbn, none" in capsys.readouterr().out
+        assert "norm: bn, brn, cbn, gn, mabn, mbn, none" in capsys.readouterr().out
         return
     if args[0] == "-m" and not any(a.startswith("stack=") for a in args):
         # Seeds only renumber a cell's jobs: plan seed 0 of each (a 60-job sweep composes in 8 s, not 24).
