@@ -42,8 +42,10 @@ EPOCH, TOTAL_EPOCHS = 5, 10  # MBN mid-schedule
 
 
 def norm_kwargs(norm: str, args: argparse.Namespace) -> dict:
-    # Width-16 channels (16..128) are not divisible into GroupNorm's (and EvoNorm-S0's) default 32 groups.
-    return {"gn": {"num_groups": 8}, "evonorm_s0": {"num_groups": 8}, "mbn": {"ideal_batch_size": args.mbn_m0}}.get(norm, {})
+    # Width-16 channels (16..128) are not divisible into GroupNorm's (and EvoNorm-S0's) default 32
+    # groups. MABN and CBN past their warmup / burn-in, so the timed steps use their windows (the steady state).
+    return {"gn": {"num_groups": 8}, "evonorm_s0": {"num_groups": 8}, "mbn": {"ideal_batch_size": args.mbn_m0},
+            "mabn": {"warmup_steps": 0, "renorm_warmup_steps": 0}, "cbn": {"burnin_steps": 0}}.get(norm, {})
 
 
 def build(norm: str, args: argparse.Namespace, seed: int, device: torch.device) -> nn.Module:
@@ -122,7 +124,7 @@ def bench(norms: list[str], batch_size: int, args: argparse.Namespace, device: t
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 32])
-    parser.add_argument("--norms", nargs="+", default=["bn", "gn", "brn", "mbn", "evonorm_b0", "evonorm_s0", "frn"], choices=[n for n in NORM_NAMES if n != "none"])
+    parser.add_argument("--norms", nargs="+", default=[n for n in NORM_NAMES if n != "none"], choices=[n for n in NORM_NAMES if n != "none"])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the whole run")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per batch size and mode")
     parser.add_argument("--samples-per-round", type=int, default=128, help="images per timed block (steps = this // batch)")
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     m0 = args.mbn_m0
     lams = ", ".join(f"m={m}: lam={schedule.lam(EPOCH, TOTAL_EPOCHS, m, m0):.3f}" for m in args.batch_sizes)
-    print(f"# mbn: m0={m0}, epoch {EPOCH}/{TOTAL_EPOCHS} ({lams}); gn, evonorm_s0: num_groups=8; brn, evonorm_b0, frn: defaults")
+    print(f"# mbn: m0={m0}, epoch {EPOCH}/{TOTAL_EPOCHS} ({lams}); gn, evonorm_s0: num_groups=8; brn, evonorm_b0, frn: defaults; "
+          "mabn: window 16, no warmup; cbn: window 4, no burn-in")
     print(f"{'batch':>5} {'norm':>10} {'train ms':>9} {'train/BN':>9} {'eval ms':>8} {'eval/BN':>8}")
     rows = []
     for batch_size in args.batch_sizes:

@@ -42,7 +42,7 @@ def test_mbn_train_commands_compose_and_validate(argv, tmp_path, capsys):
     args = argv[1:]
     if args == ["--help"]:
         assert train_main(args) == 0
-        assert "norm: bn, brn, brn_epochs, evonorm_b0, evonorm_s0, frn, gn, mbn, none" in capsys.readouterr().out
+        assert "norm: bn, brn, brn_epochs, cbn, evonorm_b0, evonorm_s0, frn, gn, mabn, mbn, none" in capsys.readouterr().out
         return
     if args[0] == "-m" and not any(a.startswith("stack=") for a in args):
         # Seeds only renumber a cell's jobs: plan seed 0 of each (a 60-job sweep composes in 8 s, not 24).
@@ -68,9 +68,19 @@ def test_mbn_compare_commands_run(argv, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv", readme_commands("python"), ids=" ".join)
-def test_experiment_commands_exist_and_plan_their_runs(argv, tmp_path, capsys):
+def test_experiment_commands_exist_and_plan_their_runs(argv, tmp_path, capsys, monkeypatch):
     assert argv[:2] == ["python", "-m"], argv
     module = __import__(argv[2], fromlist=["main"])
-    args = [a if a != "outputs/paper" else str(tmp_path) for a in argv[3:]]
+    args = [a if a not in ("outputs/paper", "outputs/sweeps/study_curve") else str(tmp_path) for a in argv[3:]]
+    if argv[2] == "experiments.batch_size_study.curve":  # on an empty sweep dir: every grid still to run, nothing written
+        written = tmp_path / "factors.json"
+        assert module.main([a if not a.endswith(".json") else str(written) for a in args]) == 1
+        assert "still to run: bn at m=2" in capsys.readouterr().out and not written.exists()
+        return
+    if argv[2] == "experiments.batch_size_study.run" and "curve" in args:  # the seeds' study, once factors are chosen
+        from experiments.batch_size_study import curve
+
+        monkeypatch.setattr(module, "read_factors", lambda: {n: dict.fromkeys(curve.CURVE_BATCH_SIZES, 1.0) for n in curve.NORMS})
     assert module.main([*args, "--dry-run"] if "--dry-run" not in args else args) == 0
-    assert "mbn.cli.train -m" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mbn.cli.train -m" in out or "mbn-train -m" in out

@@ -10,6 +10,8 @@ from typing import Callable, Literal, Sequence, Type, Union
 import torch
 from torch import nn
 
+from mbn.nn.preceding_layer import conv_norm
+
 NormLayer = Callable[[int], nn.Module]
 Stem = Literal["cifar", "imagenet"]
 
@@ -32,10 +34,8 @@ class BasicBlock(nn.Module):
         self, in_channels: int, channels: int, stride: int, norm_layer: NormLayer, downsample: nn.Module | None
     ) -> None:
         super().__init__()
-        self.conv1 = conv3x3(in_channels, channels, stride)
-        self.norm1 = norm_layer(channels)
-        self.conv2 = conv3x3(channels, channels)
-        self.norm2 = norm_layer(channels)
+        self.conv1, self.norm1 = conv_norm(conv3x3(in_channels, channels, stride), norm_layer, channels)
+        self.conv2, self.norm2 = conv_norm(conv3x3(channels, channels), norm_layer, channels)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -60,12 +60,9 @@ class Bottleneck(nn.Module):
     ) -> None:
         super().__init__()
         out_channels = channels * self.expansion
-        self.conv1 = conv1x1(in_channels, channels)
-        self.norm1 = norm_layer(channels)
-        self.conv2 = conv3x3(channels, channels, stride)
-        self.norm2 = norm_layer(channels)
-        self.conv3 = conv1x1(channels, out_channels)
-        self.norm3 = norm_layer(out_channels)
+        self.conv1, self.norm1 = conv_norm(conv1x1(in_channels, channels), norm_layer, channels)
+        self.conv2, self.norm2 = conv_norm(conv3x3(channels, channels, stride), norm_layer, channels)
+        self.conv3, self.norm3 = conv_norm(conv1x1(channels, out_channels), norm_layer, out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -91,7 +88,9 @@ class ResNet(nn.Module):
         block: :class:`BasicBlock` or :class:`Bottleneck`.
         layers: number of blocks per stage, e.g. ``(2, 2, 2, 2)`` for ResNet-18.
         num_classes: output logits.
-        norm_layer: factory ``norm_layer(num_channels) -> nn.Module`` used after every convolution.
+        norm_layer: factory ``norm_layer(num_channels) -> nn.Module`` used after every convolution; each
+            norm gets the convolution in front of it when it asks (:func:`mbn.nn.bind_norm`: MABN
+            centers it, CBN keeps its weight).
         width: channels of the stem and the first stage (64 = the standard network).
         in_channels: image channels.
         stem: ``"cifar"`` (3x3 conv, stride 1, no max-pool; for 32px images) or ``"imagenet"``
@@ -113,12 +112,12 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         if stem == "cifar":
-            stem_layers: list[nn.Module] = [conv3x3(in_channels, width)]
+            stem_conv: nn.Module = conv3x3(in_channels, width)
         elif stem == "imagenet":
-            stem_layers = [nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)]
+            stem_conv = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
         else:
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
-        stem_layers += [norm_layer(width), nn.ReLU(inplace=True)]
+        stem_layers: list[nn.Module] = [*conv_norm(stem_conv, norm_layer, width), nn.ReLU(inplace=True)]
         if stem == "imagenet":
             stem_layers.append(nn.MaxPool2d(3, stride=2, padding=1))
         self.stem = nn.Sequential(*stem_layers)
@@ -144,9 +143,7 @@ class ResNet(nn.Module):
         out_channels = channels * block.expansion
         downsample = None
         if stride != 1 or self._in_channels != out_channels:
-            downsample = nn.Sequential(
-                conv1x1(self._in_channels, out_channels, stride), self._norm_layer(out_channels)
-            )
+            downsample = nn.Sequential(*conv_norm(conv1x1(self._in_channels, out_channels, stride), self._norm_layer, out_channels))
         blocks = [block(self._in_channels, channels, stride, self._norm_layer, downsample)]
         self._in_channels = out_channels
         blocks += [block(out_channels, channels, 1, self._norm_layer, None) for _ in range(num_blocks - 1)]

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from mbn.models.resnet import BasicBlock, Bottleneck, ResNet
 from mbn.models.stacked_layers import STACKED_LAYERS, StackedConv2d, StackedLayer
 from mbn.models.vgg import VGG
+from mbn.nn.preceding_layer import relink_preceding_layers
 
 __all__ = [
     "StackedModel",
@@ -90,9 +91,12 @@ def stack(models: Sequence[nn.Module]) -> StackedModel:
     Stackable: ``nn.Conv2d``, ``nn.Linear``, ``nn.BatchNorm2d``, ``nn.GroupNorm`` and
     :class:`mbn.nn.GroupNorm`, :class:`~mbn.nn.MomentumBatchNorm2d`,
     :class:`~mbn.nn.BatchRenorm2d`, :class:`~mbn.nn.EvoNormB0`, :class:`~mbn.nn.EvoNormS0`,
-    :class:`~mbn.nn.FilterResponseNorm`, inside ``nn.Sequential``, :class:`~mbn.models.ResNet`,
+    :class:`~mbn.nn.FilterResponseNorm`, :class:`~mbn.nn.MovingAverageBatchNorm2d`,
+    :class:`~mbn.nn.CrossIterationBatchNorm2d`, :class:`~mbn.nn.CenteredConv2d`, inside
+    ``nn.Sequential``, :class:`~mbn.models.ResNet`,
     :class:`~mbn.models.VGG` and their blocks, with parameter-free channelwise layers (ReLU,
-    pooling, Identity): every model :func:`~mbn.models.build_model` builds, with every norm.
+    pooling, Identity), and :class:`~mbn.nn.CrossIterationBatchNorm2d` (its members at one step):
+    every model :func:`~mbn.models.build_model` builds, with every norm.
 
     Args:
         models: K >= 1 models of identical architecture and configuration.
@@ -138,6 +142,7 @@ def stack(models: Sequence[nn.Module]) -> StackedModel:
             raise ValueError(f"cannot stack {label}: {kind.__qualname__} is not a module stack() knows ({known})")
     # The deepcopy memo substitutes the stacked layers; everything else left holds no tensors.
     body = copy.deepcopy(reference, memo=dict(stacked_layers))
+    relink_preceding_layers(body)  # CBN's link to its convolution: now the stacked one
     first_conv = next((module for module in body.modules() if isinstance(module, StackedConv2d)), None)
     member_in_channels = None if first_conv is None else first_conv.in_channels // len(models)
     return StackedModel(body, len(models), member_in_channels)
@@ -168,7 +173,9 @@ def member_model(stacked: StackedModel, k: int) -> nn.Module:
     """
     layers = stacked_modules(stacked)
     _check_index(stacked, k)
-    return copy.deepcopy(stacked.body, memo={id(layer): layer.member(k) for _, layer in layers})
+    model = copy.deepcopy(stacked.body, memo={id(layer): layer.member(k) for _, layer in layers})
+    relink_preceding_layers(model)  # CBN's link to its convolution: now member k's
+    return model
 
 
 def unstack(stacked: StackedModel) -> list[nn.Module]:

@@ -9,8 +9,9 @@ an output and no operation combines channels of two members:
 * :class:`StackedConv2d`: one convolution with ``K * groups`` groups (the member weights
   concatenated along the output channels).
 * :class:`StackedLinear`: one batched matrix product, ``(m, K * in) -> (m, K * out)``.
-* :class:`StackedBatchNorm2d`, :class:`StackedMomentumBatchNorm2d`, :class:`StackedBatchRenorm2d`:
-  the layer over ``K * C`` channels. Their statistics are per channel, hence per member.
+* :class:`StackedBatchNorm2d`, :class:`StackedMomentumBatchNorm2d`, :class:`StackedBatchRenorm2d`,
+  :class:`StackedMovingAverageBatchNorm2d`, :class:`StackedCrossIterationBatchNorm2d`: the layer
+  over ``K * C`` channels. Their statistics are per channel, hence per member.
 * :class:`StackedGroupNorm`: ``K * G`` groups of consecutive channels, none straddling two members.
 * :class:`StackedEvoNormB0`, :class:`StackedFilterResponseNorm`: the layer over ``K * C`` channels
   (per-channel statistics and parameters); :class:`StackedEvoNormS0`: ``K * G`` groups, as GN.
@@ -32,7 +33,17 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 from torch import Tensor, nn
 
-from mbn.nn import BatchRenorm2d, EvoNormB0, EvoNormS0, FilterResponseNorm, GroupNorm, MomentumBatchNorm2d
+from mbn.nn import (
+    BatchRenorm2d,
+    CenteredConv2d,
+    CrossIterationBatchNorm2d,
+    EvoNormB0,
+    EvoNormS0,
+    FilterResponseNorm,
+    GroupNorm,
+    MomentumBatchNorm2d,
+    MovingAverageBatchNorm2d,
+)
 from mbn.nn.momentum_batchnorm import _TRAINING_STEPS
 from mbn.utils.library_internals import own_buffers
 
@@ -40,14 +51,17 @@ __all__ = [
     "STACKED_LAYERS",
     "StackedBatchNorm2d",
     "StackedBatchRenorm2d",
+    "StackedCenteredConv2d",
     "StackedConv2d",
     "StackedEvoNormB0",
     "StackedEvoNormS0",
     "StackedFilterResponseNorm",
+    "StackedCrossIterationBatchNorm2d",
     "StackedGroupNorm",
     "StackedLayer",
     "StackedLinear",
     "StackedMomentumBatchNorm2d",
+    "StackedMovingAverageBatchNorm2d",
     "member_view",
     "stack_member_tensors",
 ]
@@ -583,6 +597,164 @@ class StackedFilterResponseNorm(StackedLayer, FilterResponseNorm):
     def _empty(cls, prototype: FilterResponseNorm, num_members: int) -> "StackedFilterResponseNorm":
         return cls(prototype.num_features * num_members, eps=prototype.eps, device="meta")
 
+
+class StackedCenteredConv2d(StackedConv2d, CenteredConv2d):
+    """K :class:`~mbn.nn.CenteredConv2d` members as one centered convolution with ``K * groups`` groups.
+
+    The weight is centered per output channel, so each member's weight is centered on its own.
+    """
+
+
+class StackedMovingAverageBatchNorm2d(StackedLayer, MovingAverageBatchNorm2d):
+    """K :class:`~mbn.nn.MovingAverageBatchNorm2d` members as one over ``K * C`` channels.
+
+    Every statistic is per channel, hence per member; each member has its own step
+    (``num_batches_tracked`` is ``(K,)``), which picks its window slot, warmup and renormalization
+    limit. While the members' steps agree the forward is one call of MABN's training step over all
+    channels; otherwise one call per run of consecutive members at the same step.
+    """
+
+    @classmethod
+    def _empty(cls, prototype: MovingAverageBatchNorm2d, num_members: int) -> "StackedMovingAverageBatchNorm2d":
+        return cls(
+            prototype.num_features * num_members, window=prototype.window, momentum=prototype.momentum,
+            grad_momentum=prototype.grad_momentum, warmup_steps=prototype.warmup_steps, r_max=prototype.r_max,
+            renorm_warmup_steps=prototype.renorm_warmup_steps, eps=prototype.eps, affine=prototype.affine, device="meta",
+        )  # fmt: skip
+
+    @property
+    def member_steps(self) -> tuple[int, ...]:
+        """Each member's training step count (the Python mirror of ``num_batches_tracked``)."""
+        return self._member_steps
+
+    def _set_member_steps(self, steps: Sequence[int]) -> None:
+        self._member_steps = tuple(int(step) for step in steps)
+        self._step = self._member_steps[0]
+
+    def _normalize_training_batch(self, input: Tensor) -> Tensor:
+        steps = self._member_steps
+        if len(set(steps)) == 1:
+            output = self._training_step(input, self.weight, self.bias, self.window_sq, self.grad_ema, self.running_var, steps[0])
+        else:
+            channels = self.num_features // self.num_members
+            outputs, start = [], 0
+            for step, run in itertools.groupby(steps):
+                stop = start + len(list(run))
+                block = slice(start * channels, stop * channels)
+                weight = None if self.weight is None else self.weight[block]
+                bias = None if self.bias is None else self.bias[block]
+                # Views: the step updates the members' buffers in place.
+                outputs.append(self._training_step(input[:, block], weight, bias, self.window_sq[block], self.grad_ema[block],
+                                                   self.running_var[block], step))
+                start = stop
+            output = torch.cat(outputs, 1)
+        self._set_member_steps([step + 1 for step in steps])
+        return output
+
+    def _sync_with_buffers(self) -> None:
+        self._set_member_steps(self.num_batches_tracked.tolist())
+        self.running_mean.zero_()
+
+    def _import_python_state(self, members: Sequence[nn.Module]) -> None:
+        self._set_member_steps([member._step for member in members])
+
+    def _import_member_python_state(self, k: int, layer: nn.Module) -> None:
+        steps = list(self._member_steps)
+        steps[k] = layer._step
+        self._set_member_steps(steps)
+
+    def _export_python_state(self, k: int, layer: nn.Module) -> None:
+        layer._step = self._member_steps[k]
+
+    def member_buffer_mirror(self, k: int) -> int:
+        return self._member_steps[k]
+
+    def set_member_buffer_mirror(self, k: int, value: int) -> None:
+        steps = list(self._member_steps)
+        steps[k] = value
+        self._set_member_steps(steps)
+
+
+class StackedCrossIterationBatchNorm2d(StackedLayer, CrossIterationBatchNorm2d):
+    """K :class:`~mbn.nn.CrossIterationBatchNorm2d` members as one over ``K * C`` channels.
+
+    Bound to the stacked convolution in front (:func:`mbn.nn.preceding_layer.relink_preceding_layers`,
+    which :func:`~mbn.models.stack` calls): channel ``c`` of the stacked convolution depends only on
+    its own weight rows, so CBN's per-channel derivatives and compensation are each member's own.
+    Each member has its own step (``num_batches_tracked`` is ``(K,)``), which picks its burn-in and
+    window slot: while the members' steps agree the forward is one call of CBN's training step over
+    all channels; otherwise one call per run of consecutive members at the same step.
+    """
+
+    @classmethod
+    def _check_stackable(cls, prototype: CrossIterationBatchNorm2d) -> None:
+        if prototype.past_weight is None:
+            raise ValueError("CrossIterationBatchNorm2d without its convolution (mbn.nn.bind_norm) cannot be stacked")
+
+    @classmethod
+    def _empty(cls, prototype: CrossIterationBatchNorm2d, num_members: int) -> "StackedCrossIterationBatchNorm2d":
+        layer = cls(
+            prototype.num_features * num_members, window=prototype.window, burnin_steps=prototype.burnin_steps,
+            momentum=prototype.momentum, eps=prototype.eps, affine=prototype.affine, device="meta",
+        )  # fmt: skip
+        shape = (prototype.num_features * num_members, *prototype.past_weight.shape[1:])
+        for name in ("past_weight", "past_dmean", "past_dsq"):
+            setattr(layer, name, torch.empty(shape, device="meta"))
+        return layer
+
+    @property
+    def member_steps(self) -> tuple[int, ...]:
+        """Each member's training step count (the Python mirror of ``num_batches_tracked``)."""
+        return self._member_steps
+
+    def _set_member_steps(self, steps: Sequence[int]) -> None:
+        self._member_steps = tuple(int(step) for step in steps)
+        self._step = self._member_steps[0]
+
+    def _normalize_training_batch(self, input: Tensor) -> Tensor:
+        steps = self._member_steps
+        if len(set(steps)) == 1:
+            output = self._training_step(input, self.weight, self.bias, slice(None), steps[0])
+        else:
+            channels = self.num_features // self.num_members
+            outputs, start = [], 0
+            for step, run in itertools.groupby(steps):
+                stop = start + len(list(run))
+                block = slice(start * channels, stop * channels)
+                weight = None if self.weight is None else self.weight[block]
+                bias = None if self.bias is None else self.bias[block]
+                outputs.append(self._training_step(input[:, block], weight, bias, block, step))
+                start = stop
+            output = torch.cat(outputs, 1)
+        self._set_member_steps([step + 1 for step in steps])
+        return output
+
+    def _sync_with_buffers(self) -> None:
+        self._set_member_steps(self.num_batches_tracked.tolist())
+
+    def _import_python_state(self, members: Sequence[nn.Module]) -> None:
+        for shell in self._member_shells:
+            shell._preceding = ()  # the shell's deep copy of the member's convolution: not needed
+        self._set_member_steps([member._step for member in members])
+
+    def _import_member_python_state(self, k: int, layer: nn.Module) -> None:
+        self._member_shells[k]._preceding = ()
+        steps = list(self._member_steps)
+        steps[k] = layer._step
+        self._set_member_steps(steps)
+
+    def _export_python_state(self, k: int, layer: nn.Module) -> None:
+        layer._step = self._member_steps[k]
+
+    def member_buffer_mirror(self, k: int) -> int:
+        return self._member_steps[k]
+
+    def set_member_buffer_mirror(self, k: int, value: int) -> None:
+        steps = list(self._member_steps)
+        steps[k] = value
+        self._set_member_steps(steps)
+
+
 # Member class -> its stacked layer. Exact classes: a subclass may compute something else.
 STACKED_LAYERS: dict[type[nn.Module], type[StackedLayer]] = {
     nn.Conv2d: StackedConv2d,
@@ -595,4 +767,7 @@ STACKED_LAYERS: dict[type[nn.Module], type[StackedLayer]] = {
     EvoNormB0: StackedEvoNormB0,
     EvoNormS0: StackedEvoNormS0,
     FilterResponseNorm: StackedFilterResponseNorm,
+    CenteredConv2d: StackedCenteredConv2d,
+    MovingAverageBatchNorm2d: StackedMovingAverageBatchNorm2d,
+    CrossIterationBatchNorm2d: StackedCrossIterationBatchNorm2d,
 }

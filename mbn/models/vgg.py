@@ -7,6 +7,8 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import nn
 
+from mbn.nn.preceding_layer import conv_norm
+
 NormLayer = Callable[[int], nn.Module]
 
 # Stage widths in units of ``width`` (64 = standard), "M" = 2x2 max-pool (Simonyan & Zisserman, 2015, Table 1).
@@ -26,7 +28,8 @@ class VGG(nn.Module):
     Args:
         config: per-layer channel multipliers of ``width`` and ``"M"`` for max-pools (see ``VGG_CONFIGS``).
         num_classes: output logits.
-        norm_layer: factory ``norm_layer(num_channels) -> nn.Module`` applied after every convolution.
+        norm_layer: factory ``norm_layer(num_channels) -> nn.Module`` applied after every convolution
+            (handed that convolution when it asks, :func:`mbn.nn.bind_norm`).
         width: channels of the first convolution (64 = standard).
         in_channels: image channels.
     """
@@ -47,11 +50,8 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2, stride=2, ceil_mode=True))
             else:
                 out_channels = width * int(item)
-                layers += [
-                    nn.Conv2d(channels, out_channels, 3, padding=1, bias=False),
-                    norm_layer(out_channels),
-                    nn.ReLU(inplace=True),
-                ]
+                conv = nn.Conv2d(channels, out_channels, 3, padding=1, bias=False)
+                layers += [*conv_norm(conv, norm_layer, out_channels), nn.ReLU(inplace=True)]
                 channels = out_channels
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)

@@ -10,19 +10,22 @@ from torch import nn
 
 from mbn.nn._batch_stats_norm import TORCH_BATCH_NORMS
 from mbn.nn.batch_renorm import BatchRenorm, BatchRenorm1d, BatchRenorm3d
+from mbn.nn.cross_iteration_batchnorm import CrossIterationBatchNorm, CrossIterationBatchNorm1d, CrossIterationBatchNorm3d
 from mbn.nn.factory import check_kwargs, norm_class
 from mbn.nn.filter_response_norm import FilterResponseNorm
 from mbn.nn.momentum_batchnorm import MomentumBatchNorm, MomentumBatchNorm1d, MomentumBatchNorm3d
+from mbn.nn.moving_average_batchnorm import MovingAverageBatchNorm, MovingAverageBatchNorm1d, MovingAverageBatchNorm3d
+from mbn.nn.preceding_layer import bind_norm, needs_preceding_layer
 
 __all__ = ["convert_norm", "convert"]
 
 # Layers with batch statistics that convert_norm replaces.
-_CONVERTIBLE = (*TORCH_BATCH_NORMS, MomentumBatchNorm, BatchRenorm)
-_DIM_1 = (nn.BatchNorm1d, MomentumBatchNorm1d, BatchRenorm1d)
-_DIM_3 = (nn.BatchNorm3d, MomentumBatchNorm3d, BatchRenorm3d)
 # Targets whose eps is added to another statistic than a batch variance (FRN: the mean square):
 # they keep their own (their paper's) default instead of inheriting the old layer's.
 _OWN_EPS = (FilterResponseNorm,)
+_CONVERTIBLE = (*TORCH_BATCH_NORMS, MomentumBatchNorm, BatchRenorm, MovingAverageBatchNorm, CrossIterationBatchNorm)
+_DIM_1 = (nn.BatchNorm1d, MomentumBatchNorm1d, BatchRenorm1d, MovingAverageBatchNorm1d, CrossIterationBatchNorm1d)
+_DIM_3 = (nn.BatchNorm3d, MomentumBatchNorm3d, BatchRenorm3d, MovingAverageBatchNorm3d, CrossIterationBatchNorm3d)
 
 
 def _input_rank(layer: nn.Module) -> int:
@@ -74,6 +77,12 @@ def convert_norm(model: nn.Module, name: str, **kwargs: Any) -> nn.Module:
     ``"frn"`` keep ``weight`` and ``bias`` (FRN keeps its own ``eps`` default, 1e-6, as its eps is added
     to a mean square). GroupNorm and Identity layers are left alone.
 
+    A target that needs the layer in front of it (``"mabn"`` centers that convolution, ``"cbn"``
+    compensates for its weight's change; :func:`mbn.nn.bind_norm`) gets the module registered
+    directly before the replaced layer in the same parent (torchvision's and :mod:`mbn.models`'
+    ``conv1, bn1, ...`` order), which must then have a weight with the layer's channel count. A
+    converted model keeps its centered convolutions (so ``"mabn"`` -> ``"bn"`` keeps eval outputs).
+
     Args:
         model: the model; modified in place.
         name: target norm, one of :data:`mbn.nn.NORM_NAMES`.
@@ -85,15 +94,29 @@ def convert_norm(model: nn.Module, name: str, **kwargs: Any) -> nn.Module:
     Raises:
         ValueError: unknown name.
         TypeError: a keyword the target layer does not accept.
+        ValueError: a ``"mabn"``/``"cbn"`` layer without such a layer directly in front of it.
     """
     check_kwargs(name, kwargs)
     if isinstance(model, _CONVERTIBLE):
         return _replacement(model, name, kwargs)
-    for child_name, child in model.named_children():
+    previous: tuple[str, nn.Module] | None = None
+    for child_name, child in list(model.named_children()):
         converted = convert_norm(child, name, **kwargs)
         if converted is not child:
             setattr(model, child_name, converted)
+            if needs_preceding_layer(converted):
+                _bind_previous(model, child_name, converted, previous)
+        previous = (child_name, converted)
     return model
+
+
+def _bind_previous(parent: nn.Module, norm_name: str, norm: nn.Module, previous: tuple[str, nn.Module] | None) -> None:
+    weight = None if previous is None else getattr(previous[1], "weight", None)
+    if previous is None or not isinstance(weight, torch.Tensor) or weight.dim() < 2 or weight.shape[0] != norm.num_features:
+        before = "nothing" if previous is None else f"{previous[0]!r} ({type(previous[1]).__name__})"
+        raise ValueError(f"convert_norm: {type(norm).__name__} {norm_name!r} needs the convolution in front of it, but "
+                         f"{before} is registered before it in {type(parent).__name__}; bind it with mbn.nn.bind_norm(conv, norm)")
+    setattr(parent, previous[0], bind_norm(previous[1], norm))
 
 
 def convert(model: nn.Module, to: str = "bn", **kwargs: Any) -> nn.Module:

@@ -12,8 +12,10 @@ from mbn.nn.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from mbn.nn.evonorm_b0 import EvoNormB0
 from mbn.nn.evonorm_s0 import EvoNormS0
 from mbn.nn.filter_response_norm import FilterResponseNorm
+from mbn.nn.cross_iteration_batchnorm import CrossIterationBatchNorm1d, CrossIterationBatchNorm2d, CrossIterationBatchNorm3d
 from mbn.nn.group_norm import GroupNorm
 from mbn.nn.momentum_batchnorm import MomentumBatchNorm1d, MomentumBatchNorm2d, MomentumBatchNorm3d
+from mbn.nn.moving_average_batchnorm import MovingAverageBatchNorm1d, MovingAverageBatchNorm2d, MovingAverageBatchNorm3d
 
 __all__ = ["NORM_LAYERS", "NORM_NAMES", "make_norm", "norm_layer", "norm_class"]
 
@@ -24,10 +26,12 @@ NORM_LAYERS: dict[str, dict[int, type[nn.Module]]] = {
     "gn": {1: GroupNorm, 2: GroupNorm, 3: GroupNorm},
     "brn": {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d},
     "mbn": {1: MomentumBatchNorm1d, 2: MomentumBatchNorm2d, 3: MomentumBatchNorm3d},
-    "none": {1: nn.Identity, 2: nn.Identity, 3: nn.Identity},
     "evonorm_b0": {1: EvoNormB0, 2: EvoNormB0, 3: EvoNormB0},
     "evonorm_s0": {1: EvoNormS0, 2: EvoNormS0, 3: EvoNormS0},
     "frn": {1: FilterResponseNorm, 2: FilterResponseNorm, 3: FilterResponseNorm},
+    "mabn": {1: MovingAverageBatchNorm1d, 2: MovingAverageBatchNorm2d, 3: MovingAverageBatchNorm3d},
+    "cbn": {1: CrossIterationBatchNorm1d, 2: CrossIterationBatchNorm2d, 3: CrossIterationBatchNorm3d},
+    "none": {1: nn.Identity, 2: nn.Identity, 3: nn.Identity},
 }
 NORM_NAMES: tuple[str, ...] = tuple(NORM_LAYERS)
 
@@ -93,6 +97,10 @@ def make_norm(name: str, num_features: int, **kwargs: Any) -> nn.Module:
             ``schedule``, ``fixed_lam``, ``eps``; gn: ``num_groups`` or ``group_size``; brn:
             ``r_max``, ``d_max``, ``warmup_steps``, ``r_max_ramp_steps``, ``d_max_ramp_steps``, ``momentum``;
             evonorm_b0: ``eps``, ``momentum``; evonorm_s0: ``num_groups`` or ``group_size``, ``eps``; frn: ``eps``.
+            mabn (:class:`MovingAverageBatchNorm2d`): ``window``, ``momentum``, ``grad_momentum``,
+            ``warmup_steps``, ``r_max``, ``renorm_warmup_steps``; cbn (:class:`CrossIterationBatchNorm2d`):
+            ``window``, ``burnin_steps``, ``momentum``. MABN and CBN need the convolution in front of
+            them (:func:`mbn.nn.bind_norm`; the backbones of :mod:`mbn.models` hand it over).
 
     Returns:
         The layer.

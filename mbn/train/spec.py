@@ -774,6 +774,71 @@ class FilterResponseNormSpec(NormSpec):
         _within("eps", self.eps, 0.0, math.inf)
 
 
+@schema_of(NORM_SCHEMAS)
+@dataclass
+class MovingAverageBatchNormSpec(NormSpec):
+    """Moving Average Batch Normalization (Yan et al., ICLR 2020): normalization by the second
+    moment averaged over the last ``window`` iterations, the backward statistic an exponential
+    moving average, the convolutions in front centered (:class:`mbn.nn.MovingAverageBatchNorm2d`).
+
+    Args:
+        window: iterations in the forward statistics' moving average, the current one included.
+        momentum: running-statistics update factor (weight of the new statistic).
+        grad_momentum: update factor of the backward statistic's moving average.
+        warmup_steps: steps with the batch's own statistics first.
+        r_max: limit of the renormalization factor r.
+        renorm_warmup_steps: steps with r = 1 first.
+        eps: added to the second moment.
+    """
+
+    name: str = "mabn"
+    window: int = 16
+    momentum: float = 0.02
+    grad_momentum: float = 0.02
+    warmup_steps: int = 100
+    r_max: float = 5.0
+    renorm_warmup_steps: int = 1000
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least("window", self.window, 1)
+        _within("momentum", self.momentum, 0.0, 1.0, low_open=True)
+        _within("grad_momentum", self.grad_momentum, 0.0, 1.0, low_open=True)
+        _at_least("warmup_steps", self.warmup_steps, 0)
+        _within("r_max", self.r_max, 1.0, math.inf)
+        _at_least("renorm_warmup_steps", self.renorm_warmup_steps, 0)
+        _within("eps", self.eps, 0.0, math.inf)
+
+
+@schema_of(NORM_SCHEMAS)
+@dataclass
+class CrossIterationBatchNormSpec(NormSpec):
+    """Cross-Iteration Batch Normalization (Yao et al., CVPR 2021): the statistics of the last
+    ``window`` iterations, compensated for the change of the convolution in front by a first-order
+    Taylor expansion, after ``burnin_steps`` of plain BN (:class:`mbn.nn.CrossIterationBatchNorm2d`).
+
+    Args:
+        window: iterations pooled, the current one included (1 = plain BN).
+        burnin_steps: steps of plain BN first.
+        momentum: running-statistics update factor.
+        eps: added to the variance.
+    """
+
+    name: str = "cbn"
+    window: int = 4
+    burnin_steps: int = 8
+    momentum: float = 0.1
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least("window", self.window, 1)
+        _at_least("burnin_steps", self.burnin_steps, 0)
+        _within("momentum", self.momentum, 0.0, 1.0)
+        _within("eps", self.eps, 0.0, math.inf)
+
+
 # --- optimization, trainer, loggers ---------------------------------------------------------------
 
 

@@ -50,7 +50,7 @@ def test_the_run_spec_is_built_by_omegaconf_from_the_typed_config(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["norm=foo"], "norm: unknown option 'foo'; expected one of bn, brn, brn_epochs, evonorm_b0, evonorm_s0, frn, gn, mbn, none"),
+        (["norm=foo"], "norm: unknown option 'foo'; expected one of bn, brn, brn_epochs, cbn, evonorm_b0, evonorm_s0, frn, gn, mabn, mbn, none"),
         (["model=foo"], "model: unknown option 'foo'; expected one of imagenet_resnet18"),
         (["logger=[foo]"], "logger: unknown option 'foo'; expected one of csv, tensorboard, wandb"),
         (["data.batchsize=2"], "data.batchsize: unknown key; did you mean data.batch_size"),

@@ -215,7 +215,7 @@ def test_bad_values_fail_with_one_line_naming_the_key(overrides, message, run_en
 def test_unknown_key_and_unknown_group_option_fail_before_training(run_env):
     # Hydra's own composition errors get the same contract as every config error: one line, exit 2.
     for overrides, expected in ((["data.batch_sise=3"], "data.batch_sise: unknown key; did you mean data.batch_size or data.eval_batch_size?"),
-                                (["norm=foo"], "norm: unknown option 'foo'; expected one of bn, brn, brn_epochs, evonorm_b0, evonorm_s0, frn, gn, mbn, none")):
+                                (["norm=foo"], "norm: unknown option 'foo'; expected one of bn, brn, brn_epochs, cbn, evonorm_b0, evonorm_s0, frn, gn, mabn, mbn, none")):
         proc = subprocess.run(
             [sys.executable, "-m", "mbn.cli.train", *overrides, f"output_root={run_env}"],
             capture_output=True, text=True, timeout=60,

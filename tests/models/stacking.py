@@ -18,6 +18,10 @@ NORM_KWARGS = {
     "evonorm_s0": {"num_groups": 2},
     "brn": {"warmup_steps": 2, "r_max_ramp_steps": 5, "d_max_ramp_steps": 5},
     "mbn": {"ideal_batch_size": 32},
+    # MABN past its warmup and renormalization warmup within the tests' steps, its window full.
+    "mabn": {"window": 3, "warmup_steps": 2, "renorm_warmup_steps": 4, "r_max": 1.5},
+    # CBN past its burn-in within the tests' steps, its window full.
+    "cbn": {"window": 3, "burnin_steps": 2},
 }
 NUM_CLASSES = 5
 # SGD as the runs use it: momentum and weight decay make every parameter move at every step.

@@ -21,7 +21,7 @@ from mbn.nn import (
 
 
 def test_names():
-    assert NORM_NAMES == ("bn", "gn", "brn", "mbn", "none", "evonorm_b0", "evonorm_s0", "frn")
+    assert NORM_NAMES == ("bn", "gn", "brn", "mbn", "evonorm_b0", "evonorm_s0", "frn", "mabn", "cbn", "none")
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def test_kwargs_reach_the_layer():
 
 
 def test_unknown_name_lists_valid_ones():
-    with pytest.raises(ValueError, match="bn, gn, brn, mbn, none"):
+    with pytest.raises(ValueError, match="bn, gn, brn, mbn, evonorm_b0, evonorm_s0, frn, mabn, cbn, none"):
         make_norm("batchnorm", 4)
     with pytest.raises(ValueError, match="'layernorm'"):
         norm_layer("layernorm")

@@ -54,7 +54,7 @@ def test_an_invalid_swept_value_stops_the_sweep_before_any_job_runs(tiny, run_en
     # An unknown config-group option in a sweep is caught the same way (Hydra composition error).
     assert main(["-m", *tiny(), "norm=bn,foo", "sweep_name=bad"]) == 2
     err = capsys.readouterr().err
-    assert "norm=foo: norm: unknown option 'foo'; expected one of bn, brn, brn_epochs, evonorm_b0, evonorm_s0, frn, gn, mbn, none" in err
+    assert "norm=foo: norm: unknown option 'foo'; expected one of bn, brn, brn_epochs, cbn, evonorm_b0, evonorm_s0, frn, gn, mabn, mbn, none" in err
     assert not list(run_env.rglob("results.json"))
 
 
