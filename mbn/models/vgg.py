@@ -7,6 +7,8 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import nn
 
+from mbn.nn import drop_activations
+
 NormLayer = Callable[[int], nn.Module]
 
 # Stage widths in units of ``width`` (64 = standard), "M" = 2x2 max-pool (Simonyan & Zisserman, 2015, Table 1).
@@ -26,7 +28,8 @@ class VGG(nn.Module):
     Args:
         config: per-layer channel multipliers of ``width`` and ``"M"`` for max-pools (see ``VGG_CONFIGS``).
         num_classes: output logits.
-        norm_layer: factory ``norm_layer(num_channels) -> nn.Module`` applied after every convolution.
+        norm_layer: factory ``norm_layer(num_channels) -> nn.Module`` applied after every convolution;
+            a normalization-activation layer (EvoNorm, FRN) replaces the ReLU after it.
         width: channels of the first convolution (64 = standard).
         in_channels: image channels.
     """
@@ -53,7 +56,7 @@ class VGG(nn.Module):
                     nn.ReLU(inplace=True),
                 ]
                 channels = out_channels
-        self.features = nn.Sequential(*layers)
+        self.features = drop_activations(nn.Sequential(*layers))  # no ReLU after a norm-activation layer
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
         for module in self.modules():
