@@ -10,6 +10,7 @@ from typing import Callable, Literal, Sequence, Type, Union
 import torch
 from torch import nn
 
+from mbn.nn import drop_activations, includes_activation
 from mbn.nn.preceding_layer import conv_norm
 
 NormLayer = Callable[[int], nn.Module]
@@ -29,6 +30,8 @@ class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual connection (ResNet-18/34)."""
 
     expansion = 1
+    # Norms whose output is added to the residual: no activation there (mbn.nn.activation).
+    norms_before_addition = ("norm2", "downsample.1")
 
     def __init__(
         self, in_channels: int, channels: int, stride: int, norm_layer: NormLayer, downsample: nn.Module | None
@@ -38,6 +41,7 @@ class BasicBlock(nn.Module):
         self.conv2, self.norm2 = conv_norm(conv3x3(channels, channels), norm_layer, channels)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        drop_activations(self)
 
     @property
     def last_norm(self) -> nn.Module:
@@ -45,7 +49,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.norm1(self.conv1(x))
+        out = out if includes_activation(self.norm1) else self.relu(out)
         out = self.norm2(self.conv2(out))
         return self.relu(out + identity)
 
@@ -54,6 +59,7 @@ class Bottleneck(nn.Module):
     """1x1 reduce, 3x3 (strided, as in torchvision's "ResNet v1.5"), 1x1 expand, with a residual connection."""
 
     expansion = 4
+    norms_before_addition = ("norm3", "downsample.1")  # as BasicBlock's
 
     def __init__(
         self, in_channels: int, channels: int, stride: int, norm_layer: NormLayer, downsample: nn.Module | None
@@ -65,6 +71,7 @@ class Bottleneck(nn.Module):
         self.conv3, self.norm3 = conv_norm(conv1x1(channels, out_channels), norm_layer, out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        drop_activations(self)
 
     @property
     def last_norm(self) -> nn.Module:
@@ -72,8 +79,10 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.norm1(self.conv1(x)))
-        out = self.relu(self.norm2(self.conv2(out)))
+        out = self.norm1(self.conv1(x))
+        out = out if includes_activation(self.norm1) else self.relu(out)
+        out = self.norm2(self.conv2(out))
+        out = out if includes_activation(self.norm2) else self.relu(out)
         out = self.norm3(self.conv3(out))
         return self.relu(out + identity)
 
@@ -90,7 +99,9 @@ class ResNet(nn.Module):
         num_classes: output logits.
         norm_layer: factory ``norm_layer(num_channels) -> nn.Module`` used after every convolution; each
             norm gets the convolution in front of it when it asks (:func:`mbn.nn.bind_norm`: MABN
-            centers it, CBN keeps its weight).
+            centers it, CBN keeps its weight). A normalization-activation layer (EvoNorm, FRN) replaces
+            the ReLU after it, and runs without its activation before a residual addition
+            (:mod:`mbn.nn.activation`).
         width: channels of the stem and the first stage (64 = the standard network).
         in_channels: image channels.
         stem: ``"cifar"`` (3x3 conv, stride 1, no max-pool; for 32px images) or ``"imagenet"``
@@ -120,7 +131,7 @@ class ResNet(nn.Module):
         stem_layers: list[nn.Module] = [*conv_norm(stem_conv, norm_layer, width), nn.ReLU(inplace=True)]
         if stem == "imagenet":
             stem_layers.append(nn.MaxPool2d(3, stride=2, padding=1))
-        self.stem = nn.Sequential(*stem_layers)
+        self.stem = drop_activations(nn.Sequential(*stem_layers))
 
         self._norm_layer = norm_layer
         self._in_channels = width

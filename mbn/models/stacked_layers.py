@@ -576,7 +576,7 @@ class StackedEvoNormB0(StackedLayer, EvoNormB0):
 
     @classmethod
     def _empty(cls, prototype: EvoNormB0, num_members: int) -> "StackedEvoNormB0":
-        return cls(prototype.num_features * num_members, eps=prototype.eps, momentum=prototype.momentum, device="meta")
+        return cls(prototype.num_features * num_members, eps=prototype.eps, momentum=prototype.momentum, apply_act=prototype.apply_act, device="meta")
 
 
 class StackedEvoNormS0(StackedLayer, EvoNormS0):
@@ -586,7 +586,7 @@ class StackedEvoNormS0(StackedLayer, EvoNormS0):
 
     @classmethod
     def _empty(cls, prototype: EvoNormS0, num_members: int) -> "StackedEvoNormS0":
-        return cls(prototype.num_features * num_members, num_groups=prototype.num_groups * num_members, eps=prototype.eps, device="meta")
+        return cls(prototype.num_features * num_members, num_groups=prototype.num_groups * num_members, eps=prototype.eps, apply_act=prototype.apply_act, device="meta")
 
 
 class StackedFilterResponseNorm(StackedLayer, FilterResponseNorm):
@@ -595,7 +595,7 @@ class StackedFilterResponseNorm(StackedLayer, FilterResponseNorm):
 
     @classmethod
     def _empty(cls, prototype: FilterResponseNorm, num_members: int) -> "StackedFilterResponseNorm":
-        return cls(prototype.num_features * num_members, eps=prototype.eps, device="meta")
+        return cls(prototype.num_features * num_members, eps=prototype.eps, apply_act=prototype.apply_act, device="meta")
 
 
 class StackedCenteredConv2d(StackedConv2d, CenteredConv2d):

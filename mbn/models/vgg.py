@@ -7,6 +7,7 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import nn
 
+from mbn.nn import drop_activations
 from mbn.nn.preceding_layer import conv_norm
 
 NormLayer = Callable[[int], nn.Module]
@@ -29,7 +30,8 @@ class VGG(nn.Module):
         config: per-layer channel multipliers of ``width`` and ``"M"`` for max-pools (see ``VGG_CONFIGS``).
         num_classes: output logits.
         norm_layer: factory ``norm_layer(num_channels) -> nn.Module`` applied after every convolution
-            (handed that convolution when it asks, :func:`mbn.nn.bind_norm`).
+            (handed that convolution when it asks, :func:`mbn.nn.bind_norm`); a normalization-activation
+            layer (EvoNorm, FRN) replaces the ReLU after it.
         width: channels of the first convolution (64 = standard).
         in_channels: image channels.
     """
@@ -53,7 +55,7 @@ class VGG(nn.Module):
                 conv = nn.Conv2d(channels, out_channels, 3, padding=1, bias=False)
                 layers += [*conv_norm(conv, norm_layer, out_channels), nn.ReLU(inplace=True)]
                 channels = out_channels
-        self.features = nn.Sequential(*layers)
+        self.features = drop_activations(nn.Sequential(*layers))  # no ReLU after a norm-activation layer
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
         for module in self.modules():

@@ -8,6 +8,7 @@ model. Backbones take ``norm_layer("mbn", ideal_batch_size=32)``; the training l
 
 from mbn.nn import schedule
 from mbn.nn._batch_stats_norm import min_values_per_channel
+from mbn.nn.activation import drop_activations, includes_activation, without_activation
 from mbn.nn.batch_renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from mbn.nn.centered_conv import CenteredConv1d, CenteredConv2d, CenteredConv3d, centered
 from mbn.nn.convert import convert, convert_norm
@@ -71,6 +72,8 @@ __all__ = [
     "convert",
     "convert_norm",
     "cross_iteration_batch_norm",
+    "drop_activations",
+    "includes_activation",
     "make_norm",
     "mbn_layers",
     "min_values_per_channel",
@@ -81,4 +84,5 @@ __all__ = [
     "norm_layer",
     "schedule",
     "set_progress",
+    "without_activation",
 ]

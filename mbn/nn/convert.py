@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mbn.nn._batch_stats_norm import TORCH_BATCH_NORMS
+from mbn.nn.activation import drop_activations, includes_activation
 from mbn.nn.batch_renorm import BatchRenorm, BatchRenorm1d, BatchRenorm3d
 from mbn.nn.cross_iteration_batchnorm import CrossIterationBatchNorm, CrossIterationBatchNorm1d, CrossIterationBatchNorm3d
 from mbn.nn.factory import check_kwargs, norm_class
@@ -83,6 +84,17 @@ def convert_norm(model: nn.Module, name: str, **kwargs: Any) -> nn.Module:
     ``conv1, bn1, ...`` order), which must then have a weight with the layer's channel count. A
     converted model keeps its centered convolutions (so ``"mabn"`` -> ``"bn"`` keeps eval outputs).
 
+    Normalization-activation targets (``"evonorm_b0"``, ``"evonorm_s0"``, ``"frn"``) replace the
+    BN-ReLU pair, so their ReLU must go; which ReLU follows which norm is in the model's forward
+    code, which this cannot read. After converting, :func:`~mbn.nn.drop_activations` replaces every
+    ``nn.ReLU`` that directly follows a converted layer inside an ``nn.Sequential`` by
+    ``nn.Identity``, and turns off the activation of the norms a module lists in
+    ``norms_before_addition``. The backbones of :mod:`mbn.models` (ResNet, VGG) are then exactly
+    the models ``norm_layer`` builds (their blocks skip the ReLU after such a norm in their
+    forward). In any other model (e.g. a torchvision ResNet, whose forward calls ``self.relu``
+    after ``self.bn1``) ReLUs outside ``nn.Sequential`` stay and every converted layer keeps its
+    activation: convert such a model and then fix its activations by hand.
+
     Args:
         model: the model; modified in place.
         name: target norm, one of :data:`mbn.nn.NORM_NAMES`.
@@ -97,11 +109,18 @@ def convert_norm(model: nn.Module, name: str, **kwargs: Any) -> nn.Module:
         ValueError: a ``"mabn"``/``"cbn"`` layer without such a layer directly in front of it.
     """
     check_kwargs(name, kwargs)
+    converted = _convert(model, name, kwargs)
+    if includes_activation(norm_class(name)):
+        drop_activations(converted)
+    return converted
+
+
+def _convert(model: nn.Module, name: str, kwargs: dict[str, Any]) -> nn.Module:
     if isinstance(model, _CONVERTIBLE):
         return _replacement(model, name, kwargs)
     previous: tuple[str, nn.Module] | None = None
     for child_name, child in list(model.named_children()):
-        converted = convert_norm(child, name, **kwargs)
+        converted = _convert(child, name, kwargs)
         if converted is not child:
             setattr(model, child_name, converted)
             if needs_preceding_layer(converted):

@@ -1,8 +1,8 @@
 """EvoNorm-B0 (Liu, Brock, Simonyan & Le, NeurIPS 2020), with the channel count first.
 
-Normalization-activation layers replace a BatchNorm-ReLU pair. Where a backbone has ``norm_layer(C)``
-followed by a ReLU, the ReLU stays (as after GN in these backbones): unlike the paper, where the layer
-replaces both.
+A normalization-activation layer: it replaces a BatchNorm-ReLU pair (the paper's method). The
+backbones drop the ReLU after it and build the norm before a residual addition with
+``apply_act=False`` (:mod:`mbn.nn.activation`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import torch
 from torch import Tensor, nn
 
 from mbn.nn._input_checks import check_input, check_num_features, check_number, check_training_batch
+from mbn.nn.activation import NormActivation
 
 __all__ = ["EvoNormB0"]
 
 
-class EvoNormB0(nn.Module):
+class EvoNormB0(NormActivation, nn.Module):
     """EvoNorm-B0 (Liu et al., 2020, Table 1), batch-dependent; for inputs ``(N, C, *)`` of any rank >= 2.
 
     Per channel ``c``, with ``s2_batch`` the biased variance over ``(N, *spatial)`` and ``s2_inst``
@@ -33,6 +34,11 @@ class EvoNormB0(nn.Module):
     ``weight``, ``bias``, ``v`` and the ``running_var`` buffer (no running mean: B0 never subtracts one);
     ``weight``, ``bias`` and ``running_var`` load from a BatchNorm state_dict (``convert_norm``).
 
+    Without its activation (``apply_act=False``, for a norm before a residual addition) the layer is
+    ``y = x * weight + bias``, with no ``v``: the definition of timm's ``EvoNorm2dB0`` and of the
+    authors' reference code (``nonlinearity=False``), which normalize nothing there. ``running_var``
+    stays (and stays untouched), so BatchNorm state_dicts still load.
+
     DDP: the batch variance is each device's own (as ``nn.BatchNorm`` without SyncBatchNorm; not a
     ``_BatchNorm``, so ``convert_sync_batchnorm`` leaves it alone); the instance variance is per
     sample. ``running_var`` is a buffer, so DDP's buffer broadcast gives every device rank 0's at
@@ -42,15 +48,20 @@ class EvoNormB0(nn.Module):
         num_features: number of channels ``C``.
         eps: added to both variances before the square root.
         momentum: running-variance momentum (PyTorch convention: weight of the new batch), in [0, 1].
+        apply_act: include the activation (the max with ``v * x + sqrt(s2_inst + eps)``); see above.
         device: device of the parameters and buffers.
         dtype: dtype of the parameters and buffers.
     """
+
+    activation_parameter = "v"
+    activation_init = 1.0
 
     def __init__(
         self,
         num_features: int,
         eps: float = 1e-5,
         momentum: float = 0.1,
+        apply_act: bool = True,
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -65,11 +76,14 @@ class EvoNormB0(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features, **factory))
         self.v = nn.Parameter(torch.ones(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.apply_act = apply_act
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` of shape ``(N, C, *)``; see the class docstring."""
         check_input(self, input, ())
         shape = (1, -1) + (1,) * (input.dim() - 2)  # a per-channel vector against (N, C, *)
+        if self.v is None:  # apply_act=False
+            return torch.addcmul(self.bias.view(shape), input, self.weight.view(shape))
         spatial = tuple(range(2, input.dim()))
         if self.training:
             check_training_batch(self, input)
@@ -96,8 +110,9 @@ class EvoNormB0(nn.Module):
         """Reset ``running_var`` and the parameters to ``weight = v = 1``, ``bias = 0``."""
         self.reset_running_stats()
         nn.init.ones_(self.weight)
-        nn.init.ones_(self.v)
+        if self.v is not None:
+            nn.init.ones_(self.v)
         nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, apply_act={self.apply_act}"

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from mbn.nn import BatchRenorm, GroupNorm, MomentumBatchNorm
+from mbn.nn import BatchRenorm, EvoNormB0, EvoNormS0, FilterResponseNorm, GroupNorm, MomentumBatchNorm
 from mbn.models.stacked_optim import member_lr
 from mbn.nn.convert import TORCH_BATCH_NORMS
 from mbn.train.stacked_module import member_metric
@@ -19,7 +19,9 @@ from mbn.train.stacked_module import member_metric
 log = logging.getLogger("mbn.train")
 
 # Layers whose class must survive the strategy's model wrapping (SyncBatchNorm counts too: it must not appear).
-NORM_CLASSES = (MomentumBatchNorm, BatchRenorm, GroupNorm, *TORCH_BATCH_NORMS, torch.nn.GroupNorm)
+NORM_CLASSES = (
+    MomentumBatchNorm, BatchRenorm, GroupNorm, EvoNormB0, EvoNormS0, FilterResponseNorm, *TORCH_BATCH_NORMS, torch.nn.GroupNorm
+)
 
 
 class MomentumScheduleCallback(Callback):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -147,3 +149,47 @@ def test_bad_sizes_name_the_argument(arg, value):
 def test_zero_init_residual_is_rejected_for_vgg():
     with pytest.raises(ValueError, match="zero_init_residual"):
         build_model("vgg11", zero_init_residual=True)
+
+
+PEERS = {"evonorm_b0": {}, "evonorm_s0": {"num_groups": 2}, "frn": {}}
+OTHER_NORMS = {"bn": {}, "gn": {"num_groups": 2}, "brn": {}, "mbn": {}, "none": {}}
+
+
+def _block_reference(block: nn.Module, x: torch.Tensor, relu_after_norm: bool) -> torch.Tensor:
+    # The torchvision block forward, with or without the ReLU after each inner norm.
+    act = nn.functional.relu if relu_after_norm else (lambda t: t)
+    identity = x if block.downsample is None else block.downsample(x)
+    if isinstance(block, BasicBlock):
+        out = block.norm2(block.conv2(act(block.norm1(block.conv1(x)))))
+    else:
+        out = act(block.norm2(block.conv2(act(block.norm1(block.conv1(x))))))
+        out = block.norm3(block.conv3(out))
+    return nn.functional.relu(out + identity)
+
+
+@pytest.mark.parametrize("norm", [*PEERS, *OTHER_NORMS])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg11"])
+def test_a_norm_activation_layer_replaces_the_relu_after_it_and_has_none_before_a_residual_addition(name, norm):
+    # The peers: no ReLU after them, apply_act=False on every block's last norm and shortcut norm.
+    # Every other norm: the torchvision network, ReLUs and forward exactly as before.
+    from mbn.nn import includes_activation, norm_layer
+
+    peer = norm in PEERS
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3, norm_layer=norm_layer(norm, **{**PEERS, **OTHER_NORMS}[norm]), width=4)
+    first = model.stem if name.startswith("resnet") else model.features  # conv, norm, activation, ...
+    norm_type = type(first[1])
+    pairs = [(a, b) for seq in model.modules() if isinstance(seq, nn.Sequential) for a, b in zip(seq, list(seq)[1:])]
+    after_norms = [type(b) for a, b in pairs if type(a) is norm_type]
+    assert after_norms and set(after_norms) == ({nn.Identity} if peer else {nn.ReLU})
+    blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    for block in blocks:
+        last = [block.last_norm, *([] if block.downsample is None else [block.downsample[1]])]
+        inner = [block.norm1, *([block.norm2] if isinstance(block, Bottleneck) else [])]
+        assert all(includes_activation(n) == peer for n in last + inner)
+        if peer:
+            assert all(not n.apply_act for n in last) and all(n.apply_act for n in inner)
+        x = torch.randn(2, block.conv1.in_channels, 4, 4)
+        twin = copy.deepcopy(block)  # BRN/MBN/B0 update state in each training forward
+        assert torch.equal(block(x), _block_reference(twin, x, relu_after_norm=not peer))
+    assert bool(blocks) == name.startswith("resnet")

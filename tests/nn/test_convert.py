@@ -124,3 +124,27 @@ def test_torch_s_batch_norms_are_named_by_every_public_class_there_is():
     assert {nn.BatchNorm2d, nn.SyncBatchNorm, nn.LazyBatchNorm3d} <= in_torch_nn
     missing = sorted(cls.__qualname__ for cls in in_torch_nn if not issubclass(cls, TORCH_BATCH_NORMS))
     assert missing == [], f"torch {torch.__version__}: batch norms missing from mbn.nn TORCH_BATCH_NORMS: {missing}"
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "vgg11"])
+@pytest.mark.parametrize("name, kwargs", [("evonorm_b0", {}), ("evonorm_s0", {"num_groups": 2}), ("frn", {})])
+def test_a_converted_backbone_is_the_backbone_built_with_the_peer(arch, name, kwargs):
+    # Same modules (ReLUs after the peers gone, no activation before a residual addition), same
+    # state_dict keys, and the same outputs once the built model holds the converted one's state.
+    from mbn.models import build_model
+    from mbn.nn import norm_layer
+
+    torch.manual_seed(0)
+    converted = convert_norm(build_model(arch, num_classes=3, width=4), name, **kwargs)
+    built = build_model(arch, num_classes=3, norm_layer=norm_layer(name, **kwargs), width=4)
+    assert repr(converted) == repr(built)
+    built.load_state_dict(converted.state_dict(), strict=True)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(converted(x), built(x))
+
+
+def test_a_torchvision_resnet_keeps_the_relus_its_forward_calls():
+    # convert_norm cannot read a forward: outside nn.Sequential the ReLUs and activations stay.
+    model = convert_norm(trained_resnet(), "frn")
+    assert type(model.relu) is nn.ReLU and type(model.layer1[0].relu) is nn.ReLU
+    assert all(layer.apply_act for layer in model.modules() if isinstance(layer, FilterResponseNorm))

@@ -169,3 +169,29 @@ def test_defaults_factory_and_errors():
     for kwargs, match in (({"momentum": 1.5}, "momentum"), ({"eps": -1.0}, "eps"), ({"num_features": 0}, "num_features")):
         with pytest.raises(ValueError, match=match):
             EvoNormB0(**{"num_features": 4, **kwargs})
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(1, C), (1, C, 1, 1), (4, C, 3, 3)], ids=["1d-one", "2d-one", "2d"])
+def test_without_activation_is_the_affine_map_of_timm_and_the_reference_code(shape, training):
+    """apply_act=False: y = x * weight + bias (timm's EvoNorm2dB0 and the authors' nonlinearity=False),
+    with no v, running_var untouched and no batch statistic (so one value per channel is fine)."""
+    layer = make_layer()
+    layer.apply_act = False
+    layer.train(training)
+    assert layer.v is None and list(layer.state_dict()) == ["weight", "bias", "running_var"]
+    running_var = layer.running_var.clone()
+    weight, bias = (getattr(layer, name).detach().clone().requires_grad_() for name in ("weight", "bias"))
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    y = layer(x)
+    expected = x * per_channel(weight, x.dim()) + per_channel(bias, x.dim())
+    close(y, expected, steps=1, what="output")
+    actual_grads = torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
+    for name, a, e in zip(("x", "weight", "bias"), actual_grads, torch.autograd.grad(expected, (x, weight, bias), g)):
+        close(a, e, steps=1, what=f"gradient of {name}")
+    assert torch.equal(layer.running_var, running_var)
+    assert "apply_act=False" in repr(layer)
+    built = EvoNormB0(C, apply_act=False)
+    assert not built.apply_act and [name for name, _ in built.named_parameters()] == ["weight", "bias"]

@@ -120,3 +120,25 @@ def test_groups_as_groupnorm_defaults_factory_and_errors():
         EvoNormS0(8, num_groups=2, eps=-1.0)
     with pytest.raises(ValueError, match=r"EvoNormS0\(8\): expected input of shape \(N, 8, ...\)"):
         layer(torch.randn(2, 4, 3, 3))
+
+
+@pytest.mark.parametrize("shape", [(4, C), (2, C, 3, 3)], ids=["1d", "2d"])
+def test_without_activation_is_the_affine_map_of_timm_and_the_reference_code(shape):
+    """apply_act=False: y = x * weight + bias (timm's EvoNorm2dS0 and the authors' nonlinearity=False),
+    with no v."""
+    layer = make_layer()
+    layer.apply_act = False
+    assert layer.v is None and list(layer.state_dict()) == ["weight", "bias"]
+    weight, bias = (getattr(layer, name).detach().clone().requires_grad_() for name in ("weight", "bias"))
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    y = layer(x)
+    expected = x * per_channel(weight, x.dim()) + per_channel(bias, x.dim())
+    close(y, expected, "output")
+    actual_grads = torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
+    for name, a, e in zip(("x", "weight", "bias"), actual_grads, torch.autograd.grad(expected, (x, weight, bias), g)):
+        close(a, e, f"gradient of {name}")
+    assert "apply_act=False" in repr(layer)
+    built = EvoNormS0(C, num_groups=G, apply_act=False)
+    assert not built.apply_act and [name for name, _ in built.named_parameters()] == ["weight", "bias"]

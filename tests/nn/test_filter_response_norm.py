@@ -117,3 +117,27 @@ def test_defaults_factory_and_errors():
     for kwargs, match in (({"eps": -1.0}, "eps"), ({"num_features": 0}, "num_features")):
         with pytest.raises(ValueError, match=match):
             FilterResponseNorm(**{"num_features": 4, **kwargs})
+
+
+@pytest.mark.parametrize("shape", [(2, C, 5), (2, C, 3, 3)], ids=["1d-seq", "2d"])
+def test_without_activation_is_frn_without_tlu(shape):
+    """apply_act=False: y = gamma x_hat + beta (Eqs. 1-3; timm's FilterResponseNormTlu2d with
+    apply_act=False), with no tau."""
+    layer = make_layer()
+    weight, bias, tau = leaf_parameters(layer)
+    layer.apply_act = False
+    assert layer.tau is None and list(layer.state_dict()) == ["weight", "bias"]
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    y = layer(x)
+    # Without TLU the reference's Eq. 3 output: the reference with tau = -inf.
+    expected = frn_tlu_reference(x, weight, bias, torch.full_like(tau, -torch.inf), layer.eps)
+    assert (expected < per_channel(tau, x.dim())).any()  # outputs TLU would have clipped
+    close(y, expected, "output")
+    actual_grads = torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
+    for name, a, e in zip(("x", "weight", "bias"), actual_grads, torch.autograd.grad(expected, (x, weight, bias), g)):
+        close(a, e, f"gradient of {name}")
+    assert "apply_act=False" in repr(layer)
+    built = FilterResponseNorm(C, apply_act=False)
+    assert not built.apply_act and [name for name, _ in built.named_parameters()] == ["weight", "bias"]
