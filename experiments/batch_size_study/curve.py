@@ -10,10 +10,12 @@ Each norm's lr is ``0.1 x factor x m / 64``. The factor is chosen on the validat
 edge of the grid asks for the grid extended once on that side (0.1 or 30), and the best of the
 extended grid is taken whatever it is. MBN at m = 32 is BN (lam = 0) and takes BN's factor. At
 m = 4, 8, 16 the factor is interpolated linearly in log2 m between the m = 2 and m = 32 factors, in
-log, and snapped to the nearest value of the grid (in log). Ties, which the protocol leaves open, go
+log, and snapped to the nearest value of the grid (in log). The small-batch peers (EvoNorm-B0/S0, FRN,
+MABN, CBN) are tuned the same way and run at m = 2 and 32 only. Ties, which the protocol leaves open, go
 to the factor nearer 1 (the linear-scaling rule): between two grid factors of equal validation
 accuracy, and between two grid values equally near an interpolated factor. ``--write`` records the chosen factors
-once every grid is complete; the runner's ``curve`` study reads them for the seeds' commands.
+of every norm whose grids are complete (a norm's factors never change after: its grids are done); the
+runner's ``curve`` study reads them for the seeds' commands of those norms.
 """
 
 from __future__ import annotations
@@ -37,10 +39,17 @@ REFERENCE_LR = 0.1
 TUNED_BATCH_SIZES = (2, 32)
 CURVE_BATCH_SIZES = (2, 4, 8, 16, 32)
 NORMS = ("bn", "gn", "brn", "mbn")
+# The small-batch peers, tuned alike, at the tuned batch sizes only (EXPERIMENTS.md, their protocol).
+PEERS = ("evonorm_b0", "evonorm_s0", "frn", "mabn", "cbn")
 # The norm config option each norm runs as (norm.name -> option).
-NORM_OPTIONS = {"bn": "bn", "gn": "gn", "brn": "brn_epochs", "mbn": "mbn"}
+NORM_OPTIONS = {"bn": "bn", "gn": "gn", "brn": "brn_epochs", "mbn": "mbn", **{peer: peer for peer in PEERS}}
 # Seeds per m, paired across norms; MBN at m = 32 is BN and runs one seed to confirm it.
 SEEDS = {2: 5, 4: 5, 8: 3, 16: 3, 32: 3}
+
+
+def curve_batch_sizes(norm: str) -> tuple[int, ...]:
+    """The batch sizes of a norm's curve: every m for BN, GN, BRN and MBN; the tuned ones for a peer."""
+    return TUNED_BATCH_SIZES if norm in PEERS else CURVE_BATCH_SIZES
 MBN_SEEDS_AT_32 = 1
 METRIC = "final_val_acc1"
 FACTORS_FILE = Path(__file__).with_name("curve_factors.json")
@@ -135,7 +144,7 @@ def choose_factors(scores: Mapping[tuple[str, int], Mapping[float, float]]) -> t
     """
     factors: dict[str, dict[int, float]] = {}
     pending: list[str] = []
-    for norm in NORMS:
+    for norm in (*NORMS, *PEERS):
         tuned: dict[int, float] = {}
         for m in TUNED_BATCH_SIZES:
             if norm == "mbn" and m == 32:
@@ -153,7 +162,7 @@ def choose_factors(scores: Mapping[tuple[str, int], Mapping[float, float]]) -> t
             if bn_32 is not None:
                 tuned[32] = bn_32
         if set(tuned) == set(TUNED_BATCH_SIZES):
-            factors[norm] = {m: tuned[m] if m in tuned else interpolated_factor(tuned[2], tuned[32], m) for m in CURVE_BATCH_SIZES}
+            factors[norm] = {m: tuned[m] if m in tuned else interpolated_factor(tuned[2], tuned[32], m) for m in curve_batch_sizes(norm)}
     return factors, pending
 
 
@@ -224,14 +233,14 @@ def grid_table(scores: Mapping[tuple[str, int], Mapping[float, float]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the grids and the chosen factors; ``--write`` records them once every grid is complete.
+    """Print the grids and the chosen factors; ``--write`` records those of every norm whose grids are complete.
 
     Returns:
-        0 when every factor is chosen, 1 while grids are still to run or extend.
+        0 when every norm's factors are chosen, 1 while grids are still to run or extend.
     """
     parser = argparse.ArgumentParser(prog="python -m experiments.batch_size_study.curve", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", help="the study's sweep dir (outputs/sweeps/study_curve)")
-    parser.add_argument("--write", metavar="JSON", help="record the chosen factors here (only when all are chosen)")
+    parser.add_argument("--write", metavar="JSON", help="record the chosen factors here (the norms whose grids are complete)")
     args = parser.parse_args(argv)
     scores = grid_scores(args.sweep_dir)
     print(f"{METRIC} (%) of seed 0 by lr factor (lr = 0.1 x factor x m / 64):\n\n{grid_table(scores)}\n")
@@ -240,14 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{norm}: " + ", ".join(f"m={m} x{f:g}" for m, f in by_m.items()))
     for line in pending:
         print(f"still to run: {line}")
-    if pending:
-        return 1
-    if args.write:
+    if args.write and factors:
         content = {"metric": METRIC, "reference_lr": REFERENCE_LR, "grid_scores": {f"{n}@{m}": {f"{f:g}": v for f, v in s.items()} for (n, m), s in sorted(scores.items())},
                    "factors": {norm: {str(m): f for m, f in by_m.items()} for norm, by_m in factors.items()}}
         atomic_write(Path(args.write), lambda f: f.write((json.dumps(content, indent=2) + "\n").encode()))
-        print(f"wrote {args.write}")
-    return 0
+        print(f"wrote {args.write} ({', '.join(factors)})")
+    return 1 if pending else 0
 
 
 if __name__ == "__main__":

@@ -133,6 +133,23 @@ STUDIES: dict[str, Study] = {
         curve_metric="val_acc1",
         compare_name="study_curve_grid",
     ),
+    # The small-batch peers' lr grids (EXPERIMENTS.md, "The small-batch peers in the fair curve study:
+    # protocol"): tuned as BN, GN, BRN and MBN, at m = 2 (stacked) and 32, in the same sweep dir.
+    "peers_grid": Study(
+        experiment="study_curve",
+        sweep_name="study_curve",
+        sweeps=(
+            ("norm=evonorm_b0,evonorm_s0,frn,mabn,cbn", "data.batch_size=2", "optim.base_lr=0.03,0.1,0.3,1", "stack=4"),
+            ("norm=evonorm_b0,evonorm_s0,frn,mabn,cbn", "data.batch_size=32", "optim.base_lr=0.03,0.1,0.3,1"),
+        ),
+        curve_batch_size=None,
+        baseline=None,
+        rows="norm,data.batch_size",
+        cols="optim.base_lr",
+        metric="final_val_acc1",
+        curve_metric="val_acc1",
+        compare_name="study_curve_grid",
+    ),
     # The earlier, under-trained study (6 epochs, 3,000 images; every norm x m in {2..32} x 2 seeds).
     # With 6 epochs MBN uses the per-iteration schedule: the per-epoch one moves lam in 6 large jumps.
     "undertrained": Study(

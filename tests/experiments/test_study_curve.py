@@ -68,7 +68,8 @@ def test_grid_records_give_every_norms_factors_and_mbn_takes_bns_at_32(tmp_path)
     scores = curve.grid_scores(sweep)
     assert scores[("bn", 2)] == accuracies and ("bn", 8) not in scores
     factors, pending = curve.choose_factors(scores)
-    assert pending == []
+    assert pending and all(line.split()[0] in curve.PEERS for line in pending)  # the peers' grids have not run
+    assert set(factors) == set(curve.NORMS)
     assert factors["bn"] == {2: 3.0, 4: 3.0, 8: 3.0, 16: 3.0, 32: 3.0}
     assert factors["gn"] == {2: 1.0, 4: 1.0, 8: 1.0, 16: 3.0, 32: 3.0}  # m = 8 a tie in log: 1
     assert factors["mbn"][32] == factors["bn"][32]
@@ -95,8 +96,9 @@ def test_chosen_factors_are_written_once_complete_and_give_the_protocols_74_seed
                 for factor, value in {0.3: 0.50, 1.0: 0.64, 3.0: 0.61, 10.0: 0.40}.items():
                     record(sweep, norm, m, factor, value if norm != "brn" or m != 32 else {3.0: 0.7}.get(factor, value))
     out_file = tmp_path / "factors.json"
-    assert curve.main([str(sweep), "--write", str(out_file)]) == 0
+    assert curve.main([str(sweep), "--write", str(out_file)]) == 1  # the peers' grids are still to run
     factors = curve.read_factors(out_file)
+    assert set(factors) == set(curve.NORMS)
     assert factors["bn"] == dict.fromkeys(curve.CURVE_BATCH_SIZES, 1.0)
     assert factors["brn"] == {2: 1.0, 4: 1.0, 8: 1.0, 16: 3.0, 32: 3.0}
     assert json.loads(out_file.read_text())["grid_scores"]["brn@32"]["3"] == 0.7
@@ -149,3 +151,17 @@ def test_the_curve_tables_read_only_the_runs_at_the_chosen_factors(tmp_path):
                                                      "data.batch_size=2,norm=bn,optim.base_lr=0.3,seed=1",
                                                      "data.batch_size=2,norm=bn,optim.base_lr=0.3,seed=2"]
     assert sorted(p.parent.name for p in target.rglob("results.json")) == sorted(p.parent.name for p in copied)
+
+
+def test_a_peer_is_tuned_alike_and_runs_at_the_tuned_batch_sizes_only(tmp_path):
+    sweep = tmp_path / "study_curve"
+    for m in curve.TUNED_BATCH_SIZES:
+        for factor, value in {0.3: 0.50, 1.0: 0.55, 3.0: 0.61, 10.0: 0.40}.items():
+            record(sweep, "cbn", m, factor, value)
+    factors, pending = curve.choose_factors(curve.grid_scores(sweep))
+    assert factors == {"cbn": {2: 3.0, 32: 3.0}}
+    assert not any(line.startswith("cbn") for line in pending)
+    assert curve.seed_sweeps(factors) == (
+        ("norm=cbn", "data.batch_size=2", "optim.base_lr=0.3", "seed=0,1,2,3,4", "stack=5"),
+        ("norm=cbn", "data.batch_size=32", "optim.base_lr=0.3", "seed=0,1,2"),
+    )
