@@ -97,6 +97,14 @@ class Study:
         return [(main, None), *side]
 
 
+def curve_grid_study(*sweeps: tuple[str, ...]) -> Study:
+    """Lr grids of the fair curve study (its sweep dir): tables of ``final_val_acc1`` by norm and m
+    against the lr, and the validation curves, in ``<output_root>/compare/study_curve_grid``."""
+    return Study(experiment="study_curve", sweep_name="study_curve", sweeps=sweeps, curve_batch_size=None, baseline=None,
+                 rows="norm,data.batch_size", cols="optim.base_lr", metric="final_val_acc1", curve_metric="val_acc1",
+                 compare_name="study_curve_grid")
+
+
 STUDIES: dict[str, Study] = {
     # The powered study (EXPERIMENTS.md, "Batch-size study in a trained regime: protocol"): 30 epochs,
     # 5,000 images; seeds of a cell stacked (stacking does not pay at m = 32, where a step is already
@@ -117,38 +125,16 @@ STUDIES: dict[str, Study] = {
     # 0.3, 1, 3, 10 of lr = 0.1 m / 64 on seed 0, read on the validation split only (final_val_acc1).
     # At m = 2 each norm's grid is one stacked pack of 4 (two packs at a time); at m = 32 stacking
     # loses, so the 12 runs go 2 at a time unstacked (MBN at m = 32 is BN: it takes BN's factor).
-    "curve_grid": Study(
-        experiment="study_curve",
-        sweep_name="study_curve",
-        sweeps=(
-            ("norm=bn,mbn", "data.batch_size=2", "optim.base_lr=0.03,0.1,0.3,1", "stack=4"),
-            ("norm=gn,brn_epochs", "data.batch_size=2", "optim.base_lr=0.03,0.1,0.3,1", "stack=4"),
-            ("norm=bn,gn,brn_epochs", "data.batch_size=32", "optim.base_lr=0.03,0.1,0.3,1"),
-        ),
-        curve_batch_size=None,
-        baseline=None,
-        rows="norm,data.batch_size",
-        cols="optim.base_lr",
-        metric="final_val_acc1",
-        curve_metric="val_acc1",
-        compare_name="study_curve_grid",
+    "curve_grid": curve_grid_study(
+        ("norm=bn,mbn", "data.batch_size=2", "optim.base_lr=0.03,0.1,0.3,1", "stack=4"),
+        ("norm=gn,brn_epochs", "data.batch_size=2", "optim.base_lr=0.03,0.1,0.3,1", "stack=4"),
+        ("norm=bn,gn,brn_epochs", "data.batch_size=32", "optim.base_lr=0.03,0.1,0.3,1"),
     ),
     # The small-batch peers' lr grids (EXPERIMENTS.md, "The small-batch peers in the fair curve study:
     # protocol"): tuned as BN, GN, BRN and MBN, at m = 2 (stacked) and 32, in the same sweep dir.
-    "peers_grid": Study(
-        experiment="study_curve",
-        sweep_name="study_curve",
-        sweeps=(
-            ("norm=evonorm_b0,evonorm_s0,frn,mabn,cbn", "data.batch_size=2", "optim.base_lr=0.03,0.1,0.3,1", "stack=4"),
-            ("norm=evonorm_b0,evonorm_s0,frn,mabn,cbn", "data.batch_size=32", "optim.base_lr=0.03,0.1,0.3,1"),
-        ),
-        curve_batch_size=None,
-        baseline=None,
-        rows="norm,data.batch_size",
-        cols="optim.base_lr",
-        metric="final_val_acc1",
-        curve_metric="val_acc1",
-        compare_name="study_curve_grid",
+    "peers_grid": curve_grid_study(
+        ("norm=evonorm_b0,evonorm_s0,frn,mabn,cbn", "data.batch_size=2", "optim.base_lr=0.03,0.1,0.3,1", "stack=4"),
+        ("norm=evonorm_b0,evonorm_s0,frn,mabn,cbn", "data.batch_size=32", "optim.base_lr=0.03,0.1,0.3,1"),
     ),
     # The earlier, under-trained study (6 epochs, 3,000 images; every norm x m in {2..32} x 2 seeds).
     # With 6 epochs MBN uses the per-iteration schedule: the per-epoch one moves lam in 6 large jumps.

@@ -506,7 +506,56 @@ class StackedMomentumBatchNorm2d(StackedLayer, MomentumBatchNorm2d):
         self._derive_forward_state()
 
 
-class StackedBatchRenorm2d(StackedLayer, BatchRenorm2d):
+class _MemberSteps:
+    """Each member's training step count, for stacked layers whose single layer counts steps in
+    ``self._step`` (BRN's ramps, MABN's window and warmup, CBN's window and burn-in): the members
+    keep their own steps through stacking, checkpoints and loading one member.
+
+    A subclass stores the steps in ``_set_member_steps`` and reads them in ``member_steps``; the
+    default keeps a tuple of them.
+    """
+
+    @property
+    def member_steps(self) -> tuple[int, ...]:
+        """Each member's training step count (the Python mirror of ``num_batches_tracked``)."""
+        return self._member_steps
+
+    def _set_member_steps(self, steps: Sequence[int]) -> None:
+        self._member_steps = tuple(int(step) for step in steps)
+        self._step = self._member_steps[0]
+
+    def _member_step_runs(self) -> list[tuple[int, slice]]:
+        # (step, channel block) of each run of consecutive members at the same step.
+        channels = self.num_features // self.num_members
+        runs, start = [], 0
+        for step, run in itertools.groupby(self.member_steps):
+            stop = start + len(list(run))
+            runs.append((step, slice(start * channels, stop * channels)))
+            start = stop
+        return runs
+
+    def _sync_with_buffers(self) -> None:
+        self._set_member_steps(self.num_batches_tracked.tolist())
+
+    def _import_python_state(self, members: Sequence[nn.Module]) -> None:
+        self._set_member_steps([member._step for member in members])
+
+    def _import_member_python_state(self, k: int, layer: nn.Module) -> None:
+        self.set_member_buffer_mirror(k, layer._step)
+
+    def _export_python_state(self, k: int, layer: nn.Module) -> None:
+        layer._step = self.member_steps[k]
+
+    def member_buffer_mirror(self, k: int) -> int:
+        return self.member_steps[k]
+
+    def set_member_buffer_mirror(self, k: int, value: int) -> None:
+        steps = list(self.member_steps)
+        steps[k] = value
+        self._set_member_steps(steps)
+
+
+class StackedBatchRenorm2d(_MemberSteps, StackedLayer, BatchRenorm2d):
     """K :class:`~mbn.nn.BatchRenorm2d` members as one over ``K * C`` channels.
 
     Each member has its own step (``num_batches_tracked`` is ``(K,)``), which drives its clipping
@@ -543,29 +592,6 @@ class StackedBatchRenorm2d(StackedLayer, BatchRenorm2d):
         # float64, so that 1 / r_max is the number a member computes in Python, whatever the input dtype.
         channels = self.num_features // self.num_members
         return torch.tensor(values, dtype=torch.float64, device=self.running_var.device).repeat_interleave(channels)
-
-    def _sync_with_buffers(self) -> None:
-        self._set_member_steps(self.num_batches_tracked.tolist())
-
-    def _import_python_state(self, members: Sequence[nn.Module]) -> None:
-        self._set_member_steps([member._step for member in members])
-
-    def _import_member_python_state(self, k: int, layer: nn.Module) -> None:
-        steps = list(self.member_steps)
-        steps[k] = layer._step
-        self._set_member_steps(steps)
-
-    def _export_python_state(self, k: int, layer: nn.Module) -> None:
-        layer._step = self.member_steps[k]
-
-    def member_buffer_mirror(self, k: int) -> int:
-        return self.member_steps[k]
-
-    def set_member_buffer_mirror(self, k: int, value: int) -> None:
-        steps = list(self.member_steps)
-        steps[k] = value
-        self._set_member_steps(steps)
-
 
 class StackedEvoNormB0(StackedLayer, EvoNormB0):
     """K :class:`~mbn.nn.EvoNormB0` members as one over ``K * C`` channels.
@@ -605,7 +631,7 @@ class StackedCenteredConv2d(StackedConv2d, CenteredConv2d):
     """
 
 
-class StackedMovingAverageBatchNorm2d(StackedLayer, MovingAverageBatchNorm2d):
+class StackedMovingAverageBatchNorm2d(_MemberSteps, StackedLayer, MovingAverageBatchNorm2d):
     """K :class:`~mbn.nn.MovingAverageBatchNorm2d` members as one over ``K * C`` channels.
 
     Every statistic is per channel, hence per member; each member has its own step
@@ -622,60 +648,28 @@ class StackedMovingAverageBatchNorm2d(StackedLayer, MovingAverageBatchNorm2d):
             renorm_warmup_steps=prototype.renorm_warmup_steps, eps=prototype.eps, affine=prototype.affine, device="meta",
         )  # fmt: skip
 
-    @property
-    def member_steps(self) -> tuple[int, ...]:
-        """Each member's training step count (the Python mirror of ``num_batches_tracked``)."""
-        return self._member_steps
-
-    def _set_member_steps(self, steps: Sequence[int]) -> None:
-        self._member_steps = tuple(int(step) for step in steps)
-        self._step = self._member_steps[0]
-
     def _normalize_training_batch(self, input: Tensor) -> Tensor:
-        steps = self._member_steps
+        steps = self.member_steps
         if len(set(steps)) == 1:
             output = self._training_step(input, self.weight, self.bias, self.window_sq, self.grad_ema, self.running_var, steps[0])
         else:
-            channels = self.num_features // self.num_members
-            outputs, start = [], 0
-            for step, run in itertools.groupby(steps):
-                stop = start + len(list(run))
-                block = slice(start * channels, stop * channels)
+            outputs = []
+            for step, block in self._member_step_runs():
                 weight = None if self.weight is None else self.weight[block]
                 bias = None if self.bias is None else self.bias[block]
                 # Views: the step updates the members' buffers in place.
                 outputs.append(self._training_step(input[:, block], weight, bias, self.window_sq[block], self.grad_ema[block],
                                                    self.running_var[block], step))
-                start = stop
             output = torch.cat(outputs, 1)
         self._set_member_steps([step + 1 for step in steps])
         return output
 
     def _sync_with_buffers(self) -> None:
-        self._set_member_steps(self.num_batches_tracked.tolist())
+        super()._sync_with_buffers()
         self.running_mean.zero_()
 
-    def _import_python_state(self, members: Sequence[nn.Module]) -> None:
-        self._set_member_steps([member._step for member in members])
 
-    def _import_member_python_state(self, k: int, layer: nn.Module) -> None:
-        steps = list(self._member_steps)
-        steps[k] = layer._step
-        self._set_member_steps(steps)
-
-    def _export_python_state(self, k: int, layer: nn.Module) -> None:
-        layer._step = self._member_steps[k]
-
-    def member_buffer_mirror(self, k: int) -> int:
-        return self._member_steps[k]
-
-    def set_member_buffer_mirror(self, k: int, value: int) -> None:
-        steps = list(self._member_steps)
-        steps[k] = value
-        self._set_member_steps(steps)
-
-
-class StackedCrossIterationBatchNorm2d(StackedLayer, CrossIterationBatchNorm2d):
+class StackedCrossIterationBatchNorm2d(_MemberSteps, StackedLayer, CrossIterationBatchNorm2d):
     """K :class:`~mbn.nn.CrossIterationBatchNorm2d` members as one over ``K * C`` channels.
 
     Bound to the stacked convolution in front (:func:`mbn.nn.preceding_layer.relink_preceding_layers`,
@@ -702,57 +696,28 @@ class StackedCrossIterationBatchNorm2d(StackedLayer, CrossIterationBatchNorm2d):
             setattr(layer, name, torch.empty(shape, device="meta"))
         return layer
 
-    @property
-    def member_steps(self) -> tuple[int, ...]:
-        """Each member's training step count (the Python mirror of ``num_batches_tracked``)."""
-        return self._member_steps
-
-    def _set_member_steps(self, steps: Sequence[int]) -> None:
-        self._member_steps = tuple(int(step) for step in steps)
-        self._step = self._member_steps[0]
-
     def _normalize_training_batch(self, input: Tensor) -> Tensor:
-        steps = self._member_steps
+        steps = self.member_steps
         if len(set(steps)) == 1:
             output = self._training_step(input, self.weight, self.bias, slice(None), steps[0])
         else:
-            channels = self.num_features // self.num_members
-            outputs, start = [], 0
-            for step, run in itertools.groupby(steps):
-                stop = start + len(list(run))
-                block = slice(start * channels, stop * channels)
+            outputs = []
+            for step, block in self._member_step_runs():
                 weight = None if self.weight is None else self.weight[block]
                 bias = None if self.bias is None else self.bias[block]
                 outputs.append(self._training_step(input[:, block], weight, bias, block, step))
-                start = stop
             output = torch.cat(outputs, 1)
         self._set_member_steps([step + 1 for step in steps])
         return output
 
-    def _sync_with_buffers(self) -> None:
-        self._set_member_steps(self.num_batches_tracked.tolist())
-
     def _import_python_state(self, members: Sequence[nn.Module]) -> None:
         for shell in self._member_shells:
             shell._preceding = ()  # the shell's deep copy of the member's convolution: not needed
-        self._set_member_steps([member._step for member in members])
+        super()._import_python_state(members)
 
     def _import_member_python_state(self, k: int, layer: nn.Module) -> None:
         self._member_shells[k]._preceding = ()
-        steps = list(self._member_steps)
-        steps[k] = layer._step
-        self._set_member_steps(steps)
-
-    def _export_python_state(self, k: int, layer: nn.Module) -> None:
-        layer._step = self._member_steps[k]
-
-    def member_buffer_mirror(self, k: int) -> int:
-        return self._member_steps[k]
-
-    def set_member_buffer_mirror(self, k: int, value: int) -> None:
-        steps = list(self._member_steps)
-        steps[k] = value
-        self._set_member_steps(steps)
+        super()._import_member_python_state(k, layer)
 
 
 # Member class -> its stacked layer. Exact classes: a subclass may compute something else.
