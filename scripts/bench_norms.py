@@ -10,6 +10,7 @@ Target of issue 2: MBN/BN training ratio <= 1.10 at batch sizes 2 and 32, eval r
     python scripts/bench_norms.py                 # defaults used in BENCHMARKS.md
     python scripts/bench_norms.py --threads 2 --rounds 20
     TORCHINDUCTOR_COMPILE_THREADS=1 python scripts/bench_norms.py --compile --norms bn mbn
+    python scripts/bench_norms.py --norms bn mbn --batch-sizes 2 --profile 200   # torch.profiler's top ops
     python scripts/bench_norms.py --device cuda --norms bn mbn --json norms.json
 
 ``--device cuda`` times float32 eager steps on the GPU, synchronizing before and after every timed
@@ -121,6 +122,25 @@ def bench(norms: list[str], batch_size: int, args: argparse.Namespace, device: t
     return results
 
 
+def profile(norms: list[str], batch_size: int, args: argparse.Namespace, device: torch.device, top: int = 15) -> None:
+    """Print torch.profiler's ops by self CPU time over ``args.profile`` training steps of each norm."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, 32, 32, generator=generator).to(device)
+    labels = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
+    for norm in norms:
+        model = build(norm, args, seed=0, device=device)
+        step = make_train_step(model, model, images, labels)
+        time_steps(step, 5, device)  # warm-up
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            seconds = time_steps(step, args.profile, device)
+        print(f"# {norm}, batch {batch_size}: {1e3 * seconds:.2f} ms per training step under the profiler, "
+              f"{args.profile} steps; top {top} ops by self CPU time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 32])
@@ -133,10 +153,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="time torch.compile(model) (inductor) instead of eager")
     parser.add_argument("--device", default="cpu", help="torch device of the models and batches, e.g. cuda")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the table and the peak GPU memory as JSON")
+    parser.add_argument("--profile", type=int, metavar="STEPS", default=0,
+                        help="instead of timing: torch.profiler's top ops (self CPU time) of STEPS training steps per norm "
+                             "at the first batch size")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     norms = ["bn"] + [n for n in args.norms if n != "bn"]
     torch.set_num_threads(args.threads)
+    if args.profile:
+        profile(norms, args.batch_sizes[0], args, device)
+        return
     # Every model of a batch size shares ResNet.forward's compiled-code cache (one entry per norm and mode).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(norms))
 
