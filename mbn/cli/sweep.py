@@ -34,14 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from mbn.cli.config import ConfigError, check_buildable, composition_error
-from mbn.cli.schema import PACK_KEYS, Job, load_job, to_run_spec
+from mbn.cli.config import CIFAR_IMAGE_SIZE, ConfigError, check_buildable, composition_error
+from mbn.cli.schema import PACK_KEYS, STACK_AUTO, Job, load_job, to_run_spec
+from mbn.models.stack_probe import StackProbe, probe_stack
 from mbn.results import config_hash, iter_results, read_results
 from mbn.train.job import JobOutcome, job_outcome, plan_job, same_config_dirs
 from mbn.train.run_dir import INVOCATION_ENV, JobPlan, verify_checkpoint
@@ -68,6 +70,7 @@ class SweepJob:
         config_hash: hash of its resolved config (None when invalid).
         plan: what it will do (None when invalid).
         error: why its config is invalid (None when valid).
+        spec: its run (None when invalid).
     """
 
     overrides: list[str]
@@ -75,6 +78,7 @@ class SweepJob:
     config_hash: str | None = None
     plan: JobPlan | None = None
     error: str | None = None
+    spec: RunSpec | None = None
 
 
 @dataclass
@@ -214,6 +218,7 @@ def _plan_one(config: DictConfig, overrides: list[str], built: dict[str, ConfigE
         job.error = str(exc)
         return job
     job.config_hash = digest
+    job.spec = spec
     job.plan = plan_job(job.output_dir, digest, task.rerun_diverged, search=same_config_dirs(spec))
     return job
 
@@ -277,9 +282,13 @@ class SweepCallback(Callback):
             print(f"mbn-train: sweep not started: {len(invalid)} of {len(self.jobs)} jobs have an invalid config",
                   file=sys.stderr, flush=True)
             raise SystemExit(EXIT_CODES["config_error"])
-        stack = int(config.get("stack", 1) or 1)
-        key = pack_key(self.jobs) if stack > 1 else None
-        packs = stacked_packs(self.jobs, key, stack) if key is not None else []
+        stack = config.get("stack", 1)
+        key = pack_key(self.jobs) if stack != 1 else None
+        if stack == STACK_AUTO:
+            stack, lines = auto_stack(self.jobs, key) if key is not None else (1, [])
+            for line in lines:
+                print(line, flush=True)
+        packs = stacked_packs(self.jobs, key, stack) if key is not None and stack > 1 else []
         if config.get("dry_run", False) is True:
             counts: dict[str, int] = {}
             for job in self.jobs:
@@ -315,8 +324,8 @@ class SweepCallback(Callback):
             raise SystemExit(0)
         # Optuna imports alembic, whose plugin registry logs each of its plugins at INFO.
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        stack = int(config.get("stack", 1) or 1)
-        if stack > 1:
+        stack = config.get("stack", 1)
+        if stack != 1:
             print(f"mbn-train: stack={stack} packs the seeds of a basic sweep only; with hydra/sweeper={option} "
                   "every job trains alone", flush=True)
         invocation = _tag_jobs_with_invocation(config)
@@ -596,6 +605,11 @@ def stacked_packs(jobs: list[SweepJob], key: str, stack: int) -> list[list[Sweep
         key: the key to pack along (:func:`pack_key`).
         stack: the most jobs one pack holds.
     """
+    return [chunk for group in _pack_groups(jobs, key) for chunk in _chunks(group, key, _sweep_values(jobs, key), stack) if len(chunk) > 1]
+
+
+def _pack_groups(jobs: list[SweepJob], key: str) -> list[list[SweepJob]]:
+    """The jobs that share every override but ``key``, group by group, each in the order of ``key``'s values."""
     values = _sweep_values(jobs, key)
     groups: dict[tuple[str, ...], list[SweepJob]] = {}
     for job in jobs:
@@ -603,14 +617,89 @@ def stacked_packs(jobs: list[SweepJob], key: str, stack: int) -> list[list[Sweep
             continue
         others = tuple(o for o in job.overrides if o.lstrip("+").partition("=")[0] != key)
         groups.setdefault(others, []).append(job)
-    packs = []
     for members in groups.values():
         members.sort(key=lambda job: values.index(_value_of(job, key)))
-        for start in range(0, len(values), stack):
-            chunk = [job for job in members if values.index(_value_of(job, key)) // stack == start // stack]
-            if len(chunk) > 1:
-                packs.append(chunk)
-    return packs
+    return list(groups.values())
+
+
+def _chunks(group: list[SweepJob], key: str, values: list[str], stack: int) -> list[list[SweepJob]]:
+    """A group's jobs as the launcher packs them at ``stack``: by the chunk of the sweep's values each value falls in."""
+    chunks: dict[int, list[SweepJob]] = {}
+    for job in group:
+        chunks.setdefault(values.index(_value_of(job, key)) // stack, []).append(job)
+    return list(chunks.values())
+
+
+# The K that stack=auto considers (each capped at the number of swept values).
+AUTO_STACK_SIZES = (1, 2, 4, 8)
+
+
+def probe_for(spec: RunSpec, num_members: int) -> StackProbe:
+    """:func:`~mbn.models.stack_probe.probe_stack` for ``spec``'s model, norm, batch size and device (cached).
+
+    The planner and the stacked job ask with the same arguments, so the job reads the planner's probe.
+
+    Args:
+        spec: a run of the pack.
+        num_members: K.
+    """
+    source = spec.data.source
+    size = getattr(source, "image_size", CIFAR_IMAGE_SIZE)
+    accelerator = spec.trainer.accelerator
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return probe_stack(
+        spec.model.name, width=spec.model.width, norm=spec.norm.name, batch_size=spec.data.batch_size,
+        num_members=num_members, norm_options=spec.norm_options(steps_per_epoch=1), model_options=spec.model.options,
+        image_shape=(getattr(source, "channels", 3), size, size), num_classes=getattr(source, "num_classes", 10),
+        device="cuda" if cuda else "cpu", num_threads=spec.trainer.num_threads, cache_dir=spec.cache_dir,
+    )  # fmt: skip
+
+
+def auto_stack(jobs: list[SweepJob], key: str) -> tuple[int, list[str]]:
+    """``stack=auto``: the K of :data:`AUTO_STACK_SIZES` (capped at the swept values of ``key``) that
+    trains the sweep fastest per process, from :func:`probe_for` of each pack shape.
+
+    One K serves the whole sweep: the launcher packs every group of jobs (the jobs that share every
+    other override) by the same chunks of ``key``'s values (:func:`_launch_one_job_per_pack`). A
+    group's time at K is the sum over its packs of r members / speedup(r) single steps, weighted by
+    the group's single step per image (groups of several batch sizes or widths count by their cost);
+    the fastest K wins, the smaller on a tie (1 when stacking never pays).
+
+    Args:
+        jobs: the sweep's valid jobs.
+        key: the key they pack along (:func:`pack_key`).
+
+    Returns:
+        The K, and the lines that show the probes and the choice (printed; ``dry_run`` stops after them).
+    """
+    values = _sweep_values(jobs, key)
+    groups = _pack_groups(jobs, key)
+    if any(job.spec is not None and job.spec.trainer.world_size > 1 for job in jobs):
+        return 1, ["mbn-train: stack=auto: K=1 (stacked runs train on one device; this sweep trains on several)"]
+    sizes = sorted({min(size, len(values)) for size in AUTO_STACK_SIZES})
+    probes: dict[tuple[str, int], StackProbe] = {}
+    lines = []
+
+    def probe(group: list[SweepJob], members: int) -> StackProbe:
+        spec = group[0].spec
+        shape = f"{spec.model.name} width {spec.model.width}, {spec.norm.name}, m={spec.data.batch_size}"
+        if (shape, members) not in probes:
+            probes[shape, members] = probe_for(spec, members)
+            if members > 1:
+                lines.append(f"mbn-train: stack=auto probe of {shape}: {probes[shape, members].summary()}")
+        return probes[shape, members]
+
+    costs = {}
+    for stack in sizes:
+        cost = 0.0
+        for group in groups:
+            weight = probe(group, 2).single_step_s / group[0].spec.data.batch_size if len(group) > 1 else 1.0
+            cost += sum(len(chunk) / probe(group, len(chunk)).speedup * weight for chunk in _chunks(group, key, values, stack))
+        costs[stack] = cost
+    best = min(sizes, key=lambda stack: (costs[stack], stack))
+    relative = ", ".join(f"K={stack}: {costs[1] / costs[stack]:.2f}x" for stack in sizes)
+    lines.append(f"mbn-train: stack=auto chose stack={best} (the sweep's projected speed against unstacked: {relative})")
+    return best, lines
 
 
 def _launch_one_job_per_pack(config: DictConfig, key: str, values: list[str], stack: int) -> None:
@@ -626,8 +715,11 @@ def _launch_one_job_per_pack(config: DictConfig, key: str, values: list[str], st
         params = config.hydra.sweeper.get("params")
         if params is not None and key in params:
             del params[key]
-        task = [o for o in config.hydra.overrides.task if o.lstrip("+").partition("=")[0] != key]
-        config.hydra.overrides.task = [*task, f"{key}={leaders}", f"stack_key={key}", f"stack_values=[{','.join(values)}]"]
+        replaced = (key, "stack", "stack_path") if config.get("stack") == STACK_AUTO else (key,)
+        task = [o for o in config.hydra.overrides.task if o.lstrip("+").partition("=")[0] not in replaced]
+        # stack=auto: the chosen K, and each job picks its convolutions' paths from the (cached) probe.
+        chosen = [f"stack={stack}", "stack_path=auto"] if config.get("stack") == STACK_AUTO else []
+        config.hydra.overrides.task = [*task, f"{key}={leaders}", f"stack_key={key}", f"stack_values=[{','.join(values)}]", *chosen]
 
 
 def _tag_jobs_with_invocation(config: DictConfig) -> str:
