@@ -327,13 +327,24 @@ class StackedConv2d(StackedLayer, nn.Conv2d):
         members = self.num_members
         padding: Any = self.padding
         if self.padding_mode != "zeros":  # as nn.Conv2d: pad first, then convolve without padding
-            input, padding = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
+            input, padding = F.pad(input, self._explicit_padding(), mode=self.padding_mode), 0
         inputs = input.chunk(members, 1)
         weights = self.weight.chunk(members, 0)
         biases = self.bias.chunk(members, 0) if self.bias is not None else [None] * members
         outputs = [F.conv2d(x, w, b, self.stride, padding, self.dilation, self.groups // members)
                    for x, w, b in zip(inputs, weights, biases)]
         return torch.cat(outputs, 1)
+
+    def _explicit_padding(self) -> list[int]:
+        # F.pad's (left, right, top, bottom) of this layer's padding ("same": the extra one right and bottom, as torch).
+        pads = []
+        for dim in (1, 0):
+            if self.padding == "same":
+                total = self.dilation[dim] * (self.kernel_size[dim] - 1)
+                pads += [total // 2, total - total // 2]
+            else:
+                pads += [0, 0] if self.padding == "valid" else [self.padding[dim]] * 2
+        return pads
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, path={self.path}"

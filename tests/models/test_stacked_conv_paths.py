@@ -23,6 +23,8 @@ K = 3
     {"padding": 1, "bias": False},
     {"padding": 1, "bias": True, "groups": 2, "stride": 2},
     {"padding": 1, "bias": True, "padding_mode": "reflect", "dilation": 1},
+    {"padding": "same", "bias": True, "padding_mode": "circular", "dilation": 2},
+    {"padding": "valid", "bias": False, "padding_mode": "replicate"},
 ])
 def test_dense_and_grouped_paths_give_the_same_outputs_and_gradients(options):
     torch.manual_seed(0)
