@@ -36,14 +36,14 @@ from mbn.models.factory import build_model
 from mbn.models.stack import set_conv_paths, stack, stacked_modules
 from mbn.models.stacked_layers import CONV_PATHS, StackedConv2d
 from mbn.models.stacked_loss import member_cross_entropy
-from mbn.nn import norm_layer
+from mbn.nn import norm_layer, set_progress
 from mbn.utils.io import atomic_write_json
 
 __all__ = ["CACHE_FILE", "StackProbe", "machine_key", "probe_stack"]
 
 CACHE_FILE = "stack_probe.json"
 # Bump when what is measured changes (invalidates cached probes).
-PROBE_FORMAT = 1
+PROBE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -162,8 +162,10 @@ def probe_stack(
         def build(seed: int) -> nn.Module:
             torch.manual_seed(seed)
             factory = norm_layer(norm, **dict(norm_options or {}))
-            return build_model(backbone, num_classes=num_classes, norm_layer=factory, width=width,
-                               in_channels=image_shape[0], **dict(model_options or {})).to(device)
+            model = build_model(backbone, num_classes=num_classes, norm_layer=factory, width=width,
+                                in_channels=image_shape[0], **dict(model_options or {})).to(device)
+            set_progress(model, 5, 10)  # MBN mid-schedule (lam > 0 at m < m0), as most of a run trains
+            return model
 
         clock = _Clock(timer, torch.device(device))
         stacked = stack([build(seed) for seed in range(num_members)])
