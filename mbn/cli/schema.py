@@ -98,14 +98,16 @@ class TrainConfig:
         stack: in a sweep, train up to this many jobs that differ only in one swept key of
             :data:`PACK_KEYS` (the first swept: ``seed``, else ``optim.base_lr``, else
             ``optim.weight_decay``) as one stacked model in one process (:func:`mbn.train.train_stack`);
-            1 = every job alone; ``auto`` = the sweep picks the K (1, 2, 4, 8, at most the swept
-            values) and each convolution's path that a short timed probe finds fastest on this
-            machine (:mod:`mbn.models.stack_probe`; cached; ``dry_run=true`` shows it).
+            1 = every job alone; ``auto`` = the sweep picks, per model shape (backbone, width, norm,
+            m), the K (1, 2, 4, 8, at most the swept values) and each convolution's path that a
+            short timed probe finds fastest on this machine (:mod:`mbn.models.stack_probe`; cached;
+            ``dry_run=true`` shows it; :func:`mbn.cli.sweep.auto_stack`).
         stack_key, stack_values: set by the sweep for a stacked job (the key it packs along and
             that key's swept values, which it packs in chunks of ``stack``); not for the command line.
         stack_path: how a stacked job's convolutions compute (:class:`mbn.models.stacked_layers.StackedConv2d`):
             ``grouped``, ``dense`` (one convolution per member), or ``auto`` (each layer's faster
-            one, from the probe; ``stack=auto`` sets it).
+            one, from the probe, and the job's pack trained as stacks of the K its shape chose, one
+            after another; ``stack=auto`` sets it).
         objective: the metric of ``results.json`` a job returns to Hydra's sweeper, which a tuning
             sweeper (``hydra/sweeper=optuna``) optimizes: minimized for a loss, else maximized.
     """

@@ -284,8 +284,9 @@ class SweepCallback(Callback):
             raise SystemExit(EXIT_CODES["config_error"])
         stack = config.get("stack", 1)
         key = pack_key(self.jobs) if stack != 1 else None
+        shape_stacks: dict[str, int] = {}
         if stack == STACK_AUTO:
-            stack, lines = auto_stack(self.jobs, key) if key is not None else (1, [])
+            stack, shape_stacks, lines = auto_stack(self.jobs, key) if key is not None else (1, {}, [])
             for line in lines:
                 print(line, flush=True)
         packs = stacked_packs(self.jobs, key, stack) if key is not None and stack > 1 else []
@@ -296,8 +297,13 @@ class SweepCallback(Callback):
                 print(plan.line(job.output_dir), flush=True)
                 counts[plan.action] = counts.get(plan.action, 0) + 1
             for pack in packs:
-                values = ", ".join(str(_value_of(job, key)) for job in pack)
-                print(f"mbn-train: would stack {_plural(key)} {values} in one process (with {pack[0].output_dir})", flush=True)
+                stacks = split_pack([str(_value_of(job, key)) for job in pack], shape_stacks.get(_stack_shape(pack[0].spec), len(pack)))
+                if len(stacks) == 1:
+                    print(f"mbn-train: would stack {_plural(key)} {', '.join(stacks[0])} in one process (with {pack[0].output_dir})", flush=True)
+                else:
+                    listing = " then ".join(", ".join(values) for values in stacks)
+                    print(f"mbn-train: would train {_plural(key)} {listing} in one process, one stack after another "
+                          f"(with {pack[0].output_dir})", flush=True)
             listing = ", ".join(f"{n} {action}" for action, n in sorted(counts.items()))
             stacked = f" in {len(packs)} stacked pack{'s' if len(packs) > 1 else ''}" if packs else ""
             print(f"mbn-train: dry run of {len(self.jobs)} jobs{stacked}: {listing}; nothing was run", flush=True)
@@ -655,51 +661,71 @@ def probe_for(spec: RunSpec, num_members: int) -> StackProbe:
     )  # fmt: skip
 
 
-def auto_stack(jobs: list[SweepJob], key: str) -> tuple[int, list[str]]:
-    """``stack=auto``: the K of :data:`AUTO_STACK_SIZES` (capped at the swept values of ``key``) that
-    trains the sweep fastest per process, from :func:`probe_for` of each pack shape.
+def _stack_shape(spec: RunSpec) -> str:
+    return f"{spec.model.name} width {spec.model.width}, {spec.norm.name}, m={spec.data.batch_size}"
 
-    One K serves the whole sweep: the launcher packs every group of jobs (the jobs that share every
-    other override) by the same chunks of ``key``'s values (:func:`_launch_one_job_per_pack`). A
-    group's time at K is the sum over its packs of r members / speedup(r) single steps, weighted by
-    the group's single step per image (groups of several batch sizes or widths count by their cost);
-    the fastest K wins, the smaller on a tie (1 when stacking never pays).
+
+def group_stack_size(spec: RunSpec, count: int) -> tuple[int, dict[int, float]]:
+    """The K that trains ``count`` jobs of ``spec``'s shape fastest in one process, from :func:`probe_for`.
+
+    Candidates are :data:`AUTO_STACK_SIZES` capped at ``count``; K's time is the sum over its packs
+    (``count`` split into packs of K, the last one smaller) of r members / speedup(r) single steps.
+    The fastest wins, the smaller on a tie (1, every job alone, when stacking does not pay).
+
+    Args:
+        spec: a run of the group.
+        count: the group's jobs (the swept values of the pack key).
+
+    Returns:
+        The K, and each candidate's projected speed against unstacked.
+    """
+    sizes = sorted({min(size, count) for size in AUTO_STACK_SIZES})
+    costs = {}
+    for size in sizes:
+        packs = [size] * (count // size) + ([count % size] if count % size else [])
+        costs[size] = sum(members / probe_for(spec, members).speedup for members in packs)
+    best = min(sizes, key=lambda size: (costs[size], size))
+    return best, {size: count / cost for size, cost in costs.items()}
+
+
+def split_pack(values: list[str], size: int) -> list[list[str]]:
+    """A launched pack's values as the stacks its process trains one after another, ``size`` members each."""
+    return [values[start : start + size] for start in range(0, len(values), size)]
+
+
+def auto_stack(jobs: list[SweepJob], key: str) -> tuple[int, dict[str, int], list[str]]:
+    """``stack=auto``: per pack shape, the K of :func:`group_stack_size`; the launcher packs at the largest.
+
+    The launcher chunks every group of jobs (the jobs that share every other override) alike
+    (:func:`_launch_one_job_per_pack`), so it launches one job per chunk of the largest K that any
+    shape chose; a job whose shape chose a smaller K trains its chunk as stacks of that K, one
+    after another (:func:`split_pack`, in :func:`mbn.cli.launch.launch_job`).
 
     Args:
         jobs: the sweep's valid jobs.
         key: the key they pack along (:func:`pack_key`).
 
     Returns:
-        The K, and the lines that show the probes and the choice (printed; ``dry_run`` stops after them).
+        The launcher's K, each shape's K (by :func:`_stack_shape`), and the lines that show the
+        probes and the choices (printed; ``dry_run`` stops after them).
     """
-    values = _sweep_values(jobs, key)
-    groups = _pack_groups(jobs, key)
     if any(job.spec is not None and job.spec.trainer.world_size > 1 for job in jobs):
-        return 1, ["mbn-train: stack=auto: K=1 (stacked runs train on one device; this sweep trains on several)"]
-    sizes = sorted({min(size, len(values)) for size in AUTO_STACK_SIZES})
-    probes: dict[tuple[str, int], StackProbe] = {}
+        return 1, {}, ["mbn-train: stack=auto: stack=1 (stacked runs train on one device; this sweep trains on several)"]
+    count = len(_sweep_values(jobs, key))
+    chosen: dict[str, int] = {}
     lines = []
-
-    def probe(group: list[SweepJob], members: int) -> StackProbe:
-        spec = group[0].spec
-        shape = f"{spec.model.name} width {spec.model.width}, {spec.norm.name}, m={spec.data.batch_size}"
-        if (shape, members) not in probes:
-            probes[shape, members] = probe_for(spec, members)
-            if members > 1:
-                lines.append(f"mbn-train: stack=auto probe of {shape}: {probes[shape, members].summary()}")
-        return probes[shape, members]
-
-    costs = {}
-    for stack in sizes:
-        cost = 0.0
-        for group in groups:
-            weight = probe(group, 2).single_step_s / group[0].spec.data.batch_size if len(group) > 1 else 1.0
-            cost += sum(len(chunk) / probe(group, len(chunk)).speedup * weight for chunk in _chunks(group, key, values, stack))
-        costs[stack] = cost
-    best = min(sizes, key=lambda stack: (costs[stack], stack))
-    relative = ", ".join(f"K={stack}: {costs[1] / costs[stack]:.2f}x" for stack in sizes)
-    lines.append(f"mbn-train: stack=auto chose stack={best} (the sweep's projected speed against unstacked: {relative})")
-    return best, lines
+    for group in _pack_groups(jobs, key):
+        shape = _stack_shape(group[0].spec)
+        if shape in chosen or count < 2:
+            continue
+        chosen[shape], speeds = group_stack_size(group[0].spec, count)
+        for size in speeds:
+            if size > 1:
+                lines.append(f"mbn-train: stack=auto probe of {shape}: {probe_for(group[0].spec, size).summary()}")
+        relative = ", ".join(f"K={size}: {speed:.2f}x" for size, speed in speeds.items())
+        lines.append(f"mbn-train: stack=auto chose stack={chosen[shape]} for {shape} "
+                     f"(projected speed of its {count} jobs against unstacked: {relative})")
+    return max(chosen.values(), default=1), chosen, lines
 
 
 def _launch_one_job_per_pack(config: DictConfig, key: str, values: list[str], stack: int) -> None:

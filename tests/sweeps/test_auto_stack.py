@@ -24,15 +24,17 @@ CONVS = [name for name, layer in stacked_modules(stack([build_model("resnet18", 
 PATHS = {name: ("dense" if index % 2 else "grouped") for index, name in enumerate(CONVS)}
 
 
-def fake_probe(monkeypatch, speedups: dict[int, float]) -> list[int]:
-    """Have the planner and the jobs read ``speedups[K]`` (and :data:`PATHS`); returns the Ks asked for."""
+def fake_probe(monkeypatch, speedups: dict) -> list[int]:
+    """Have the planner and the jobs read ``speedups[K]`` (or ``speedups[m][K]`` at batch size m) and
+    :data:`PATHS`; returns the Ks asked for."""
     asked = []
 
     def probe_for(spec, num_members):
         asked.append(num_members)
         if num_members == 1:
             return StackProbe(1, 1.0)
-        return StackProbe(num_members, speedups[num_members], 1e-3 * num_members / speedups[num_members], 1e-3, PATHS)
+        speedup = speedups.get(spec.data.batch_size, speedups)[num_members]
+        return StackProbe(num_members, speedup, 1e-3 * num_members / speedup, 1e-3, PATHS)
 
     monkeypatch.setattr(mbn.cli.sweep, "probe_for", probe_for)
     monkeypatch.setattr(mbn.cli.launch, "probe_for", probe_for)
@@ -46,7 +48,8 @@ def test_stack_auto_trains_alone_when_stacking_does_not_pay(tiny, run_env, monke
     out = capsys.readouterr().out
     assert sorted(set(asked)) == [1, 2, 3]
     assert "mbn-train: stack=auto probe of resnet18 width 4, bn, m=8: K=2: 0.80x" in out
-    assert "mbn-train: stack=auto chose stack=1 (the sweep's projected speed against unstacked: K=1: 1.00x, K=2: 0.86x, K=3: 0.90x)" in out
+    assert ("mbn-train: stack=auto chose stack=1 for resnet18 width 4, bn, m=8 (projected speed of its 3 jobs against "
+            "unstacked: K=1: 1.00x, K=2: 0.86x, K=3: 0.90x)") in out
     assert "would stack" not in out and "mbn-train: dry run of 3 jobs: 3 start; nothing was run" in out
 
     assert main(["-m", *tiny(), "seed=0,1", "stack=auto"]) == 0
@@ -61,7 +64,8 @@ def test_stack_auto_packs_the_fastest_k_and_the_jobs_take_the_probes_conv_paths(
     assert main([*base, "dry_run=true"]) == 0
     out = capsys.readouterr().out
     # K=4: a pack of 4 (4 / 3.0) and one alone (1): 2.33 single-step units against 5 unstacked, 2.5 at K=5.
-    assert "mbn-train: stack=auto chose stack=4 (the sweep's projected speed against unstacked: K=1: 1.00x, K=2: 1.36x, K=4: 2.14x, K=5: 2.00x)" in out
+    assert ("mbn-train: stack=auto chose stack=4 for resnet18 width 4, bn, m=8 (projected speed of its 5 jobs against "
+            "unstacked: K=1: 1.00x, K=2: 1.36x, K=4: 2.14x, K=5: 2.00x)") in out
     assert "mbn-train: would stack seeds 0, 1, 2, 3 in one process" in out
     assert "mbn-train: dry run of 5 jobs in 1 stacked pack: 5 start; nothing was run" in out
 
@@ -84,3 +88,24 @@ def test_bad_stack_values_exit_2_with_one_line(extra, message, tiny, run_env, ca
     assert main(["-m", *tiny(), "seed=0,1", *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_stack_auto_picks_k_per_shape_and_a_smaller_k_trains_its_launched_pack_as_stacks_in_turn(tiny, run_env, monkeypatch, capsys):
+    # m=4 pays most at K=4; m=8 at K=2 (K=4 loses there): the launcher packs 4 seeds, m=8's packs train as 2 + 2.
+    fake_probe(monkeypatch, {4: {2: 1.5, 4: 3.0}, 8: {2: 1.2, 4: 0.9}})
+    base = ["-m", *tiny(), "data.batch_size=4,8", "seed=0,1,2,3", "stack=auto"]
+    assert main([*base, "dry_run=true"]) == 0
+    out = capsys.readouterr().out
+    assert "mbn-train: stack=auto chose stack=4 for resnet18 width 4, bn, m=4" in out
+    assert "mbn-train: stack=auto chose stack=2 for resnet18 width 4, bn, m=8" in out
+    assert out.count("mbn-train: would stack seeds 0, 1, 2, 3 in one process") == 1
+    assert out.count("mbn-train: would train seeds 0, 1 then 2, 3 in one process, one stack after another") == 1
+    assert "mbn-train: dry run of 8 jobs in 2 stacked packs: 8 start; nothing was run" in out
+
+    stacked_sizes = []
+    real = mbn.train.run.set_conv_paths
+    monkeypatch.setattr(mbn.train.run, "set_conv_paths",
+                        lambda model, paths: (stacked_sizes.append(model.num_members), real(model, paths)))
+    assert main(base) == 0
+    assert "sweep done: 8 completed, 0 failed, 0 skipped (of 8 jobs)" in capsys.readouterr().out
+    assert sorted(stacked_sizes) == [2, 2, 4]
