@@ -665,7 +665,7 @@ def _stack_shape(spec: RunSpec) -> str:
     return f"{spec.model.name} width {spec.model.width}, {spec.norm.name}, m={spec.data.batch_size}"
 
 
-def group_stack_size(spec: RunSpec, count: int) -> tuple[int, dict[int, float]]:
+def group_stack_size(spec: RunSpec, count: int) -> tuple[int, dict[int, float], dict[int, StackProbe]]:
     """The K that trains ``count`` jobs of ``spec``'s shape fastest in one process, from :func:`probe_for`.
 
     Candidates are :data:`AUTO_STACK_SIZES` capped at ``count``; K's time is the sum over its packs
@@ -677,15 +677,18 @@ def group_stack_size(spec: RunSpec, count: int) -> tuple[int, dict[int, float]]:
         count: the group's jobs (the swept values of the pack key).
 
     Returns:
-        The K, and each candidate's projected speed against unstacked.
+        The K, each candidate's projected speed against unstacked, and the probes by K.
     """
     sizes = sorted({min(size, count) for size in AUTO_STACK_SIZES})
+    probes: dict[int, StackProbe] = {}
     costs = {}
     for size in sizes:
         packs = [size] * (count // size) + ([count % size] if count % size else [])
-        costs[size] = sum(members / probe_for(spec, members).speedup for members in packs)
+        for members in packs:
+            probes.setdefault(members, probe_for(spec, members))
+        costs[size] = sum(members / probes[members].speedup for members in packs)
     best = min(sizes, key=lambda size: (costs[size], size))
-    return best, {size: count / cost for size, cost in costs.items()}
+    return best, {size: count / cost for size, cost in costs.items()}, probes
 
 
 def split_pack(values: list[str], size: int) -> list[list[str]]:
@@ -718,10 +721,10 @@ def auto_stack(jobs: list[SweepJob], key: str) -> tuple[int, dict[str, int], lis
         shape = _stack_shape(group[0].spec)
         if shape in chosen or count < 2:
             continue
-        chosen[shape], speeds = group_stack_size(group[0].spec, count)
-        for size in speeds:
+        chosen[shape], speeds, probes = group_stack_size(group[0].spec, count)
+        for size, probe in sorted(probes.items()):
             if size > 1:
-                lines.append(f"mbn-train: stack=auto probe of {shape}: {probe_for(group[0].spec, size).summary()}")
+                lines.append(f"mbn-train: stack=auto probe of {shape}: {probe.summary()}")
         relative = ", ".join(f"K={size}: {speed:.2f}x" for size, speed in speeds.items())
         lines.append(f"mbn-train: stack=auto chose stack={chosen[shape]} for {shape} "
                      f"(projected speed of its {count} jobs against unstacked: {relative})")
