@@ -15,6 +15,13 @@ mid-schedule (epoch 5 of 10, ``m0 = 32``): ``lam > 0`` at m < 32.
     python scripts/bench_stack.py --device cuda --threads 0        # unchanged on a GPU
     python scripts/bench_stack.py --device cuda --batch-sizes 2 --stacks 1 4 --json stack.json
     python scripts/bench_stack.py --lr-grid --batch-sizes 2 8 --stacks 4     # an lr grid of 4 (MemberSGD)
+    python scripts/bench_stack.py --conv-path auto                 # each conv's path from the stack probe
+
+``--conv-path`` sets how the stacked convolutions compute (StackedConv2d.path): ``grouped`` (one
+grouped convolution, the default), ``dense`` (one convolution per member) or ``auto`` (each layer's
+faster path from :func:`mbn.models.stack_probe.probe_stack`, as ``stack=auto`` trains; the probe is
+cached under ``$MBN_CACHE_DIR``; ``probe`` is then the probe's own speedup and ``dense`` how many
+convolutions it put on the dense path).
 
 On a GPU every timed block starts and ends with a device synchronization, and the peak GPU memory
 allocated by PyTorch is printed at the end. ``--json PATH`` also writes the table (and that peak) as JSON.
@@ -38,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mbn.models import MemberSGD, build_model, member_cross_entropy, stack
+from mbn.models import MemberSGD, build_model, member_cross_entropy, set_conv_paths, stack
+from mbn.models.stack_probe import probe_stack
 from mbn.nn import norm_layer, schedule, set_progress
 
 EPOCH, TOTAL_EPOCHS = 5, 10  # MBN mid-schedule
@@ -108,6 +116,14 @@ def bench(width: int, norm: str, batch_size: int, members: int, args: argparse.N
     labels = [torch.randint(0, 10, (batch_size,), generator=generator).to(device) for _ in range(members)]
     separate_models = [build(norm, width, seed, device) for seed in range(members)]
     stacked = stack([build(norm, width, seed, device) for seed in range(members)])
+    probe = None
+    if args.conv_path == "auto":
+        probe = probe_stack("resnet18", width=width, norm=norm, batch_size=batch_size, num_members=members,
+                            norm_options=NORM_KWARGS.get(norm, {}), image_shape=(3, args.image_size, args.image_size),
+                            device=device)
+        set_conv_paths(stacked, probe.conv_paths)
+    else:
+        set_conv_paths(stacked, args.conv_path)
     steps = {"separate": make_separate_step(separate_models, images, labels, args.lr_grid),
              "stacked": make_stacked_step(stacked, images, labels, args.lr_grid)}
     for step in steps.values():  # allocator, MBN's momentum initialization (first step has lam = 0)
@@ -123,6 +139,8 @@ def bench(width: int, norm: str, batch_size: int, members: int, args: argparse.N
         "separate": images_per_round * args.rounds / sum(seconds["separate"]),
         "stacked": images_per_round * args.rounds / sum(seconds["stacked"]),
         "ratio": statistics.median(s / t for s, t in zip(seconds["separate"], seconds["stacked"])),
+        "probe_speedup": None if probe is None else probe.speedup,
+        "dense_convs": None if probe is None else sum(path == "dense" for path in probe.conv_paths.values()),
     }
 
 
@@ -140,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="torch device of the models and batches, e.g. cuda")
     parser.add_argument("--lr-grid", action="store_true",
                         help="the K runs are one seed's lr grid (lrs 3x apart): separate SGDs vs one MemberSGD")
+    parser.add_argument("--conv-path", choices=["grouped", "dense", "auto"], default="grouped",
+                        help="the stacked convolutions' path (auto: each layer's faster one, from the stack probe)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the table and the peak GPU memory as JSON")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -158,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     lams = ", ".join(f"m={m}: lam={schedule.lam(EPOCH, TOTAL_EPOCHS, m, 32):.3f}" for m in args.batch_sizes)
     print(f"# mbn: m0=32, epoch {EPOCH}/{TOTAL_EPOCHS} ({lams})")
     print("# img/s = images per second summed over the K runs; ratio = stacked / separate throughput")
-    print(f"{'width':>5} {'norm':>4} {'m':>3} {'K':>2} {'separate img/s':>14} {'stacked img/s':>13} {'ratio':>6}")
+    print(f"# stacked convolutions: {args.conv_path} path")
+    probe_columns = f" {'probe':>6} {'dense':>5}" if args.conv_path == "auto" else ""
+    print(f"{'width':>5} {'norm':>4} {'m':>3} {'K':>2} {'separate img/s':>14} {'stacked img/s':>13} {'ratio':>6}{probe_columns}")
     rows = []
     for width in args.widths:
         for norm in args.norms:
@@ -166,10 +188,12 @@ def main(argv: list[str] | None = None) -> None:
                 for members in args.stacks:
                     row = bench(width, norm, batch_size, members, args, device)
                     rows.append({"width": width, "norm": norm, "batch_size": batch_size, "stack": members,
-                                 "separate_img_per_s": row["separate"], "stacked_img_per_s": row["stacked"], "ratio": row["ratio"]})
+                                 "separate_img_per_s": row["separate"], "stacked_img_per_s": row["stacked"], "ratio": row["ratio"],
+                                 "conv_path": args.conv_path, "probe_speedup": row["probe_speedup"], "dense_convs": row["dense_convs"]})
+                    probed = f" {row['probe_speedup']:>6.2f} {row['dense_convs']:>5}" if args.conv_path == "auto" else ""
                     print(
                         f"{width:>5} {norm:>4} {batch_size:>3} {members:>2} {row['separate']:>14.1f} "
-                        f"{row['stacked']:>13.1f} {row['ratio']:>6.2f}",
+                        f"{row['stacked']:>13.1f} {row['ratio']:>6.2f}{probed}",
                         flush=True,
                     )
     peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None

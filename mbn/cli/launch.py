@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from mbn.cli.config import ConfigError
 from mbn.cli.report import print_outcome
-from mbn.cli.sweep import EXIT_CODES, member_spec
+from mbn.cli.sweep import EXIT_CODES, group_stack_size, member_spec, probe_for, split_pack
 from mbn.train.job import JobOutcome, run_job, run_pack
 from mbn.train.run_dir import record_failure
 
@@ -188,8 +188,15 @@ def launch_job(job: Any, spec: Any, overrides: list[str], hydra_cfg: Any) -> Any
     values = job.train.pack_values()
     if len(values) > 1:
         quiet_lightning()
-        members = [member_spec(job, spec, job.train.stack_key, value) for value in values]
-        outcomes = run_pack(members, rerun_diverged=job.rerun_diverged, callbacks=callbacks)
+        stacks = [values]
+        if job.train.stack_path == "auto":  # stack=auto: the K this shape trains fastest at, from the sweep's (cached) probes
+            stacks = split_pack(values, group_stack_size(spec, len(job.train.stack_values or values))[0])
+        outcomes = []
+        for stacked_values in stacks:
+            members = [member_spec(job, spec, job.train.stack_key, value) for value in stacked_values]
+            # stack_path=auto: each layer's faster path, from the probe of this K.
+            conv_paths = probe_for(spec, len(members)).conv_paths if job.train.stack_path == "auto" else job.train.stack_path
+            outcomes += run_pack(members, rerun_diverged=job.rerun_diverged, callbacks=callbacks, conv_paths=conv_paths)
         for outcome in outcomes:
             print_outcome(outcome)
         # The sweep counts every member from its dir; this job reports its worst member.

@@ -29,10 +29,14 @@ from mbn.train import spec as specs
 
 # Top-level keys that steer mbn-train itself (what to do with a job), not the run: they are taken out
 # of the config before it is hashed and recorded, so they never make a finished run look different.
-CONTROL_KEYS = ("dry_run", "rerun_diverged", "debug", "stack", "stack_key", "stack_values", "objective")
+CONTROL_KEYS = ("dry_run", "rerun_diverged", "debug", "stack", "stack_key", "stack_values", "stack_path", "objective")
 # The keys along which a sweep packs jobs into stacked models (the first one swept): a stack's members
 # may differ in these only (mbn.train.run.check_stackable).
 PACK_KEYS = ("seed", "optim.base_lr", "optim.weight_decay")
+# stack=auto: the sweep probes which K to stack (mbn.cli.sweep.plan_auto_stack).
+STACK_AUTO = "auto"
+# stack_path: StackedConv2d's paths, or each layer's faster one from the probe.
+STACK_PATHS = ("grouped", "dense", "auto")
 # The metrics of results.json a sweep can optimize (``objective``); best_epoch says when, not how well.
 OBJECTIVES = tuple(name for name in METRIC_KEYS if name != "best_epoch")
 
@@ -94,9 +98,16 @@ class TrainConfig:
         stack: in a sweep, train up to this many jobs that differ only in one swept key of
             :data:`PACK_KEYS` (the first swept: ``seed``, else ``optim.base_lr``, else
             ``optim.weight_decay``) as one stacked model in one process (:func:`mbn.train.train_stack`);
-            1 = every job alone.
+            1 = every job alone; ``auto`` = the sweep picks, per model shape (backbone, width, norm,
+            m), the K (1, 2, 4, 8, at most the swept values) and each convolution's path that a
+            short timed probe finds fastest on this machine (:mod:`mbn.models.stack_probe`; cached;
+            ``dry_run=true`` shows it; :func:`mbn.cli.sweep.auto_stack`).
         stack_key, stack_values: set by the sweep for a stacked job (the key it packs along and
             that key's swept values, which it packs in chunks of ``stack``); not for the command line.
+        stack_path: how a stacked job's convolutions compute (:class:`mbn.models.stacked_layers.StackedConv2d`):
+            ``grouped``, ``dense`` (one convolution per member), or ``auto`` (each layer's faster
+            one, from the probe, and the job's pack trained as stacks of the K its shape chose, one
+            after another; ``stack=auto`` sets it).
         objective: the metric of ``results.json`` a job returns to Hydra's sweeper, which a tuning
             sweeper (``hydra/sweeper=optuna``) optimizes: minimized for a loss, else maximized.
     """
@@ -115,18 +126,21 @@ class TrainConfig:
     dry_run: bool = False
     rerun_diverged: bool = False
     debug: DebugConfig = field(default_factory=DebugConfig)
-    stack: int = 1
+    stack: Any = 1  # a positive int or "auto" (checked below; OmegaConf types no such union)
     stack_key: str = "seed"
     stack_values: list[str] | None = None
+    stack_path: str = "grouped"
     objective: str = "final_val_acc1"
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise specs.SpecError("objective", f"must be a metric of results.json, one of {', '.join(OBJECTIVES)}; "
                                   f"got {self.objective!r}")
-        if self.stack < 1:
-            raise specs.SpecError("stack", f"must be a positive integer, got {self.stack!r}")
-        if self.stack > 1:
+        if self.stack != STACK_AUTO and (isinstance(self.stack, bool) or not isinstance(self.stack, int) or self.stack < 1):
+            raise specs.SpecError("stack", f"must be a positive integer or {STACK_AUTO}, got {self.stack!r}")
+        if self.stack_path not in STACK_PATHS:
+            raise specs.SpecError("stack_path", f"must be one of {', '.join(STACK_PATHS)}, got {self.stack_path!r}")
+        if self.stack != 1 and self.stack != STACK_AUTO:  # (auto on several devices: the sweep picks 1)
             if self.trainer.devices * self.trainer.num_nodes > 1:
                 raise specs.SpecError("stack", "stacked runs train on one device: use stack=1 with trainer.devices > 1")
 
@@ -141,7 +155,7 @@ class TrainConfig:
         """The values of ``stack_key`` this job trains: its chunk of ``stack_values`` (just its own when not stacked)."""
         own = self.key_value(self.stack_key)
         same = [i for i, value in enumerate(self.stack_values or []) if _same_value(value, own)]
-        if self.stack == 1 or not same:
+        if not isinstance(self.stack, int) or self.stack == 1 or not same:  # (auto: the sweep sets the K)
             return [str(own)]
         start = same[0] // self.stack * self.stack
         return list(self.stack_values[start : start + self.stack])

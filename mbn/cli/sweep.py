@@ -34,14 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from mbn.cli.config import ConfigError, check_buildable, composition_error
-from mbn.cli.schema import PACK_KEYS, Job, load_job, to_run_spec
+from mbn.cli.config import CIFAR_IMAGE_SIZE, ConfigError, check_buildable, composition_error
+from mbn.cli.schema import PACK_KEYS, STACK_AUTO, Job, load_job, to_run_spec
+from mbn.models.stack_probe import StackProbe, probe_stack
 from mbn.results import config_hash, iter_results, read_results
 from mbn.train.job import JobOutcome, job_outcome, plan_job, same_config_dirs
 from mbn.train.run_dir import INVOCATION_ENV, JobPlan, verify_checkpoint
@@ -68,6 +70,7 @@ class SweepJob:
         config_hash: hash of its resolved config (None when invalid).
         plan: what it will do (None when invalid).
         error: why its config is invalid (None when valid).
+        spec: its run (None when invalid).
     """
 
     overrides: list[str]
@@ -75,6 +78,7 @@ class SweepJob:
     config_hash: str | None = None
     plan: JobPlan | None = None
     error: str | None = None
+    spec: RunSpec | None = None
 
 
 @dataclass
@@ -214,6 +218,7 @@ def _plan_one(config: DictConfig, overrides: list[str], built: dict[str, ConfigE
         job.error = str(exc)
         return job
     job.config_hash = digest
+    job.spec = spec
     job.plan = plan_job(job.output_dir, digest, task.rerun_diverged, search=same_config_dirs(spec))
     return job
 
@@ -277,9 +282,14 @@ class SweepCallback(Callback):
             print(f"mbn-train: sweep not started: {len(invalid)} of {len(self.jobs)} jobs have an invalid config",
                   file=sys.stderr, flush=True)
             raise SystemExit(EXIT_CODES["config_error"])
-        stack = int(config.get("stack", 1) or 1)
-        key = pack_key(self.jobs) if stack > 1 else None
-        packs = stacked_packs(self.jobs, key, stack) if key is not None else []
+        stack = config.get("stack", 1)
+        key = pack_key(self.jobs) if stack != 1 else None
+        shape_stacks: dict[str, int] = {}
+        if stack == STACK_AUTO:
+            stack, shape_stacks, lines = auto_stack(self.jobs, key) if key is not None else (1, {}, [])
+            for line in lines:
+                print(line, flush=True)
+        packs = stacked_packs(self.jobs, key, stack) if key is not None and stack > 1 else []
         if config.get("dry_run", False) is True:
             counts: dict[str, int] = {}
             for job in self.jobs:
@@ -287,8 +297,13 @@ class SweepCallback(Callback):
                 print(plan.line(job.output_dir), flush=True)
                 counts[plan.action] = counts.get(plan.action, 0) + 1
             for pack in packs:
-                values = ", ".join(str(_value_of(job, key)) for job in pack)
-                print(f"mbn-train: would stack {_plural(key)} {values} in one process (with {pack[0].output_dir})", flush=True)
+                stacks = split_pack([str(_value_of(job, key)) for job in pack], shape_stacks.get(_stack_shape(pack[0].spec), len(pack)))
+                if len(stacks) == 1:
+                    print(f"mbn-train: would stack {_plural(key)} {', '.join(stacks[0])} in one process (with {pack[0].output_dir})", flush=True)
+                else:
+                    listing = " then ".join(", ".join(values) for values in stacks)
+                    print(f"mbn-train: would train {_plural(key)} {listing} in one process, one stack after another "
+                          f"(with {pack[0].output_dir})", flush=True)
             listing = ", ".join(f"{n} {action}" for action, n in sorted(counts.items()))
             stacked = f" in {len(packs)} stacked pack{'s' if len(packs) > 1 else ''}" if packs else ""
             print(f"mbn-train: dry run of {len(self.jobs)} jobs{stacked}: {listing}; nothing was run", flush=True)
@@ -315,8 +330,8 @@ class SweepCallback(Callback):
             raise SystemExit(0)
         # Optuna imports alembic, whose plugin registry logs each of its plugins at INFO.
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        stack = int(config.get("stack", 1) or 1)
-        if stack > 1:
+        stack = config.get("stack", 1)
+        if stack != 1:
             print(f"mbn-train: stack={stack} packs the seeds of a basic sweep only; with hydra/sweeper={option} "
                   "every job trains alone", flush=True)
         invocation = _tag_jobs_with_invocation(config)
@@ -596,6 +611,11 @@ def stacked_packs(jobs: list[SweepJob], key: str, stack: int) -> list[list[Sweep
         key: the key to pack along (:func:`pack_key`).
         stack: the most jobs one pack holds.
     """
+    return [chunk for group in _pack_groups(jobs, key) for chunk in _chunks(group, key, _sweep_values(jobs, key), stack) if len(chunk) > 1]
+
+
+def _pack_groups(jobs: list[SweepJob], key: str) -> list[list[SweepJob]]:
+    """The jobs that share every override but ``key``, group by group, each in the order of ``key``'s values."""
     values = _sweep_values(jobs, key)
     groups: dict[tuple[str, ...], list[SweepJob]] = {}
     for job in jobs:
@@ -603,14 +623,112 @@ def stacked_packs(jobs: list[SweepJob], key: str, stack: int) -> list[list[Sweep
             continue
         others = tuple(o for o in job.overrides if o.lstrip("+").partition("=")[0] != key)
         groups.setdefault(others, []).append(job)
-    packs = []
     for members in groups.values():
         members.sort(key=lambda job: values.index(_value_of(job, key)))
-        for start in range(0, len(values), stack):
-            chunk = [job for job in members if values.index(_value_of(job, key)) // stack == start // stack]
-            if len(chunk) > 1:
-                packs.append(chunk)
-    return packs
+    return list(groups.values())
+
+
+def _chunks(group: list[SweepJob], key: str, values: list[str], stack: int) -> list[list[SweepJob]]:
+    """A group's jobs as the launcher packs them at ``stack``: by the chunk of the sweep's values each value falls in."""
+    chunks: dict[int, list[SweepJob]] = {}
+    for job in group:
+        chunks.setdefault(values.index(_value_of(job, key)) // stack, []).append(job)
+    return list(chunks.values())
+
+
+# The K that stack=auto considers (each capped at the number of swept values).
+AUTO_STACK_SIZES = (1, 2, 4, 8)
+
+
+def probe_for(spec: RunSpec, num_members: int) -> StackProbe:
+    """:func:`~mbn.models.stack_probe.probe_stack` for ``spec``'s model, norm, batch size and device (cached).
+
+    The planner and the stacked job ask with the same arguments, so the job reads the planner's probe.
+
+    Args:
+        spec: a run of the pack.
+        num_members: K.
+    """
+    source = spec.data.source
+    size = getattr(source, "image_size", CIFAR_IMAGE_SIZE)
+    accelerator = spec.trainer.accelerator
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return probe_stack(
+        spec.model.name, width=spec.model.width, norm=spec.norm.name, batch_size=spec.data.batch_size,
+        num_members=num_members, norm_options=spec.norm_options(steps_per_epoch=1), model_options=spec.model.options,
+        image_shape=(getattr(source, "channels", 3), size, size), num_classes=getattr(source, "num_classes", 10),
+        device="cuda" if cuda else "cpu", num_threads=spec.trainer.num_threads, cache_dir=spec.cache_dir,
+    )  # fmt: skip
+
+
+def _stack_shape(spec: RunSpec) -> str:
+    return f"{spec.model.name} width {spec.model.width}, {spec.norm.name}, m={spec.data.batch_size}"
+
+
+def group_stack_size(spec: RunSpec, count: int) -> tuple[int, dict[int, float], dict[int, StackProbe]]:
+    """The K that trains ``count`` jobs of ``spec``'s shape fastest in one process, from :func:`probe_for`.
+
+    Candidates are :data:`AUTO_STACK_SIZES` capped at ``count``; K's time is the sum over its packs
+    (``count`` split into packs of K, the last one smaller) of r members / speedup(r) single steps.
+    The fastest wins, the smaller on a tie (1, every job alone, when stacking does not pay).
+
+    Args:
+        spec: a run of the group.
+        count: the group's jobs (the swept values of the pack key).
+
+    Returns:
+        The K, each candidate's projected speed against unstacked, and the probes by K.
+    """
+    sizes = sorted({min(size, count) for size in AUTO_STACK_SIZES})
+    probes: dict[int, StackProbe] = {}
+    costs = {}
+    for size in sizes:
+        packs = [size] * (count // size) + ([count % size] if count % size else [])
+        for members in packs:
+            probes.setdefault(members, probe_for(spec, members))
+        costs[size] = sum(members / probes[members].speedup for members in packs)
+    best = min(sizes, key=lambda size: (costs[size], size))
+    return best, {size: count / cost for size, cost in costs.items()}, probes
+
+
+def split_pack(values: list[str], size: int) -> list[list[str]]:
+    """A launched pack's values as the stacks its process trains one after another, ``size`` members each."""
+    return [values[start : start + size] for start in range(0, len(values), size)]
+
+
+def auto_stack(jobs: list[SweepJob], key: str) -> tuple[int, dict[str, int], list[str]]:
+    """``stack=auto``: per pack shape, the K of :func:`group_stack_size`; the launcher packs at the largest.
+
+    The launcher chunks every group of jobs (the jobs that share every other override) alike
+    (:func:`_launch_one_job_per_pack`), so it launches one job per chunk of the largest K that any
+    shape chose; a job whose shape chose a smaller K trains its chunk as stacks of that K, one
+    after another (:func:`split_pack`, in :func:`mbn.cli.launch.launch_job`).
+
+    Args:
+        jobs: the sweep's valid jobs.
+        key: the key they pack along (:func:`pack_key`).
+
+    Returns:
+        The launcher's K, each shape's K (by :func:`_stack_shape`), and the lines that show the
+        probes and the choices (printed; ``dry_run`` stops after them).
+    """
+    if any(job.spec is not None and job.spec.trainer.world_size > 1 for job in jobs):
+        return 1, {}, ["mbn-train: stack=auto: stack=1 (stacked runs train on one device; this sweep trains on several)"]
+    count = len(_sweep_values(jobs, key))
+    chosen: dict[str, int] = {}
+    lines = []
+    for group in _pack_groups(jobs, key):
+        shape = _stack_shape(group[0].spec)
+        if shape in chosen or count < 2:
+            continue
+        chosen[shape], speeds, probes = group_stack_size(group[0].spec, count)
+        for size, probe in sorted(probes.items()):
+            if size > 1:
+                lines.append(f"mbn-train: stack=auto probe of {shape}: {probe.summary()}")
+        relative = ", ".join(f"K={size}: {speed:.2f}x" for size, speed in speeds.items())
+        lines.append(f"mbn-train: stack=auto chose stack={chosen[shape]} for {shape} "
+                     f"(projected speed of its {count} jobs against unstacked: {relative})")
+    return max(chosen.values(), default=1), chosen, lines
 
 
 def _launch_one_job_per_pack(config: DictConfig, key: str, values: list[str], stack: int) -> None:
@@ -626,8 +744,11 @@ def _launch_one_job_per_pack(config: DictConfig, key: str, values: list[str], st
         params = config.hydra.sweeper.get("params")
         if params is not None and key in params:
             del params[key]
-        task = [o for o in config.hydra.overrides.task if o.lstrip("+").partition("=")[0] != key]
-        config.hydra.overrides.task = [*task, f"{key}={leaders}", f"stack_key={key}", f"stack_values=[{','.join(values)}]"]
+        replaced = (key, "stack", "stack_path") if config.get("stack") == STACK_AUTO else (key,)
+        task = [o for o in config.hydra.overrides.task if o.lstrip("+").partition("=")[0] not in replaced]
+        # stack=auto: the chosen K, and each job picks its convolutions' paths from the (cached) probe.
+        chosen = [f"stack={stack}", "stack_path=auto"] if config.get("stack") == STACK_AUTO else []
+        config.hydra.overrides.task = [*task, f"{key}={leaders}", f"stack_key={key}", f"stack_values=[{','.join(values)}]", *chosen]
 
 
 def _tag_jobs_with_invocation(config: DictConfig) -> str:

@@ -31,6 +31,7 @@ __all__ = [
     "load_member_state_dict",
     "member_model",
     "member_state_dict",
+    "set_conv_paths",
     "stack",
     "stacked_modules",
     "unstack",
@@ -159,6 +160,26 @@ def stacked_modules(stacked: StackedModel) -> list[tuple[str, StackedLayer]]:
     """
     _check_stacked(stacked)
     return [(name, module) for name, module in stacked.body.named_modules() if isinstance(module, StackedLayer)]
+
+
+def set_conv_paths(stacked: StackedModel, paths: str | Mapping[str, str]) -> None:
+    """Set how each stacked convolution computes (:attr:`StackedConv2d.path`); the numbers do not change.
+
+    Args:
+        stacked: a model from :func:`stack`.
+        paths: one path for every convolution, or paths by layer name (as :func:`stacked_modules`
+            names them); convolutions left out keep theirs.
+
+    Raises:
+        ValueError: a name that is no stacked convolution of ``stacked``, or an unknown path.
+    """
+    convs = {name: layer for name, layer in stacked_modules(stacked) if isinstance(layer, StackedConv2d)}
+    chosen = dict.fromkeys(convs, paths) if isinstance(paths, str) else dict(paths)
+    unknown = sorted(set(chosen) - set(convs))
+    if unknown:
+        raise ValueError(f"no stacked convolution named {', '.join(map(repr, unknown))}; the model has {', '.join(convs)}")
+    for name, path in chosen.items():
+        convs[name].path = path
 
 
 def member_model(stacked: StackedModel, k: int) -> nn.Module:

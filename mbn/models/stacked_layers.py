@@ -31,6 +31,7 @@ import itertools
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mbn.nn import (
@@ -48,6 +49,7 @@ from mbn.nn.momentum_batchnorm import _TRAINING_STEPS
 from mbn.utils.library_internals import own_buffers
 
 __all__ = [
+    "CONV_PATHS",
     "STACKED_LAYERS",
     "StackedBatchNorm2d",
     "StackedBatchRenorm2d",
@@ -308,12 +310,58 @@ def _named_own_tensors(layer: nn.Module) -> list[tuple[str, Tensor]]:
             *layer.named_buffers(recurse=False, remove_duplicate=False)]
 
 
+CONV_PATHS = ("grouped", "dense")
+
+
 class StackedConv2d(StackedLayer, nn.Conv2d):
-    """K ``nn.Conv2d`` members as one convolution with ``K * groups`` groups.
+    """K ``nn.Conv2d`` members as one convolution with ``K * groups`` groups, or K convolutions.
 
     Group ``k * groups + g`` reads member k's input group g and writes its output group g, with
-    member k's weights: exactly member k's convolution. The forward is ``nn.Conv2d``'s.
+    member k's weights: exactly member k's convolution. ``path`` says how the forward computes it
+    (the same parameters and numbers either way; which is faster depends on the machine, the
+    channels, the map size and the batch, :mod:`mbn.models.stack_probe`):
+
+    * ``"grouped"`` (default): ``nn.Conv2d``'s forward, one convolution with ``K * groups`` groups;
+    * ``"dense"``: one ``F.conv2d`` per member on its channel slice with its weight block, the
+      outputs concatenated (a grouped convolution's kernels are often slower than K dense ones
+      at many channels per group).
     """
+
+    path: str = "grouped"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "path" and value not in CONV_PATHS:
+            raise ValueError(f"{type(self).__name__}.path must be one of {', '.join(CONV_PATHS)}, got {value!r}")
+        super().__setattr__(name, value)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Member k's convolution of channels ``[k * in, (k + 1) * in)`` of ``input``, as ``path`` says."""
+        if self.path == "grouped":
+            return super().forward(input)
+        members = self.num_members
+        padding: Any = self.padding
+        if self.padding_mode != "zeros":  # as nn.Conv2d: pad first, then convolve without padding
+            input, padding = F.pad(input, self._explicit_padding(), mode=self.padding_mode), 0
+        inputs = input.chunk(members, 1)
+        weights = self.weight.chunk(members, 0)
+        biases = self.bias.chunk(members, 0) if self.bias is not None else [None] * members
+        outputs = [F.conv2d(x, w, b, self.stride, padding, self.dilation, self.groups // members)
+                   for x, w, b in zip(inputs, weights, biases)]
+        return torch.cat(outputs, 1)
+
+    def _explicit_padding(self) -> list[int]:
+        # F.pad's (left, right, top, bottom) of this layer's padding ("same": the extra one right and bottom, as torch).
+        pads = []
+        for dim in (1, 0):
+            if self.padding == "same":
+                total = self.dilation[dim] * (self.kernel_size[dim] - 1)
+                pads += [total // 2, total - total // 2]
+            else:
+                pads += [0, 0] if self.padding == "valid" else [self.padding[dim]] * 2
+        return pads
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, path={self.path}"
 
     @classmethod
     def _empty(cls, prototype: nn.Conv2d, num_members: int) -> "StackedConv2d":

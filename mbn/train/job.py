@@ -15,7 +15,7 @@ import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from mbn.results import RESULTS_FILENAME, read_results
 from mbn.train.run_dir import (
@@ -316,7 +316,8 @@ def _same_config_note(text: str, output_dir: Path, job_dir: Path) -> str:
     return text if output_dir == job_dir else f"{text}; the same config as {job_dir}"
 
 
-def run_pack(specs: Sequence["RunSpec"], *, rerun_diverged: bool = False, callbacks: Sequence[Any] = ()) -> list[JobOutcome]:
+def run_pack(specs: Sequence["RunSpec"], *, rerun_diverged: bool = False, callbacks: Sequence[Any] = (),
+             conv_paths: str | Mapping[str, str] = "grouped") -> list[JobOutcome]:
     """Run jobs that differ only in their seed as stacked models: :func:`run_job`'s life for each member.
 
     Every member's dir is locked and planned as :func:`run_job` would (a member running elsewhere is
@@ -329,6 +330,7 @@ def run_pack(specs: Sequence["RunSpec"], *, rerun_diverged: bool = False, callba
         specs: the members' runs (same everything but seed and dir).
         rerun_diverged: restart diverged members instead of keeping them.
         callbacks: extra Lightning callbacks for every training.
+        conv_paths: the stacked convolutions' paths (:func:`mbn.models.set_conv_paths`).
 
     Returns:
         One outcome per member, in the order of ``specs``.
@@ -354,7 +356,7 @@ def run_pack(specs: Sequence["RunSpec"], *, rerun_diverged: bool = False, callba
         for members in groups.values():
             from mbn.train.run import train_stack  # Lightning import: only once members train
 
-            for index, record in zip(members, train_stack([specs[i] for i in members], callbacks=callbacks)):
+            for index, record in zip(members, train_stack([specs[i] for i in members], callbacks=callbacks, conv_paths=conv_paths)):
                 outcomes[index] = _outcome(Path(specs[index].output_dir), record)
     return [outcomes[index] for index in range(len(specs))]
 

@@ -13,7 +13,7 @@ import threading
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -24,7 +24,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 import mbn
-from mbn.models import build_model, stack
+from mbn.models import build_model, set_conv_paths, stack
 from mbn.nn import norm_layer
 from mbn.train.callbacks import EpochRecorder, MomentumScheduleCallback, NormLayerGuard
 from mbn.train.checkpoint_io import AtomicCheckpointIO, MemberCheckpointIO
@@ -290,7 +290,8 @@ def train(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     return results
 
 
-def train_stack(specs: Sequence[RunSpec], callbacks: Sequence[Callback] = ()) -> list[dict[str, Any]]:
+def train_stack(specs: Sequence[RunSpec], callbacks: Sequence[Callback] = (),
+                conv_paths: str | Mapping[str, str] = "grouped") -> list[dict[str, Any]]:
     """Train K >= 1 runs as one job and record each in its dir; K > 1 runs (differing only in their
     seed, lr and weight decay) train as one stacked model, each member recorded exactly as its single run.
 
@@ -310,6 +311,7 @@ def train_stack(specs: Sequence[RunSpec], callbacks: Sequence[Callback] = ()) ->
     Args:
         specs: the members' runs (see :func:`check_stackable`).
         callbacks: extra Lightning callbacks of the job's Trainer.
+        conv_paths: how a stack's convolutions compute (:func:`mbn.models.set_conv_paths`; the same numbers either way).
 
     Returns:
         Each member's final results (as written to its ``results.json``), in ``specs`` order.
@@ -338,7 +340,7 @@ def train_stack(specs: Sequence[RunSpec], callbacks: Sequence[Callback] = ()) ->
     with signal_handling() as in_fit, tempfile.TemporaryDirectory(prefix="mbn-stack-") as scratch:
         try:
             datamodule = build_datamodule(specs)
-            module = build_module(specs, datamodule)
+            module = build_module(specs, datamodule, conv_paths)
             for member in members:
                 member.attach(module)
             ckpt_path = _merged_checkpoint(members, resumed, module, Path(scratch)) if resumed else members[0].resume_from
@@ -376,13 +378,22 @@ def build_datamodule(specs: Sequence[RunSpec]) -> ImageDataModule | StackedDataM
     return StackedDataModule(first.data, [spec.seed for spec in specs], cache_dir=first.cache_dir)
 
 
-def build_module(specs: Sequence[RunSpec], datamodule: ImageDataModule | StackedDataModule) -> ClassificationModule:
-    """Each member's model as its single run builds it (seeded), stacked when there are several, in the job's module."""
+def build_module(specs: Sequence[RunSpec], datamodule: ImageDataModule | StackedDataModule,
+                 conv_paths: str | Mapping[str, str] = "grouped") -> ClassificationModule:
+    """Each member's model as its single run builds it (seeded), stacked when there are several, in the job's module.
+
+    Args:
+        specs: the members' runs.
+        datamodule: the job's data.
+        conv_paths: a stack's convolution paths (:func:`mbn.models.set_conv_paths`).
+    """
     steps_per_epoch = datamodule.steps_per_epoch(specs[0].trainer.world_size)
     models = [build_seeded_model(spec, datamodule.num_classes, datamodule.in_channels, steps_per_epoch) for spec in specs]
     if len(models) == 1:
         return training_module(specs[0], models[0], datamodule.num_classes)
-    module = training_module(specs[0], stack(models), datamodule.num_classes, StackedClassificationModule)
+    stacked = stack(models)
+    set_conv_paths(stacked, conv_paths)  # before compiling (training_module): the path is part of the traced forward
+    module = training_module(specs[0], stacked, datamodule.num_classes, StackedClassificationModule)
     if any(spec.optim != specs[0].optim for spec in specs):
         module.member_optims = [spec.optim for spec in specs]
     return module

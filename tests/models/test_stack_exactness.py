@@ -32,10 +32,11 @@ from mbn.models import (
     load_member_state_dict,
     member_cross_entropy,
     member_optimizer_state_dict,
+    set_conv_paths,
     stack,
     stacked_modules,
 )
-from mbn.models.stacked_layers import StackedBatchRenorm2d, StackedMomentumBatchNorm2d
+from mbn.models.stacked_layers import StackedBatchRenorm2d, StackedConv2d, StackedMomentumBatchNorm2d
 from mbn.nn import set_progress
 from numerics import assert_close_normwise
 from stacking import (
@@ -85,11 +86,19 @@ def test_stacked_runs_of_chaotic_norms_match_their_single_runs_where_a_single_ru
     _train_side_by_side(name, norm, size=size, steps=steps)
 
 
-def _train_side_by_side(name: str, norm: str, size: int, steps: int):
+@pytest.mark.parametrize("name", ["resnet18", "vgg11"])
+def test_stacked_runs_on_the_dense_conv_path_match_their_single_runs_for_20_sgd_steps(name):
+    # The per-member dense convolutions (StackedConv2d.path = "dense") train each member as its single run too.
+    stacked = _train_side_by_side(name, "bn", size=8, steps=20, conv_path="dense")
+    assert {layer.path for _, layer in stacked_modules(stacked) if isinstance(layer, StackedConv2d)} == {"dense"}
+
+
+def _train_side_by_side(name: str, norm: str, size: int, steps: int, conv_path: str = "grouped"):
     # K single runs and their stack, trained on the same batches of size x size images; losses, states and SGD momentum
     # buffers compared within TRAINING_GROWTH * steps * eps(float64). Returns the stacked model.
     singles = [build(name, norm, seed) for seed in range(K)]
     stacked = stack(singles)
+    set_conv_paths(stacked, conv_path)
     single_optimizers = [torch.optim.SGD(model.parameters(), **SGD) for model in singles]
     optimizer = torch.optim.SGD(stacked.parameters(), **SGD)
     generator = torch.Generator().manual_seed(0)
@@ -110,11 +119,13 @@ def _train_side_by_side(name: str, norm: str, size: int, steps: int):
     return stacked
 
 
+@pytest.mark.parametrize("conv_path", ["grouped", "dense"])
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_every_backbone_and_norm_gives_each_member_its_single_runs_outputs_and_gradients(name, norm):
+def test_every_backbone_and_norm_gives_each_member_its_single_runs_outputs_and_gradients(name, norm, conv_path):
     singles = [build(name, norm, seed) for seed in range(2)]
     stacked = stack(singles)
+    set_conv_paths(stacked, conv_path)
     for model in (*singles, stacked):  # MBN mid-schedule, so lam > 0 from the second step on
         set_progress(model, 3, 5)
     generator = torch.Generator().manual_seed(1)

@@ -140,7 +140,7 @@ def test_every_member_of_a_stack_has_its_own_wandb_run(tiny, run_env):
 
 @pytest.mark.parametrize("extra, message", [
     (["stack=2", "trainer=ddp_cpu"], "stack: stacked runs train on one device"),
-    (["stack=0"], "stack: must be a positive integer, got 0"),
+    (["stack=0"], "stack: must be a positive integer or auto, got 0"),
 ])
 def test_what_stacks_cannot_do_is_refused_at_start_up(extra, message, tiny, run_env, capsys):
     assert main(["-m", *[o for o in tiny() if not o.startswith("logger")], "seed=0,1", *extra]) == 2
