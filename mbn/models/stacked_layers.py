@@ -45,6 +45,7 @@ from mbn.nn import (
     MomentumBatchNorm2d,
     MovingAverageBatchNorm2d,
 )
+from mbn.nn.centered_conv import centered_weight
 from mbn.nn.momentum_batchnorm import _TRAINING_STEPS
 from mbn.utils.library_internals import own_buffers
 
@@ -343,11 +344,15 @@ class StackedConv2d(StackedLayer, nn.Conv2d):
         if self.padding_mode != "zeros":  # as nn.Conv2d: pad first, then convolve without padding
             input, padding = F.pad(input, self._explicit_padding(), mode=self.padding_mode), 0
         inputs = input.chunk(members, 1)
-        weights = self.weight.chunk(members, 0)
+        weights = self._member_weights().chunk(members, 0)
         biases = self.bias.chunk(members, 0) if self.bias is not None else [None] * members
         outputs = [F.conv2d(x, w, b, self.stride, padding, self.dilation, self.groups // members)
                    for x, w, b in zip(inputs, weights, biases)]
         return torch.cat(outputs, 1)
+
+    def _member_weights(self) -> Tensor:
+        # The weight the grouped path convolves with (a centered convolution's is centered).
+        return self.weight
 
     def _explicit_padding(self) -> list[int]:
         # F.pad's (left, right, top, bottom) of this layer's padding ("same": the extra one right and bottom, as torch).
@@ -675,8 +680,12 @@ class StackedFilterResponseNorm(StackedLayer, FilterResponseNorm):
 class StackedCenteredConv2d(StackedConv2d, CenteredConv2d):
     """K :class:`~mbn.nn.CenteredConv2d` members as one centered convolution with ``K * groups`` groups.
 
-    The weight is centered per output channel, so each member's weight is centered on its own.
+    The weight is centered per output channel, so each member's weight is centered on its own, on
+    both paths.
     """
+
+    def _member_weights(self) -> Tensor:
+        return centered_weight(self.weight)
 
 
 class StackedMovingAverageBatchNorm2d(_MemberSteps, StackedLayer, MovingAverageBatchNorm2d):

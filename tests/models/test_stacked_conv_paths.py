@@ -13,23 +13,30 @@ import torch
 from torch import nn
 
 from mbn.models import set_conv_paths, stack, stacked_modules
-from mbn.models.stacked_layers import StackedConv2d
+from mbn.models.stacked_layers import StackedCenteredConv2d, StackedConv2d
+from mbn.nn import CenteredConv2d
 from numerics import assert_close_normwise
 
 K = 3
 
 
-@pytest.mark.parametrize("options", [
+OPTIONS = [
     {"padding": 1, "bias": False},
     {"padding": 1, "bias": True, "groups": 2, "stride": 2},
     {"padding": 1, "bias": True, "padding_mode": "reflect", "dilation": 1},
     {"padding": "same", "bias": True, "padding_mode": "circular", "dilation": 2},
     {"padding": "valid", "bias": False, "padding_mode": "replicate"},
-])
-def test_dense_and_grouped_paths_give_the_same_outputs_and_gradients(options):
+]
+# MABN's centered convolutions (zero padding only) compute with their centered weight on both paths.
+CASES = [(nn.Conv2d, StackedConv2d, options) for options in OPTIONS] + [
+    (CenteredConv2d, StackedCenteredConv2d, options) for options in OPTIONS if options.get("padding_mode", "zeros") == "zeros"]
+
+
+@pytest.mark.parametrize("conv, stacked_conv, options", CASES, ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(CASES)])
+def test_dense_and_grouped_paths_give_the_same_outputs_and_gradients(conv, stacked_conv, options):
     torch.manual_seed(0)
-    members = [nn.Conv2d(4, 6, 3, **options).double() for _ in range(K)]
-    layer = StackedConv2d.from_members(members)
+    members = [conv(4, 6, 3, **options).double() for _ in range(K)]
+    layer = stacked_conv.from_members(members)
     x = torch.randn(2, K * 4, 7, 7, dtype=torch.float64)
     results = {}
     for path in ("grouped", "dense"):
