@@ -50,7 +50,10 @@ from mbn.models.stack_probe import probe_stack
 from mbn.nn import norm_layer, schedule, set_progress
 
 EPOCH, TOTAL_EPOCHS = 5, 10  # MBN mid-schedule
-NORM_KWARGS = {"mbn": {"ideal_batch_size": 32}, "gn": {"num_groups": 8}}
+# GN and EvoNorm-S0 with GN's width-scaled groups at width 16; MABN and CBN past their warmup / burn-in
+# (the steady state that most of a run's steps take), as scripts/bench_norms.py.
+NORM_KWARGS = {"mbn": {"ideal_batch_size": 32}, "gn": {"num_groups": 8}, "evonorm_s0": {"num_groups": 8},
+               "mabn": {"warmup_steps": 0, "renorm_warmup_steps": 0}, "cbn": {"burnin_steps": 0}}
 SGD = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4}
 
 

@@ -70,7 +70,7 @@ def expand(sweep: tuple[str, ...]) -> list[Pack]:
         for start in range(0, len(along), stack_size if key else 1):
             chunk = along[start : start + stack_size]
             values = tuple(sorted(combo.items())) + ((key, ",".join(chunk)),) if key else tuple(sorted(combo.items()))
-            packs.append(Pack(combo.get("norm", "bn"), int(combo["data.batch_size"]), len(chunk), key == "optim.base_lr", values))
+            packs.append(Pack(combo.get("norm", "bn"), int(combo["data.batch_size"]), len(chunk), key == "optim.base_lr" and len(chunk) > 1, values))
     return packs
 
 
