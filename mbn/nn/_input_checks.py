@@ -42,6 +42,13 @@ def check_num_features(layer: str, num_features: object) -> None:
         raise ValueError(f"{layer}: num_features must be a positive int, got {num_features!r}")
 
 
+def check_int(layer: str, arg: str, value: object, low: int) -> int:
+    """``value`` if it is an int (not a bool) of at least ``low``; else ValueError naming the layer and argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{layer}: {arg} must be an int >= {low}, got {value!r}")
+    return value
+
+
 def check_number(layer: str, arg: str, value: object, low: float, high: float = math.inf, low_open: bool = False) -> float:
     """``value`` as a float if it is a finite number in ``[low, high]`` (``(low, high]`` with ``low_open``).
 

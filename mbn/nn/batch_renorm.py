@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mbn.nn._batch_stats_norm import BatchStatsNorm
+from mbn.nn._input_checks import check_int
 
 __all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
@@ -71,8 +72,7 @@ class BatchRenorm(BatchStatsNorm):
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high):
                 raise ValueError(f"{name}: {arg} must be a finite number in [{low:g}, {high:g}], got {value!r}")
         for arg, value in (("warmup_steps", warmup_steps), ("r_max_ramp_steps", r_max_ramp_steps), ("d_max_ramp_steps", d_max_ramp_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}: {arg} must be an int >= 0, got {value!r}")
+            check_int(name, arg, value, 0)
         self.momentum = float(momentum)
         self.r_max = float(r_max)
         self.d_max = float(d_max)

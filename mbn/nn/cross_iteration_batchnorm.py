@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mbn.nn._batch_stats_norm import BatchStatsNorm
+from mbn.nn._input_checks import check_int, check_number
 
 __all__ = [
     "CrossIterationBatchNorm",
@@ -117,11 +117,9 @@ class CrossIterationBatchNorm(BatchStatsNorm):
     ) -> None:
         super().__init__(num_features, eps, affine, device, dtype)  # validates num_features and eps
         name = type(self).__name__
-        if isinstance(momentum, bool) or not (isinstance(momentum, (int, float)) and math.isfinite(momentum) and 0 <= momentum <= 1):
-            raise ValueError(f"{name}: momentum must be a number in [0, 1], got {momentum!r}")
+        check_number(name, "momentum", momentum, 0.0, 1.0)
         for arg, value, low in (("window", window, 1), ("burnin_steps", burnin_steps, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: {arg} must be an int >= {low}, got {value!r}")
+            check_int(name, arg, value, low)
         self.window = window
         self.burnin_steps = burnin_steps
         self.momentum = float(momentum)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -10,6 +9,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from mbn.nn._batch_stats_norm import BatchStatsNorm
+from mbn.nn._input_checks import check_int, check_number
 from mbn.nn.centered_conv import centered
 
 __all__ = [
@@ -136,13 +136,10 @@ class MovingAverageBatchNorm(BatchStatsNorm):
         super().__init__(num_features, eps, affine, device, dtype)  # validates num_features and eps
         name = type(self).__name__
         for arg, value in (("momentum", momentum), ("grad_momentum", grad_momentum)):
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 1):
-                raise ValueError(f"{name}: {arg} must be a number in (0, 1], got {value!r}")
-        if isinstance(r_max, bool) or not (isinstance(r_max, (int, float)) and math.isfinite(r_max) and r_max >= 1):
-            raise ValueError(f"{name}: r_max must be a finite number >= 1, got {r_max!r}")
+            check_number(name, arg, value, 0.0, 1.0, low_open=True)
+        check_number(name, "r_max", r_max, 1.0)
         for arg, value, low in (("window", window, 1), ("warmup_steps", warmup_steps, 0), ("renorm_warmup_steps", renorm_warmup_steps, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: {arg} must be an int >= {low}, got {value!r}")
+            check_int(name, arg, value, low)
         self.window = window
         self.momentum = float(momentum)
         self.grad_momentum = float(grad_momentum)
