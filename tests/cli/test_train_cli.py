@@ -166,7 +166,7 @@ def test_a_completed_dir_of_another_config_is_moved_aside(tmp_path):
 
 # --- interruption and resume --------------------------------------------------------------------
 
-RESUME_OVERRIDES = {"data.source.num_train": 512, "epochs": 2, "norm": "mbn", "data.eval_batch_size": 32}
+RESUME_OVERRIDES = {"data.source.num_train": 256, "epochs": 2, "norm": "mbn", "data.eval_batch_size": 32}
 
 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -209,7 +209,3 @@ def test_a_tiny_study_runs_end_to_end_stacked_and_in_parallel(tiny, run_env, tmp
     copies = sorted((published / "runs").glob("*/results.json"))
     assert [p.parent.name for p in copies] == [p.parent.name for p in records]
     assert json.loads(copies[0].read_text()) == json.loads(records[0].read_text())
-    # Rerunning the study skips all four runs.
-    assert study.main(["--study", "tiny", "--out", str(run_env), "--no-compare", *extra]) == 0
-    assert "mbn-train: sweep done: 0 completed, 0 failed, 4 skipped (of 4 jobs)" in capfd.readouterr().out
-    assert all(len(read_results(p)["attempts"]) == 1 for p in records)
