@@ -10,10 +10,12 @@ through :func:`includes_activation` / :func:`without_activation`, what to do aro
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+from mbn.nn._input_checks import check_num_features, check_number
 
 __all__ = ["NormActivation", "drop_activations", "includes_activation", "without_activation"]
 
@@ -31,6 +33,18 @@ class NormActivation:
     includes_activation = True
     activation_parameter: str
     activation_init: float
+
+    def _init_affine_and_activation(self, num_features: int, eps: float, apply_act: bool, factory: dict[str, Any]) -> None:
+        """Check and set ``num_features`` and ``eps``; create ``weight`` (1), ``bias`` (0) and, with ``apply_act``,
+        the activation's parameter (``activation_init``): the state every such layer starts from."""
+        name = type(self).__name__
+        check_num_features(name, num_features)
+        self.num_features = num_features
+        self.eps = check_number(name, "eps", eps, 0.0)
+        self.weight = nn.Parameter(torch.ones(num_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        setattr(self, self.activation_parameter, nn.Parameter(torch.full((num_features,), self.activation_init, **factory)))
+        self.apply_act = apply_act
 
     @property
     def apply_act(self) -> bool:

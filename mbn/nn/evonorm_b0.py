@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mbn.nn._input_checks import check_input, check_num_features, check_number, check_training_batch
+from mbn.nn._input_checks import check_input, check_number, check_training_batch
 from mbn.nn.activation import NormActivation
 
 __all__ = ["EvoNormB0"]
@@ -66,17 +66,10 @@ class EvoNormB0(NormActivation, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        name = type(self).__name__
-        check_num_features(name, num_features)
-        self.num_features = num_features
-        self.eps = check_number(name, "eps", eps, 0.0)
-        self.momentum = check_number(name, "momentum", momentum, 0.0, 1.0)
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.ones(num_features, **factory))
-        self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        self.v = nn.Parameter(torch.ones(num_features, **factory))
+        self._init_affine_and_activation(num_features, eps, apply_act, factory)
+        self.momentum = check_number(type(self).__name__, "momentum", momentum, 0.0, 1.0)
         self.register_buffer("running_var", torch.ones(num_features, **factory))
-        self.apply_act = apply_act
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` of shape ``(N, C, *)``; see the class docstring."""

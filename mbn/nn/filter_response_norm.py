@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mbn.nn._input_checks import check_input, check_num_features, check_number
+from mbn.nn._input_checks import check_input
 from mbn.nn.activation import NormActivation
 
 __all__ = ["FilterResponseNorm"]
@@ -57,15 +57,7 @@ class FilterResponseNorm(NormActivation, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        name = type(self).__name__
-        check_num_features(name, num_features)
-        self.num_features = num_features
-        self.eps = check_number(name, "eps", eps, 0.0)
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.ones(num_features, **factory))
-        self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        self.tau = nn.Parameter(torch.zeros(num_features, **factory))
-        self.apply_act = apply_act
+        self._init_affine_and_activation(num_features, eps, apply_act, {"device": device, "dtype": dtype})
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` of shape ``(N, C, *)`` and threshold it; see the class docstring."""

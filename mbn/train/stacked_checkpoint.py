@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from mbn.models import load_member_optimizer_state_dict, load_member_state_dict, member_optimizer_state_dict, member_state_dict
