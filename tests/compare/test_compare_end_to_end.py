@@ -41,7 +41,9 @@ def test_real_sweep_then_compare(tiny, run_env, tmp_path, capsys):
 
 
 def test_real_three_seed_sweep_compared_with_the_bn_baseline(tiny, run_env, tmp_path, capsys):
-    assert train_main(["-m", *tiny(), "norm=bn,mbn", "data.batch_size=4,8", "seed=0,1,2", "sweep_name=seeds"]) == 0
+    # Each cell's 3 seeds as one stacked model (4 processes' worth of set-up, not 12): each member's record
+    # is its unstacked run's (tests/sweeps/test_stacked_sweeps.py), which is what mbn-compare reads.
+    assert train_main(["-m", *tiny(), "norm=bn,mbn", "data.batch_size=4,8", "seed=0,1,2", "stack=3", "sweep_name=seeds"]) == 0
     sweep_dir = run_env / "sweeps" / "seeds"
     runs = [read_results(p) for p in iter_results(sweep_dir)]
     assert len(runs) == 12 and {r["status"] for r in runs} == {"completed"}
