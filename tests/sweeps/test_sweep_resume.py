@@ -16,9 +16,9 @@ from sweep_helpers import assert_same_run, job_dir, sweep_runs
 from cli_runner import mbn_train as main
 from mbn.results import read_results
 
-# 2 epochs of 64 steps (~1 s each on 2 cores, 50 times the poll that sees epoch 1 on disk): epoch 2
+# 2 epochs of 32 steps (~0.5 s each on 2 cores, 25 times the poll that sees epoch 1 on disk): epoch 2
 # of a job outlasts that poll.
-KILL_OVERRIDES = {"data.source.num_train": 512, "epochs": 2, "norm": "mbn"}
+KILL_OVERRIDES = {"data.source.num_train": 256, "epochs": 2, "norm": "mbn"}
 # Three jobs are the three cases: completed before the kill, killed midway, never started.
 SEEDS = (0, 1, 2)
 
