@@ -96,7 +96,8 @@ class CrossIterationBatchNorm(BatchStatsNorm):
     Args:
         num_features: number of channels ``C``.
         window: iterations pooled, the current one included (the paper's ``k``; 1 = plain BN).
-        burnin_steps: training steps of plain BN before the window is used.
+        burnin_steps: training steps of plain BN before the window is used (0, the reference layer's
+            default; the reference trains with a burn-in of 8 epochs, which ``norm=cbn`` converts to steps).
         momentum: running-statistics momentum (weight of the new batch).
         eps: added to the variance.
         affine: learn a per-channel scale and shift.
@@ -108,7 +109,7 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         self,
         num_features: int,
         window: int = 4,
-        burnin_steps: int = 8,
+        burnin_steps: int = 0,
         momentum: float = 0.1,
         eps: float = 1e-5,
         affine: bool = True,

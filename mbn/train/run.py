@@ -62,7 +62,7 @@ def build_seeded_model(spec: RunSpec, num_classes: int, in_channels: int, steps_
         spec: the run.
         num_classes: classes of the dataset.
         in_channels: image channels of the dataset.
-        steps_per_epoch: training steps per epoch, for norm options given in epochs (BRN's ramps).
+        steps_per_epoch: training steps per epoch, for norm options given in epochs (BRN's ramps, CBN's burn-in).
     """
     pl.seed_everything(spec.seed, workers=True, verbose=False)
     return build_model(

@@ -504,9 +504,22 @@ class NormSpec:
     """
 
     name: str = MISSING
+    # Lengths a norm takes in training steps (its layer's unit) or in epochs instead: {steps field:
+    # epochs field}. An epochs field (None = unused) is the same fraction of training at every batch
+    # size; layer_options converts it with the run's steps per epoch.
+    EPOCH_FIELDS: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         _named_option(self, NORM_SCHEMAS)
+        for steps_key, epochs_key in self.EPOCH_FIELDS.items():
+            _at_least(steps_key, getattr(self, steps_key), 0)
+            if getattr(self, epochs_key) is None:
+                continue
+            _within(epochs_key, getattr(self, epochs_key), 0.0, math.inf)
+            default = next(f.default for f in dataclasses.fields(self) if f.name == steps_key)
+            if getattr(self, steps_key) != default:
+                raise SpecError(epochs_key, f"set {steps_key} or {epochs_key}, not both ({steps_key}={getattr(self, steps_key)}; "
+                                f"{epochs_key}=null gives the length in steps)")
 
     @property
     def options(self) -> dict[str, Any]:
@@ -516,13 +529,25 @@ class NormSpec:
     def layer_options(self, width: int, steps_per_epoch: int | None = None) -> dict[str, Any]:
         """Keyword arguments for ``norm_layer`` in a network of base ``width``: :attr:`options`, with
         defaults that depend on the width resolved (GN's groups) and lengths given in epochs
-        converted to steps (BRN's ramps); :meth:`RunSpec.norm_options`.
+        converted to steps (:attr:`EPOCH_FIELDS`); :meth:`RunSpec.norm_options`.
 
         Args:
             width: ``model.width``.
-            steps_per_epoch: the run's optimizer steps per epoch (None = unknown).
+            steps_per_epoch: the run's optimizer steps per epoch (None = unknown); needed when an
+                epochs field is set.
+
+        Raises:
+            SpecError: an epochs field is set and ``steps_per_epoch`` is not given.
         """
-        return self.options
+        options = self.options
+        for steps_key, epochs_key in self.EPOCH_FIELDS.items():
+            epochs = options.pop(epochs_key)
+            if epochs is None:
+                continue
+            if steps_per_epoch is None:
+                raise SpecError(epochs_key, "needs the run's steps per epoch to be converted to steps")
+            options[steps_key] = round(epochs * steps_per_epoch)
+        return options
 
 
 @schema_of(NORM_SCHEMAS)
@@ -608,10 +633,6 @@ class GroupNormSpec(NormSpec):
         return options
 
 
-# BRN's ramp lengths in steps, and the fields that give each in epochs instead.
-BRN_RAMP_EPOCH_FIELDS = {"warmup_steps": "warmup_epochs", "r_max_ramp_steps": "r_max_ramp_epochs", "d_max_ramp_steps": "d_max_ramp_epochs"}
-
-
 @schema_of(NORM_SCHEMAS)
 @dataclass
 class BatchRenormSpec(NormSpec):
@@ -633,6 +654,9 @@ class BatchRenormSpec(NormSpec):
         eps: added to the variance.
     """
 
+    EPOCH_FIELDS: ClassVar[dict[str, str]] = {
+        "warmup_steps": "warmup_epochs", "r_max_ramp_steps": "r_max_ramp_epochs", "d_max_ramp_steps": "d_max_ramp_epochs"}
+
     name: str = "brn"
     r_max: float = 3.0
     d_max: float = 5.0
@@ -649,36 +673,8 @@ class BatchRenormSpec(NormSpec):
         super().__post_init__()
         _within("r_max", self.r_max, 1.0, math.inf)
         _within("d_max", self.d_max, 0.0, math.inf)
-        for steps_key, epochs_key in BRN_RAMP_EPOCH_FIELDS.items():
-            _at_least(steps_key, getattr(self, steps_key), 0)
-            if getattr(self, epochs_key) is None:
-                continue
-            _within(epochs_key, getattr(self, epochs_key), 0.0, math.inf)
-            default = next(f.default for f in dataclasses.fields(BatchRenormSpec) if f.name == steps_key)
-            if getattr(self, steps_key) != default:
-                raise SpecError(epochs_key, f"set {steps_key} or {epochs_key}, not both ({steps_key}={getattr(self, steps_key)})")
         _within("momentum", self.momentum, 0.0, 1.0)
         _within("eps", self.eps, 0.0, math.inf)
-
-    def layer_options(self, width: int, steps_per_epoch: int | None = None) -> dict[str, Any]:
-        """Keyword arguments for ``norm_layer``: the ramps given in epochs converted to steps.
-
-        Args:
-            width: ``model.width`` (unused).
-            steps_per_epoch: the run's optimizer steps per epoch; needed when a ``*_epochs`` field is set.
-
-        Raises:
-            SpecError: a ``*_epochs`` field is set and ``steps_per_epoch`` is not given.
-        """
-        options = self.options
-        for steps_key, epochs_key in BRN_RAMP_EPOCH_FIELDS.items():
-            epochs = options.pop(epochs_key)
-            if epochs is None:
-                continue
-            if steps_per_epoch is None:
-                raise SpecError(epochs_key, "needs the run's steps per epoch to be converted to steps")
-            options[steps_key] = round(epochs * steps_per_epoch)
-        return options
 
 
 @schema_of(NORM_SCHEMAS)
@@ -816,25 +812,31 @@ class MovingAverageBatchNormSpec(NormSpec):
 class CrossIterationBatchNormSpec(NormSpec):
     """Cross-Iteration Batch Normalization (Yao et al., CVPR 2021): the statistics of the last
     ``window`` iterations, compensated for the change of the convolution in front by a first-order
-    Taylor expansion, after ``burnin_steps`` of plain BN (:class:`mbn.nn.CrossIterationBatchNorm2d`).
+    Taylor expansion, after a burn-in of plain BN (:class:`mbn.nn.CrossIterationBatchNorm2d`). The
+    burn-in is given in epochs, as the reference code does (its ``tools/train.py`` converts the
+    configs' ``burnin`` from epochs to iterations), or in steps with ``burnin_epochs=null``.
 
     Args:
         window: iterations pooled, the current one included (1 = plain BN).
-        burnin_steps: steps of plain BN first.
+        burnin_steps: steps of plain BN first (used when ``burnin_epochs`` is null).
+        burnin_epochs: epochs of plain BN first (the reference configs' 8), converted with the
+            run's steps per epoch.
         momentum: running-statistics update factor.
         eps: added to the variance.
     """
 
+    EPOCH_FIELDS: ClassVar[dict[str, str]] = {"burnin_steps": "burnin_epochs"}
+
     name: str = "cbn"
     window: int = 4
-    burnin_steps: int = 8
+    burnin_steps: int = 0
+    burnin_epochs: float | None = 8.0
     momentum: float = 0.1
     eps: float = 1e-5
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _at_least("window", self.window, 1)
-        _at_least("burnin_steps", self.burnin_steps, 0)
         _within("momentum", self.momentum, 0.0, 1.0)
         _within("eps", self.eps, 0.0, math.inf)
 

@@ -71,7 +71,7 @@ def test_every_schema_option_is_an_argument_of_what_it_builds():
     from mbn.train.spec import DATA_SCHEMAS, MODEL_SCHEMAS, NORM_SCHEMAS
 
     for name, schema in NORM_SCHEMAS.items():
-        make_norm(name, 16, **schema().layer_options(16))  # raises TypeError on an unaccepted keyword
+        make_norm(name, 16, **schema().layer_options(16, steps_per_epoch=1))  # raises TypeError on an unaccepted keyword
     for name, schema in MODEL_SCHEMAS.items():
         assert set(schema(name=name).options) == set(model_options(name)), name
     for kind, schema in DATA_SCHEMAS.items():

@@ -228,3 +228,19 @@ def test_brn_ramps_in_epochs_are_the_runs_steps_per_epoch_times_their_epochs(tmp
     assert layers
     for layer in layers:
         assert (layer.warmup_steps, layer.r_max_ramp_steps, layer.d_max_ramp_steps) == (steps, round(2.5 * steps), round(0.5 * steps))
+
+
+def test_cbn_burn_in_in_epochs_is_the_runs_steps_per_epoch_times_its_epochs(tmp_path):
+    """norm=cbn: the layers' burn-in is its epochs times the steps the Trainer runs per epoch (7 here,
+    as the BRN test above counts them)."""
+    from mbn.nn import CrossIterationBatchNorm
+    from mbn.train.run import build_datamodule, build_module
+    from mbn.train.spec import CrossIterationBatchNormSpec
+
+    spec = fake_spec(tmp_path / "run", norm=CrossIterationBatchNormSpec(burnin_epochs=1.5),
+                     data=dataclasses.replace(fake_spec(tmp_path).data, val_subset=4))
+    datamodule = build_datamodule([spec])
+    module = build_module([spec], datamodule)
+    assert datamodule.steps_per_epoch(1) == 7
+    layers = [m for m in module.modules() if isinstance(m, CrossIterationBatchNorm)]
+    assert layers and {layer.burnin_steps for layer in layers} == {round(1.5 * 7)}

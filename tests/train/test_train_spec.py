@@ -121,6 +121,28 @@ def test_brn_ramps_given_in_epochs_become_steps_with_the_runs_steps_per_epoch():
         specs.BatchRenormSpec(warmup_epochs=1).layer_options(16)
 
 
+def test_cbn_burn_in_is_8_epochs_by_default_in_steps_of_the_run_or_in_steps_when_epochs_are_null():
+    """The reference's burnin=8 is in epochs (its tools/train.py converts it); steps only when asked for."""
+    assert specs.CrossIterationBatchNormSpec().layer_options(16, steps_per_epoch=2500)["burnin_steps"] == 20000
+    options = specs.CrossIterationBatchNormSpec(burnin_epochs=0.5).layer_options(16, steps_per_epoch=125)
+    assert options["burnin_steps"] == 62 and "burnin_epochs" not in options  # round(62.5), to even
+    steps = specs.CrossIterationBatchNormSpec(burnin_epochs=None, burnin_steps=100)
+    assert steps.layer_options(16)["burnin_steps"] == 100  # no steps per epoch needed
+    with pytest.raises(specs.SpecError, match="burnin_epochs: needs the run's steps per epoch"):
+        specs.CrossIterationBatchNormSpec().layer_options(16)
+
+
+@pytest.mark.parametrize("spec, changes, message", [
+    (specs.CrossIterationBatchNormSpec, {"burnin_steps": 100},
+     r"burnin_epochs: set burnin_steps or burnin_epochs, not both \(burnin_steps=100; burnin_epochs=null gives"),
+    (specs.CrossIterationBatchNormSpec, {"burnin_epochs": -1.0}, r"burnin_epochs: must be a number in \[0, inf\)"),
+    (specs.CrossIterationBatchNormSpec, {"burnin_epochs": None, "burnin_steps": -1}, "burnin_steps: must be"),
+])
+def test_cbn_burn_in_refuses_bad_values(spec, changes, message):
+    with pytest.raises(specs.SpecError, match=message):
+        spec(**changes)
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"warmup_epochs": 1, "warmup_steps": 10}, "warmup_epochs: set warmup_steps or warmup_epochs, not both"),
     ({"r_max_ramp_epochs": -1.0}, r"r_max_ramp_epochs: must be a number in \[0, inf\)"),
