@@ -20,6 +20,8 @@ def read_wandb_records(path: Path) -> list:
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):
+            break  # the record wandb's service is still writing: the file ends inside it
         chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 1:  # full record
             chunks.append(chunk)
@@ -40,11 +42,20 @@ def read_finished_wandb_records(path: Path, timeout: float = 30.0) -> list:
     """Records of a finished run's ``run-*.wandb`` file.
 
     ``run.finish()`` returns once wandb's service process has the exit record, which then writes
-    the transaction log on its own schedule: wait until the file holds the exit record.
+    the transaction log on its own schedule: wait until the file holds the exit record. A read
+    while a block is half flushed can see a record's bytes cut short (a protobuf decode error): that
+    is the file not written yet too, read again.
     """
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + timeout
     while True:
-        records = read_wandb_records(path)
+        try:
+            records = read_wandb_records(path)
+        except DecodeError:
+            if time.monotonic() > deadline:
+                raise
+            records = []
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
             return records
         time.sleep(0.2)
