@@ -105,8 +105,8 @@ def start_sweep(argv: list[str], log: Path) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_two_identical_sweeps_on_one_dir_train_each_job_once_and_report_the_truth(tiny, run_env, tmp_path):
-    # Jobs of a few seconds each, so that the second command starts while the first is at its first job.
-    argv = ["-m", *tiny(epochs=2, data__source__num_train=1024), "seed=0,1,2,3", "sweep_name=twice"]
+    # Jobs of 1-2 s each: the second command starts (about 3 s) while the first is still at one of its 4 jobs.
+    argv = ["-m", *tiny(epochs=2, data__source__num_train=512), "seed=0,1,2,3", "sweep_name=twice"]
     first = start_sweep(argv, tmp_path / "first.log")
     deadline = time.monotonic() + 120
     while not list(iter_results(run_env)) if run_env.exists() else True:
