@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mbn.nn._batch_stats_norm import BatchStatsNorm
-from mbn.nn._input_checks import check_int
+from mbn.nn._input_checks import check_int, check_number
 
 __all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
@@ -63,14 +62,9 @@ class BatchRenorm(BatchStatsNorm):
     ) -> None:
         super().__init__(num_features, eps, affine, device, dtype)  # validates num_features and eps
         name = type(self).__name__
-        checks = {
-            "momentum": (momentum, 0.0, 1.0),
-            "r_max": (r_max, 1.0, math.inf),
-            "d_max": (d_max, 0.0, math.inf),
-        }
-        for arg, (value, low, high) in checks.items():
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high):
-                raise ValueError(f"{name}: {arg} must be a finite number in [{low:g}, {high:g}], got {value!r}")
+        check_number(name, "momentum", momentum, 0.0, 1.0)
+        check_number(name, "r_max", r_max, 1.0)
+        check_number(name, "d_max", d_max, 0.0)
         for arg, value in (("warmup_steps", warmup_steps), ("r_max_ramp_steps", r_max_ramp_steps), ("d_max_ramp_steps", d_max_ramp_steps)):
             check_int(name, arg, value, 0)
         self.momentum = float(momentum)

@@ -627,7 +627,7 @@ class GroupNormSpec(NormSpec):
 
     def layer_options(self, width: int, steps_per_epoch: int | None = None) -> dict[str, Any]:
         """Keyword arguments for ``norm_layer`` in a network of base ``width`` (the default resolved)."""
-        options = self.options
+        options = super().layer_options(width, steps_per_epoch)
         if self.num_groups is None and self.group_size is None:
             options["num_groups"] = width_scaled_gn_groups(width)
         return options
