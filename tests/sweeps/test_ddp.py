@@ -4,7 +4,8 @@ resumes to exactly the multirun's uninterrupted job.
 
 ``mbn-train`` starts each DDP job's processes itself (torchrun) with the job's own overrides and
 dir, so it works in a multirun where Lightning's re-run of ``sys.argv`` would start the whole sweep.
-One test: its three DDP launches share the reference run (each launch starts 2 processes).
+One test: its four DDP launches (the 2 jobs, an interrupted run and its resume) share one reference run
+(each launch starts 2 processes).
 """
 
 from __future__ import annotations
