@@ -16,12 +16,19 @@ mid-schedule (epoch 5 of 10, ``m0 = 32``): ``lam > 0`` at m < 32.
     python scripts/bench_stack.py --device cuda --batch-sizes 2 --stacks 1 4 --json stack.json
     python scripts/bench_stack.py --lr-grid --batch-sizes 2 8 --stacks 4     # an lr grid of 4 (MemberSGD)
     python scripts/bench_stack.py --conv-path auto                 # each conv's path from the stack probe
+    python scripts/bench_stack.py --stack-auto --stacks 2 4 8      # K jobs as stack=auto trains them
 
 ``--conv-path`` sets how the stacked convolutions compute (StackedConv2d.path): ``grouped`` (one
 grouped convolution, the default), ``dense`` (one convolution per member) or ``auto`` (each layer's
 faster path from :func:`mbn.models.stack_probe.probe_stack`, as ``stack=auto`` trains; the probe is
 cached under ``$MBN_CACHE_DIR``; ``probe`` is then the probe's own speedup and ``dense`` how many
 convolutions it put on the dense path).
+
+``--stack-auto`` benchmarks what ``mbn-train -m ... stack=auto`` does with a sweep of K jobs of a
+cell: :func:`mbn.models.stack_probe.choose_stack_size` picks K' (1, 2, 4 or 8, at most K) from the
+probes and each convolution's path from K''s probe; the ratio is then K' stacked members against K'
+separate runs (the sweep trains its K jobs as packs of K'), and exactly 1 where K' = 1, as the sweep
+then trains every job alone, which is the unstacked sweep itself (not timed). ``auto K`` is K'.
 
 On a GPU every timed block starts and ends with a device synchronization, and the peak GPU memory
 allocated by PyTorch is printed at the end. ``--json PATH`` also writes the table (and that peak) as JSON.
@@ -46,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbn.models import MemberSGD, build_model, member_cross_entropy, set_conv_paths, stack
-from mbn.models.stack_probe import probe_stack
+from mbn.models.stack_probe import StackProbe, choose_stack_size, probe_stack
 from mbn.nn import norm_layer, schedule, set_progress
 
 EPOCH, TOTAL_EPOCHS = 5, 10  # MBN mid-schedule
@@ -113,20 +120,28 @@ def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> fl
     return time.perf_counter() - start
 
 
-def bench(width: int, norm: str, batch_size: int, members: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+def bench(width: int, norm: str, batch_size: int, members: int, args: argparse.Namespace, device: torch.device) -> dict[str, float | None]:
+    def probe(num_members: int) -> StackProbe:
+        return probe_stack("resnet18", width=width, norm=norm, batch_size=batch_size, num_members=num_members,
+                           norm_options=NORM_KWARGS.get(norm, {}), image_shape=(3, args.image_size, args.image_size),
+                           device=device)
+
+    chosen = None
+    if args.stack_auto:
+        chosen, _, probes = choose_stack_size(members, probe)
+        if chosen == 1:  # the sweep trains every job alone: the unstacked sweep itself
+            return {"separate": None, "stacked": None, "ratio": 1.0, "probe_speedup": 1.0, "dense_convs": None, "auto_stack": 1}
+        members, conv_probe = chosen, probes[chosen]
+    elif args.conv_path == "auto":
+        conv_probe = probe(members)
+    else:
+        conv_probe = None
     generator = torch.Generator().manual_seed(0)
     images = [torch.randn(batch_size, 3, args.image_size, args.image_size, generator=generator).to(device) for _ in range(members)]
     labels = [torch.randint(0, 10, (batch_size,), generator=generator).to(device) for _ in range(members)]
     separate_models = [build(norm, width, seed, device) for seed in range(members)]
     stacked = stack([build(norm, width, seed, device) for seed in range(members)])
-    probe = None
-    if args.conv_path == "auto":
-        probe = probe_stack("resnet18", width=width, norm=norm, batch_size=batch_size, num_members=members,
-                            norm_options=NORM_KWARGS.get(norm, {}), image_shape=(3, args.image_size, args.image_size),
-                            device=device)
-        set_conv_paths(stacked, probe.conv_paths)
-    else:
-        set_conv_paths(stacked, args.conv_path)
+    set_conv_paths(stacked, conv_probe.conv_paths if conv_probe is not None else args.conv_path)
     steps = {"separate": make_separate_step(separate_models, images, labels, args.lr_grid),
              "stacked": make_stacked_step(stacked, images, labels, args.lr_grid)}
     for step in steps.values():  # allocator, MBN's momentum initialization (first step has lam = 0)
@@ -142,8 +157,9 @@ def bench(width: int, norm: str, batch_size: int, members: int, args: argparse.N
         "separate": images_per_round * args.rounds / sum(seconds["separate"]),
         "stacked": images_per_round * args.rounds / sum(seconds["stacked"]),
         "ratio": statistics.median(s / t for s, t in zip(seconds["separate"], seconds["stacked"])),
-        "probe_speedup": None if probe is None else probe.speedup,
-        "dense_convs": None if probe is None else sum(path == "dense" for path in probe.conv_paths.values()),
+        "probe_speedup": None if conv_probe is None else conv_probe.speedup,
+        "dense_convs": None if conv_probe is None else sum(path == "dense" for path in conv_probe.conv_paths.values()),
+        "auto_stack": chosen,
     }
 
 
@@ -163,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the K runs are one seed's lr grid (lrs 3x apart): separate SGDs vs one MemberSGD")
     parser.add_argument("--conv-path", choices=["grouped", "dense", "auto"], default="grouped",
                         help="the stacked convolutions' path (auto: each layer's faster one, from the stack probe)")
+    parser.add_argument("--stack-auto", action="store_true",
+                        help="K jobs as stack=auto trains them: the probe's K' <= K and conv paths (1: unstacked, ratio 1)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the table and the peak GPU memory as JSON")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -181,8 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     lams = ", ".join(f"m={m}: lam={schedule.lam(EPOCH, TOTAL_EPOCHS, m, 32):.3f}" for m in args.batch_sizes)
     print(f"# mbn: m0=32, epoch {EPOCH}/{TOTAL_EPOCHS} ({lams})")
     print("# img/s = images per second summed over the K runs; ratio = stacked / separate throughput")
-    print(f"# stacked convolutions: {args.conv_path} path")
-    probe_columns = f" {'probe':>6} {'dense':>5}" if args.conv_path == "auto" else ""
+    probed = args.stack_auto or args.conv_path == "auto"
+    if args.stack_auto:
+        print("# stack=auto: K' (auto K) and each conv's path from the stack probe; K' = 1 trains the K jobs unstacked (ratio 1, not timed)")
+    else:
+        print(f"# stacked convolutions: {args.conv_path} path")
+    probe_columns = (f" {'auto K':>6}" if args.stack_auto else "") + (f" {'probe':>6} {'dense':>5}" if probed else "")
     print(f"{'width':>5} {'norm':>4} {'m':>3} {'K':>2} {'separate img/s':>14} {'stacked img/s':>13} {'ratio':>6}{probe_columns}")
     rows = []
     for width in args.widths:
@@ -192,11 +214,13 @@ def main(argv: list[str] | None = None) -> None:
                     row = bench(width, norm, batch_size, members, args, device)
                     rows.append({"width": width, "norm": norm, "batch_size": batch_size, "stack": members,
                                  "separate_img_per_s": row["separate"], "stacked_img_per_s": row["stacked"], "ratio": row["ratio"],
-                                 "conv_path": args.conv_path, "probe_speedup": row["probe_speedup"], "dense_convs": row["dense_convs"]})
-                    probed = f" {row['probe_speedup']:>6.2f} {row['dense_convs']:>5}" if args.conv_path == "auto" else ""
+                                 "conv_path": "auto" if args.stack_auto else args.conv_path, "auto_stack": row["auto_stack"],
+                                 "probe_speedup": row["probe_speedup"], "dense_convs": row["dense_convs"]})
+                    columns = (f" {row['auto_stack']:>6}" if args.stack_auto else "") + (
+                        f" {row['probe_speedup']:>6.2f} {_text(row['dense_convs']):>5}" if probed else "")
                     print(
-                        f"{width:>5} {norm:>4} {batch_size:>3} {members:>2} {row['separate']:>14.1f} "
-                        f"{row['stacked']:>13.1f} {row['ratio']:>6.2f}{probed}",
+                        f"{width:>5} {norm:>4} {batch_size:>3} {members:>2} {_text(row['separate'], '.1f'):>14} "
+                        f"{_text(row['stacked'], '.1f'):>13} {row['ratio']:>6.2f}{columns}",
                         flush=True,
                     )
     peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -205,6 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.json is not None:
         record = {"device": str(device), "rows": rows, "peak_gpu_memory_allocated_mib": peak_mib}
         args.json.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _text(value: float | None, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from mbn.cli.config import CIFAR_IMAGE_SIZE, ConfigError, check_buildable, composition_error
 from mbn.cli.schema import PACK_KEYS, STACK_AUTO, Job, load_job, to_run_spec
-from mbn.models.stack_probe import StackProbe, probe_stack
+from mbn.models.stack_probe import StackProbe, choose_stack_size, probe_stack
 from mbn.results import config_hash, iter_results, read_results
 from mbn.train.job import JobOutcome, job_outcome, plan_job, same_config_dirs
 from mbn.train.run_dir import INVOCATION_ENV, JobPlan, verify_checkpoint
@@ -636,10 +636,6 @@ def _chunks(group: list[SweepJob], key: str, values: list[str], stack: int) -> l
     return list(chunks.values())
 
 
-# The K that stack=auto considers (each capped at the number of swept values).
-AUTO_STACK_SIZES = (1, 2, 4, 8)
-
-
 def probe_for(spec: RunSpec, num_members: int) -> StackProbe:
     """:func:`~mbn.models.stack_probe.probe_stack` for ``spec``'s model, norm, batch size and device (cached).
 
@@ -666,11 +662,8 @@ def _stack_shape(spec: RunSpec) -> str:
 
 
 def group_stack_size(spec: RunSpec, count: int) -> tuple[int, dict[int, float], dict[int, StackProbe]]:
-    """The K that trains ``count`` jobs of ``spec``'s shape fastest in one process, from :func:`probe_for`.
-
-    Candidates are :data:`AUTO_STACK_SIZES` capped at ``count``; K's time is the sum over its packs
-    (``count`` split into packs of K, the last one smaller) of r members / speedup(r) single steps.
-    The fastest wins, the smaller on a tie (1, every job alone, when stacking does not pay).
+    """The K that trains ``count`` jobs of ``spec``'s shape fastest in one process: :func:`~mbn.models.stack_probe.choose_stack_size`
+    over :func:`probe_for`.
 
     Args:
         spec: a run of the group.
@@ -679,16 +672,7 @@ def group_stack_size(spec: RunSpec, count: int) -> tuple[int, dict[int, float], 
     Returns:
         The K, each candidate's projected speed against unstacked, and the probes by K.
     """
-    sizes = sorted({min(size, count) for size in AUTO_STACK_SIZES})
-    probes: dict[int, StackProbe] = {}
-    costs = {}
-    for size in sizes:
-        packs = [size] * (count // size) + ([count % size] if count % size else [])
-        for members in packs:
-            probes.setdefault(members, probe_for(spec, members))
-        costs[size] = sum(members / probes[members].speedup for members in packs)
-    best = min(sizes, key=lambda size: (costs[size], size))
-    return best, {size: count / cost for size, cost in costs.items()}, probes
+    return choose_stack_size(count, lambda members: probe_for(spec, members))
 
 
 def split_pack(values: list[str], size: int) -> list[list[str]]:

@@ -12,8 +12,12 @@ it where it matters:
 2. a few full training steps (forward, backward, SGD) of the stacked model with those paths are
    timed against one single model's steps: the speedup is ``K * single / stacked``.
 
-Times are minima over a few repetitions (the least disturbed run on a busy machine). The result is
-cached per machine (CPU model, thread count, torch version, device) and shape in
+A convolution's times are minima over a few blocks of calls, the two paths alternately (the least
+disturbed block on a busy machine), and the dense path is taken only when clearly faster;
+the training steps are timed in rounds of blocks, stacked and single alternately (which goes first
+alternates too), and the speedup is the median of the rounds' ratios, so that drift of a shared
+machine hits both sides alike. :func:`choose_stack_size` turns probes into the K that trains a group
+of jobs fastest (``stack=auto``). The result is cached per machine (CPU model, thread count, torch version, device) and shape in
 ``stack_probe.json`` under :mod:`mbn.data`'s cache dir, so asking again costs nothing.
 """
 
@@ -21,7 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +45,18 @@ from mbn.models.stacked_loss import member_cross_entropy
 from mbn.nn import norm_layer, set_progress
 from mbn.utils.io import atomic_write_json
 
-__all__ = ["CACHE_FILE", "StackProbe", "machine_key", "probe_stack"]
+__all__ = ["AUTO_STACK_SIZES", "CACHE_FILE", "StackProbe", "choose_stack_size", "machine_key", "probe_stack"]
 
 CACHE_FILE = "stack_probe.json"
 # Bump when what is measured changes (invalidates cached probes).
-PROBE_FORMAT = 2
+PROBE_FORMAT = 3
+# The K that stack=auto considers (each capped at the number of jobs).
+AUTO_STACK_SIZES = (1, 2, 4, 8)
+# A convolution takes the dense path only when it is faster by more than this fraction.
+DENSE_MARGIN = 0.05
+# A timed block of training steps lasts at least this long (one step if a step is longer), so that a
+# block of fast steps is not all timer resolution and scheduler noise.
+MIN_BLOCK_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -52,10 +65,10 @@ class StackProbe:
 
     Args:
         num_members: K.
-        speedup: K single training steps' time over one stacked step's (> 1: stacking is faster;
-            exactly 1 for K = 1, which is not timed).
-        stacked_step_s: one stacked training step, seconds (0 for K = 1).
-        single_step_s: one single model's training step, seconds (0 for K = 1).
+        speedup: K single training steps' time over one stacked step's, the median over the timing
+            rounds (> 1: stacking is faster; exactly 1 for K = 1, which is not timed).
+        stacked_step_s: one stacked training step, seconds, the median over the rounds (0 for K = 1).
+        single_step_s: one single model's training step, seconds, the median over the rounds (0 for K = 1).
         conv_paths: the chosen path of each stacked convolution, by layer name.
         conv_times: per distinct convolution: ``{"layers": [...], "shape": ..., "grouped_s": ..., "dense_s": ...}``.
         cached: read from the cache rather than measured now.
@@ -134,7 +147,8 @@ def probe_stack(
         num_classes: logits per member.
         device: where to time (a CUDA device is synchronized around each timing).
         num_threads: ``torch.set_num_threads`` during the probe (None: the current count), as the job will train.
-        repeats: timed repetitions of each measurement, after one warm-up.
+        repeats: timed repetitions of each convolution, after one warm-up; the training steps are
+            timed in ``repeats + 4`` rounds.
         cache_dir: where ``stack_probe.json`` lives (None: ``$MBN_CACHE_DIR`` or ``~/.cache/mbn``).
         timer: the clock (seconds).
 
@@ -173,8 +187,9 @@ def probe_stack(
         conv_paths, conv_times = _choose_conv_paths(stacked, (batch_size, num_members * image_shape[0], *image_shape[1:]),
                                                     device, clock, repeats)
         set_conv_paths(stacked, conv_paths)
-        stacked_s, single_s = _time_steps(stacked, single, batch_size, num_members, image_shape, num_classes, device, clock, repeats)
-        result = StackProbe(num_members, num_members * single_s / stacked_s, stacked_s, single_s, conv_paths, conv_times)
+        speedup, stacked_s, single_s = _time_steps(stacked, single, batch_size, num_members, image_shape, num_classes,
+                                                   device, clock, repeats + 4)
+        result = StackProbe(num_members, speedup, stacked_s, single_s, conv_paths, conv_times)
         entries = _read_cache(path)  # another process may have added entries meanwhile
         entries[key] = {name: value for name, value in dataclasses.asdict(result).items() if name != "cached"}
         atomic_write_json(path, {"format": PROBE_FORMAT, "entries": entries})
@@ -207,9 +222,18 @@ class _Clock:
         work()
         return self() - start
 
-    def best_of(self, repeats: int, work: Callable[[], None]) -> float:
-        work()  # warm-up: allocations, kernel selection
-        return min(self.once(work) for _ in range(repeats))
+    def per_call(self, work: Callable[[], None], calls: int) -> float:
+        """One call's time, from a block of ``calls`` calls."""
+
+        def block() -> None:
+            for _ in range(calls):
+                work()
+
+        return self.once(block) / calls
+
+    def calls_per_block(self, work: Callable[[], None], block_s: float) -> int:
+        """How many calls of ``work`` (run once here, which warms it up) last at least ``block_s`` seconds."""
+        return max(1, math.ceil(block_s / max(self.once(work), 1e-9)))
 
 
 def _choose_conv_paths(stacked: nn.Module, input_shape: tuple[int, ...], device: Any, clock: _Clock,
@@ -235,25 +259,38 @@ def _choose_conv_paths(stacked: nn.Module, input_shape: tuple[int, ...], device:
         layer = layers[names[0]]
         x = torch.randn(inputs[names[0]], device=device, requires_grad=True)
         grad = torch.randn_like(layer(x).detach())
-        timed = {}
-        for path in CONV_PATHS:
-            layer.path = path
 
+        def run(path: str) -> Callable[[], None]:
             def work() -> None:
+                layer.path = path
                 layer(x).backward(grad)
 
-            timed[path] = clock.best_of(repeats, work)
+            return work
+
+        work = {path: run(path) for path in CONV_PATHS}
+        for path in CONV_PATHS:
+            work[path]()  # warm-up: allocations, kernel selection
+        calls = {path: clock.calls_per_block(work[path], MIN_BLOCK_S / 10) for path in CONV_PATHS}
+        seconds: dict[str, list[float]] = {path: [] for path in CONV_PATHS}
+        for index in range(repeats):
+            for path in CONV_PATHS if index % 2 == 0 else CONV_PATHS[::-1]:
+                seconds[path].append(clock.per_call(work[path], calls[path]))
+        timed = {path: min(seconds[path]) for path in CONV_PATHS}
         layer.path = "grouped"
         layer.zero_grad(set_to_none=True)
-        best = min(CONV_PATHS, key=lambda path: timed[path])  # grouped on a tie: today's behaviour
+        # Dense only when clearly faster: a near-tie flips with the noise of a shared machine, and grouped
+        # is the path without a Python loop over the members.
+        best = "dense" if timed["dense"] < (1 - DENSE_MARGIN) * timed["grouped"] else "grouped"
         paths.update(dict.fromkeys(names, best))
         times.append({"layers": names, "shape": shape, **{f"{path}_s": timed[path] for path in CONV_PATHS}})
     return paths, times
 
 
 def _time_steps(stacked: nn.Module, single: nn.Module, batch_size: int, num_members: int, image_shape: tuple[int, int, int],
-                num_classes: int, device: Any, clock: _Clock, repeats: int) -> tuple[float, float]:
-    """One stacked and one single training step's best time, measured alternately (so drift hits both alike)."""
+                num_classes: int, device: Any, clock: _Clock, rounds: int) -> tuple[float, float, float]:
+    """The speedup and one stacked and one single training step's time, each the median over ``rounds``
+    rounds that time a block of stacked steps and a block of single steps back to back (alternating
+    which goes first), so drift hits both alike."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, num_members * image_shape[0], *image_shape[1:], generator=generator).to(device)
     labels = torch.randint(0, num_classes, (batch_size, num_members), generator=generator).to(device)
@@ -270,10 +307,43 @@ def _time_steps(stacked: nn.Module, single: nn.Module, batch_size: int, num_memb
 
     stacked_step = step(stacked, lambda: member_cross_entropy(stacked(images), labels).sum())
     single_step = step(single, lambda: F.cross_entropy(single(images[:, : image_shape[0]]), labels[:, 0]))
-    stacked_step()  # warm-up
+    stacked_step()  # warm-up: allocations, kernel selection, MBN's first (lam = 0) step
     single_step()
-    stacked_s, single_s = [], []
-    for _ in range(repeats):
-        stacked_s.append(clock.once(stacked_step))
-        single_s.append(clock.once(single_step))
-    return min(stacked_s), min(single_s)
+    # Blocks of about equal length in seconds: the single model's block takes about K times the steps.
+    steps = {"stacked": stacked_step, "single": single_step}
+    calls = {name: clock.calls_per_block(work, MIN_BLOCK_S) for name, work in steps.items()}
+    seconds: dict[str, list[float]] = {"stacked": [], "single": []}
+    for index in range(rounds):
+        for name in ("stacked", "single") if index % 2 == 0 else ("single", "stacked"):
+            seconds[name].append(clock.per_call(steps[name], calls[name]))
+    ratios = [num_members * single_s / stacked_s for stacked_s, single_s in zip(seconds["stacked"], seconds["single"])]
+    return statistics.median(ratios), statistics.median(seconds["stacked"]), statistics.median(seconds["single"])
+
+
+def choose_stack_size(count: int, probe: Callable[[int], StackProbe],
+                      sizes: tuple[int, ...] = AUTO_STACK_SIZES) -> tuple[int, dict[int, float], dict[int, StackProbe]]:
+    """The K that trains ``count`` jobs of one shape fastest in one process, from their probes.
+
+    Candidates are ``sizes`` capped at ``count``; K's time is the sum over its packs (``count`` split
+    into packs of K, the last one smaller) of r members / speedup(r) single steps. The fastest wins,
+    the smaller on a tie (1, every job alone, when stacking does not pay).
+
+    Args:
+        count: the jobs (the swept values of the pack key).
+        probe: K -> the shape's :class:`StackProbe` for K members (e.g. :func:`probe_stack`, cached).
+        sizes: the K considered.
+
+    Returns:
+        The K, each candidate's projected speed against unstacked, and the probes by K.
+    """
+    candidates = sorted({min(size, count) for size in sizes})
+    probes: dict[int, StackProbe] = {}
+    costs = {}
+    for size in candidates:
+        packs = [size] * (count // size) + ([count % size] if count % size else [])
+        for members in packs:
+            if members not in probes:
+                probes[members] = probe(members)
+        costs[size] = sum(members / probes[members].speedup for members in packs)
+    best = min(candidates, key=lambda size: (costs[size], size))
+    return best, {size: count / cost for size, cost in costs.items()}, probes

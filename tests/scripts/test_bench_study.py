@@ -3,30 +3,14 @@ the launcher's processes, and it reads a pack's measured time from its members' 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from experiments.batch_size_study import run as runner
 from mbn.results import write_results
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_study.py"
-
-
 @pytest.fixture(scope="module")
-def bench_study():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_study", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_study"] = module  # its dataclasses look their module up there
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("bench_study", None)
-        sys.path.remove(str(SCRIPT.parent))
+def bench_study(load_script):
+    return load_script("bench_study")
 
 
 def test_the_packs_of_every_study_command_are_the_sweeps(bench_study):
