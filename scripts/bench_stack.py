@@ -28,7 +28,9 @@ convolutions it put on the dense path).
 cell: :func:`mbn.models.stack_probe.choose_stack_size` picks K' (1, 2, 4 or 8, at most K) from the
 probes and each convolution's path from K''s probe; the ratio is then K' stacked members against K'
 separate runs (the sweep trains its K jobs as packs of K'), and exactly 1 where K' = 1, as the sweep
-then trains every job alone, which is the unstacked sweep itself (not timed). ``auto K`` is K'.
+then trains every job alone, which is the unstacked sweep itself (not timed). ``auto K`` is K';
+``projected speed by K`` is the planner's projection for each K it considered (K jobs in packs of that
+K, against unstacked), from the probes.
 
 On a GPU every timed block starts and ends with a device synchronization, and the peak GPU memory
 allocated by PyTorch is printed at the end. ``--json PATH`` also writes the table (and that peak) as JSON.
@@ -126,11 +128,12 @@ def bench(width: int, norm: str, batch_size: int, members: int, args: argparse.N
                            norm_options=NORM_KWARGS.get(norm, {}), image_shape=(3, args.image_size, args.image_size),
                            device=device)
 
-    chosen = None
+    chosen, projected = None, None
     if args.stack_auto:
-        chosen, _, probes = choose_stack_size(members, probe)
+        chosen, projected, probes = choose_stack_size(members, probe)
         if chosen == 1:  # the sweep trains every job alone: the unstacked sweep itself
-            return {"separate": None, "stacked": None, "ratio": 1.0, "probe_speedup": 1.0, "dense_convs": None, "auto_stack": 1}
+            return {"separate": None, "stacked": None, "ratio": 1.0, "probe_speedup": 1.0, "dense_convs": None, "auto_stack": 1,
+                    "projected": projected}
         members, conv_probe = chosen, probes[chosen]
     elif args.conv_path == "auto":
         conv_probe = probe(members)
@@ -160,6 +163,7 @@ def bench(width: int, norm: str, batch_size: int, members: int, args: argparse.N
         "probe_speedup": None if conv_probe is None else conv_probe.speedup,
         "dense_convs": None if conv_probe is None else sum(path == "dense" for path in conv_probe.conv_paths.values()),
         "auto_stack": chosen,
+        "projected": projected,
     }
 
 
@@ -204,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         print("# stack=auto: K' (auto K) and each conv's path from the stack probe; K' = 1 trains the K jobs unstacked (ratio 1, not timed)")
     else:
         print(f"# stacked convolutions: {args.conv_path} path")
-    probe_columns = (f" {'auto K':>6}" if args.stack_auto else "") + (f" {'probe':>6} {'dense':>5}" if probed else "")
+    probe_columns = (f" {'auto K':>6}" if args.stack_auto else "") + (f" {'probe':>6} {'dense':>5}" if probed else "") + (
+        "  projected speed by K" if args.stack_auto else "")
     print(f"{'width':>5} {'norm':>4} {'m':>3} {'K':>2} {'separate img/s':>14} {'stacked img/s':>13} {'ratio':>6}{probe_columns}")
     rows = []
     for width in args.widths:
@@ -215,9 +220,11 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append({"width": width, "norm": norm, "batch_size": batch_size, "stack": members,
                                  "separate_img_per_s": row["separate"], "stacked_img_per_s": row["stacked"], "ratio": row["ratio"],
                                  "conv_path": "auto" if args.stack_auto else args.conv_path, "auto_stack": row["auto_stack"],
-                                 "probe_speedup": row["probe_speedup"], "dense_convs": row["dense_convs"]})
+                                 "probe_speedup": row["probe_speedup"], "dense_convs": row["dense_convs"],
+                                 "projected_speed": row["projected"]})
                     columns = (f" {row['auto_stack']:>6}" if args.stack_auto else "") + (
-                        f" {row['probe_speedup']:>6.2f} {_text(row['dense_convs']):>5}" if probed else "")
+                        f" {row['probe_speedup']:>6.2f} {_text(row['dense_convs']):>5}" if probed else "") + (
+                        "  " + " ".join(f"{size}:{speed:.2f}" for size, speed in row["projected"].items()) if args.stack_auto else "")
                     print(
                         f"{width:>5} {norm:>4} {batch_size:>3} {members:>2} {_text(row['separate'], '.1f'):>14} "
                         f"{_text(row['stacked'], '.1f'):>13} {row['ratio']:>6.2f}{columns}",

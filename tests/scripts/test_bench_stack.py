@@ -35,9 +35,10 @@ def test_stack_auto_times_the_chosen_k_and_leaves_an_unstacked_cell_untimed(benc
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     # K = 2: 2 / 0.8 > 2 single steps, so every job alone: ratio 1, nothing stacked or timed.
     assert rows[0]["auto_stack"] == 1 and rows[0]["ratio"] == 1.0 and rows[0]["stacked_img_per_s"] is None
+    assert rows[0]["projected_speed"] == {"1": 1.0, "2": 0.8}
     # K = 4: 4 / 1.6 is the least (K = 2's packs: 2 x 2 / 0.8), so one stack of 4 is timed against 4 runs.
     assert rows[1]["auto_stack"] == 4 and rows[1]["probe_speedup"] == 1.6 and rows[1]["dense_convs"] == 1
     assert rows[1]["stacked_img_per_s"] > 0 and rows[1]["ratio"] > 0
     assert stacked_sizes == [4] and sorted(set(asked)) == [1, 2, 4]
     out = capsys.readouterr().out
-    assert "K' = 1 trains the K jobs unstacked" in out
+    assert "K' = 1 trains the K jobs unstacked" in out and "1:1.00 2:0.80" in out
