@@ -130,6 +130,7 @@ def probe_stack(
     device: str | torch.device = "cpu",
     num_threads: int | None = None,
     repeats: int = 3,
+    block_s: float = MIN_BLOCK_S,
     cache_dir: str | Path | None = None,
     timer: Callable[[], float] = time.perf_counter,
 ) -> StackProbe:
@@ -149,6 +150,7 @@ def probe_stack(
         num_threads: ``torch.set_num_threads`` during the probe (None: the current count), as the job will train.
         repeats: timed repetitions of each convolution, after one warm-up; the training steps are
             timed in ``repeats + 4`` rounds.
+        block_s: the least length of a timed block of training steps, seconds (a conv's: a tenth of it).
         cache_dir: where ``stack_probe.json`` lives (None: ``$MBN_CACHE_DIR`` or ``~/.cache/mbn``).
         timer: the clock (seconds).
 
@@ -181,7 +183,7 @@ def probe_stack(
             set_progress(model, 5, 10)  # MBN mid-schedule (lam > 0 at m < m0), as most of a run trains
             return model
 
-        clock = _Clock(timer, torch.device(device))
+        clock = _Clock(timer, torch.device(device), block_s)
         stacked = stack([build(seed) for seed in range(num_members)])
         single = build(0)
         conv_paths, conv_times = _choose_conv_paths(stacked, (batch_size, num_members * image_shape[0], *image_shape[1:]),
@@ -207,10 +209,10 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 
 class _Clock:
-    """The timer, with the device's queue drained before each reading."""
+    """The timer, with the device's queue drained before each reading, and the least length of a timed block."""
 
-    def __init__(self, timer: Callable[[], float], device: torch.device) -> None:
-        self.timer, self.cuda = timer, device.type == "cuda"
+    def __init__(self, timer: Callable[[], float], device: torch.device, block_s: float = MIN_BLOCK_S) -> None:
+        self.timer, self.cuda, self.block_s = timer, device.type == "cuda", block_s
 
     def __call__(self) -> float:
         if self.cuda:
@@ -270,7 +272,7 @@ def _choose_conv_paths(stacked: nn.Module, input_shape: tuple[int, ...], device:
         work = {path: run(path) for path in CONV_PATHS}
         for path in CONV_PATHS:
             work[path]()  # warm-up: allocations, kernel selection
-        calls = {path: clock.calls_per_block(work[path], MIN_BLOCK_S / 10) for path in CONV_PATHS}
+        calls = {path: clock.calls_per_block(work[path], clock.block_s / 10) for path in CONV_PATHS}
         seconds: dict[str, list[float]] = {path: [] for path in CONV_PATHS}
         for index in range(repeats):
             for path in CONV_PATHS if index % 2 == 0 else CONV_PATHS[::-1]:
@@ -311,7 +313,7 @@ def _time_steps(stacked: nn.Module, single: nn.Module, batch_size: int, num_memb
     single_step()
     # Blocks of about equal length in seconds: the single model's block takes about K times the steps.
     steps = {"stacked": stacked_step, "single": single_step}
-    calls = {name: clock.calls_per_block(work, MIN_BLOCK_S) for name, work in steps.items()}
+    calls = {name: clock.calls_per_block(work, clock.block_s) for name, work in steps.items()}
     seconds: dict[str, list[float]] = {"stacked": [], "single": []}
     for index in range(rounds):
         for name in ("stacked", "single") if index % 2 == 0 else ("single", "stacked"):
