@@ -74,8 +74,9 @@ def test_every_experiment_composes_under_every_launcher(experiment, launcher):
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_a_sweep_plans_under_every_launcher(launcher, tmp_path, run_env, capsys):
-    # One cell of the demo (command-line values win over the experiment's swept ones), two seeds.
-    cell = ["norm=bn", "data.batch_size=2", "seed=0,1"]
+    # One cell of the demo (command-line values win over the experiment's swept ones), two seeds, packed as
+    # one stack (stack=3 as the demo had: its stack=auto probes, which tests/sweeps/test_auto_stack.py covers).
+    cell = ["norm=bn", "data.batch_size=2", "seed=0,1", "stack=3"]
     assert mbn_train(["-m", *dry_run("demo", tmp_path, run_env, f"hydra/launcher={launcher}", *cell)]) == 0
     out, err = capsys.readouterr()
     assert "mbn-train: dry run of 2 jobs" in out and not err.strip(), out + err
