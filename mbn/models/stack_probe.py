@@ -224,18 +224,28 @@ class _Clock:
         work()
         return self() - start
 
-    def per_call(self, work: Callable[[], None], calls: int) -> float:
-        """One call's time, from a block of ``calls`` calls."""
+    def alternating(self, works: Mapping[str, Callable[[], None]], rounds: int, block_s: float) -> dict[str, list[float]]:
+        """One call's time of each of ``works``, per round: each is warmed up, its block sized to last at
+        least ``block_s`` seconds, then the blocks are timed back to back in ``rounds`` rounds, the order
+        reversed every other round, so drift of a shared machine hits all alike."""
+        calls = {}
+        for name, work in works.items():
+            work()  # warm-up: allocations, kernel selection (MBN: its first, lam = 0 step)
+            calls[name] = max(1, math.ceil(block_s / max(self.once(work), 1e-9)))
+        seconds: dict[str, list[float]] = {name: [] for name in works}
+        order = list(works)
+        for index in range(rounds):
+            for name in order if index % 2 == 0 else order[::-1]:
+                seconds[name].append(self.once(_repeated(works[name], calls[name])) / calls[name])
+        return seconds
 
-        def block() -> None:
-            for _ in range(calls):
-                work()
 
-        return self.once(block) / calls
+def _repeated(work: Callable[[], None], calls: int) -> Callable[[], None]:
+    def block() -> None:
+        for _ in range(calls):
+            work()
 
-    def calls_per_block(self, work: Callable[[], None], block_s: float) -> int:
-        """How many calls of ``work`` (run once here, which warms it up) last at least ``block_s`` seconds."""
-        return max(1, math.ceil(block_s / max(self.once(work), 1e-9)))
+    return block
 
 
 def _choose_conv_paths(stacked: nn.Module, input_shape: tuple[int, ...], device: Any, clock: _Clock,
@@ -269,14 +279,7 @@ def _choose_conv_paths(stacked: nn.Module, input_shape: tuple[int, ...], device:
 
             return work
 
-        work = {path: run(path) for path in CONV_PATHS}
-        for path in CONV_PATHS:
-            work[path]()  # warm-up: allocations, kernel selection
-        calls = {path: clock.calls_per_block(work[path], clock.block_s / 10) for path in CONV_PATHS}
-        seconds: dict[str, list[float]] = {path: [] for path in CONV_PATHS}
-        for index in range(repeats):
-            for path in CONV_PATHS if index % 2 == 0 else CONV_PATHS[::-1]:
-                seconds[path].append(clock.per_call(work[path], calls[path]))
+        seconds = clock.alternating({path: run(path) for path in CONV_PATHS}, repeats, clock.block_s / 10)
         timed = {path: min(seconds[path]) for path in CONV_PATHS}
         layer.path = "grouped"
         layer.zero_grad(set_to_none=True)
@@ -307,17 +310,10 @@ def _time_steps(stacked: nn.Module, single: nn.Module, batch_size: int, num_memb
 
         return run
 
-    stacked_step = step(stacked, lambda: member_cross_entropy(stacked(images), labels).sum())
-    single_step = step(single, lambda: F.cross_entropy(single(images[:, : image_shape[0]]), labels[:, 0]))
-    stacked_step()  # warm-up: allocations, kernel selection, MBN's first (lam = 0) step
-    single_step()
     # Blocks of about equal length in seconds: the single model's block takes about K times the steps.
-    steps = {"stacked": stacked_step, "single": single_step}
-    calls = {name: clock.calls_per_block(work, clock.block_s) for name, work in steps.items()}
-    seconds: dict[str, list[float]] = {"stacked": [], "single": []}
-    for index in range(rounds):
-        for name in ("stacked", "single") if index % 2 == 0 else ("single", "stacked"):
-            seconds[name].append(clock.per_call(steps[name], calls[name]))
+    seconds = clock.alternating({"stacked": step(stacked, lambda: member_cross_entropy(stacked(images), labels).sum()),
+                                 "single": step(single, lambda: F.cross_entropy(single(images[:, : image_shape[0]]), labels[:, 0]))},
+                                rounds, clock.block_s)
     ratios = [num_members * single_s / stacked_s for stacked_s, single_s in zip(seconds["stacked"], seconds["single"])]
     return statistics.median(ratios), statistics.median(seconds["stacked"]), statistics.median(seconds["single"])
 

@@ -85,11 +85,9 @@ def test_the_step_speedup_is_the_median_round_ratio_with_the_order_alternating()
 
 def test_a_convolution_goes_dense_only_when_clearly_faster(monkeypatch):
     stacked = stack([build_model("vgg11", 3, norm_layer("bn"), width=2) for _ in range(2)])
-    convs = [name for name, layer in stacked_modules(stacked) if isinstance(layer, StackedConv2d)]
-
-    layers = [layer for _, layer in stacked_modules(stacked) if isinstance(layer, StackedConv2d)]
+    convs = {name: layer for name, layer in stacked_modules(stacked) if isinstance(layer, StackedConv2d)}
     ran = []  # the path of every convolution call
-    for layer in layers:
+    for layer in convs.values():
         layer.register_forward_hook(lambda module, args, out: ran.append(module.path))
 
     def choose(dense_over_grouped):
