@@ -102,7 +102,10 @@ class Grid:
         row_keys: row labels (tuples of the ``spec.rows`` values), in display order.
         col_keys: column values, sorted.
         cells: ``(row, col) -> Cell`` for every row/column pair (empty cells included).
-        expected_over: all repeat values seen in any run of the grid (the seeds each cell should have).
+        expected_over: ``col -> `` the repeat values (seeds) seen in any run of that column: the seeds
+            each of its cells should have. Per column, because a design may give some batch sizes
+            more seeds than others (5 at m = 2, 3 at m = 32): a cell is complete when it has its
+            column's seeds.
         lower_is_better: True for loss-like metrics (the best cell is then the minimum).
     """
 
@@ -110,19 +113,25 @@ class Grid:
     row_keys: list[tuple]
     col_keys: list[Any]
     cells: dict[tuple[tuple, Any], Cell]
-    expected_over: list[Any]
+    expected_over: dict[Any, list[Any]]
     lower_is_better: bool
 
     @property
     def max_n(self) -> int:
+        """The most runs (seeds) of any cell; 0 when the table is empty."""
         return max((cell.n for cell in self.cells.values()), default=0)
+
+    def column_max_n(self, col: Any) -> int:
+        """The most runs (seeds) of any cell in column ``col``."""
+        return max((self.cells[(row, col)].n for row in self.row_keys), default=0)
 
     def cell(self, row: tuple, col: Any) -> Cell:
         return self.cells[(row, col)]
 
     def is_incomplete(self, cell: Cell) -> bool:
-        """True when the cell has fewer runs than the fullest cell (a seed failed, is missing or still running)."""
-        return cell.n < self.max_n
+        """True when the cell has fewer runs than the fullest cell of its column (a seed failed, is
+        missing or still running)."""
+        return cell.n < self.column_max_n(cell.col)
 
     def to_frame(self) -> pd.DataFrame:
         """Long table, one row per cell: the row keys, the column key, mean, std, n, best, ... (raw metric units)."""
@@ -136,7 +145,7 @@ class Grid:
                     "mean": cell.mean,
                     "std": cell.std,
                     "n": cell.n,
-                    "n_max": self.max_n,
+                    "n_max": self.column_max_n(col),
                     "best": cell.best,
                     "incomplete": self.is_incomplete(cell),
                     self.spec.over: ";".join(str(v) for v in sorted(cell.over_values, key=sort_key)),
@@ -238,7 +247,8 @@ def build_grid(runset: RunSet, spec: GridSpec, statuses: Sequence[str] = TABLE_S
     row_keys = sorted({tuple(plain(v) for v in r) for r in keyed[list(spec.rows)].itertuples(index=False)},
                       key=lambda row: tuple(sort_key(v, key) for v, key in zip(row, spec.rows)))
     col_keys = sorted({plain(v) for v in keyed[spec.cols]}, key=sort_key)
-    expected_over = sorted({plain(v) for v in keyed[spec.over]}, key=sort_key)
+    expected_over = {col: sorted({plain(v) for v, c in zip(keyed[spec.over], keyed[spec.cols]) if plain(c) == col}, key=sort_key)
+                     for col in col_keys}
     cells = {(row, col): Cell(row=row, col=col) for row in row_keys for col in col_keys}
     per_over: dict[tuple, dict[Any, list[float]]] = {}
     for run_id, run in runs[reasons.isna()].iterrows():
@@ -252,7 +262,7 @@ def build_grid(runset: RunSet, spec: GridSpec, statuses: Sequence[str] = TABLE_S
         cell.over_values = list(by_over)
         cell.values = [statistics.fmean(values) for values in by_over.values()]
     for cell in cells.values():
-        cell.missing_over = [v for v in expected_over if v not in cell.over_values]
+        cell.missing_over = [v for v in expected_over[cell.col] if v not in cell.over_values]
     lower_is_better = "loss" in spec.metric
     for col in col_keys:
         means = [cells[(row, col)].mean for row in row_keys if cells[(row, col)].n]

@@ -99,7 +99,7 @@ def grid_notes(grid: Grid, runset: RunSet, problems: Sequence[RunProblem] = ()) 
                                       "no usable run; " + ", ".join(why(v) for v in cell.missing_over)))
             elif grid.is_incomplete(cell) or cell.missing_over:
                 notes.append(GridNote("missing seeds", label,
-                                      f"n={cell.n} of {grid.max_n}; " + ", ".join(why(v) for v in cell.missing_over)))
+                                      f"n={cell.n} of {len(grid.expected_over[col])}; " + ", ".join(why(v) for v in cell.missing_over)))
             for value in cell.duplicated_over:
                 run_ids = [i for i, v in zip(cell.run_ids, cell.run_over) if v == value]
                 dirs = [str(runset.runs.at[i, "run_dir"]) for i in run_ids]

@@ -94,7 +94,16 @@ def caption(grid: Grid, best_mark: str = "in bold", interval: str = STD) -> str:
     single = any(cell.n == 1 for cell in grid.cells.values())
     return (f"{metric_label(spec.metric)}: {cells}; "
             + (f"cells with n=1 show no interval (intervals need >= {MIN_SEEDS} seeds); " if single else "")
-            + f"best ({best}) mean per column {best_mark}; † = fewer runs than the fullest cell (n={grid.max_n}).")
+            + f"best ({best}) mean per column {best_mark}; † = {_fewer_runs(grid)}.")
+
+
+def _fewer_runs(grid: Grid) -> str:
+    # A design may give some columns more seeds than others: a cell is compared with its own column.
+    fullest = {col: grid.column_max_n(col) for col in grid.col_keys}
+    if len(set(fullest.values())) <= 1:
+        return f"fewer runs than the fullest cell (n={grid.max_n})"
+    col = short_key(grid.spec.cols)
+    return "fewer runs than the fullest cell of its column (" + ", ".join(f"n={n} at {col}={c}" for c, n in fullest.items()) + ")"
 
 
 def cell_text(cell: Cell, grid: Grid, decimals: int = 2, pm: str = "±", interval: str = STD) -> str:
@@ -236,7 +245,7 @@ def _html(grid: Grid, decimals: int, interval: str) -> str:
             if cell.n and grid.is_incomplete(cell):
                 classes.append("incomplete")
                 missing = ", ".join(str(v) for v in cell.missing_over)
-                text += f'<sup title="fewer runs than the fullest cell; missing {html.escape(grid.spec.over)}: {html.escape(missing)}">†</sup>'
+                text += f'<sup title="fewer runs than the fullest cell of its column; missing {html.escape(grid.spec.over)}: {html.escape(missing)}">†</sup>'
             elif cell.n:
                 text += "<sup></sup>"  # keeps the numbers of a column aligned with the daggered ones
             if cell.n == 0:

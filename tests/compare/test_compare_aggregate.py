@@ -10,6 +10,8 @@ import pytest
 from fake_sweep import BATCH_SIZES, NORMS, write_fake_run
 from mbn.compare.aggregate import GridSpec, build_grid, default_rows, exclusion_reasons
 from mbn.compare.collect import collect_runs
+from mbn.compare.problems import grid_notes
+from mbn.compare.table import caption
 
 
 @pytest.mark.parametrize("metric", ["final_test_acc1", "final_val_acc1"])
@@ -124,3 +126,25 @@ def test_default_rows_add_model_and_dataset_only_when_they_vary(tmp_path):
     grid = build_grid(runset, GridSpec(rows=default_rows(runset)))
     assert grid.row_keys == [("bn", "resnet18"), ("bn", "vgg11")]
     assert grid.cell(("bn", "resnet18"), 2).n == 2
+
+
+def test_a_design_with_more_seeds_at_some_batch_sizes_is_complete_per_column(tmp_path):
+    # The fair curve study's design: 5 seeds at m = 2, 3 at m = 32. A cell is compared with its column.
+    for norm in ("bn", "mbn"):
+        for seed in range(5):
+            write_fake_run(tmp_path / f"{norm}-2-{seed}", norm, 2, seed)
+        for seed in range(3 if norm == "bn" else 2):
+            write_fake_run(tmp_path / f"{norm}-32-{seed}", norm, 32, seed)
+    runset = collect_runs([tmp_path])
+    grid = build_grid(runset, GridSpec())
+    assert grid.expected_over == {2: [0, 1, 2, 3, 4], 32: [0, 1, 2]}
+    assert (grid.column_max_n(2), grid.column_max_n(32), grid.max_n) == (5, 3, 5)
+    incomplete = {(row[0], col) for (row, col), cell in grid.cells.items() if grid.is_incomplete(cell)}
+    assert incomplete == {("mbn", 32)}
+    assert grid.cell(("mbn",), 32).missing_over == [2]
+    assert grid.cell(("bn",), 32).missing_over == []
+    notes = grid_notes(grid, runset)
+    assert [(note.kind, note.cell, note.detail) for note in notes] == [
+        ("missing seeds", "norm=mbn, m=32", "n=2 of 3; seed=2 (no run found)")]
+    footnote = caption(grid)
+    assert "† = fewer runs than the fullest cell of its column (n=5 at m=2, n=3 at m=32)" in footnote
