@@ -45,14 +45,14 @@ PEERS = ("evonorm_b0", "evonorm_s0", "frn", "mabn", "cbn")
 NORM_OPTIONS = {"bn": "bn", "gn": "gn", "brn": "brn_epochs", "mbn": "mbn", **{peer: peer for peer in PEERS}}
 # Seeds per m, paired across norms; MBN at m = 32 is BN and runs one seed to confirm it.
 SEEDS = {2: 5, 4: 5, 8: 3, 16: 3, 32: 3}
+MBN_SEEDS_AT_32 = 1
+METRIC = "final_val_acc1"
+FACTORS_FILE = Path(__file__).with_name("curve_factors.json")
 
 
 def curve_batch_sizes(norm: str) -> tuple[int, ...]:
     """The batch sizes of a norm's curve: every m for BN, GN, BRN and MBN; the tuned ones for a peer."""
     return TUNED_BATCH_SIZES if norm in PEERS else CURVE_BATCH_SIZES
-MBN_SEEDS_AT_32 = 1
-METRIC = "final_val_acc1"
-FACTORS_FILE = Path(__file__).with_name("curve_factors.json")
 
 
 def factor_of(base_lr: float) -> float:
