@@ -329,6 +329,8 @@ class StackedConv2d(StackedLayer, nn.Conv2d):
     """
 
     path: str = "grouped"
+    # Both paths compute nn.Conv2d's convolution with ``weight`` (CBN's fast derivatives rely on it).
+    convolves_its_weight: bool = True
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "path" and value not in CONV_PATHS:
@@ -683,6 +685,8 @@ class StackedCenteredConv2d(StackedConv2d, CenteredConv2d):
     The weight is centered per output channel, so each member's weight is centered on its own, on
     both paths.
     """
+
+    convolves_its_weight = False  # it convolves with the centered weight
 
     def _member_weights(self) -> Tensor:
         return centered_weight(self.weight)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import weakref
 from typing import Any
 
 import torch
@@ -16,8 +18,17 @@ __all__ = [
     "CrossIterationBatchNorm1d",
     "CrossIterationBatchNorm2d",
     "CrossIterationBatchNorm3d",
+    "conv2d_statistics_derivatives",
     "cross_iteration_batch_norm",
+    "cross_iteration_batch_norm_fast",
 ]
+
+_batch_norm_backward = torch.ops.aten.native_batch_norm_backward
+
+# Attributes CBN sets on the convolution in front (in its __dict__: they are neither parameters nor
+# buffers, and a deep copy of the convolution carries them with its hook).
+_RECORDS_IO = "_cbn_records_io"
+_LAST_IO = "_cbn_last_io"
 
 
 def _channel_view(t: Tensor, dim: int) -> Tensor:
@@ -60,6 +71,149 @@ def cross_iteration_batch_norm(input: Tensor, past_mean: Tensor, past_sq: Tensor
     return torch.addcmul(_channel_view(bias, dim), output, _channel_view(weight, dim))
 
 
+def cross_iteration_batch_norm_fast(
+    input: Tensor,
+    past_mean: Tensor,
+    past_sq: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    momentum: float = 0.1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`cross_iteration_batch_norm` (same output and gradients) in two native BN passes.
+
+    The batch's mean and biased variance come from ``batch_norm_update_stats`` (which also updates
+    the running statistics, as ``nn.BatchNorm`` with ``momentum``), its second moment is
+    ``var + mean^2`` (so ``max(nu_0, mu_0^2) = nu_0``); the output is eval-mode ``batch_norm`` with
+    the pooled statistics. With ``n`` iterations pooled, ``x_hat = (x - mean) * s`` and ``M`` values
+    per channel, the gradient of the definition is
+
+        dx = w * s * (g - sum(g) / (n M) - x_hat * sum(g * x_hat) / (n M))
+
+    (the current batch's statistics enter the pooled ones with weight ``1 / n``): the native
+    training-mode BN backward called with weight ``w / c`` and invstd ``s * c`` (``c = 1 / sqrt(n)``)
+    gives all of it but ``w * s * (1 - 1 / n) * sum(g) / M``, added per channel. Tested against the
+    definition (outputs, gradients, the ``max`` of the past statistics).
+
+    Args:
+        input: ``(N, C, *)``.
+        past_mean: ``(j, C)`` compensated means of the past ``j`` iterations (constants).
+        past_sq: ``(j, C)`` compensated second moments.
+        weight: per-channel scale or None.
+        bias: per-channel shift or None.
+        eps: added to the variance.
+        running_mean: updated in place with the batch mean (momentum ``momentum``), or None.
+        running_var: updated in place with the batch's unbiased variance, or None.
+        momentum: weight of the batch in the running statistics.
+
+    Returns:
+        ``(output, batch mean, batch second moment)``, the statistics detached, each ``(C,)``.
+    """
+    with torch.no_grad():
+        mean_now, var_now = torch.batch_norm_update_stats(input.detach(), running_mean, running_var, momentum)
+        sq_now = torch.addcmul(var_now, mean_now, mean_now)
+        past_mean, past_sq = past_mean.to(input.dtype), past_sq.to(input.dtype)
+        share = 1.0 / (1 + past_mean.shape[0])
+        mean = torch.add(mean_now, past_mean.sum(0)).mul_(share)
+        var = torch.maximum(past_sq, past_mean.square()).sum(0).add_(sq_now).mul_(share).sub_(mean.square())
+    output = _CrossIterationBatchNormFunction.apply(input, weight, bias, mean, var, share, eps)
+    return output, mean_now, sq_now
+
+
+class _CrossIterationBatchNormFunction(torch.autograd.Function):
+    """Normalization with pooled statistics whose dependence on ``input`` is the current batch's,
+    with weight ``share`` (see :func:`cross_iteration_batch_norm_fast`)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, mean, var, share, eps):  # noqa: D102
+        if any(ctx.needs_input_grad[:3]):
+            root = math.sqrt(share)
+            invstd = torch.add(var, eps).rsqrt_()
+            scale = invstd.clone() if weight is None else invstd * weight  # w * s (not invstd itself: that is scaled next)
+            ctx.save_for_backward(input)
+            ctx.mean, ctx.root = mean, root
+            ctx.invstd = invstd.mul_(root)  # s * c
+            ctx.weight = (torch.ones_like(invstd) if weight is None else weight) / root  # w / c
+            ctx.correction = scale.mul_(1.0 - share)  # w * s * (1 - 1 / n)
+        return torch.batch_norm(input, weight, bias, mean, var, False, 0.0, eps, False)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        if torch.is_grad_enabled():  # create_graph=True: this backward is not itself differentiable
+            raise RuntimeError("CrossIterationBatchNorm does not support double backward (create_graph=True)")
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        (input,) = ctx.saved_tensors
+        grad_input, grad_weight, grad_bias = _batch_norm_backward(
+            grad_output, input, ctx.weight, None, None, ctx.mean, ctx.invstd, True, 0.0, [need_input, True, True]
+        )
+        if need_input:
+            shape = (1, -1) + (1,) * (input.dim() - 2)
+            grad_input.add_((grad_bias * ctx.correction).view(shape), alpha=input.shape[1] / input.numel())
+        grad_weight = grad_weight.div_(ctx.root) if need_weight else None
+        return grad_input, grad_weight, grad_bias if need_bias else None, None, None, None, None
+
+
+def conv2d_statistics_derivatives(conv_input: Tensor, output: Tensor, conv: nn.Conv2d,
+                                  out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """The derivatives of the batch statistics of ``output = conv(conv_input)`` by the conv weight.
+
+    Per output channel ``c``, with ``p`` the input patches (positions of all images) and ``y_c = W[c] . p
+    (+ bias)``::
+
+        d mean(y_c)   / d W[c] = mean(p)              (the same for every channel of a group)
+        d mean(y_c^2) / d W[c] = 2 mean(y_c p)
+
+    Both are weight gradients of the convolution (with the output gradients ``1 / count`` and
+    ``2 y / count``), taken in one call: the second moments' channels and one channel of ones per
+    group. This is what CBN's autograd definition computes with two backward passes through the
+    convolution (``torch.autograd.grad`` of the statistics); tested against it.
+
+    Args:
+        conv_input: the convolution's input ``(N, C_in, H, W)``.
+        output: its output ``(N, C, H', W')``.
+        conv: an ``nn.Conv2d`` (``padding_mode="zeros"``, numeric padding) whose forward convolves with its ``weight``.
+        out: tensors of the weight's shape to write ``(dmean, dsq)`` into (e.g. views of a window), or None.
+
+    Returns:
+        ``(dmean, dsq)``, each of the weight's shape ``(C, C_in / groups, kh, kw)`` (``out`` when given).
+    """
+    channels, groups = output.shape[1], conv.groups
+    per_group = channels // groups
+    count = output.numel() // channels
+    grads = output.new_empty(output.shape[0], groups, per_group + 1, *output.shape[2:])
+    torch.mul(output.detach().unflatten(1, (groups, per_group)), 2.0 / count, out=grads[:, :, :per_group])
+    grads[:, :, per_group:].fill_(1.0 / count)
+    shape = conv.weight.shape[1:]
+    both = torch.nn.grad.conv2d_weight(conv_input.detach(), (groups * (per_group + 1), *shape), grads.flatten(1, 2),
+                                       conv.stride, conv.padding, conv.dilation, groups).unflatten(0, (groups, per_group + 1))
+    if out is None:
+        out = (conv.weight.new_empty(conv.weight.shape), conv.weight.new_empty(conv.weight.shape))
+    dmean, dsq = out
+    dmean.unflatten(0, (groups, per_group)).copy_(both[:, per_group:])  # broadcast over the group's channels
+    dsq.unflatten(0, (groups, per_group)).copy_(both[:, :per_group])
+    return dmean, dsq
+
+
+def _record_io(conv: nn.Module, args: tuple, output: Tensor) -> None:
+    # Forward hook on the convolution in front of a CBN layer: its last training input and output, as
+    # weak references (nothing is kept alive; a deep copy carries them, and they never match the copy's tensors).
+    if conv.training and torch.is_grad_enabled() and not _compiling():
+        conv.__dict__[_LAST_IO] = (weakref.ref(args[0]), weakref.ref(output))
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
+
+def _convolves_its_weight(layer: nn.Module) -> bool:
+    # Layers whose forward is nn.Conv2d's convolution with their own weight (a centered one is not).
+    return ((type(layer) is nn.Conv2d or getattr(type(layer), "convolves_its_weight", False))
+            and layer.padding_mode == "zeros" and not isinstance(layer.padding, str))
+
+
 class CrossIterationBatchNorm(BatchStatsNorm):
     """Cross-Iteration Batch Normalization (CBN); base class of the 1d/2d/3d variants.
 
@@ -72,9 +226,12 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         mu_{t-tau}(W_t) ~= mu_{t-tau} + sum(d mu_{t-tau} / d W[c] * (W_t[c] - W_{t-tau}[c]))   (same for nu)
 
     and pooled as in :func:`cross_iteration_batch_norm` (with the paper's ``max(nu, mu^2)``, which
-    keeps the variance non-negative). The derivatives ``d mu / d W`` and ``d nu / d W`` are taken by
-    autograd from the current batch's graph (two extra weight-gradient passes of the convolution
-    per step), and stored with the weights and the statistics. For the first ``burnin_steps`` the
+    keeps the variance non-negative). The derivatives ``d mu / d W`` and ``d nu / d W`` are, by
+    definition, autograd's through the current batch's graph (two extra weight-gradient passes of
+    the convolution per step); in front of a plain ``nn.Conv2d`` (zero padding) they are computed
+    from its recorded input in one weight-gradient call of about one pass
+    (:func:`conv2d_statistics_derivatives`, tested against the definition). They are stored with
+    the weights and the statistics. For the first ``burnin_steps`` the
     layer is plain BN (the paper's burn-in: the early weights change too fast for a first-order
     compensation); the window then fills over ``window - 1`` steps. The running statistics follow
     the current batch's mean and unbiased variance (``momentum``, PyTorch's convention), as in the
@@ -153,6 +310,9 @@ class CrossIterationBatchNorm(BatchStatsNorm):
             raise ValueError(f"{type(self).__name__}({self.num_features}): the layer in front must have a weight of shape "
                              f"({self.num_features}, ...); got {type(layer).__name__} with weight {shape}")
         self._preceding = (layer,)
+        if _convolves_its_weight(layer) and not layer.__dict__.get(_RECORDS_IO, False):
+            layer.register_forward_hook(_record_io)
+            layer.__dict__[_RECORDS_IO] = True
         past = (self.num_features, self.window - 1, *weight.shape[1:])
         if self.past_weight is None or self.past_weight.shape != past:  # else a re-link after a copy: keep the window
             factory = {"device": self.past_mean.device, "dtype": self.past_mean.dtype}
@@ -197,32 +357,52 @@ class CrossIterationBatchNorm(BatchStatsNorm):
             per_channel = tuple(range(2, change.dim()))
             compensated_mean = (past_mean[:, :filled] + (past_dmean[:, :filled] * change).sum(per_channel)).T
             compensated_sq = (past_sq[:, :filled] + (past_dsq[:, :filled] * change).sum(per_channel)).T
-            torch.batch_norm_update_stats(input.detach(), running_mean, running_var, self.momentum)
-        output = cross_iteration_batch_norm(input, compensated_mean, compensated_sq, weight, bias, self.eps)
+        output, mean, sq = cross_iteration_batch_norm_fast(input, compensated_mean, compensated_sq, weight, bias, self.eps,
+                                                           running_mean, running_var, self.momentum)
 
         # Remember this iteration: its statistics, their derivatives by the conv weight, and that weight.
         slot = (step - self.burnin_steps) % (self.window - 1)
-        dims = [0, *range(2, input.dim())]
-        mean, sq = input.mean(dims), input.square().mean(dims)
         differentiable = torch.is_grad_enabled() and input.requires_grad and full_weight.requires_grad
-        if differentiable:
-            # Channel c depends only on W[c], so the gradient of sum_c mu_c is the per-channel d mu_c / d W[c].
-            ones = torch.ones_like(mean)
-            dmean, dsq = (torch.autograd.grad(stat, full_weight, ones, retain_graph=True, allow_unused=True)[0] for stat in (mean, sq))
-            if dmean is None:
-                raise RuntimeError(f"{type(self).__name__}: its input does not depend on the weight of the layer bound to it "
-                                   f"({type(self._preceding[0]).__name__}); bind the layer directly in front")
         with torch.no_grad():
             past_mean[:, slot].copy_(mean)
             past_sq[:, slot].copy_(sq)
             past_weight[:, slot].copy_(conv_weight)
-            if differentiable:
-                past_dmean[:, slot].copy_(dmean[channels])
-                past_dsq[:, slot].copy_(dsq[channels])
-            else:
+            if not differentiable:
                 past_dmean[:, slot].zero_()
                 past_dsq[:, slot].zero_()
+        if differentiable and not self._recorded_derivatives(input, (past_dmean[:, slot], past_dsq[:, slot])):
+            dmean, dsq = self._autograd_derivatives(input, full_weight)
+            with torch.no_grad():
+                past_dmean[:, slot].copy_(dmean[channels])
+                past_dsq[:, slot].copy_(dsq[channels])
         return output
+
+    def _autograd_derivatives(self, input: Tensor, conv_weight: Tensor) -> tuple[Tensor, Tensor]:
+        """``d mean / d W`` and ``d sq / d W`` of ``input``'s batch statistics by autograd through the
+        graph from the weight (the definition; :meth:`_recorded_derivatives` is its fast path)."""
+        dims = [0, *range(2, input.dim())]
+        mean, sq = input.mean(dims), input.square().mean(dims)
+        # Channel c depends only on W[c], so the gradient of sum_c mu_c is the per-channel d mu_c / d W[c].
+        ones = torch.ones_like(mean)
+        dmean, dsq = (torch.autograd.grad(stat, conv_weight, ones, retain_graph=True, allow_unused=True)[0] for stat in (mean, sq))
+        if dmean is None:
+            raise RuntimeError(f"{type(self).__name__}: its input does not depend on the weight of the layer bound to it "
+                               f"({type(self._preceding[0]).__name__}); bind the layer directly in front")
+        return dmean, dsq
+
+    def _recorded_derivatives(self, input: Tensor, out: tuple[Tensor, Tensor]) -> bool:
+        """Write :func:`conv2d_statistics_derivatives` from the convolution's recorded input into
+        ``out`` when ``input`` is that whole convolution's output; False (nothing written) otherwise:
+        the autograd definition applies."""
+        conv = self._preceding[0]
+        record = conv.__dict__.pop(_LAST_IO, None)
+        if record is None:
+            return False
+        conv_input, output = record[0](), record[1]()
+        if output is not input or conv_input is None or out[0].shape != conv.weight.shape:
+            return False
+        conv2d_statistics_derivatives(conv_input, input, conv, out=out)
+        return True
 
     def _reset_own_buffers(self) -> None:
         for buffer in (self.past_mean, self.past_sq, self.past_weight, self.past_dmean, self.past_dsq):

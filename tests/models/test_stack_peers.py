@@ -27,7 +27,8 @@ from mbn.models.stacked_layers import (
     StackedMovingAverageBatchNorm2d,
 )
 from mbn.nn import CrossIterationBatchNorm2d
-from numerics import assert_close_normwise
+from mbn.nn.cross_iteration_batchnorm import conv2d_statistics_derivatives
+from numerics import ONE_PASS_GROWTH, assert_close_normwise
 from stacking import SGD, TRAINING_GROWTH, assert_members_match, batches, build, single_step, stacked_step
 
 pytestmark = pytest.mark.numerics
@@ -109,3 +110,24 @@ def test_members_at_different_steps_train_as_their_single_runs(norm):
     stacked_class = StackedMovingAverageBatchNorm2d if norm == "mabn" else StackedCrossIterationBatchNorm2d
     layer = next(layer for _, layer in stacked_modules(stacked) if isinstance(layer, stacked_class))
     assert layer.member_steps == (6, 9, 6)
+
+
+@pytest.mark.parametrize("path", ["grouped", "dense"])
+def test_cbn_fast_derivatives_on_a_stacked_convolution_are_each_members_definition(path):
+    """The one weight-gradient call (mbn.nn.cross_iteration_batchnorm.conv2d_statistics_derivatives)
+    on a stacked convolution, either path, against autograd through that path's forward: each
+    member's rows are its own derivatives (a single pass in another order: ONE_PASS_GROWTH * eps)."""
+    generator = torch.Generator().manual_seed(3)
+    singles = [nn.Conv2d(4, 6, 3, padding=1, bias=False).double() for _ in range(K)]
+    for conv in singles:
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator, dtype=torch.float64))
+    stacked = StackedConv2d.from_members(singles)
+    stacked.path = path
+    images = torch.randn(2, 4 * K, 5, 5, generator=generator, dtype=torch.float64)
+    output = stacked(images)
+    dmean, dsq = conv2d_statistics_derivatives(images, output, stacked)
+    ones = torch.ones(6 * K, dtype=torch.float64)
+    for name, actual, stat in (("d mean / d W", dmean, output.mean((0, 2, 3))), ("d sq / d W", dsq, output.square().mean((0, 2, 3)))):
+        expected = torch.autograd.grad(stat, stacked.weight, ones, retain_graph=True)[0]
+        assert_close_normwise(actual, expected, dtype=torch.float64, steps=1, growth=ONE_PASS_GROWTH, what=f"{path}: {name}")

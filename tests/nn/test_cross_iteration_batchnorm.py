@@ -2,7 +2,8 @@
 
 Error model (tests/numerics.py): the layer and the naive float64 reference below compute the same
 numbers in other orders (the reference takes d mu / d W and d nu / d W from the unfolded input
-patches, the layer by autograd through the convolution), so each tensor agrees norm-wise within
+patches, the layer from one weight-gradient call of the convolution, or by autograd through it where
+that fast path does not apply; it normalizes with native BN kernels), so each tensor agrees norm-wise within
 ``ONE_PASS_GROWTH * steps * eps(float64)`` after ``steps`` chained steps. Equality only where the
 same kernels run on the same inputs (the burn-in, which is ``F.batch_norm``; a reloaded layer).
 
@@ -29,6 +30,8 @@ from mbn.nn import (
     cross_iteration_batch_norm,
     norm_layer,
 )
+from mbn.nn import cross_iteration_batchnorm as cbn_module
+from mbn.nn.cross_iteration_batchnorm import conv2d_statistics_derivatives, cross_iteration_batch_norm_fast
 from nn_reference import channel_view
 from numerics import ONE_PASS_GROWTH, assert_close_normwise
 
@@ -146,6 +149,40 @@ def test_gradient_is_the_true_gradient_of_the_estimate():
     assert torch.autograd.gradcheck(lambda x, w, b: cross_iteration_batch_norm(x, past_mean, past_sq, w, b, 1e-5), (x, weight, bias))
 
 
+@pytest.mark.parametrize("shape, affine, past", [((2, C, 2, 3), True, 2), ((5, C), False, 3), ((3, C, 4), True, 0)],
+                         ids=["2d, 2 past", "1d without affine, 3 past", "no past"])
+def test_the_fast_path_is_the_definition(shape, affine, past):
+    """Output, gradients (input, weight, bias), the batch's statistics and the running statistics of
+    the two-native-pass path against :func:`cross_iteration_batch_norm` and nn.BatchNorm's update
+    (the same sums in another order: ONE_PASS_GROWTH * eps); some past second moments below the
+    squared mean (the paper's max)."""
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1).requires_grad_()
+    past_mean = torch.randn(past, C, generator=gen, dtype=torch.float64)
+    past_sq = past_mean ** 2 + torch.rand(past, C, generator=gen, dtype=torch.float64) - 0.3
+    weight = torch.rand(C, generator=gen, dtype=torch.float64).add(0.5).requires_grad_() if affine else None
+    bias = torch.randn(C, generator=gen, dtype=torch.float64, requires_grad=True) if affine else None
+    running = (torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64))
+    output, mean, sq = cross_iteration_batch_norm_fast(x, past_mean, past_sq, weight, bias, 1e-5, *running, momentum=0.3)
+    expected = cross_iteration_batch_norm(x, past_mean, past_sq, weight, bias, 1e-5)
+    close(output, expected, steps=1, what="output")
+    dims = [0, *range(2, x.dim())]
+    close(mean, x.detach().mean(dims), steps=1, what="batch mean")
+    close(sq, x.detach().square().mean(dims), steps=1, what="batch second moment")
+    bn_mean, bn_var = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    F.batch_norm(x.detach(), bn_mean, bn_var, training=True, momentum=0.3)
+    close(running[0], bn_mean, steps=1, what="running_mean")
+    close(running[1], bn_var, steps=1, what="running_var")
+    g = torch.randn(output.shape, generator=gen, dtype=torch.float64)
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    for name, actual, wanted in zip(("input", "weight", "bias"), torch.autograd.grad(output, inputs, g), torch.autograd.grad(expected, inputs, g)):
+        close(actual, wanted, steps=1, what=f"gradient of {name}")
+    assert torch.autograd.gradcheck(lambda x, *affine: cross_iteration_batch_norm_fast(x, past_mean, past_sq, *(affine or (None, None)), 1e-5)[0],
+                                    (x, *inputs[1:]))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(cross_iteration_batch_norm_fast(x, past_mean, past_sq, weight, bias, 1e-5)[0].sum(), x, create_graph=True)
+
+
 @pytest.mark.parametrize("window, burnin", [(1, 0), (4, 5)], ids=["window 1", "burn-in"])
 def test_window_one_and_the_burn_in_are_batchnorm(window, burnin):
     conv, norm, _ = make_pair(window=window, burnin=burnin, momentum=0.1)
@@ -236,6 +273,78 @@ def test_a_tiny_resnet18_trains_with_finite_loss(batch_size):
     assert all(torch.isfinite(torch.tensor(losses)))
     model.eval()
     assert torch.isfinite(model(torch.randn(2, 3, 8, 8))).all()
+
+
+def autograd_statistics_derivatives(conv: nn.Conv2d, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition: d mean_c / d W and d mean(y_c^2) / d W by autograd (one backward pass each)."""
+    y = conv(images)
+    dims = (0, 2, 3)
+    ones = torch.ones(y.shape[1], dtype=y.dtype)
+    return tuple(torch.autograd.grad(stat, conv.weight, ones, retain_graph=True)[0] for stat in (y.mean(dims), y.square().mean(dims)))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"kernel_size": 3, "padding": 1},
+    {"kernel_size": 3, "padding": 1, "stride": 2, "bias": True},
+    {"kernel_size": (3, 1), "padding": (2, 0), "dilation": 2},
+    {"kernel_size": 3, "padding": 1, "groups": 2},
+    {"kernel_size": 1, "stride": 2},
+], ids=["3x3", "stride 2 with bias", "dilated", "2 groups", "1x1 stride 2"])
+def test_the_fast_derivatives_are_the_autograd_definitions(kwargs):
+    """One weight-gradient call of the convolution against two autograd passes: the same sums in
+    another order (a single pass: ONE_PASS_GROWTH * eps, tests/numerics.py)."""
+    gen = torch.Generator().manual_seed(7)
+    conv = nn.Conv2d(4, 6, **{"bias": False, **kwargs}).double()
+    with torch.no_grad():
+        for parameter in conv.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=gen, dtype=torch.float64))
+    images = torch.randn(3, 4, 5, 6, generator=gen, dtype=torch.float64) + 0.5
+    dmean, dsq = conv2d_statistics_derivatives(images, conv(images), conv)
+    expected_dmean, expected_dsq = autograd_statistics_derivatives(conv, images)
+    close(dmean, expected_dmean, steps=1, what="d mean / d W")
+    close(dsq, expected_dsq, steps=1, what="d sq / d W")
+
+
+def test_the_layer_takes_the_fast_path_only_for_its_convolutions_own_output(monkeypatch):
+    """In front of its plain convolution each training step computes the derivatives in one call;
+    when something sits between (here a scaling) or in eval mode, the autograd definition applies,
+    and both give the definition's window (the compensation that follows reads it)."""
+    calls = []
+    fast = cbn_module.conv2d_statistics_derivatives
+    monkeypatch.setattr(cbn_module, "conv2d_statistics_derivatives", lambda *args, **kwargs: calls.append(1) or fast(*args, **kwargs))
+    gen = torch.Generator().manual_seed(8)
+    images = [torch.randn(2, C_IN, 3, 3, generator=gen, dtype=torch.float64) for _ in range(3)]
+    conv, norm, _ = make_pair(window=4, burnin=0)
+    for x in images:
+        norm(conv(x)).sum().backward()
+    assert len(calls) == 3
+    conv_slow, norm_slow, _ = make_pair(window=4, burnin=0)
+    for x in images:
+        norm_slow(conv_slow(x) * 1.0).sum().backward()  # not the convolution's output: the definition
+    assert len(calls) == 3
+    for name in ("past_dmean", "past_dsq", "past_mean", "past_sq", "past_weight"):
+        close(getattr(norm, name), getattr(norm_slow, name), steps=3, what=name)
+    norm.eval()
+    with torch.no_grad():
+        norm(conv(images[0]))
+    assert len(calls) == 3 and "_cbn_last_io" not in conv.__dict__  # nothing recorded outside training
+
+
+def test_a_deep_copy_takes_the_fast_path_on_its_own_convolution(monkeypatch):
+    calls = []
+    fast = cbn_module.conv2d_statistics_derivatives
+    monkeypatch.setattr(cbn_module, "conv2d_statistics_derivatives", lambda *args, **kwargs: calls.append(args[2]) or fast(*args, **kwargs))
+    model = nn.Sequential(nn.Conv2d(C_IN, C, 3, padding=1, bias=False), nn.BatchNorm2d(C)).double()
+    convert_norm(model, "cbn", window=3, burnin_steps=0)
+    copied = copy.deepcopy(model)
+    assert copied[1].preceding_layer is copied[0]
+    x = torch.randn(2, C_IN, 3, 3, dtype=torch.float64)
+    model(x).sum().backward()
+    copied(x).sum().backward()
+    assert [id(conv) for conv in calls] == [id(model[0]), id(copied[0])]
+    assert len(model[0]._forward_hooks) == len(copied[0]._forward_hooks) == 1
+    convert_norm(copied, "cbn", window=3)  # binding the same convolution again adds no second hook
+    assert len(copied[0]._forward_hooks) == 1
 
 
 def test_validation():
