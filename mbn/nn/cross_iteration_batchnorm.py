@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from mbn.nn._batch_stats_norm import BatchStatsNorm
 from mbn.nn._input_checks import check_int, check_number
+from mbn.nn.functional import batch_share_backward
 
 __all__ = [
     "CrossIterationBatchNorm",
@@ -23,7 +24,6 @@ __all__ = [
     "cross_iteration_batch_norm_fast",
 ]
 
-_batch_norm_backward = torch.ops.aten.native_batch_norm_backward
 
 # Attributes CBN sets on the convolution in front (in its __dict__: they are neither parameters nor
 # buffers, and a deep copy of the convolution carries them with its hook).
@@ -92,10 +92,10 @@ def cross_iteration_batch_norm_fast(
 
         dx = w * s * (g - sum(g) / (n M) - x_hat * sum(g * x_hat) / (n M))
 
-    (the current batch's statistics enter the pooled ones with weight ``1 / n``): the native
-    training-mode BN backward called with weight ``w / c`` and invstd ``s * c`` (``c = 1 / sqrt(n)``)
-    gives all of it but ``w * s * (1 - 1 / n) * sum(g) / M``, added per channel. Tested against the
-    definition (outputs, gradients, the ``max`` of the past statistics).
+    (the current batch's statistics enter the pooled ones with weight ``1 / n``): MBN's backward with
+    ``lam = 1 - 1 / n`` about its own center (:func:`mbn.nn.functional.batch_share_backward`, one
+    native BN backward and a per-channel correction). Tested against the definition (outputs,
+    gradients, the ``max`` of the past statistics).
 
     Args:
         input: ``(N, C, *)``.
@@ -129,30 +129,19 @@ class _CrossIterationBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, mean, var, share, eps):  # noqa: D102
         if any(ctx.needs_input_grad[:3]):
-            root = math.sqrt(share)
+            # mbn.nn.functional.batch_share_backward's arguments, with lam = 1 - share; the variance
+            # is taken about the pooled mean itself (no shift).
             invstd = torch.add(var, eps).rsqrt_()
-            scale = invstd.clone() if weight is None else invstd * weight  # w * s (not invstd itself: that is scaled next)
             ctx.save_for_backward(input)
-            ctx.mean, ctx.root = mean, root
-            ctx.invstd = invstd.mul_(root)  # s * c
-            ctx.weight = (torch.ones_like(invstd) if weight is None else weight) / root  # w / c
-            ctx.correction = scale.mul_(1.0 - share)  # w * s * (1 - 1 / n)
+            ctx.center, ctx.lam, ctx.shift, ctx.root = mean, 1.0 - share, None, math.sqrt(share)
+            ctx.scale = invstd.clone() if weight is None else invstd * weight  # w * s
+            ctx.invstd = invstd.mul_(ctx.root)  # s * c
+            ctx.weight = (torch.ones_like(invstd) if weight is None else weight) / ctx.root  # w / c
         return torch.batch_norm(input, weight, bias, mean, var, False, 0.0, eps, False)
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
-        if torch.is_grad_enabled():  # create_graph=True: this backward is not itself differentiable
-            raise RuntimeError("CrossIterationBatchNorm does not support double backward (create_graph=True)")
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        (input,) = ctx.saved_tensors
-        grad_input, grad_weight, grad_bias = _batch_norm_backward(
-            grad_output, input, ctx.weight, None, None, ctx.mean, ctx.invstd, True, 0.0, [need_input, True, True]
-        )
-        if need_input:
-            shape = (1, -1) + (1,) * (input.dim() - 2)
-            grad_input.add_((grad_bias * ctx.correction).view(shape), alpha=input.shape[1] / input.numel())
-        grad_weight = grad_weight.div_(ctx.root) if need_weight else None
-        return grad_input, grad_weight, grad_bias if need_bias else None, None, None, None, None
+        return (*batch_share_backward(ctx, grad_output, "CrossIterationBatchNorm"), None, None, None, None)
 
 
 def conv2d_statistics_derivatives(conv_input: Tensor, output: Tensor, conv: nn.Conv2d,

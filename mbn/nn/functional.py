@@ -42,6 +42,7 @@ That needs torch >= :data:`COMPILE_MIN_TORCH` (:func:`compile_supported`); older
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -100,24 +101,44 @@ class _MomentumBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
-        if torch.is_grad_enabled():  # create_graph=True: this backward is not itself differentiable
-            raise RuntimeError("MomentumBatchNorm does not support double backward (create_graph=True)")
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        (input,) = ctx.saved_tensors
-        # The native training-mode backward with weight w / c, mean M and invstd s * c gives every
-        # term of the MBN gradient except a per-channel constant:
-        #   dx = native + w * s / n * (lam * sum(g) + c * s * (mu - M) * grad_weight_native)
-        # and grad_weight = sum(g * (x - M)) * s = grad_weight_native / c, grad_bias = sum(g).
-        grad_input, grad_weight_native, grad_bias = _batch_norm_backward(
-            grad_output, input, ctx.weight, None, None, ctx.center, ctx.invstd, True, 0.0, [need_input, True, True]
-        )
-        if need_input:
-            shape = (1, -1) + (1,) * (input.dim() - 2)
-            correction = torch.addcmul(grad_bias * ctx.lam, ctx.shift, grad_weight_native).mul_(ctx.scale)
-            # 1 / n depends on the shape only: as alpha= it costs no op and no recompile.
-            grad_input.add_(correction.view(shape), alpha=input.shape[1] / input.numel())
-        grad_weight = grad_weight_native.div_(ctx.root) if need_weight else None
-        return grad_input, grad_weight, grad_bias if need_bias else None, None, None, None, None
+        return (*batch_share_backward(ctx, grad_output, "MomentumBatchNorm"), None, None, None, None)
+
+
+def batch_share_backward(ctx: Any, grad_output: Tensor, layer: str) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients ``(input, weight, bias)`` of ``y = w * (x - center) * s + b`` where ``center`` and the
+    variance behind ``s`` take this batch's statistics with weight ``1 - lam`` (MBN's ``M`` and
+    ``Phi``; CBN's pooled window), in one native BN backward and one per-channel correction.
+
+    With ``c = sqrt(1 - lam)`` the native training-mode backward called with weight ``w / c``, mean
+    ``center`` and invstd ``s * c`` gives every term of the gradient except a per-channel constant::
+
+        dx = native + w * s / n * (lam * sum(g) + c * s * (mu - center) * grad_weight_native)
+
+    and ``grad_weight = sum(g * (x - center)) * s = grad_weight_native / c``, ``grad_bias = sum(g)``.
+
+    Args:
+        ctx: the Function's context: ``saved_tensors = (input,)``, ``weight`` (``w / c``), ``center``,
+            ``invstd`` (``s * c``), ``lam``, ``shift`` (``c * s * (mu - center)``, or None where the
+            variance is taken about ``center`` itself, as CBN's), ``scale`` (``w * s``), ``root`` (``c``).
+        grad_output: ``g``.
+        layer: the layer's name, for the double-backward error.
+    """
+    if torch.is_grad_enabled():  # create_graph=True: this backward is not itself differentiable
+        raise RuntimeError(f"{layer} does not support double backward (create_graph=True)")
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    (input,) = ctx.saved_tensors
+    grad_input, grad_weight_native, grad_bias = _batch_norm_backward(
+        grad_output, input, ctx.weight, None, None, ctx.center, ctx.invstd, True, 0.0, [need_input, True, True]
+    )
+    if need_input:
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        correction = grad_bias * ctx.lam
+        if ctx.shift is not None:
+            correction = correction.addcmul_(ctx.shift, grad_weight_native)
+        # 1 / n depends on the shape only: as alpha= it costs no op and no recompile.
+        grad_input.add_(correction.mul_(ctx.scale).view(shape), alpha=input.shape[1] / input.numel())
+    grad_weight = grad_weight_native.div_(ctx.root) if need_weight else None
+    return grad_input, grad_weight, grad_bias if need_bias else None
 
 
 def momentum_batch_norm(
