@@ -66,6 +66,8 @@ class Study:
         metric: the main table's metric.
         curve_metric: the history key of the accuracy-per-epoch plot.
         compare_name: the dir of its tables under ``<output_root>/compare/`` (None: ``sweep_name``).
+        other_baselines: rows every other row is also compared with, each table saved as
+            ``differences_to_<row>.md`` (the fair curve study compares every norm with MBN as well).
     """
 
     experiment: str
@@ -78,6 +80,7 @@ class Study:
     metric: str = TABLE_METRIC
     curve_metric: str = "test_acc1"
     compare_name: str | None = None
+    other_baselines: tuple[str, ...] = ()
 
     def train_commands(self, extra: Sequence[str] = ()) -> list[list[str]]:
         """The study's ``mbn-train -m`` commands, each with the overrides ``extra`` appended."""
@@ -94,7 +97,9 @@ class Study:
             main += ["--baseline", self.baseline]
         side = [(["mbn-compare", str(sweep_dir), "--format", "markdown", *layout, "--metric", metric, "--interval", "ci95",
                   "--decimals", str(decimals)], compare_dir / f"{metric}.md") for metric, decimals in SIDE_TABLES]
-        return [(main, None), *side]
+        others = [(["mbn-compare", str(sweep_dir), "--format", "markdown", *layout, "--metric", self.metric, "--interval", "ci95",
+                    "--baseline", row], compare_dir / f"differences_to_{row}.md") for row in self.other_baselines]
+        return [(main, None), *side, *others]
 
 
 def curve_grid_study(*sweeps: tuple[str, ...]) -> Study:
@@ -151,7 +156,8 @@ STUDIES: dict[str, Study] = {
 def curve_study(factors: dict[str, dict[int, float]]) -> Study:
     """The fair curve study's seeds at the chosen factors (:mod:`experiments.batch_size_study.curve`):
     its runs share the grids' sweep dir, so the grids' seed-0 runs at the chosen factors are reused."""
-    return Study(experiment="study_curve", sweep_name="study_curve", sweeps=seed_sweeps(factors), curve_batch_size=2)
+    return Study(experiment="study_curve", sweep_name="study_curve", sweeps=seed_sweeps(factors), curve_batch_size=2,
+                 other_baselines=("mbn",))
 
 
 def executable(command: Sequence[str]) -> list[str]:
@@ -248,7 +254,8 @@ def compact_runs(runs_csv: Path) -> "pd.DataFrame":
 def publish(compare_dir: Path, sweep_dir: Path, target: Path) -> list[Path]:
     """Copy the commit-ready outputs of a study to ``target``.
 
-    That is: mbn-compare's ``table.md``, ``differences.csv``, the side tables and the PNG plots;
+    That is: mbn-compare's ``table.md``, ``differences.csv``, the side tables, the tables of the
+    differences to other baselines (``differences_to_<row>.md``) and the PNG plots;
     ``runs.csv`` cut to the varying config keys and the metrics (:func:`compact_runs`); and every
     run's ``results.json`` under ``runs/<run dir>/`` (copied back into a sweep dir, they let the
     study's commands skip those runs).
@@ -260,7 +267,7 @@ def publish(compare_dir: Path, sweep_dir: Path, target: Path) -> list[Path]:
     """
     target.mkdir(parents=True, exist_ok=True)
     names = ["table.md", "differences.csv", *(f"{metric}.md" for metric, _ in SIDE_TABLES)]
-    sources = [compare_dir / name for name in names] + sorted(compare_dir.glob("*.png"))
+    sources = [compare_dir / name for name in names] + sorted(compare_dir.glob("differences_to_*.md")) + sorted(compare_dir.glob("*.png"))
     copied = [Path(shutil.copy2(source, target / source.name)) for source in sources if source.exists()]
     runs = compact_runs(compare_dir / "runs.csv")
     atomic_write(target / "runs.csv", lambda f: f.write(runs.to_csv(index=False, float_format="%.4f").encode()))

@@ -124,6 +124,12 @@ def test_the_curve_study_refuses_to_start_before_its_factors_are_chosen(tmp_path
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == ("mbn-train -m experiment=study_curve norm=bn,gn,brn_epochs,mbn data.batch_size=2 optim.base_lr=0.1 "
                         "seed=0,1,2,3,4 stack=5 hydra.launcher.n_jobs=1")
+    # Its tables read the selected runs: differences to BN (the main table) and to MBN.
+    assert study.main(["--study", "curve", "--dry-run", "--out", "o"]) == 0
+    compares = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mbn-compare")]
+    assert compares[0].startswith("mbn-compare o/compare/study_curve/selected --out o/compare/study_curve ") and compares[0].endswith("--baseline bn")
+    assert compares[-1] == ("mbn-compare o/compare/study_curve/selected --format markdown --rows norm --cols data.batch_size "
+                            "--metric final_test_acc1 --interval ci95 --baseline mbn > o/compare/study_curve/differences_to_mbn.md")
 
 
 def test_commands_run_several_at_once_with_their_logs_and_codes_in_order(tmp_path):
@@ -165,3 +171,16 @@ def test_a_peer_is_tuned_alike_and_runs_at_the_tuned_batch_sizes_only(tmp_path):
         ("norm=cbn", "data.batch_size=2", "optim.base_lr=0.3", "seed=0,1,2,3,4", "stack=5"),
         ("norm=cbn", "data.batch_size=32", "optim.base_lr=0.3", "seed=0,1,2"),
     )
+
+
+def test_publish_copies_the_differences_to_every_baseline(tmp_path):
+    compare_dir, sweep = tmp_path / "compare", tmp_path / "study_curve"
+    record(sweep, "mbn", 2, 1.0, 0.6)
+    compare_dir.mkdir()
+    for name in ("table.md", "differences_to_mbn.md", "final_test_acc1_vs_m.png"):
+        (compare_dir / name).write_text(name)
+    (compare_dir / "runs.csv").write_text("norm.name,data.batch_size,seed,final_test_acc1\nmbn,2,0,0.6\nbn,2,0,0.5\n")
+    target = tmp_path / "published"
+    study.publish(compare_dir, sweep, target)
+    assert sorted(p.name for p in target.iterdir()) == ["differences_to_mbn.md", "final_test_acc1_vs_m.png", "runs", "runs.csv", "table.md"]
+    assert (target / "differences_to_mbn.md").read_text() == "differences_to_mbn.md"
