@@ -114,7 +114,8 @@ def cross_iteration_batch_norm_fast(
     with torch.no_grad():
         mean_now, var_now = torch.batch_norm_update_stats(input.detach(), running_mean, running_var, momentum)
         sq_now = torch.addcmul(var_now, mean_now, mean_now)
-        past_mean, past_sq = past_mean.to(input.dtype), past_sq.to(input.dtype)
+        # The statistics' dtype: float32 for a half input under autocast (the native kernels' parameter dtype).
+        past_mean, past_sq = past_mean.to(mean_now.dtype), past_sq.to(mean_now.dtype)
         share = 1.0 / (1 + past_mean.shape[0])
         mean = torch.add(mean_now, past_mean.sum(0)).mul_(share)
         var = torch.maximum(past_sq, past_mean.square()).sum(0).add_(sq_now).mul_(share).sub_(mean.square())
@@ -175,7 +176,8 @@ def conv2d_statistics_derivatives(conv_input: Tensor, output: Tensor, conv: nn.C
     torch.mul(output.detach().unflatten(1, (groups, per_group)), 2.0 / count, out=grads[:, :, :per_group])
     grads[:, :, per_group:].fill_(1.0 / count)
     shape = conv.weight.shape[1:]
-    both = torch.nn.grad.conv2d_weight(conv_input.detach(), (groups * (per_group + 1), *shape), grads.flatten(1, 2),
+    # Under autocast the convolution ran on its input cast to the output's dtype.
+    both = torch.nn.grad.conv2d_weight(conv_input.detach().to(grads.dtype), (groups * (per_group + 1), *shape), grads.flatten(1, 2),
                                        conv.stride, conv.padding, conv.dilation, groups).unflatten(0, (groups, per_group + 1))
     if out is None:
         out = (conv.weight.new_empty(conv.weight.shape), conv.weight.new_empty(conv.weight.shape))

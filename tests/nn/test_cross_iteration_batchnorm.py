@@ -347,6 +347,36 @@ def test_a_deep_copy_takes_the_fast_path_on_its_own_convolution(monkeypatch):
     assert len(copied[0]._forward_hooks) == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_cpu(dtype, monkeypatch):
+    """Under autocast the convolution's output (the layer's input) is half; the statistics, the window
+    and the normalization stay float32 as BN's, and the fast derivatives take the convolution's input
+    in the half dtype it ran in. The output is the float32 layer's on the same (rounded) input: one
+    rounding of the output, norm-wise within 8 eps(dtype), as MBN's autocast test."""
+    calls = []
+    fast = cbn_module.conv2d_statistics_derivatives
+    monkeypatch.setattr(cbn_module, "conv2d_statistics_derivatives", lambda *args, **kwargs: calls.append(1) or fast(*args, **kwargs))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3)
+    norm = CrossIterationBatchNorm2d(8, window=3, burnin_steps=0)
+    bind_norm(conv, norm)
+    for step in range(4):
+        x = torch.randn(4, 3, 8, 8)
+        reference = copy.deepcopy(norm)
+        with torch.autocast("cpu", dtype=dtype):
+            features = conv(x)
+            y = norm(features)
+        assert features.dtype == y.dtype == dtype
+        y.float().square().sum().backward()
+        assert torch.isfinite(conv.weight.grad).all() and torch.isfinite(norm.weight.grad).all()
+        with torch.no_grad():
+            expected = reference(features.detach().float())  # not its convolution's output: the definition's derivatives
+        assert_close_normwise(y.float(), expected, dtype=dtype, steps=1, growth=8, what=f"output at step {step}")
+    assert len(calls) == 4
+    assert {buffer.dtype for buffer in (norm.past_mean, norm.past_dmean, norm.past_dsq, norm.running_var)} == {torch.float32}
+    assert all(torch.isfinite(buffer).all() for buffer in (norm.past_dmean, norm.past_dsq))
+
+
 def test_validation():
     for kwargs, match in (({"window": 0}, "window"), ({"burnin_steps": -1}, "burnin_steps"), ({"momentum": 1.5}, "momentum")):
         with pytest.raises(ValueError, match=match):
