@@ -50,6 +50,9 @@ from mbn.train.run_dir import INVOCATION_ENV, JobPlan, verify_checkpoint
 from mbn.train.spec import RunSpec
 from mbn.utils.io import atomic_write_json
 
+# The pid of the mbn-train command's own process: a job that ran in it (Hydra's basic launcher, or
+# joblib with one job at a time, which runs jobs in the calling process) and was interrupted stops the sweep.
+SWEEP_PROCESS_ENV = "MBN_SWEEP_PROCESS"
 EXIT_CODES = {"completed": 0, "skipped": 0, "dry_run": 0, "busy": 0, "failed": 1, "config_error": 2, "diverged": 3, "interrupted": 130}
 # The option of Hydra's ``hydra/sweeper`` group whose job list expand_jobs reproduces (the cartesian
 # product of the swept values); read from ``hydra.runtime.choices``, Hydra's public record of the
@@ -517,12 +520,13 @@ def end_job(outcome: JobOutcome | None, objective: str, deciding_rank: bool) -> 
         deciding_rank: this process decides for the job (rank 0, or no cluster launcher).
 
     Raises:
-        SystemExit: the job was interrupted under the in-process launcher: the user (or the scheduler)
-            asked to stop. (Other launchers run jobs in other processes and stop on their own; the
+        SystemExit: the job was interrupted in the sweep's own process (the basic launcher, or joblib
+            running one job at a time): the user (or the scheduler) asked to stop. (Other launchers run jobs in other processes and stop on their own; the
             summary reports it.)
     """
     launcher = str(HydraConfig.get().launcher.get("_target_", ""))
-    if outcome is not None and outcome.status == "interrupted" and "BasicLauncher" in launcher:
+    in_sweep_process = os.environ.get(SWEEP_PROCESS_ENV) == str(os.getpid())
+    if outcome is not None and outcome.status == "interrupted" and ("BasicLauncher" in launcher or in_sweep_process):
         raise SystemExit(EXIT_CODES["interrupted"])
     value = objective_value(outcome, objective)
     if outcome is not None and deciding_rank:

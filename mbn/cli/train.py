@@ -112,6 +112,7 @@ def main() -> int:
     """
     if not os.environ.get(DDP_CHILD_ENV):
         os.environ[INVOCATION_ENV] = uuid.uuid4().hex[:12]
+        os.environ[sweep.SWEEP_PROCESS_ENV] = str(os.getpid())
     full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     # A log file on a full disk must not print a traceback per message: the job's failure is reported.

@@ -258,3 +258,22 @@ def test_compiled_model_trains_like_the_eager_one_with_the_same_checkpoint_keys(
     # difference on: per tensor, norm-wise, within 3e3 * steps * eps(float32) (tests/numerics.py; the
     # stacked sweeps' measured growth, 3.6e2, with a margin of 8).
     assert_close_normwise(compiled, eager, dtype=torch.float32, steps=8, growth=3e3, what="weights")
+
+
+def test_a_signal_stops_a_joblib_sweep_that_runs_one_job_at_a_time(tiny, run_env):
+    """joblib with n_jobs=1 runs the jobs in the command's own process (as the studies' commands do):
+    an interrupted job stops the sweep there, as under Hydra's basic launcher; the next job never starts."""
+    overrides = tiny(**{**RESUME_OVERRIDES, "norm": "bn,mbn"})
+    proc = subprocess.Popen([sys.executable, "-m", "mbn.cli.train", "-m", *overrides, "hydra/launcher=parallel",
+                             "hydra.launcher.n_jobs=1", "debug.hold_at_epoch=2"], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        run_dir = wait_for_first_epoch(run_env, proc)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+    assert read_results(run_dir)["status"] == "interrupted"
+    assert [path.parent for path in iter_results(run_env)] == [run_dir], output  # the second job never started
