@@ -521,8 +521,8 @@ def end_job(outcome: JobOutcome | None, objective: str, deciding_rank: bool) -> 
 
     Raises:
         SystemExit: the job was interrupted in the sweep's own process (the basic launcher, or joblib
-            running one job at a time): the user (or the scheduler) asked to stop. (Other launchers run jobs in other processes and stop on their own; the
-            summary reports it.)
+            running one job at a time): the user (or the scheduler) asked to stop. (Other launchers
+            run jobs in other processes and stop on their own; the summary reports it.)
     """
     launcher = str(HydraConfig.get().launcher.get("_target_", ""))
     in_sweep_process = os.environ.get(SWEEP_PROCESS_ENV) == str(os.getpid())
