@@ -35,9 +35,10 @@ Schema (``schema_version`` 2)::
       ],
       "attempts": [                         # one per start of this run dir (resumes add one)
         {"started_at": ..., "finished_at": ..., "status": ..., "resumed_from": null or ckpt path,
-         "host": ..., "pid": ..., "num_threads": ..., "cuda_visible_devices": ...}
+         "host": ..., "pid": ..., "num_threads": ..., "cuda_visible_devices": ...,
+         "wall_time_s": ...}                #   seconds of that attempt, as of its last write
       ],
-      "wall_time_s": 123.4,
+      "wall_time_s": 123.4,                 # seconds of this (the last) attempt; all of them: total_wall_time()
       "started_at": "2026-11-25T12:00:00+00:00", "finished_at": "...",
       "versions": {"mbn": "0.1.0", "torch": "...", "pytorch_lightning": "..."}
     }
@@ -271,6 +272,45 @@ def upgrade_record(data: Mapping[str, Any]) -> dict[str, Any]:
 def _finite(row: dict[str, Any]) -> dict[str, Any]:
     # JSON has no NaN/inf: a non-finite number is recorded as null.
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def total_wall_time(record: Mapping[str, Any]) -> float | None:
+    """Seconds a run took over all its attempts (a resumed run's ``wall_time_s`` is its last attempt's).
+
+    Each attempt counts its own ``wall_time_s``. Records written before attempts carried it count
+    ``finished_at - started_at`` instead (to the second), the last attempt the record's ``wall_time_s``,
+    and an attempt whose process died before it finished nothing. A record without attempts (a W&B run)
+    gives its ``wall_time_s``.
+
+    Args:
+        record: a ``results.json`` object (:func:`read_results`).
+
+    Returns:
+        The seconds, or None when the record has no attempts and no ``wall_time_s``.
+    """
+    attempts = [a for a in record.get("attempts") or [] if isinstance(a, Mapping)]
+    if not attempts:
+        return _seconds(record.get("wall_time_s"))
+    total = 0.0
+    for index, attempt in enumerate(attempts):
+        seconds = _seconds(attempt.get("wall_time_s"))
+        if seconds is None and index == len(attempts) - 1:
+            seconds = _seconds(record.get("wall_time_s"))
+        if seconds is None:
+            seconds = _seconds_between(attempt.get("started_at"), attempt.get("finished_at"))
+        total += seconds or 0.0
+    return round(total, 3)
+
+
+def _seconds(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _seconds_between(start: Any, end: Any) -> float | None:
+    try:
+        return (_dt.datetime.fromisoformat(end) - _dt.datetime.fromisoformat(start)).total_seconds()
+    except (TypeError, ValueError):
+        return None
 
 
 def now_iso(timestamp: float | None = None) -> str:

@@ -8,7 +8,7 @@ as mbn-train trains them) and one evaluation batch per member, and projects a pa
 the experiment's epochs, training images and evaluation images. A command's packs run ``n_jobs`` at
 a time (the joblib launcher's; longest first); the study's commands one after another. Next to each
 command, the measured wall time when the study's sweep dir holds its runs (a pack's: its slowest
-member's ``wall_time_s``; scheduled the same way), so projection and measurement read alike.
+member's seconds over all its attempts; scheduled the same way), so projection and measurement read alike.
 
     python scripts/bench_study.py --study curve_grid             # the fair curve study's lr grids
     python scripts/bench_study.py --study trained --steps 30     # the powered study, with its measured times
@@ -40,7 +40,7 @@ from bench_stack import build, make_separate_step, make_stacked_step, time_steps
 
 from experiments.batch_size_study import run as runner  # noqa: E402
 from mbn.models import stack  # noqa: E402
-from mbn.results import iter_results, read_results  # noqa: E402
+from mbn.results import iter_results, read_results, total_wall_time  # noqa: E402
 
 PACK_KEYS = ("seed", "optim.base_lr", "optim.weight_decay")
 # A norm config option that runs another norm's layer (its ramps in epochs change nothing per step).
@@ -109,7 +109,8 @@ def schedule(durations: list[float], workers: int) -> float:
 
 
 def measured_pack(pack: Pack, records: list[dict]) -> float | None:
-    """The slowest member's ``wall_time_s`` among the completed runs of ``pack``, or None when one is missing."""
+    """The slowest member's seconds over all its attempts (:func:`mbn.results.total_wall_time`) among the
+    completed runs of ``pack``, or None when one is missing."""
     wanted = {"seed": ["0"]}  # the experiments' seed when a command sweeps none
     for key, value in pack.values:
         wanted[key] = value.split(",")
@@ -120,7 +121,7 @@ def measured_pack(pack: Pack, records: list[dict]) -> float | None:
             found.append(record)
     if len(found) < pack.members or any(r.get("status") != "completed" for r in found):
         return None
-    return max(float(r.get("wall_time_s") or 0.0) for r in found)
+    return max(total_wall_time(r) or 0.0 for r in found)
 
 
 def _same(found: object, typed: str) -> bool:

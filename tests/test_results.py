@@ -109,3 +109,21 @@ def test_a_schema_1_record_reads_its_test_split_numbers_under_test_names_and_kee
                                    for row in v1["history"]]
     v2 = {"schema_version": 2, "status": "completed", "metrics": {"final_val_acc1": 0.4}, "history": []}
     assert upgrade_record(v2) == v2
+
+
+def test_total_wall_time_adds_the_seconds_of_every_attempt_as_each_record_layout_gives_them():
+    from mbn.results import total_wall_time
+
+    attempts = [
+        {"started_at": "2026-12-06T10:00:00+00:00", "finished_at": "2026-12-06T10:30:00+00:00", "wall_time_s": 1800.5},
+        # written before attempts carried their seconds: its start and end
+        {"started_at": "2026-12-06T11:00:00+00:00", "finished_at": "2026-12-06T11:10:00+00:00", "status": "interrupted"},
+        # its process died before it finished: nothing known
+        {"started_at": "2026-12-06T12:00:00+00:00", "finished_at": None, "status": "running"},
+        # the last attempt of an older record: the record's own wall_time_s
+        {"started_at": "2026-12-06T13:00:00+00:00", "finished_at": "2026-12-06T13:00:09+00:00", "status": "completed"},
+    ]
+    assert total_wall_time({"attempts": attempts, "wall_time_s": 9.25}) == 1800.5 + 600.0 + 9.25
+    assert total_wall_time({"attempts": attempts[:1], "wall_time_s": 7.0}) == 1800.5  # the attempt's own seconds
+    assert total_wall_time({"wall_time_s": 42.0}) == 42.0  # no attempts (a W&B run)
+    assert total_wall_time({"attempts": [], "wall_time_s": None}) is None

@@ -43,7 +43,7 @@ SIDE_TABLES = (("final_train_loss", 3), ("final_train_acc1", 2))
 # Columns of the published runs CSV besides the config keys that vary between runs.
 RUN_COLUMNS = ("status", "epochs_completed", "final_test_acc1", "final_test_acc5", "final_test_loss", "best_test_acc1",
                "final_val_acc1", "best_val_acc1", "best_epoch", "best_epoch_test_acc1", "final_train_loss", "final_train_acc1",
-               "wall_time_s", "config_hash")
+               "wall_time_s", "total_wall_time_s", "config_hash")
 # mbn-train's exit code when stopped (a negative code = killed by a signal): start nothing after it.
 INTERRUPTED_EXIT_CODE = 130
 # The user-facing entry points and the module each one runs.

@@ -26,6 +26,7 @@ from mbn.results import (
     iter_results,
     read_results,
     summarize_history,
+    total_wall_time,
     upgrade_record,
 )
 from mbn.utils.io import is_file_locked
@@ -41,7 +42,7 @@ STALE_RUNNING = "its process ended without a final status (killed, or out of dis
 INVALID_METRICS = "invalid_metrics"
 # Per-run columns that are not config keys or metrics.
 META_COLUMNS = (
-    "source", "run_dir", "status", "error", "epochs_completed", "wall_time_s",
+    "source", "run_dir", "status", "error", "epochs_completed", "wall_time_s", "total_wall_time_s",
     "config_hash", "started_at", "finished_at", "schema_version", INVALID_METRICS,
 )
 
@@ -319,6 +320,7 @@ def _meta_row(source: str, results: Mapping[str, Any]) -> dict[str, Any]:
         "error": error,
         "epochs_completed": results.get("epochs_completed"),
         "wall_time_s": results.get("wall_time_s"),
+        "total_wall_time_s": total_wall_time(results),
         "config_hash": results.get("config_hash"),
         "started_at": results.get("started_at"),
         "finished_at": results.get("finished_at"),

@@ -213,13 +213,14 @@ class JobRecord:
             The record as written.
         """
         finished_at = now_iso() if finished else None
-        attempt = {**self.attempt, "status": status, "finished_at": finished_at}
+        seconds = round(time.time() - self.started, 3)
+        attempt = {**self.attempt, "status": status, "finished_at": finished_at, "wall_time_s": seconds}
         record = self.base.updated(
             status=status,
             error=error[0] if error else None,
             traceback=error[1] if error else None,
             finished_at=finished_at,
-            wall_time_s=round(time.time() - self.started, 3),
+            wall_time_s=seconds,
             attempts=[*self.earlier_attempts, attempt],
             **summarize_history(list(history) if history else self.earlier_history),
         )
@@ -243,7 +244,11 @@ def _earlier_record(output_dir: Path, config_hash: str) -> tuple[list[dict[str, 
         return [], []
     if earlier.get("config_hash") != config_hash:
         return [], []
-    return list(earlier.get("history") or []), list(earlier.get("attempts") or [])
+    attempts = [dict(attempt) for attempt in earlier.get("attempts") or []]
+    if attempts and "wall_time_s" not in attempts[-1] and earlier.get("wall_time_s") is not None:
+        # Written before attempts carried their seconds: the record's are the last attempt's, about to be replaced.
+        attempts[-1]["wall_time_s"] = earlier["wall_time_s"]
+    return list(earlier.get("history") or []), attempts
 
 
 def record_failure(output_dir: str | Path, config_hash: str, message: str) -> dict[str, Any] | None:

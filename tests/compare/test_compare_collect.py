@@ -39,6 +39,21 @@ def test_config_metrics_and_errors_are_columns(fake_sweep):
     assert runset.runs["optim.milestones"].iloc[0] == "[0.3, 0.6, 0.9]"
 
 
+def test_a_resumed_runs_total_wall_time_counts_every_attempt(fake_sweep):
+    key = next(k for k, status in fake_sweep.statuses.items() if status == "completed")
+    path = fake_sweep.run_dirs[key] / RESULTS_FILENAME
+    record = json.loads(path.read_text())
+    record["attempts"] = [{"status": "interrupted", "wall_time_s": 100.25}, {"status": "completed", "wall_time_s": 50.5}]
+    record["wall_time_s"] = 50.5
+    path.write_text(json.dumps(record))
+    runs = collect_runs([fake_sweep.root]).runs.set_index("run_dir")
+    assert (runs.loc[str(path.parent), "wall_time_s"], runs.loc[str(path.parent), "total_wall_time_s"]) == (50.5, 150.75)
+    # A record without attempts: its own seconds.
+    other = runs.drop(index=str(path.parent))
+    other = other[other["status"] == "completed"].iloc[0]
+    assert other["total_wall_time_s"] == other["wall_time_s"] > 0
+
+
 def test_history_is_long_table_with_lam_tau(fake_sweep):
     runset = collect_runs([fake_sweep.root])
     history = runset.history

@@ -38,9 +38,13 @@ def test_a_packs_measured_time_is_its_slowest_members_record(bench_study, tmp_pa
     for seed, wall in ((0, 100.0), (1, 130.0)):
         config = {"norm": {"name": "brn"}, "data": {"batch_size": 2}, "seed": seed}
         write_results(tmp_path / f"brn{seed}", {"status": "completed", "config": config, "wall_time_s": wall})
+    # Resumed: 90 s of its last attempt, 160 s over both.
+    config = {"norm": {"name": "brn"}, "data": {"batch_size": 2}, "seed": 0}
+    write_results(tmp_path / "brn0", {"status": "completed", "config": config, "wall_time_s": 90.0,
+                                      "attempts": [{"wall_time_s": 70.0}, {"wall_time_s": 90.0}]})
     write_results(tmp_path / "gn0", {"status": "completed", "config": {"norm": {"name": "gn"}, "data": {"batch_size": 2}, "seed": 0},
                                      "wall_time_s": 999.0})
     records = bench_study._records(tmp_path)
-    assert bench_study.measured_pack(pack, records) == 130.0
+    assert bench_study.measured_pack(pack, records) == 160.0
     gn_pack = bench_study.expand(("norm=gn", "data.batch_size=2", "seed=0,1", "stack=2"))[0]
     assert bench_study.measured_pack(gn_pack, records) is None  # seed 1 has not run

@@ -10,7 +10,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from mbn.nn import schedule
-from mbn.results import read_results
+from mbn.results import read_results, total_wall_time, write_results
 from mbn.train import LoggerSpec, RunSpec, TrainerSpec, train
 from mbn.train.spec import FakeDataSpec, FakeSource, MomentumBatchNormSpec, ResNetSpec, TensorBoardSpec
 from mbn.train.run import build_trainer
@@ -65,17 +65,35 @@ def test_train_without_hydra_records_every_epoch(tmp_path):
     assert [row["lr"] for row in results["history"]] == pytest.approx([0.1 * 8 / 64, 0.1 * 8 / 64 / 10])
 
 
-def test_keyboard_interrupt_is_recorded_as_interrupted(tmp_path):
-    class CtrlC(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if trainer.current_epoch == 1 and batch_idx == 2:
-                raise KeyboardInterrupt
+class CtrlC(Callback):
+    """Ctrl-C at the third batch of epoch 2."""
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 1 and batch_idx == 2:
+            raise KeyboardInterrupt
+
+
+def test_keyboard_interrupt_is_recorded_as_interrupted(tmp_path):
     spec = fake_spec(tmp_path / "run")
     results = train(spec, callbacks=[CtrlC()])
     assert results["status"] == "interrupted" and results["epochs_completed"] == 1
     assert results["error"] == "KeyboardInterrupt"
     assert (spec.output_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_resumed_run_records_each_attempts_seconds_and_their_total(tmp_path):
+    spec = fake_spec(tmp_path / "run")
+    first = train(spec, callbacks=[CtrlC()])
+    (attempt,) = first["attempts"]
+    assert first["status"] == "interrupted" and attempt["wall_time_s"] == first["wall_time_s"] > 0
+    # As records were written before attempts carried their seconds: only the record's own.
+    write_results(spec.output_dir, {**first, "attempts": [{k: v for k, v in attempt.items() if k != "wall_time_s"}]})
+    resumed = train(spec)
+    assert resumed["status"] == "completed" and [a["status"] for a in resumed["attempts"]] == ["interrupted", "completed"]
+    earlier, last = resumed["attempts"]
+    assert earlier["wall_time_s"] == first["wall_time_s"]  # kept from the record it replaced
+    assert last["wall_time_s"] == resumed["wall_time_s"] > 0
+    assert total_wall_time(resumed) == round(first["wall_time_s"] + resumed["wall_time_s"], 3)
 
 
 def test_tensorboard_logger_writes_events(tmp_path):
