@@ -13,6 +13,7 @@ member's seconds over all its attempts; scheduled the same way), so projection a
     python scripts/bench_study.py --study curve_grid             # the fair curve study's lr grids
     python scripts/bench_study.py --study trained --steps 30     # the powered study, with its measured times
     python scripts/bench_study.py --study curve_grid --only 1    # one command
+    python scripts/bench_study.py --study curve --measured-only  # the curve's seeds: measured times only
 
 The steps are timed on this process alone (1 thread): with two study processes on 2 cores each gets
 about one core, so the projection is per process and the schedule supplies the parallelism.
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ bes
 from bench_stack import build, make_separate_step, make_stacked_step, time_steps  # noqa: E402 (scripts/ is on sys.path)
 
 from experiments.batch_size_study import run as runner  # noqa: E402
+from experiments.batch_size_study.curve import FACTORS_FILE, read_factors  # noqa: E402
 from mbn.models import stack  # noqa: E402
 from mbn.results import iter_results, read_results, total_wall_time  # noqa: E402
 
@@ -110,7 +112,12 @@ def schedule(durations: list[float], workers: int) -> float:
 
 def measured_pack(pack: Pack, records: list[dict]) -> float | None:
     """The slowest member's seconds over all its attempts (:func:`mbn.results.total_wall_time`) among the
-    completed runs of ``pack``, or None when one is missing."""
+    runs ``pack``'s command trained; None until every member has a completed record.
+
+    A member whose config another command trained first (the curve study's seed 0 is its lr grid's run)
+    is complete but costs this command nothing: a record counts as this command's when its overrides set
+    every key the pack's do. 0.0 when no member was trained here.
+    """
     wanted = {"seed": ["0"]}  # the experiments' seed when a command sweeps none
     for key, value in pack.values:
         wanted[key] = value.split(",")
@@ -121,7 +128,10 @@ def measured_pack(pack: Pack, records: list[dict]) -> float | None:
             found.append(record)
     if len(found) < pack.members or any(r.get("status") != "completed" for r in found):
         return None
-    return max(total_wall_time(r) or 0.0 for r in found)
+    keys = {key for key, _ in pack.values}
+    here = [r for r in found if "overrides" not in r  # a record that does not say: this command's
+            or keys <= {str(o).partition("=")[0].lstrip("+") for o in r["overrides"] or ()}]
+    return max((total_wall_time(r) or 0.0 for r in here), default=0.0)
 
 
 def _same(found: object, typed: str) -> bool:
@@ -134,14 +144,22 @@ def _same(found: object, typed: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", choices=sorted(runner.STUDIES), default="curve_grid")
+    parser.add_argument("--study", choices=sorted([*runner.STUDIES, "curve"]), default="curve_grid",
+                        help="curve: the fair curve study's seeds at the factors in curve_factors.json")
     parser.add_argument("--steps", type=int, default=15, help="timed training steps per pack (3 blocks, median)")
     parser.add_argument("--only", type=int, nargs="+", metavar="N", help="only these commands (1-based)")
     parser.add_argument("--sweep-dir", type=Path, help="the study's sweep dir for measured times (default: the runner's)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--measured-only", action="store_true", help="time nothing: the measured times only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    study = runner.STUDIES[args.study]
+    if args.study == "curve":
+        factors = read_factors()
+        if factors is None:
+            parser.error(f"the curve study's factors are not chosen yet ({FACTORS_FILE} is missing)")
+        study = runner.curve_study(factors)
+    else:
+        study = runner.STUDIES[args.study]
     config = _experiment_config(study.experiment)
     epochs, data = config["epochs"], config["data"]
     width, n_jobs = config["model"]["width"], 2
@@ -153,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
           f"threads={torch.get_num_threads()}; {epochs} epochs, {data['train_subset']} training and {eval_images} evaluation "
           f"images, width {width}, {n_jobs} processes at a time; measured from {sweep_dir} ({len(records)} records)")
     print(f"{'cmd':>3} {'norm':>10} {'m':>3} {'K':>2} {'grid':>4} {'ms/step':>8} {'s/epoch':>8} {'proj min':>9} {'meas min':>9}")
-    total_projected, total_measured, complete = 0.0, 0.0, True
+    total_projected, total_measured, total_process, complete = 0.0, 0.0, 0.0, True
     timed: dict[tuple, tuple[float, float]] = {}
     for number, sweep in enumerate(study.sweeps, start=1):
         if args.only and number not in args.only:
@@ -162,29 +180,36 @@ def main(argv: list[str] | None = None) -> int:
         projected, measured = [], []
         for pack in packs:
             cell = (pack.norm, pack.batch_size, pack.members, pack.lr_grid)
-            if cell not in timed:
+            if cell not in timed and not args.measured_only:
                 timed[cell] = time_pack(pack, width, data["eval_batch_size"], args.steps)
-            per_step, per_image = timed[cell]
+            per_step, per_image = timed.get(cell, (math.nan, math.nan))
             epoch_s = data["train_subset"] // pack.batch_size * per_step + eval_images * pack.members * per_image
             projected.append(epochs * epoch_s)
             measured.append(measured_pack(pack, records))
             seen = measured[-1]
             print(f"{number:>3} {pack.norm:>10} {pack.batch_size:>3} {pack.members:>2} {'lr' if pack.lr_grid else '':>4} "
-                  f"{1000 * per_step:>8.1f} {epoch_s:>8.1f} {projected[-1] / 60:>9.1f} {'' if seen is None else f'{seen / 60:.1f}':>9}",
-                  flush=True)
+                  f"{_shown(1000 * per_step):>8} {_shown(epoch_s):>8} {_shown(projected[-1] / 60):>9} "
+                  f"{'' if seen is None else f'{seen / 60:.1f}':>9}", flush=True)
         command_projected = schedule(projected, n_jobs)
         total_projected += command_projected
         if all(m is not None for m in measured):
-            command_measured = schedule([m for m in measured if m is not None], n_jobs)
+            done = [m for m in measured if m is not None]
+            command_measured = schedule(done, n_jobs)
             total_measured += command_measured
-            shown = f"{command_measured / 60:.1f}"
+            total_process += sum(done)
+            shown = f"{command_measured / 60:.1f} min ({sum(done) / 60:.1f} process-min)"
         else:
             complete, shown = False, "-"
-        print(f"{number:>3} command: projected {command_projected / 60:.1f} min, measured {shown} min: "
+        print(f"{number:>3} command: projected {_shown(command_projected / 60)} min, measured {shown}: "
               f"{runner.shown(['mbn-train', '-m', f'experiment={study.experiment}', *sweep])}")
-    print(f"# study projected {total_projected / 3600:.2f} h; measured "
-          + (f"{total_measured / 3600:.2f} h" if complete else "(not every command has run)"))
+    print(f"# study projected {_shown(total_projected / 3600, 2)} h; measured "
+          + (f"{total_measured / 3600:.2f} h ({total_process / 3600:.2f} process-hours)" if complete
+             else "(not every command has run)"))
     return 0
+
+
+def _shown(value: float, decimals: int = 1) -> str:
+    return "-" if math.isnan(value) else f"{value:.{decimals}f}"
 
 
 def _experiment_config(experiment: str) -> dict:

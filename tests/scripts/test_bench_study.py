@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from experiments.batch_size_study import run as runner
+from experiments.batch_size_study.curve import read_factors
 from mbn.results import write_results
 
 @pytest.fixture(scope="module")
@@ -48,3 +49,36 @@ def test_a_packs_measured_time_is_its_slowest_members_record(bench_study, tmp_pa
     assert bench_study.measured_pack(pack, records) == 160.0
     gn_pack = bench_study.expand(("norm=gn", "data.batch_size=2", "seed=0,1", "stack=2"))[0]
     assert bench_study.measured_pack(gn_pack, records) is None  # seed 1 has not run
+
+
+def test_a_member_that_another_command_trained_is_complete_but_costs_the_pack_nothing(bench_study, tmp_path):
+    # The curve study's seed 0 is its lr grid's run (the same config): that command's cost, not this one's.
+    pack = bench_study.expand(("norm=bn", "data.batch_size=2", "optim.base_lr=0.3", "seed=0,1,2", "stack=3"))[0]
+    grid = ["norm=bn", "data.batch_size=2", "optim.base_lr=0.03,0.1,0.3,1", "stack=4"]
+    for seed, overrides, wall in ((0, grid, 7000.0), (1, [*pack_overrides(pack), "seed=1"], 4000.0)):
+        config = {"norm": {"name": "bn"}, "data": {"batch_size": 2}, "optim": {"base_lr": 0.3}, "seed": seed}
+        write_results(tmp_path / f"bn{seed}", {"status": "completed", "config": config, "overrides": overrides, "wall_time_s": wall})
+    assert bench_study.measured_pack(pack, bench_study._records(tmp_path)) is None  # seed 2 has not run
+    config = {"norm": {"name": "bn"}, "data": {"batch_size": 2}, "optim": {"base_lr": 0.3}, "seed": 2}
+    write_results(tmp_path / "bn2", {"status": "completed", "config": config, "overrides": [*pack_overrides(pack), "seed=2"],
+                                     "wall_time_s": 4100.0})
+    assert bench_study.measured_pack(pack, bench_study._records(tmp_path)) == 4100.0
+    only_grid = bench_study.expand(("norm=bn", "data.batch_size=2", "optim.base_lr=0.3", "seed=0"))[0]
+    assert bench_study.measured_pack(only_grid, bench_study._records(tmp_path)) == 0.0
+
+
+def pack_overrides(pack) -> list[str]:
+    return ["+experiment=x", *(f"{key}={value}" for key, value in pack.values if key != "seed")]
+
+
+def test_measured_only_times_nothing_and_reads_the_curve_studys_seed_commands(bench_study, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench_study, "time_pack", lambda *args: pytest.fail("--measured-only timed a pack"))
+    config = {"norm": {"name": "bn"}, "data": {"batch_size": 32}, "optim": {"base_lr": 0.3}, "seed": 0}
+    write_results(tmp_path / "bn32", {"status": "completed", "config": config, "wall_time_s": 600.0,
+                                      "overrides": ["norm=bn", "data.batch_size=32", "optim.base_lr=0.3", "seed=0,1,2"]})
+    assert bench_study.main(["--study", "curve", "--measured-only", "--sweep-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    study = runner.curve_study(read_factors())
+    assert sum(" command: projected - min" in line for line in lines) == len(study.sweeps)
+    assert any(line.split()[1:4] == ["bn", "32", "1"] and line.split()[-1] == "10.0" for line in lines)
+    assert lines[-1] == "# study projected - h; measured (not every command has run)"
