@@ -13,6 +13,9 @@ is printed (``mbn-train`` is ``python -m mbn.cli.train``), then the ``mbn-compar
 study's tables and plots. Every command is resumable: rerunning the study skips the runs that
 finished and resumes interrupted ones, so a study may run in parts. ``--publish DIR`` copies the
 commit-ready outputs (tables, differences, plots, one CSV row and the ``results.json`` of every run).
+Before its commands run, the runner copies the finished records its study published in this
+repository back into the sweep dir (``--no-restore``: train everything), so a chunk run on a fresh
+clone picks up where the committed records end.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from experiments.batch_size_study.curve import FACTORS_FILE, read_factors, seed_sweeps, select_runs
-from mbn.results import RESULTS_FILENAME, iter_results
+from mbn.results import RESULTS_FILENAME, iter_results, read_results
 from mbn.utils.io import atomic_write
 
 if TYPE_CHECKING:
@@ -48,6 +51,11 @@ RUN_COLUMNS = ("status", "epochs_completed", "final_test_acc1", "final_test_acc5
 INTERRUPTED_EXIT_CODE = 130
 # The user-facing entry points and the module each one runs.
 ENTRY_POINTS = {"mbn-train": "mbn.cli.train", "mbn-compare": "mbn.cli.compare"}
+# Where a study's published dir (Study.published) is resolved.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# The curve study's published dir (its grids and seeds share it). The earlier studies publish none to
+# restore: their records predate the config's current form (a rerun would replace them, not skip).
+CURVE_PUBLISHED = "experiments/batch_size_study/results_curve"
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,8 @@ class Study:
         compare_name: the dir of its tables under ``<output_root>/compare/`` (None: ``sweep_name``).
         other_baselines: rows every other row is also compared with, each table saved as
             ``differences_to_<row>.md`` (the fair curve study compares every norm with MBN as well).
+        published: the dir (relative to the repository root) its records are published to, whose
+            ``runs/`` the runner restores into the sweep dir (None: nothing to restore).
     """
 
     experiment: str
@@ -81,6 +91,7 @@ class Study:
     curve_metric: str = "test_acc1"
     compare_name: str | None = None
     other_baselines: tuple[str, ...] = ()
+    published: str | None = None
 
     def train_commands(self, extra: Sequence[str] = ()) -> list[list[str]]:
         """The study's ``mbn-train -m`` commands, each with the overrides ``extra`` appended."""
@@ -107,7 +118,7 @@ def curve_grid_study(*sweeps: tuple[str, ...]) -> Study:
     against the lr, and the validation curves, in ``<output_root>/compare/study_curve_grid``."""
     return Study(experiment="study_curve", sweep_name="study_curve", sweeps=sweeps, curve_batch_size=None, baseline=None,
                  rows="norm,data.batch_size", cols="optim.base_lr", metric="final_val_acc1", curve_metric="val_acc1",
-                 compare_name="study_curve_grid")
+                 compare_name="study_curve_grid", published=CURVE_PUBLISHED)
 
 
 STUDIES: dict[str, Study] = {
@@ -157,7 +168,7 @@ def curve_study(factors: dict[str, dict[int, float]]) -> Study:
     """The fair curve study's seeds at the chosen factors (:mod:`experiments.batch_size_study.curve`):
     its runs share the grids' sweep dir, so the grids' seed-0 runs at the chosen factors are reused."""
     return Study(experiment="study_curve", sweep_name="study_curve", sweeps=seed_sweeps(factors), curve_batch_size=2,
-                 other_baselines=("mbn",))
+                 other_baselines=("mbn",), published=CURVE_PUBLISHED)
 
 
 def executable(command: Sequence[str]) -> list[str]:
@@ -279,6 +290,33 @@ def publish(compare_dir: Path, sweep_dir: Path, target: Path) -> list[Path]:
     return copied
 
 
+def restore(published_runs: Path, sweep_dir: Path) -> list[Path]:
+    """Copy the finished records under ``published_runs`` (a published dir's ``runs/``) into
+    ``sweep_dir``, each to its run dir, so the study's commands skip those runs.
+
+    Only ``completed`` records are copied, and only into a run dir that holds no ``results.json``:
+    a record there (finished, interrupted with its checkpoint, or running) is this machine's own
+    and is left as it is.
+
+    Args:
+        published_runs: e.g. ``experiments/batch_size_study/results_curve/runs`` (missing: nothing to restore).
+        sweep_dir: the study's sweep dir.
+
+    Returns:
+        The records written into the sweep dir.
+    """
+    if not published_runs.is_dir():
+        return []
+    restored = []
+    for record in iter_results(published_runs):
+        destination = sweep_dir / record.parent.relative_to(published_runs) / RESULTS_FILENAME
+        if destination.exists() or read_results(record)["status"] != "completed":
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        restored.append(Path(shutil.copy2(record, destination)))
+    return restored
+
+
 def _say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -294,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--publish", metavar="DIR", help="copy tables, plots, runs CSV and run records here")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--no-compare", action="store_true", help="run the sweeps only")
+    parser.add_argument("--no-restore", action="store_true",
+                        help="train every run: do not copy the study's published finished records into the sweep dir first")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every mbn-train command (e.g. epochs=1)")
     return parser
 
@@ -326,6 +366,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for command, stdout in [*train, *compare]:
             print(shown(command, stdout))
         return 0
+    if study.published is not None and not args.no_restore:
+        published_runs = REPO_ROOT / study.published / "runs"
+        restored = restore(published_runs, sweep_dir)
+        if restored:
+            _say(f"restored {len(restored)} finished runs from {published_runs} into {sweep_dir} (--no-restore: train them)")
     started = time.monotonic()
     codes = run_commands(train, jobs=args.jobs, log_dir=compare_dir / "logs")
     _say(f"sweeps done in {time.monotonic() - started:.0f} s; exit codes {codes}")

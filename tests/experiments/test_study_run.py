@@ -4,6 +4,7 @@ and a tiny study runs end to end through the CLI's stacked, parallel sweeps, mbn
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -179,10 +180,12 @@ def test_commands_run_as_printed_and_nothing_starts_after_an_interrupt(tmp_path,
 
 def test_a_tiny_study_runs_end_to_end_stacked_and_in_parallel(tiny, run_env, tmp_path, monkeypatch, capfd):
     """BN and MBN x 2 seeds, each norm's seeds one stacked pack, the two packs in two joblib workers,
-    then mbn-compare with the difference to BN, the side tables and publish."""
-    monkeypatch.setitem(study.STUDIES, "tiny", study.Study(
-        experiment="study_trained", sweep_name="tiny", sweeps=(("norm=bn,mbn", "seed=0,1", "stack=2"),), curve_batch_size=8))
+    then mbn-compare with the difference to BN, the side tables and publish; on a fresh machine
+    (no sweep dir) the study's rerun restores the published records and trains nothing."""
     published = tmp_path / "published"
+    monkeypatch.setitem(study.STUDIES, "tiny", study.Study(
+        experiment="study_trained", sweep_name="tiny", sweeps=(("norm=bn,mbn", "seed=0,1", "stack=2"),), curve_batch_size=8,
+        published=str(published)))
     extra = [o for o in tiny(data__train_subset="null", data__test_subset="null", epochs=2, sweep_name="tiny")
              if not o.startswith("output_root=")]
     assert study.main(["--study", "tiny", "--out", str(run_env), "--publish", str(published), *extra]) == 0
@@ -209,3 +212,25 @@ def test_a_tiny_study_runs_end_to_end_stacked_and_in_parallel(tiny, run_env, tmp
     copies = sorted((published / "runs").glob("*/results.json"))
     assert [p.parent.name for p in copies] == [p.parent.name for p in records]
     assert json.loads(copies[0].read_text()) == json.loads(records[0].read_text())
+
+    # A fresh clone: the committed records are all there is. The rerun copies them back and skips every run.
+    originals = {p.parent.name: p.read_bytes() for p in records}
+    shutil.rmtree(run_env / "sweeps" / "tiny")
+    assert study.main(["--study", "tiny", "--out", str(run_env), "--no-compare", *extra]) == 0
+    out = capfd.readouterr().out
+    assert f"restored 4 finished runs from {published / 'runs'} into {run_env / 'sweeps' / 'tiny'}" in out
+    assert {p.parent.name: p.read_bytes() for p in (run_env / "sweeps" / "tiny").glob("*/results.json")} == originals
+    assert not list((run_env / "sweeps" / "tiny").glob("*/checkpoints"))  # nothing trained
+
+    # Only finished records are restored, and never over a record the sweep dir holds.
+    interrupted = json.loads(copies[1].read_text()) | {"status": "interrupted"}
+    copies[1].write_text(json.dumps(interrupted))
+    own = {**json.loads(copies[2].read_text()), "status": "interrupted"}
+    shutil.rmtree(run_env / "sweeps" / "tiny")
+    (run_env / "sweeps" / "tiny" / copies[2].parent.name).mkdir(parents=True)
+    (run_env / "sweeps" / "tiny" / copies[2].parent.name / "results.json").write_text(json.dumps(own))
+    restored = study.restore(published / "runs", run_env / "sweeps" / "tiny")
+    assert sorted(p.parent.name for p in restored) == [copies[0].parent.name, copies[3].parent.name]
+    assert json.loads((run_env / "sweeps" / "tiny" / copies[2].parent.name / "results.json").read_text()) == own
+    assert not (run_env / "sweeps" / "tiny" / copies[1].parent.name).exists()
+    assert study.restore(tmp_path / "nothing-published", run_env / "sweeps" / "tiny") == []
