@@ -167,20 +167,23 @@ def choose_factors(scores: Mapping[tuple[str, int], Mapping[float, float]]) -> t
 
 
 def seed_sweeps(factors: Mapping[str, Mapping[int, float]]) -> tuple[tuple[str, ...], ...]:
-    """The seeds' ``mbn-train -m`` overrides: one command per (m, lr), its norms' seeds stacked per
-    norm below m = 32 (one pack per norm; at m = 32 stacking loses and runs go one by one).
+    """The seeds' ``mbn-train -m`` overrides: one command per cell (norm and m), by m, then norm; a
+    cell's seeds stacked below m = 32 (at m = 32 stacking loses and runs go one by one).
+
+    One command per cell keeps each command a chunk that ends within a working session (one pack:
+    an interrupted pack's checkpoints do not outlive the machine) and lets ``--jobs 2`` balance the
+    two processes.
 
     Args:
         factors: ``{norm: {m: factor}}`` of :func:`choose_factors`.
     """
-    cells: dict[tuple[int, float, int], list[str]] = {}
-    for norm, by_m in factors.items():
-        for m, factor in by_m.items():
-            seeds = MBN_SEEDS_AT_32 if (norm, m) == ("mbn", 32) else SEEDS[m]
-            cells.setdefault((m, factor, seeds), []).append(NORM_OPTIONS[norm])
+    order = {norm: index for index, norm in enumerate((*NORMS, *PEERS))}
+    cells = sorted(((m, norm, factor) for norm, by_m in factors.items() for m, factor in by_m.items()),
+                   key=lambda cell: (cell[0], order[cell[1]]))
     sweeps = []
-    for (m, factor, seeds), options in sorted(cells.items()):
-        sweep = (f"norm={','.join(options)}", f"data.batch_size={m}", f"optim.base_lr={base_lr_of(factor):g}",
+    for m, norm, factor in cells:
+        seeds = MBN_SEEDS_AT_32 if (norm, m) == ("mbn", 32) else SEEDS[m]
+        sweep = (f"norm={NORM_OPTIONS[norm]}", f"data.batch_size={m}", f"optim.base_lr={base_lr_of(factor):g}",
                  f"seed={','.join(str(s) for s in range(seeds))}")
         sweeps.append(sweep + ((f"stack={seeds}",) if m < 32 and seeds > 1 else ()))
     return tuple(sweeps)

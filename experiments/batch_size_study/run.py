@@ -56,6 +56,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # The curve study's published dir (its grids and seeds share it). The earlier studies publish none to
 # restore: their records predate the config's current form (a rerun would replace them, not skip).
 CURVE_PUBLISHED = "experiments/batch_size_study/results_curve"
+# The peers by their pilots' cost per epoch at m = 2 (EXPERIMENTS.md, their protocol's budget), costliest first.
+PEERS_BY_COST = ("cbn", "evonorm_b0", "evonorm_s0", "frn", "mabn")
 
 
 @dataclass(frozen=True)
@@ -147,10 +149,12 @@ STUDIES: dict[str, Study] = {
         ("norm=bn,gn,brn_epochs", "data.batch_size=32", "optim.base_lr=0.03,0.1,0.3,1"),
     ),
     # The small-batch peers' lr grids (EXPERIMENTS.md, "The small-batch peers in the fair curve study:
-    # protocol"): tuned as BN, GN, BRN and MBN, at m = 2 (stacked) and 32, in the same sweep dir.
+    # protocol"): tuned as BN, GN, BRN and MBN, at m = 2 (stacked) and 32, in the same sweep dir. One
+    # command per peer and m, each a chunk that ends within a working session, the costliest first
+    # (the pilots' order), so that --jobs 2 keeps both processes busy.
     "peers_grid": curve_grid_study(
-        ("norm=evonorm_b0,evonorm_s0,frn,mabn,cbn", "data.batch_size=2", "optim.base_lr=0.03,0.1,0.3,1", "stack=4"),
-        ("norm=evonorm_b0,evonorm_s0,frn,mabn,cbn", "data.batch_size=32", "optim.base_lr=0.03,0.1,0.3,1"),
+        *((f"norm={peer}", "data.batch_size=2", "optim.base_lr=0.03,0.1,0.3,1", "stack=4") for peer in PEERS_BY_COST),
+        *((f"norm={peer}", "data.batch_size=32", "optim.base_lr=0.03,0.1,0.3,1") for peer in PEERS_BY_COST),
     ),
     # The earlier, under-trained study (6 epochs, 3,000 images; every norm x m in {2..32} x 2 seeds).
     # With 6 epochs MBN uses the per-iteration schedule: the per-epoch one moves lam in 6 large jumps.

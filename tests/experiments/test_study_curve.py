@@ -106,7 +106,10 @@ def test_chosen_factors_are_written_once_complete_and_give_the_protocols_74_seed
     runs = [(norm, sweep[1], sweep[2], seed) for sweep in sweeps for norm in sweep[0].removeprefix("norm=").split(",")
             for seed in sweep[3].removeprefix("seed=").split(",")]
     assert len(runs) == len(set(runs)) == 74
-    assert ("norm=bn,gn,brn_epochs,mbn", "data.batch_size=2", "optim.base_lr=0.1", "seed=0,1,2,3,4", "stack=5") in sweeps
+    # One command per cell (one pack below m = 32), by m, then norm.
+    assert len(sweeps) == len(curve.NORMS) * len(curve.CURVE_BATCH_SIZES)
+    assert sweeps[:2] == (("norm=bn", "data.batch_size=2", "optim.base_lr=0.1", "seed=0,1,2,3,4", "stack=5"),
+                          ("norm=gn", "data.batch_size=2", "optim.base_lr=0.1", "seed=0,1,2,3,4", "stack=5"))
     assert ("norm=brn_epochs", "data.batch_size=16", "optim.base_lr=0.3", "seed=0,1,2", "stack=3") in sweeps
     assert ("norm=mbn", "data.batch_size=32", "optim.base_lr=0.1", "seed=0") in sweeps  # one run, unstacked at m = 32
     # The seeds' study: the runner prints these commands, one process each when several run at once.
@@ -122,7 +125,7 @@ def test_the_curve_study_refuses_to_start_before_its_factors_are_chosen(tmp_path
     monkeypatch.setattr(study, "read_factors", lambda: {norm: dict.fromkeys(curve.CURVE_BATCH_SIZES, 1.0) for norm in curve.NORMS})
     assert study.main(["--study", "curve", "--dry-run", "--jobs", "2", "--no-compare"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == ("mbn-train -m experiment=study_curve norm=bn,gn,brn_epochs,mbn data.batch_size=2 optim.base_lr=0.1 "
+    assert lines[0] == ("mbn-train -m experiment=study_curve norm=bn data.batch_size=2 optim.base_lr=0.1 "
                         "seed=0,1,2,3,4 stack=5 hydra.launcher.n_jobs=1")
     # Its tables read the selected runs: differences to BN (the main table) and to MBN.
     assert study.main(["--study", "curve", "--dry-run", "--out", "o"]) == 0

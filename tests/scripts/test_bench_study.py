@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from experiments.batch_size_study import curve
 from experiments.batch_size_study import run as runner
 from experiments.batch_size_study.curve import read_factors
 from mbn.results import write_results
@@ -21,6 +22,12 @@ def test_the_packs_of_every_study_command_are_the_sweeps(bench_study):
     assert [(p.norm, p.batch_size, p.members, p.lr_grid) for p in packs[0]] == [("bn", 2, 4, True), ("mbn", 2, 4, True)]
     assert [(p.norm, p.members) for p in packs[1]] == [("gn", 4), ("brn_epochs", 4)]
     assert len(packs[2]) == 12 and all(p.members == 1 and p.batch_size == 32 for p in packs[2])
+    # The peers: one command per peer and m, each peer's m = 2 grid one pack, its m = 32 grid 4 runs.
+    peers = [bench_study.expand(sweep) for sweep in runner.STUDIES["peers_grid"].sweeps]
+    assert [[(p.norm, p.batch_size, p.members) for p in packs] for packs in peers[:5]] == [
+        [(peer, 2, 4)] for peer in ("cbn", "evonorm_b0", "evonorm_s0", "frn", "mabn")]
+    assert sorted(p.norm for packs in peers[5:] for p in packs) == sorted(curve.PEERS * 4)
+    assert all(len(packs) == 4 and {(p.batch_size, p.members) for p in packs} == {(32, 1)} for packs in peers[5:])
     trained = [bench_study.expand(sweep) for sweep in runner.STUDIES["trained"].sweeps]
     assert [len(p) for p in trained] == [2, 5, 1, 2, 2]
     assert [p.members for p in trained[0]] == [5, 5] and not trained[0][0].lr_grid
