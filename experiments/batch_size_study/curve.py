@@ -26,7 +26,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from mbn.results import iter_results, read_results
 from mbn.utils.io import atomic_write
@@ -189,14 +189,31 @@ def seed_sweeps(factors: Mapping[str, Mapping[int, float]]) -> tuple[tuple[str, 
     return tuple(sweeps)
 
 
-def select_runs(sweep_dir: str | Path, factors: Mapping[str, Mapping[int, float]], target: str | Path) -> list[Path]:
-    """Copy the records of the curve's runs (each norm and m at its chosen factor, every seed) to
-    ``target/<run dir>/results.json``, for mbn-compare: the sweep dir also holds the grids' other lrs.
+def is_grid_run(config: Mapping[str, Any]) -> bool:
+    """Whether a run's config is one of the lr grids' (seed 0 at a tuned batch size, any factor)."""
+    return config.get("seed") == 0 and config.get("data", {}).get("batch_size") in TUNED_BATCH_SIZES
+
+
+def at_chosen_factor(factors: Mapping[str, Mapping[int, float]]) -> Callable[[Mapping[str, Any]], bool]:
+    """Whether a run's config is one of the curve's (its norm and m at the chosen factor, any seed).
+
+    Args:
+        factors: ``{norm: {m: factor}}`` (:func:`read_factors`).
+    """
+    def chosen(config: Mapping[str, Any]) -> bool:
+        norm, m = config.get("norm", {}).get("name"), config.get("data", {}).get("batch_size")
+        return norm in factors and m in factors[norm] and factor_of(config["optim"]["base_lr"]) == factors[norm][m]
+    return chosen
+
+
+def select_runs(sweep_dir: str | Path, target: str | Path, keep: Callable[[Mapping[str, Any]], bool]) -> list[Path]:
+    """Copy the records of the runs a table reads to ``target/<run dir>/results.json``, for
+    mbn-compare: the study's sweep dir holds the grids' runs and the seeds' together.
 
     Args:
         sweep_dir: the study's sweep dir.
-        factors: ``{norm: {m: factor}}`` (:func:`read_factors`).
         target: a dir that holds only the selection (emptied of earlier records first).
+        keep: which runs, by their config (:func:`at_chosen_factor`, :func:`is_grid_run`).
 
     Returns:
         The copied records.
@@ -206,9 +223,7 @@ def select_runs(sweep_dir: str | Path, factors: Mapping[str, Mapping[int, float]
         stale.unlink()
     copied = []
     for path in iter_results(sweep_dir):
-        config = read_results(path).get("config", {})
-        norm, m = config.get("norm", {}).get("name"), config.get("data", {}).get("batch_size")
-        if norm in factors and m in factors[norm] and factor_of(config["optim"]["base_lr"]) == factors[norm][m]:
+        if keep(read_results(path).get("config", {})):
             destination = target / path.parent.relative_to(sweep_dir) / path.name
             destination.parent.mkdir(parents=True, exist_ok=True)
             destination.write_bytes(path.read_bytes())

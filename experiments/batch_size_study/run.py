@@ -29,9 +29,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from experiments.batch_size_study.curve import FACTORS_FILE, read_factors, seed_sweeps, select_runs
+from experiments.batch_size_study.curve import FACTORS_FILE, at_chosen_factor, is_grid_run, read_factors, seed_sweeps, select_runs
 from mbn.results import RESULTS_FILENAME, iter_results, read_results
 from mbn.utils.io import atomic_write
 
@@ -80,6 +80,8 @@ class Study:
             ``differences_to_<row>.md`` (the fair curve study compares every norm with MBN as well).
         published: the dir (relative to the repository root) its records are published to, whose
             ``runs/`` the runner restores into the sweep dir (None: nothing to restore).
+        selection: which of the sweep dir's runs its tables read, by config (None: all); the
+            selected records are copied to ``<compare dir>/selected`` for mbn-compare.
     """
 
     experiment: str
@@ -94,6 +96,7 @@ class Study:
     compare_name: str | None = None
     other_baselines: tuple[str, ...] = ()
     published: str | None = None
+    selection: Callable[[Mapping[str, Any]], bool] | None = None
 
     def train_commands(self, extra: Sequence[str] = ()) -> list[list[str]]:
         """The study's ``mbn-train -m`` commands, each with the overrides ``extra`` appended."""
@@ -120,7 +123,7 @@ def curve_grid_study(*sweeps: tuple[str, ...]) -> Study:
     against the lr, and the validation curves, in ``<output_root>/compare/study_curve_grid``."""
     return Study(experiment="study_curve", sweep_name="study_curve", sweeps=sweeps, curve_batch_size=None, baseline=None,
                  rows="norm,data.batch_size", cols="optim.base_lr", metric="final_val_acc1", curve_metric="val_acc1",
-                 compare_name="study_curve_grid", published=CURVE_PUBLISHED)
+                 compare_name="study_curve_grid", published=CURVE_PUBLISHED, selection=is_grid_run)
 
 
 STUDIES: dict[str, Study] = {
@@ -172,7 +175,7 @@ def curve_study(factors: dict[str, dict[int, float]]) -> Study:
     """The fair curve study's seeds at the chosen factors (:mod:`experiments.batch_size_study.curve`):
     its runs share the grids' sweep dir, so the grids' seed-0 runs at the chosen factors are reused."""
     return Study(experiment="study_curve", sweep_name="study_curve", sweeps=seed_sweeps(factors), curve_batch_size=2,
-                 other_baselines=("mbn",), published=CURVE_PUBLISHED)
+                 other_baselines=("mbn",), published=CURVE_PUBLISHED, selection=at_chosen_factor(factors))
 
 
 def executable(command: Sequence[str]) -> list[str]:
@@ -363,8 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep_dir = sweep_dir_of(study, args.out)
     compare_dir = Path(args.compare_dir) if args.compare_dir else sweep_dir.parent.parent / "compare" / (study.compare_name or study.sweep_name)
     train = [(command, None) for command in study.train_commands(extra)]
-    # The curve study's sweep dir also holds the grids' other lrs: its tables read a selection.
-    compare_source = compare_dir / "selected" if args.study == "curve" else sweep_dir
+    # The curve study's sweep dir holds its grids and its seeds: each table reads a selection.
+    compare_source = compare_dir / "selected" if study.selection is not None else sweep_dir
     compare = [] if args.no_compare else study.compare_commands(compare_source, compare_dir)
     if args.dry_run:
         for command, stdout in [*train, *compare]:
@@ -381,9 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0 if len(codes) == len(train) and all(code == 0 for code in codes) else 1
     if len(codes) < len(train) or not compare:
         return status
-    if args.study == "curve":
-        selected = select_runs(sweep_dir, factors, compare_source)
-        _say(f"selected the {len(selected)} runs at the chosen factors into {compare_source}")
+    if study.selection is not None:
+        selected = select_runs(sweep_dir, compare_source, study.selection)
+        _say(f"selected the {len(selected)} runs its tables read into {compare_source}")
     if any(code != 0 for code in run_commands(compare)):
         return 1
     if args.publish:

@@ -155,11 +155,30 @@ def test_the_curve_tables_read_only_the_runs_at_the_chosen_factors(tmp_path):
         record(sweep, "bn", 2, 1.0, 0.5, seed=seed)  # not the chosen factor
     target = tmp_path / "selected"
     write_results(target / "stale", {"status": "completed", "config": {}})
-    copied = curve.select_runs(sweep, {"bn": {2: 3.0}}, target)
+    copied = curve.select_runs(sweep, target, curve.at_chosen_factor({"bn": {2: 3.0}}))
     assert sorted(p.parent.name for p in copied) == ["data.batch_size=2,norm=bn,optim.base_lr=0.3",
                                                      "data.batch_size=2,norm=bn,optim.base_lr=0.3,seed=1",
                                                      "data.batch_size=2,norm=bn,optim.base_lr=0.3,seed=2"]
     assert sorted(p.parent.name for p in target.rglob("results.json")) == sorted(p.parent.name for p in copied)
+
+
+def test_the_grid_tables_read_only_the_grids_runs_not_the_seeds_beside_them(tmp_path, capsys):
+    sweep = tmp_path / "study_curve"
+    for m in curve.TUNED_BATCH_SIZES:
+        for factor in curve.GRID:
+            record(sweep, "bn", m, factor, 0.5)
+    record(sweep, "gn", 32, 0.1, 0.5)  # the grid's extension
+    for seed in (1, 2):
+        record(sweep, "bn", 2, 3.0, 0.5, seed=seed)
+    record(sweep, "bn", 4, 3.0, 0.5)  # seed 0 of an interpolated m: a seed run, not a grid's
+    copied = curve.select_runs(sweep, tmp_path / "selected", curve.is_grid_run)
+    assert len(copied) == 2 * len(curve.GRID) + 1
+    assert not any("seed=" in p.parent.name or "batch_size=4" in p.parent.name for p in copied)
+    # Both grid studies read this selection; the curve study reads the chosen factors'.
+    assert study.STUDIES["curve_grid"].selection is curve.is_grid_run and study.STUDIES["peers_grid"].selection is curve.is_grid_run
+    assert study.main(["--study", "curve_grid", "--dry-run", "--out", "o"]) == 0
+    compares = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mbn-compare")]
+    assert compares and all(line.startswith("mbn-compare o/compare/study_curve_grid/selected ") for line in compares)
 
 
 def test_a_peer_is_tuned_alike_and_runs_at_the_tuned_batch_sizes_only(tmp_path):
