@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from experiments.batch_size_study.curve import FACTORS_FILE, at_chosen_factor, is_grid_run, read_factors, seed_sweeps, select_runs
+from experiments.batch_size_study.curve import FACTORS_FILE, REFERENCE_LR, at_chosen_factor, is_grid_run, read_factors, seed_sweeps, select_runs
 from mbn.results import RESULTS_FILENAME, iter_results, read_results
 from mbn.utils.io import atomic_write
 
@@ -69,7 +69,8 @@ class Study:
             must be ``sweep_name``.
         sweep_name: the sweep dir every command writes into (``<output_root>/sweeps/<sweep_name>``).
         sweeps: the Hydra overrides of each ``mbn-train -m`` command, after ``experiment=...``.
-        curve_batch_size: column value (batch size) of the accuracy-per-epoch plot (None: mbn-compare's default).
+        curve_batch_size: column value (batch size; an lr for the grids) of the accuracy-per-epoch plot (None:
+            mbn-compare's default).
         baseline: the row every other row is compared with, or None for no difference table.
         rows: mbn-compare's ``--rows`` (config keys of the table rows).
         cols: mbn-compare's ``--cols`` (config key of the columns).
@@ -87,7 +88,7 @@ class Study:
     experiment: str
     sweep_name: str
     sweeps: tuple[tuple[str, ...], ...]
-    curve_batch_size: int | None
+    curve_batch_size: int | float | None
     baseline: str | None = "bn"
     rows: str = "norm"
     cols: str = "data.batch_size"
@@ -120,8 +121,9 @@ class Study:
 
 def curve_grid_study(*sweeps: tuple[str, ...]) -> Study:
     """Lr grids of the fair curve study (its sweep dir): tables of ``final_val_acc1`` by norm and m
-    against the lr, and the validation curves, in ``<output_root>/compare/study_curve_grid``."""
-    return Study(experiment="study_curve", sweep_name="study_curve", sweeps=sweeps, curve_batch_size=None, baseline=None,
+    against the lr, and the validation curves (at factor 1, the linear-scaling rule's lr), in
+    ``<output_root>/compare/study_curve_grid``."""
+    return Study(experiment="study_curve", sweep_name="study_curve", sweeps=sweeps, curve_batch_size=REFERENCE_LR, baseline=None,
                  rows="norm,data.batch_size", cols="optim.base_lr", metric="final_val_acc1", curve_metric="val_acc1",
                  compare_name="study_curve_grid", published=CURVE_PUBLISHED, selection=is_grid_run)
 
@@ -269,19 +271,22 @@ def compact_runs(runs_csv: Path) -> "pd.DataFrame":
     return runs[columns].sort_values(first).reset_index(drop=True)
 
 
-def publish(compare_dir: Path, sweep_dir: Path, target: Path) -> list[Path]:
+def publish(compare_dir: Path, sweep_dir: Path, target: Path, records_dir: Path | None = None) -> list[Path]:
     """Copy the commit-ready outputs of a study to ``target``.
 
     That is: mbn-compare's ``table.md``, ``differences.csv``, the side tables, the tables of the
     differences to other baselines (``differences_to_<row>.md``) and the PNG plots;
-    ``runs.csv`` cut to the varying config keys and the metrics (:func:`compact_runs`); and every
-    run's ``results.json`` under ``runs/<run dir>/`` (copied back into a sweep dir, they let the
-    study's commands skip those runs).
+    ``runs.csv`` cut to the varying config keys and the metrics (:func:`compact_runs`); and the
+    ``results.json`` of every finished run under ``records_dir/<run dir>/`` (copied back into a
+    sweep dir, they let the study's commands skip those runs: :func:`restore`). A run still
+    running or interrupted is not published: its record would say so forever.
 
     Args:
         compare_dir: the main mbn-compare's ``--out`` dir.
         sweep_dir: the study's sweep dir.
         target: e.g. ``experiments/batch_size_study/results``.
+        records_dir: where the records go (default ``target/runs``; the curve study's grids and seeds,
+            which share a sweep dir, keep them in one place whatever their tables' ``target``).
     """
     target.mkdir(parents=True, exist_ok=True)
     names = ["table.md", "differences.csv", *(f"{metric}.md" for metric, _ in SIDE_TABLES)]
@@ -290,8 +295,11 @@ def publish(compare_dir: Path, sweep_dir: Path, target: Path) -> list[Path]:
     runs = compact_runs(compare_dir / "runs.csv")
     atomic_write(target / "runs.csv", lambda f: f.write(runs.to_csv(index=False, float_format="%.4f").encode()))
     copied.append(target / "runs.csv")
+    records_dir = target / "runs" if records_dir is None else records_dir
     for record in iter_results(sweep_dir):
-        destination = target / "runs" / record.parent.relative_to(sweep_dir) / RESULTS_FILENAME
+        if read_results(record)["status"] != "completed":
+            continue
+        destination = records_dir / record.parent.relative_to(sweep_dir) / RESULTS_FILENAME
         destination.parent.mkdir(parents=True, exist_ok=True)
         copied.append(Path(shutil.copy2(record, destination)))
     return copied
@@ -390,7 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(code != 0 for code in run_commands(compare)):
         return 1
     if args.publish:
-        for path in publish(compare_dir, sweep_dir, Path(args.publish)):
+        records_dir = REPO_ROOT / study.published / "runs" if study.published is not None else None
+        for path in publish(compare_dir, sweep_dir, Path(args.publish), records_dir):
             _say(f"published {path}")
     return status
 

@@ -40,6 +40,18 @@ class UsageError(Exception):
     """Bad arguments or nothing to compare (exit code 2)."""
 
 
+def column_value(text: str) -> int | float:
+    """A numeric column value from the command line: an int when it is one (a batch size), else a float (an lr)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mbn-compare",
@@ -67,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decimals", type=int, default=2, help="digits after the point (default 2)")
     parser.add_argument("--out", metavar="DIR",
                         help="write the table in every format, the plots (PNG+SVG), runs.csv and report.html here")
-    parser.add_argument("--curve-batch-size", type=int, metavar="M",
-                        help="column value (batch size) of the accuracy-vs-epoch plot (default: the smallest)")
+    parser.add_argument("--curve-batch-size", type=column_value, metavar="M",
+                        help="column value (batch size, or whatever --cols is: an lr of an lr grid) of the "
+                             "accuracy-vs-epoch plot (default: the smallest)")
     parser.add_argument("--curve-metric", default=DEFAULT_CURVE_METRIC, metavar="KEY",
                         help=f"history key of the per-epoch plot (default {DEFAULT_CURVE_METRIC}; val_acc1 for the validation split)")
     parser.add_argument("--interval", default=STD, choices=INTERVALS,

@@ -85,6 +85,7 @@ def test_partial_sweep_with_only_running_runs(tmp_path, capsys):
     (["{root}", "--cols", "batch"], "--cols: unknown key 'batch'"),
     (["{root}", "--metric", "best_acc"], "--metric: unknown metric 'best_acc'"),
     (["{root}", "--curve-batch-size", "3"], "--curve-batch-size 3 is not among the data.batch_size values [2, 8, 32]"),
+    (["{root}", "--curve-batch-size", "0.5"], "--curve-batch-size 0.5 is not among the data.batch_size values [2, 8, 32]"),
     (["{root}", "--rows", "seed"], "must be different keys"),
     (["{root}/nope"], "no such sweep or run dir"),
     (["{root}", "--wandb", "justaproject"], "--wandb must be ENTITY/PROJECT, got 'justaproject'"),
@@ -282,3 +283,11 @@ def test_a_val_metric_over_schema_1_records_reads_their_published_numbers_with_a
     assert main([str(tmp_path), "--format", "csv"]) == 0  # the default, final_test_acc1: every schema has it
     out, err = capsys.readouterr()
     assert f"{100 * v1['metrics']['final_test_acc1']:.2f}" in out and "schema 1" not in err
+
+
+def test_a_curve_column_that_is_no_number_is_refused_by_the_parser(sweep, capsys):
+    # Argparse's own exit 2, its one error line after the usage.
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(sweep.root), "--curve-batch-size", "two"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "mbn-compare: error: argument --curve-batch-size: not a number: 'two'"

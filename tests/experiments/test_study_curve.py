@@ -198,6 +198,7 @@ def test_a_peer_is_tuned_alike_and_runs_at_the_tuned_batch_sizes_only(tmp_path):
 def test_publish_copies_the_differences_to_every_baseline(tmp_path):
     compare_dir, sweep = tmp_path / "compare", tmp_path / "study_curve"
     record(sweep, "mbn", 2, 1.0, 0.6)
+    record(sweep, "mbn", 4, 1.0, 0.6, status="interrupted")
     compare_dir.mkdir()
     for name in ("table.md", "differences_to_mbn.md", "final_test_acc1_vs_m.png"):
         (compare_dir / name).write_text(name)
@@ -206,3 +207,9 @@ def test_publish_copies_the_differences_to_every_baseline(tmp_path):
     study.publish(compare_dir, sweep, target)
     assert sorted(p.name for p in target.iterdir()) == ["differences_to_mbn.md", "final_test_acc1_vs_m.png", "runs", "runs.csv", "table.md"]
     assert (target / "differences_to_mbn.md").read_text() == "differences_to_mbn.md"
+    # Only finished runs are published; the records go to records_dir when given (the grids' tables
+    # are published beside the curve's, their records in the curve's one runs/).
+    assert [p.parent.name for p in (target / "runs").glob("*/results.json")] == ["data.batch_size=2,norm=mbn,optim.base_lr=0.1"]
+    study.publish(compare_dir, sweep, tmp_path / "grid", records_dir=tmp_path / "records")
+    assert not (tmp_path / "grid" / "runs").exists()
+    assert [p.parent.name for p in (tmp_path / "records").glob("*/results.json")] == ["data.batch_size=2,norm=mbn,optim.base_lr=0.1"]
