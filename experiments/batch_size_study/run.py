@@ -395,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if study.selection is not None:
         selected = select_runs(sweep_dir, compare_source, study.selection)
         _say(f"selected the {len(selected)} runs its tables read into {compare_source}")
+    # An earlier compare's plots (another curve column, a row since dropped) must not be published as this one's.
+    for stale in [*compare_dir.glob("*.png"), *compare_dir.glob("*.svg")] if compare_dir.is_dir() else ():
+        stale.unlink()
     if any(code != 0 for code in run_commands(compare)):
         return 1
     if args.publish:

@@ -188,6 +188,9 @@ def test_a_tiny_study_runs_end_to_end_stacked_and_in_parallel(tiny, run_env, tmp
         published=str(published)))
     extra = [o for o in tiny(data__train_subset="null", data__test_subset="null", epochs=2, sweep_name="tiny")
              if not o.startswith("output_root=")]
+    stale_plot = run_env / "compare" / "tiny" / "test_acc1_vs_epoch_m2.png"  # an earlier compare's, at another m
+    stale_plot.parent.mkdir(parents=True)
+    stale_plot.write_bytes(b"")
     assert study.main(["--study", "tiny", "--out", str(run_env), "--publish", str(published), *extra]) == 0
     out = capfd.readouterr().out
     assert "$ mbn-train -m experiment=study_trained norm=bn,mbn seed=0,1 stack=2" in out
