@@ -59,12 +59,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 if TYPE_CHECKING:
     from mbn.train.spec import RunSpec
 
-from mbn.utils.io import atomic_write_json, overwrite_in_place
+from mbn.utils.io import atomic_write, atomic_write_json, overwrite_in_place
 
 SCHEMA_VERSION = 2
 # The layouts upgrade_record reads (the older ones are translated to the current one).
@@ -373,6 +373,37 @@ def iter_results(*roots: str | os.PathLike) -> Iterator[Path]:
         for path in sorted(root.rglob(RESULTS_FILENAME)):
             if not any(part.startswith(".") for part in path.relative_to(root).parts[:-1]):
                 yield path
+
+
+def copy_results(
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    keep: Callable[[dict[str, Any]], bool],
+    overwrite: bool = True,
+) -> list[Path]:
+    """Copy the ``results.json`` below ``source`` that ``keep`` accepts to ``target``, each under
+    its run dir's path relative to ``source`` (a sweep dir's layout is kept, so the copies read as
+    the same runs).
+
+    Args:
+        source: a sweep dir or a tree of run dirs.
+        target: where the copies go (created as needed).
+        keep: which records, given the record read (:func:`read_results`).
+        overwrite: False leaves a run dir of ``target`` that already holds a record as it is.
+
+    Returns:
+        The records written.
+    """
+    source, target = Path(source), Path(target)
+    copied = []
+    for record in iter_results(source):
+        destination = target / record.parent.relative_to(source) / RESULTS_FILENAME
+        if (not overwrite and destination.exists()) or not keep(read_results(record)):
+            continue
+        data = record.read_bytes()
+        atomic_write(destination, lambda f: f.write(data))
+        copied.append(destination)
+    return copied
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -5,6 +5,7 @@ import pytest
 from mbn.results import (
     RESULTS_FILENAME,
     config_hash,
+    copy_results,
     flatten,
     iter_results,
     read_results,
@@ -62,6 +63,29 @@ def test_iter_results_finds_nested_runs_and_skips_hidden_dirs(tmp_path):
     assert found == ["a/0", "b/1/deep"]
     with pytest.raises(FileNotFoundError, match="no such sweep"):
         list(iter_results(tmp_path / "missing"))
+
+
+def test_copy_results_keeps_the_run_dir_layout_and_copies_only_what_is_kept(tmp_path):
+    source, target = tmp_path / "sweep", tmp_path / "published"
+    write_results(source / "bs2/seed0", {"status": "completed", "seed": 0})
+    write_results(source / "bs2/seed1", {"status": "interrupted", "seed": 1})
+    write_results(source / "bs4/seed0", {"status": "completed", "seed": 2})
+    copied = copy_results(source, target, keep=lambda record: record["status"] == "completed")
+    assert sorted(p.relative_to(target).as_posix() for p in copied) == ["bs2/seed0/results.json", "bs4/seed0/results.json"]
+    assert sorted(p.relative_to(target).as_posix() for p in iter_results(target)) == ["bs2/seed0/results.json", "bs4/seed0/results.json"]
+    assert (target / "bs2/seed0" / RESULTS_FILENAME).read_bytes() == (source / "bs2/seed0" / RESULTS_FILENAME).read_bytes()
+
+
+def test_copy_results_without_overwrite_leaves_a_record_the_target_holds(tmp_path):
+    source, target = tmp_path / "published", tmp_path / "sweep"
+    write_results(source / "bs2/seed0", {"status": "completed", "seed": 0})
+    write_results(source / "bs2/seed1", {"status": "completed", "seed": 1})
+    write_results(target / "bs2/seed0", {"status": "running", "seed": 0})
+    copied = copy_results(source, target, keep=lambda record: True, overwrite=False)
+    assert [p.relative_to(target).as_posix() for p in copied] == ["bs2/seed1/results.json"]
+    assert read_results(target / "bs2/seed0")["status"] == "running"
+    copy_results(source, target, keep=lambda record: True)
+    assert read_results(target / "bs2/seed0")["status"] == "completed"
 
 
 def test_flatten_uses_dotted_keys():

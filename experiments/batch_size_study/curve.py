@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from mbn.results import iter_results, read_results
+from mbn.results import copy_results, iter_results, read_results
 from mbn.utils.io import atomic_write
 
 GRID = (0.3, 1.0, 3.0, 10.0)
@@ -40,7 +40,9 @@ TUNED_BATCH_SIZES = (2, 32)
 CURVE_BATCH_SIZES = (2, 4, 8, 16, 32)
 NORMS = ("bn", "gn", "brn", "mbn")
 # The small-batch peers, tuned alike, at the tuned batch sizes only (EXPERIMENTS.md, their protocol).
-PEERS = ("evonorm_b0", "evonorm_s0", "frn", "mabn", "cbn")
+# In order of their pilots' cost per epoch at m = 2, costliest first: a study runs them in this
+# order, so the longest commands start first and two processes end close together.
+PEERS = ("cbn", "evonorm_b0", "evonorm_s0", "frn", "mabn")
 # The norm config option each norm runs as (norm.name -> option).
 NORM_OPTIONS = {"bn": "bn", "gn": "gn", "brn": "brn_epochs", "mbn": "mbn", **{peer: peer for peer in PEERS}}
 # Seeds per m, paired across norms; MBN at m = 32 is BN and runs one seed to confirm it.
@@ -221,14 +223,7 @@ def select_runs(sweep_dir: str | Path, target: str | Path, keep: Callable[[Mappi
     target = Path(target)
     for stale in iter_results(target) if target.is_dir() else ():
         stale.unlink()
-    copied = []
-    for path in iter_results(sweep_dir):
-        if keep(read_results(path).get("config", {})):
-            destination = target / path.parent.relative_to(sweep_dir) / path.name
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            destination.write_bytes(path.read_bytes())
-            copied.append(destination)
-    return copied
+    return copy_results(sweep_dir, target, keep=lambda record: keep(record.get("config", {})))
 
 
 def read_factors(path: str | Path = FACTORS_FILE) -> dict[str, dict[int, float]] | None:

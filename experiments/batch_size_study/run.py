@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from experiments.batch_size_study.curve import FACTORS_FILE, REFERENCE_LR, at_chosen_factor, is_grid_run, read_factors, seed_sweeps, select_runs
-from mbn.results import RESULTS_FILENAME, iter_results, read_results
+from experiments.batch_size_study.curve import FACTORS_FILE, PEERS, REFERENCE_LR, at_chosen_factor, is_grid_run, read_factors, seed_sweeps, select_runs
+from mbn.results import copy_results
 from mbn.utils.io import atomic_write
 
 if TYPE_CHECKING:
@@ -56,8 +56,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # The curve study's published dir (its grids and seeds share it). The earlier studies publish none to
 # restore: their records predate the config's current form (a rerun would replace them, not skip).
 CURVE_PUBLISHED = "experiments/batch_size_study/results_curve"
-# The peers by their pilots' cost per epoch at m = 2 (EXPERIMENTS.md, their protocol's budget), costliest first.
-PEERS_BY_COST = ("cbn", "evonorm_b0", "evonorm_s0", "frn", "mabn")
 
 
 @dataclass(frozen=True)
@@ -158,8 +156,8 @@ STUDIES: dict[str, Study] = {
     # command per peer and m, each a chunk that ends within a working session, the costliest first
     # (the pilots' order), so that --jobs 2 keeps both processes busy.
     "peers_grid": curve_grid_study(
-        *((f"norm={peer}", "data.batch_size=2", "optim.base_lr=0.03,0.1,0.3,1", "stack=4") for peer in PEERS_BY_COST),
-        *((f"norm={peer}", "data.batch_size=32", "optim.base_lr=0.03,0.1,0.3,1") for peer in PEERS_BY_COST),
+        *((f"norm={peer}", "data.batch_size=2", "optim.base_lr=0.03,0.1,0.3,1", "stack=4") for peer in PEERS),
+        *((f"norm={peer}", "data.batch_size=32", "optim.base_lr=0.03,0.1,0.3,1") for peer in PEERS),
     ),
     # The earlier, under-trained study (6 epochs, 3,000 images; every norm x m in {2..32} x 2 seeds).
     # With 6 epochs MBN uses the per-iteration schedule: the per-epoch one moves lam in 6 large jumps.
@@ -296,12 +294,7 @@ def publish(compare_dir: Path, sweep_dir: Path, target: Path, records_dir: Path 
     atomic_write(target / "runs.csv", lambda f: f.write(runs.to_csv(index=False, float_format="%.4f").encode()))
     copied.append(target / "runs.csv")
     records_dir = target / "runs" if records_dir is None else records_dir
-    for record in iter_results(sweep_dir):
-        if read_results(record)["status"] != "completed":
-            continue
-        destination = records_dir / record.parent.relative_to(sweep_dir) / RESULTS_FILENAME
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        copied.append(Path(shutil.copy2(record, destination)))
+    copied += copy_results(sweep_dir, records_dir, keep=is_finished)
     return copied
 
 
@@ -322,14 +315,13 @@ def restore(published_runs: Path, sweep_dir: Path) -> list[Path]:
     """
     if not published_runs.is_dir():
         return []
-    restored = []
-    for record in iter_results(published_runs):
-        destination = sweep_dir / record.parent.relative_to(published_runs) / RESULTS_FILENAME
-        if destination.exists() or read_results(record)["status"] != "completed":
-            continue
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        restored.append(Path(shutil.copy2(record, destination)))
-    return restored
+    return copy_results(published_runs, sweep_dir, keep=is_finished, overwrite=False)
+
+
+def is_finished(record: Mapping[str, Any]) -> bool:
+    """Whether a run record is one to publish or restore: ``completed`` (a running or interrupted
+    one would say so forever once copied)."""
+    return record["status"] == "completed"
 
 
 def _say(message: str) -> None:
