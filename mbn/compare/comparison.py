@@ -146,6 +146,9 @@ def write_outputs(comparison: Comparison, out_dir: str | os.PathLike, sources: S
     """Write the table in every format, each plot as PNG and SVG, ``runs.csv`` and ``report.html``; with a
     baseline also ``differences.csv`` and the differences plot.
 
+    The files an earlier call wrote into ``out_dir`` and this one does not (a plot at another batch
+    size, ``differences.csv`` of a comparison with a baseline) are removed; other files are left.
+
     Args:
         comparison: what to write.
         out_dir: created if missing.
@@ -178,7 +181,25 @@ def write_outputs(comparison: Comparison, out_dir: str | os.PathLike, sources: S
                          notes=comparison.notes, figures=pngs, sources=list(sources), interval=comparison.interval,
                          differences=comparison.differences, difference_figure=difference_png)
     written.append(write_report(out_dir / "report.html", report))
+    _remove_earlier_outputs(out_dir, written)
     return written
+
+
+# The files a write_outputs wrote, listed in its out dir, so the next one into that dir removes
+# those it does not write again: no plot or differences.csv of another comparison is left beside
+# the new ones, and no file of the user's is touched.
+WRITTEN_LIST = ".mbn-compare-written"
+
+
+def _remove_earlier_outputs(out_dir: Path, written: Sequence[Path]) -> None:
+    listing = out_dir / WRITTEN_LIST
+    now = {path.name for path in written}
+    earlier = listing.read_text(encoding="utf-8").splitlines() if listing.exists() else []
+    for name in earlier:
+        if name and name not in now and "/" not in name:
+            (out_dir / name).unlink(missing_ok=True)
+    text = "".join(f"{name}\n" for name in sorted(now)).encode("utf-8")
+    atomic_write(listing, lambda f: f.write(text))
 
 
 def _stem(value: Any) -> str:

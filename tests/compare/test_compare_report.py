@@ -184,6 +184,18 @@ def written_with_baseline(module_sweep, tmp_path_factory):
     return out, write_outputs(comparison, out, sources=[str(module_sweep.root)])
 
 
+def test_a_second_compare_into_the_same_dir_removes_the_first_ones_files_it_does_not_write(module_sweep, tmp_path):
+    out = tmp_path / "out"
+    first = write_outputs(compare(collect_runs([module_sweep.root]), GridSpec(), interval="ci95", baseline="bn"), out)
+    (out / "notes.txt").write_text("the user's")
+    second = write_outputs(compare(collect_runs([module_sweep.root]), GridSpec(), curve_col=32), out)
+    gone = {p.name for p in first} - {p.name for p in second}
+    assert {"differences.csv", "final_test_acc1_difference_to_bn_vs_m.png", "test_acc1_vs_epoch_m2.png"} <= gone
+    assert not any((out / name).exists() for name in gone)
+    assert all(p.exists() for p in second) and (out / "notes.txt").read_text() == "the user's"
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {p.name for p in second} | {"notes.txt"}
+
+
 def test_baseline_adds_differences_csv_plot_and_report_section(written_with_baseline, module_sweep):
     out, paths = written_with_baseline
     names = {p.name for p in paths}
