@@ -57,6 +57,10 @@ def curve_batch_sizes(norm: str) -> tuple[int, ...]:
     return TUNED_BATCH_SIZES if norm in PEERS else CURVE_BATCH_SIZES
 
 
+# The score of a grid run that diverged: below every completed run's validation accuracy.
+DIVERGED_SCORE = float("-inf")
+
+
 def factor_of(base_lr: float) -> float:
     """The lr factor of ``optim.base_lr`` (rounded away from float noise: 0.03 / 0.1 is 0.3)."""
     return round(base_lr / REFERENCE_LR, 9)
@@ -68,7 +72,10 @@ def base_lr_of(factor: float) -> float:
 
 
 def grid_scores(sweep_dir: str | Path) -> dict[tuple[str, int], dict[float, float]]:
-    """``{(norm, m): {factor: final_val_acc1}}`` of the completed seed-0 runs at the tuned m's.
+    """``{(norm, m): {factor: final_val_acc1}}`` of the finished seed-0 runs at the tuned m's.
+
+    A run that diverged (a non-finite loss: its record is final, a rerun skips it) scores
+    :data:`DIVERGED_SCORE`, below every run that completed: its factor was tried and failed.
 
     Args:
         sweep_dir: the study's sweep dir (``outputs/sweeps/study_curve``).
@@ -78,8 +85,12 @@ def grid_scores(sweep_dir: str | Path) -> dict[tuple[str, int], dict[float, floa
         record = read_results(path)
         config = record.get("config", {})
         norm, m = config.get("norm", {}).get("name"), config.get("data", {}).get("batch_size")
+        if config.get("seed") != 0 or m not in TUNED_BATCH_SIZES:
+            continue
         value = record.get("metrics", {}).get(METRIC)
-        if record.get("status") != "completed" or config.get("seed") != 0 or m not in TUNED_BATCH_SIZES or value is None:
+        if record.get("status") == "diverged":
+            value = DIVERGED_SCORE
+        elif record.get("status") != "completed" or value is None:
             continue
         scores.setdefault((norm, m), {})[factor_of(config["optim"]["base_lr"])] = float(value)
     return scores
@@ -240,7 +251,8 @@ def grid_table(scores: Mapping[tuple[str, int], Mapping[float, float]]) -> str:
     factors = sorted({*GRID, *(f for by_factor in scores.values() for f in by_factor)})
     lines = ["| norm | m | " + " | ".join(f"x{f:g}" for f in factors) + " |", "|:--|--:|" + "--:|" * len(factors)]
     for (norm, m) in sorted(scores, key=lambda key: (NORMS.index(key[0]) if key[0] in NORMS else 99, key[1])):
-        cells = [f"{100 * scores[norm, m][f]:.2f}" if f in scores[norm, m] else "" for f in factors]
+        cells = [("diverged" if scores[norm, m][f] == DIVERGED_SCORE else f"{100 * scores[norm, m][f]:.2f}")
+                 if f in scores[norm, m] else "" for f in factors]
         lines.append(f"| {norm} | {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -263,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in pending:
         print(f"still to run: {line}")
     if args.write and factors:
-        content = {"metric": METRIC, "reference_lr": REFERENCE_LR, "grid_scores": {f"{n}@{m}": {f"{f:g}": v for f, v in s.items()} for (n, m), s in sorted(scores.items())},
+        content = {"metric": METRIC, "reference_lr": REFERENCE_LR, "grid_scores": {f"{n}@{m}": {f"{f:g}": "diverged" if v == DIVERGED_SCORE else v for f, v in s.items()} for (n, m), s in sorted(scores.items())},
                    "factors": {norm: {str(m): f for m, f in by_m.items()} for norm, by_m in factors.items()}}
         atomic_write(Path(args.write), lambda f: f.write((json.dumps(content, indent=2) + "\n").encode()))
         print(f"wrote {args.write} ({', '.join(factors)})")

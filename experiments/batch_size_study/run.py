@@ -275,7 +275,7 @@ def publish(compare_dir: Path, sweep_dir: Path, target: Path, records_dir: Path 
     That is: mbn-compare's ``table.md``, ``differences.csv``, the side tables, the tables of the
     differences to other baselines (``differences_to_<row>.md``) and the PNG plots;
     ``runs.csv`` cut to the varying config keys and the metrics (:func:`compact_runs`); and the
-    ``results.json`` of every finished run under ``records_dir/<run dir>/`` (copied back into a
+    ``results.json`` of every finished run (:func:`is_finished`) under ``records_dir/<run dir>/`` (copied back into a
     sweep dir, they let the study's commands skip those runs: :func:`restore`). A run still
     running or interrupted is not published: its record would say so forever.
 
@@ -302,7 +302,7 @@ def restore(published_runs: Path, sweep_dir: Path) -> list[Path]:
     """Copy the finished records under ``published_runs`` (a published dir's ``runs/``) into
     ``sweep_dir``, each to its run dir, so the study's commands skip those runs.
 
-    Only ``completed`` records are copied, and only into a run dir that holds no ``results.json``:
+    Only finished records (:func:`is_finished`) are copied, and only into a run dir that holds no ``results.json``:
     a record there (finished, interrupted with its checkpoint, or running) is this machine's own
     and is left as it is.
 
@@ -319,9 +319,9 @@ def restore(published_runs: Path, sweep_dir: Path) -> list[Path]:
 
 
 def is_finished(record: Mapping[str, Any]) -> bool:
-    """Whether a run record is one to publish or restore: ``completed`` (a running or interrupted
-    one would say so forever once copied)."""
-    return record["status"] == "completed"
+    """Whether a run record is one to publish or restore: ``completed`` or ``diverged``, the two
+    that a sweep keeps as final (a running or interrupted one would say so forever once copied)."""
+    return record["status"] in ("completed", "diverged")
 
 
 def _say(message: str) -> None:

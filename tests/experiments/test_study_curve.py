@@ -75,6 +75,24 @@ def test_grid_records_give_every_norms_factors_and_mbn_takes_bns_at_32(tmp_path)
     assert factors["mbn"][32] == factors["bn"][32]
 
 
+def test_a_diverged_grid_run_scores_below_every_completed_one_and_is_shown_as_diverged(tmp_path, capsys):
+    sweep = tmp_path / "study_curve"
+    for factor, value in {0.3: 0.58, 1.0: 0.56}.items():
+        record(sweep, "evonorm_s0", 32, factor, value)
+    for factor in (3.0, 10.0):  # a non-finite loss: the record is final and has no validation accuracy
+        write_results(sweep / f"data.batch_size=32,norm=evonorm_s0,optim.base_lr={curve.base_lr_of(factor):g}", {
+            "status": "diverged", "metrics": {"final_val_acc1": None},
+            "config": {"norm": {"name": "evonorm_s0"}, "data": {"batch_size": 32}, "optim": {"base_lr": curve.base_lr_of(factor)}, "seed": 0}})
+    scores = curve.grid_scores(sweep)[("evonorm_s0", 32)]
+    assert scores[3.0] == scores[10.0] == curve.DIVERGED_SCORE < min(scores[0.3], scores[1.0])
+    assert curve.tune(scores) == curve.Tuned(None, extension=0.1)  # the best, 0.3, is at the grid's lower edge
+    assert curve.tune({**scores, 0.1: 0.57}) == curve.Tuned(0.3)
+    write = tmp_path / "factors.json"
+    curve.main([str(sweep), "--write", str(write)])
+    assert "| evonorm_s0 | 32 | 58.00 | 56.00 | diverged | diverged |" in capsys.readouterr().out
+    assert not write.exists()  # no norm's grids are complete
+
+
 def test_an_incomplete_grid_or_an_edge_says_what_to_run_and_writes_nothing(tmp_path, capsys):
     sweep = tmp_path / "study_curve"
     for factor, value in {0.3: 0.70, 1.0: 0.61, 3.0: 0.64, 10.0: 0.40}.items():

@@ -225,9 +225,11 @@ def test_a_tiny_study_runs_end_to_end_stacked_and_in_parallel(tiny, run_env, tmp
     assert {p.parent.name: p.read_bytes() for p in (run_env / "sweeps" / "tiny").glob("*/results.json")} == originals
     assert not list((run_env / "sweeps" / "tiny").glob("*/checkpoints"))  # nothing trained
 
-    # Only finished records are restored, and never over a record the sweep dir holds.
+    # Only finished records are restored (completed, and diverged: a sweep keeps both as final), and
+    # never over a record the sweep dir holds.
     interrupted = json.loads(copies[1].read_text()) | {"status": "interrupted"}
     copies[1].write_text(json.dumps(interrupted))
+    copies[3].write_text(json.dumps(json.loads(copies[3].read_text()) | {"status": "diverged"}))
     own = {**json.loads(copies[2].read_text()), "status": "interrupted"}
     shutil.rmtree(run_env / "sweeps" / "tiny")
     (run_env / "sweeps" / "tiny" / copies[2].parent.name).mkdir(parents=True)
@@ -236,4 +238,5 @@ def test_a_tiny_study_runs_end_to_end_stacked_and_in_parallel(tiny, run_env, tmp
     assert sorted(p.parent.name for p in restored) == [copies[0].parent.name, copies[3].parent.name]
     assert json.loads((run_env / "sweeps" / "tiny" / copies[2].parent.name / "results.json").read_text()) == own
     assert not (run_env / "sweeps" / "tiny" / copies[1].parent.name).exists()
+    assert json.loads(restored[1].read_text())["status"] == "diverged"
     assert study.restore(tmp_path / "nothing-published", run_env / "sweeps" / "tiny") == []
