@@ -8,7 +8,9 @@ Usage::
 Each norm's lr is ``0.1 x factor x m / 64``. The factor is chosen on the validation split only
 (``final_val_acc1`` of seed 0) from the grid 0.3, 1, 3, 10 at m = 2 and m = 32; a best factor at an
 edge of the grid asks for the grid extended once on that side (0.1 or 30), and the best of the
-extended grid is taken whatever it is. MBN at m = 32 is BN (lam = 0) and takes BN's factor. At
+extended grid is taken whatever it is. A diverged run scores below every completed one; a grid that
+diverged at every factor is extended on its lower side, and if that diverges too the norm has no factor
+at that m (no seeds). MBN at m = 32 is BN (lam = 0) and takes BN's factor. At
 m = 4, 8, 16 the factor is interpolated linearly in log2 m between the m = 2 and m = 32 factors, in
 log, and snapped to the nearest value of the grid (in log). The small-batch peers (EvoNorm-B0/S0, FRN,
 MABN, CBN) are tuned the same way and run at m = 2 and 32 only. Ties, which the protocol leaves open, go
@@ -104,11 +106,14 @@ class Tuned:
         factor: the chosen factor, or None while the grid is incomplete or needs its extension.
         missing: grid factors without a completed run.
         extension: the factor to add to the grid (its best is at that edge), or None.
+        diverged: every factor of the grid and of its lower extension diverged: the norm has no
+            factor at this m, and no seeds to run.
     """
 
     factor: float | None
     missing: tuple[float, ...] = ()
     extension: float | None = None
+    diverged: bool = False
 
 
 def tune(scores: Mapping[float, float]) -> Tuned:
@@ -121,11 +126,16 @@ def tune(scores: Mapping[float, float]) -> Tuned:
     if missing:
         return Tuned(None, missing=missing)
     best = max(GRID, key=lambda f: (scores[f], -abs(math.log(f))))
+    if scores[best] == DIVERGED_SCORE:
+        # Every factor diverged: a smaller lr is the one remedy, so the lower edge is extended.
+        best = min(GRID)
     extension = EXTENSION.get(best)
     if extension is not None:
         if extension not in scores:
             return Tuned(None, extension=extension)
         best = max((*GRID, extension), key=lambda f: (scores[f], -abs(math.log(f))))
+    if scores[best] == DIVERGED_SCORE:
+        return Tuned(None, diverged=True)
     return Tuned(best)
 
 
@@ -165,6 +175,8 @@ def choose_factors(scores: Mapping[tuple[str, int], Mapping[float, float]]) -> t
             outcome = tune(scores.get((norm, m), {}))
             if outcome.factor is not None:
                 tuned[m] = outcome.factor
+            elif outcome.diverged:
+                pending.append(f"{norm} at m={m}: every factor diverged, the extension too: no factor, no seeds to run")
             elif outcome.extension is not None:
                 pending.append(f"{norm} at m={m}: best at the grid's edge, extend with factor {outcome.extension:g} "
                                f"(optim.base_lr={base_lr_of(outcome.extension):g})")

@@ -93,6 +93,20 @@ def test_a_diverged_grid_run_scores_below_every_completed_one_and_is_shown_as_di
     assert not write.exists()  # no norm's grids are complete
 
 
+def test_a_grid_that_diverged_at_every_factor_is_extended_down_and_then_has_no_factor(tmp_path, capsys):
+    every = {f: curve.DIVERGED_SCORE for f in curve.GRID}
+    assert curve.tune(every) == curve.Tuned(None, extension=0.1)  # not factor 1, the tie-break among failures
+    assert curve.tune({**every, 0.1: 0.31}) == curve.Tuned(0.1)
+    assert curve.tune({**every, 0.1: curve.DIVERGED_SCORE}) == curve.Tuned(None, diverged=True)
+    sweep = tmp_path / "study_curve"
+    for factor in (*curve.GRID, 0.1):
+        write_results(sweep / f"data.batch_size=2,norm=frn,optim.base_lr={curve.base_lr_of(factor):g}", {
+            "status": "diverged", "metrics": {"final_val_acc1": None},
+            "config": {"norm": {"name": "frn"}, "data": {"batch_size": 2}, "optim": {"base_lr": curve.base_lr_of(factor)}, "seed": 0}})
+    assert curve.main([str(sweep)]) == 1
+    assert "still to run: frn at m=2: every factor diverged, the extension too: no factor, no seeds to run" in capsys.readouterr().out
+
+
 def test_an_incomplete_grid_or_an_edge_says_what_to_run_and_writes_nothing(tmp_path, capsys):
     sweep = tmp_path / "study_curve"
     for factor, value in {0.3: 0.70, 1.0: 0.61, 3.0: 0.64, 10.0: 0.40}.items():
