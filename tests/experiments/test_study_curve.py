@@ -15,7 +15,7 @@ from experiments.batch_size_study import run as study
 from mbn.results import write_results
 
 
-def record(sweep: Path, norm: str, m: int, factor: float, val_acc1: float, seed: int = 0, status: str = "completed",
+def record(sweep: Path, norm: str, m: int, factor: float, val_acc1: float | None, seed: int = 0, status: str = "completed",
            dir_suffix: str = "") -> None:
     name = f"data.batch_size={m},norm={norm},optim.base_lr={curve.base_lr_of(factor):g}" + (f",seed={seed}" if seed else "") + dir_suffix
     config = {"norm": {"name": norm}, "data": {"batch_size": m}, "optim": {"base_lr": curve.base_lr_of(factor)}, "seed": seed}
@@ -80,9 +80,7 @@ def test_a_diverged_grid_run_scores_below_every_completed_one_and_is_shown_as_di
     for factor, value in {0.3: 0.58, 1.0: 0.56}.items():
         record(sweep, "evonorm_s0", 32, factor, value)
     for factor in (3.0, 10.0):  # a non-finite loss: the record is final and has no validation accuracy
-        write_results(sweep / f"data.batch_size=32,norm=evonorm_s0,optim.base_lr={curve.base_lr_of(factor):g}", {
-            "status": "diverged", "metrics": {"final_val_acc1": None},
-            "config": {"norm": {"name": "evonorm_s0"}, "data": {"batch_size": 32}, "optim": {"base_lr": curve.base_lr_of(factor)}, "seed": 0}})
+        record(sweep, "evonorm_s0", 32, factor, None, status="diverged")
     scores = curve.grid_scores(sweep)[("evonorm_s0", 32)]
     assert scores[3.0] == scores[10.0] == curve.DIVERGED_SCORE < min(scores[0.3], scores[1.0])
     assert curve.tune(scores) == curve.Tuned(None, extension=0.1)  # the best, 0.3, is at the grid's lower edge
@@ -100,9 +98,7 @@ def test_a_grid_that_diverged_at_every_factor_is_extended_down_and_then_has_no_f
     assert curve.tune({**every, 0.1: curve.DIVERGED_SCORE}) == curve.Tuned(None, diverged=True)
     sweep = tmp_path / "study_curve"
     for factor in (*curve.GRID, 0.1):
-        write_results(sweep / f"data.batch_size=2,norm=frn,optim.base_lr={curve.base_lr_of(factor):g}", {
-            "status": "diverged", "metrics": {"final_val_acc1": None},
-            "config": {"norm": {"name": "frn"}, "data": {"batch_size": 2}, "optim": {"base_lr": curve.base_lr_of(factor)}, "seed": 0}})
+        record(sweep, "frn", 2, factor, None, status="diverged")
     assert curve.main([str(sweep)]) == 1
     assert "still to run: frn at m=2: every factor diverged, the extension too: no factor, no seeds to run" in capsys.readouterr().out
 
