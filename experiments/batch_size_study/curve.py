@@ -125,7 +125,11 @@ def tune(scores: Mapping[float, float]) -> Tuned:
     missing = tuple(f for f in GRID if f not in scores)
     if missing:
         return Tuned(None, missing=missing)
-    best = max(GRID, key=lambda f: (scores[f], -abs(math.log(f))))
+    def rank(factor: float) -> tuple[float, float]:
+        # A tie goes to the factor nearer the linear-scaling rule's 1.
+        return scores[factor], -abs(math.log(factor))
+
+    best = max(GRID, key=rank)
     if scores[best] == DIVERGED_SCORE:
         # Every factor diverged: a smaller lr is the one remedy, so the lower edge is extended.
         best = min(GRID)
@@ -133,7 +137,7 @@ def tune(scores: Mapping[float, float]) -> Tuned:
     if extension is not None:
         if extension not in scores:
             return Tuned(None, extension=extension)
-        best = max((*GRID, extension), key=lambda f: (scores[f], -abs(math.log(f))))
+        best = max((*GRID, extension), key=rank)
     if scores[best] == DIVERGED_SCORE:
         return Tuned(None, diverged=True)
     return Tuned(best)
