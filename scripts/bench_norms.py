@@ -17,7 +17,8 @@ Target of issue 2: MBN/BN training ratio <= 1.10 at batch sizes 2 and 32, eval r
 block (CUDA kernels run asynchronously), and prints the peak GPU memory allocated by PyTorch.
 ``--json PATH`` also writes the table (and that peak) as JSON.
 
-``--compile`` times ``torch.compile(model)`` (inductor; the SGD step stays eager) for every norm and
+``--compile`` times ``torch.compile(model)`` (inductor; the SGD step stays eager) for every norm that
+compiles once (not BRN, MABN, CBN: they would recompile every step, ``mbn.train.spec.NormSpec.RECOMPILES_EACH_STEP``) and
 prints the one-off compile time of each (first two training / eval steps) as comment lines. Only a
 first run compiles cold: inductor caches compiled graphs on disk (``/tmp/torchinductor_$USER``).
 """
@@ -38,6 +39,7 @@ from torch import nn
 
 from mbn.models import build_model
 from mbn.nn import NORM_NAMES, norm_layer, schedule, set_progress
+from mbn.train.spec import NORM_SCHEMAS
 
 EPOCH, TOTAL_EPOCHS = 5, 10  # MBN mid-schedule
 
@@ -159,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     norms = ["bn"] + [n for n in args.norms if n != "bn"]
+    recompiling = [n for n in norms if NORM_SCHEMAS[n].RECOMPILES_EACH_STEP] if args.compile else []
+    norms = [n for n in norms if n not in recompiling]
     torch.set_num_threads(args.threads)
     if args.profile:
         profile(norms, args.batch_sizes[0], args, device)
@@ -181,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     lams = ", ".join(f"m={m}: lam={schedule.lam(EPOCH, TOTAL_EPOCHS, m, m0):.3f}" for m in args.batch_sizes)
     print(f"# mbn: m0={m0}, epoch {EPOCH}/{TOTAL_EPOCHS} ({lams}); gn, evonorm_s0: num_groups=8; brn, evonorm_b0, frn: defaults; "
           "mabn: window 16, no warmup; cbn: window 4, no burn-in")
+    if recompiling:
+        print(f"# not compiled: {', '.join(recompiling)} (they would recompile every step; trainer.compile refuses them too)")
     print(f"{'batch':>5} {'norm':>10} {'train ms':>9} {'train/BN':>9} {'eval ms':>8} {'eval/BN':>8}")
     rows = []
     for batch_size in args.batch_sizes:

@@ -508,6 +508,10 @@ class NormSpec:
     # epochs field}. An epochs field (None = unused) is the same fraction of training at every batch
     # size; layer_options converts it with the run's steps per epoch.
     EPOCH_FIELDS: ClassVar[dict[str, str]] = {}
+    # The layer's forward reads its Python step counter (a warmup, ramps, a window slot, a burn-in),
+    # on which torch.compile guards: every training step recompiles until torch's recompile limit
+    # drops the model back to eager, so trainer.compile would only cost compile time.
+    RECOMPILES_EACH_STEP: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         _named_option(self, NORM_SCHEMAS)
@@ -656,6 +660,7 @@ class BatchRenormSpec(NormSpec):
 
     EPOCH_FIELDS: ClassVar[dict[str, str]] = {
         "warmup_steps": "warmup_epochs", "r_max_ramp_steps": "r_max_ramp_epochs", "d_max_ramp_steps": "d_max_ramp_epochs"}
+    RECOMPILES_EACH_STEP: ClassVar[bool] = True
 
     name: str = "brn"
     r_max: float = 3.0
@@ -787,6 +792,8 @@ class MovingAverageBatchNormSpec(NormSpec):
         eps: added to the second moment.
     """
 
+    RECOMPILES_EACH_STEP: ClassVar[bool] = True
+
     name: str = "mabn"
     window: int = 16
     momentum: float = 0.02
@@ -826,6 +833,7 @@ class CrossIterationBatchNormSpec(NormSpec):
     """
 
     EPOCH_FIELDS: ClassVar[dict[str, str]] = {"burnin_steps": "burnin_epochs"}
+    RECOMPILES_EACH_STEP: ClassVar[bool] = True
 
     name: str = "cbn"
     window: int = 4
@@ -914,6 +922,7 @@ class TrainerSpec:
         compile: ``torch.compile`` the model in place (``nn.Module.compile``: state_dict keys and
             checkpoints stay the same). Pays a one-off compile time per run; at small batch sizes it
             removes most of MBN's per-op overhead (BENCHMARKS.md). Needs torch >= 2.6 (COMPILE_MIN_TORCH).
+            Refused with a norm that would recompile every step (``NormSpec.RECOMPILES_EACH_STEP``: BRN, MABN, CBN).
         mbn_history: under DDP, whose batches MBN's momentum statistics M/Phi average:
             ``per_device`` (each device its own, as it normalizes its own batch: the paper's
             per-device normalization; every device's are checkpointed, so resumes stay exact) or
@@ -1086,6 +1095,10 @@ class RunSpec:
                 self.norm.check_width(self.model.width)
             except SpecError as exc:
                 raise exc.under("norm") from None
+        if self.trainer.compile and self.norm.RECOMPILES_EACH_STEP:
+            raise SpecError("trainer.compile", f"norm={self.norm.name} would recompile at every training step (its layers read a "
+                            "Python step counter, on which torch.compile guards) and fall back to eager at torch's recompile "
+                            "limit: set trainer.compile=false")
         if self.optim.warmup_epochs >= self.epochs:
             raise SpecError("optim.warmup_epochs", f"{self.optim.warmup_epochs:g} must be shorter than epochs={self.epochs}")
 

@@ -197,6 +197,8 @@ BAD_OVERRIDES = [
     (["norm=evonorm_s0", "model.width=8", "norm.num_groups=3"], "norm.num_groups: 3 groups do not divide model.width=8 channels"),
     (["norm=evonorm_b0", "norm.momentum=2"], "norm.momentum: must be a number in [0, 1], got 2.0"),
     (["norm=frn", "norm.eps=-1"], "norm.eps: must be a number in [0, inf), got -1.0"),
+    (["trainer.compile=true", "norm=mabn"], "trainer.compile: norm=mabn would recompile at every training step"),
+    (["trainer.compile=true", "norm=brn_epochs"], "trainer.compile: norm=brn would recompile at every training step"),
 ]
 
 

@@ -1,5 +1,5 @@
 """Rules of the run spec that depend on more than one field or on the environment: GN's width-scaled
-default groups, trainer.compile's torch floor; the registries of group options and the loggers a run selects."""
+default groups, trainer.compile's torch floor and the norms it refuses; the registries of group options and the loggers a run selects."""
 
 from __future__ import annotations
 
@@ -76,6 +76,50 @@ def test_compile_is_refused_below_the_torch_that_compiles_mbn(monkeypatch):
                 specs.TrainerSpec(compile=True)
         else:
             specs.TrainerSpec(compile=True)
+
+
+def _graphs_compiled(norm: specs.NormSpec, steps: int) -> list[int]:
+    """Dynamo's graph count after each of ``steps`` SGD steps of a compiled tiny ResNet with ``norm``'s layers."""
+    from torch._dynamo.utils import counters
+
+    from mbn.models import build_model
+    from mbn.nn import norm_layer
+
+    run = specs.RunSpec(data=specs.FakeDataSpec(), model=specs.ResNetSpec(name="resnet18", width=8), norm=norm)
+    torch.manual_seed(0)
+    model = build_model("resnet18", width=8, norm_layer=norm_layer(norm.name, **run.norm_options(steps_per_epoch=1)))
+    model.compile(backend="eager")  # dynamo's guards and recompiles are the backend's inputs, whatever the backend
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    images, labels = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        graphs.append(counters["stats"]["unique_graphs"])
+    return graphs
+
+
+@pytest.mark.torch_compile
+@pytest.mark.parametrize("name", sorted(specs.NORM_SCHEMAS))
+def test_compile_is_refused_exactly_for_the_norms_that_recompile_every_step(name):
+    norm = specs.NORM_SCHEMAS[name]()
+    graphs = _graphs_compiled(norm, steps=4)
+    # MBN compiles twice in its first two steps (its batch size is learnt at the first forward), then never again.
+    recompiles_each_step = graphs[3] > graphs[2]
+    assert recompiles_each_step == norm.RECOMPILES_EACH_STEP, graphs
+    model = specs.ResNetSpec(name="resnet18", width=8)
+    build = lambda compile_model: specs.RunSpec(data=specs.FakeDataSpec(), model=model, norm=norm, trainer=specs.TrainerSpec(compile=compile_model))
+    build(False)
+    if norm.RECOMPILES_EACH_STEP:
+        with pytest.raises(specs.SpecError, match=rf"^trainer.compile: norm={name} would recompile at every training step .*: "
+                                                  r"set trainer.compile=false$"):
+            build(True)
+    else:
+        build(True)
 
 
 def test_a_schema_registers_under_its_name_default_or_the_names_given_and_never_twice():
