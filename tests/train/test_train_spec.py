@@ -78,16 +78,15 @@ def test_compile_is_refused_below_the_torch_that_compiles_mbn(monkeypatch):
             specs.TrainerSpec(compile=True)
 
 
-def _graphs_compiled(norm: specs.NormSpec, steps: int) -> list[int]:
-    """Dynamo's graph count after each of ``steps`` SGD steps of a compiled tiny ResNet with ``norm``'s layers."""
+def _graphs_compiled(run: specs.RunSpec, steps: int) -> list[int]:
+    """Dynamo's graph count after each of ``steps`` SGD steps of ``run``'s model, compiled."""
     from torch._dynamo.utils import counters
 
     from mbn.models import build_model
     from mbn.nn import norm_layer
 
-    run = specs.RunSpec(data=specs.FakeDataSpec(), model=specs.ResNetSpec(name="resnet18", width=8), norm=norm)
     torch.manual_seed(0)
-    model = build_model("resnet18", width=8, norm_layer=norm_layer(norm.name, **run.norm_options(steps_per_epoch=1)))
+    model = build_model(run.model.name, width=run.model.width, norm_layer=norm_layer(run.norm.name, **run.norm_options(steps_per_epoch=1)))
     model.compile(backend="eager")  # dynamo's guards and recompiles are the backend's inputs, whatever the backend
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     images, labels = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
@@ -107,13 +106,12 @@ def _graphs_compiled(norm: specs.NormSpec, steps: int) -> list[int]:
 @pytest.mark.parametrize("name", sorted(specs.NORM_SCHEMAS))
 def test_compile_is_refused_exactly_for_the_norms_that_recompile_every_step(name):
     norm = specs.NORM_SCHEMAS[name]()
-    graphs = _graphs_compiled(norm, steps=4)
+    model = specs.ResNetSpec(name="resnet18", width=8)
+    build = lambda compile_model: specs.RunSpec(data=specs.FakeDataSpec(), model=model, norm=norm, trainer=specs.TrainerSpec(compile=compile_model))
+    graphs = _graphs_compiled(build(False), steps=4)
     # MBN compiles twice in its first two steps (its batch size is learnt at the first forward), then never again.
     recompiles_each_step = graphs[3] > graphs[2]
     assert recompiles_each_step == norm.RECOMPILES_EACH_STEP, graphs
-    model = specs.ResNetSpec(name="resnet18", width=8)
-    build = lambda compile_model: specs.RunSpec(data=specs.FakeDataSpec(), model=model, norm=norm, trainer=specs.TrainerSpec(compile=compile_model))
-    build(False)
     if norm.RECOMPILES_EACH_STEP:
         with pytest.raises(specs.SpecError, match=rf"^trainer.compile: norm={name} would recompile at every training step .*: "
                                                   r"set trainer.compile=false$"):
