@@ -57,8 +57,8 @@ def plot_metric_vs_batch_size(grid: Grid, interval: str = STD) -> Figure:
         bounds = [spread_interval(c.values, interval) for c in cells]
         below = [(c.mean - b.low) * scale if b else 0.0 for c, b in zip(cells, bounds)]
         above = [(b.high - c.mean) * scale if b else 0.0 for c, b in zip(cells, bounds)]
-        ax.errorbar([positions[c.col] for c in cells], [c.mean * scale for c in cells],
-                    yerr=[below, above], marker="o", capsize=3, color=colors[row], label=row_label(row))
+        _draw_row(ax, [positions[c.col] for c in cells], [c.mean * scale for c in cells], [below, above],
+                  [grid.col_keys.index(c.col) for c in cells], colors[row], row_label(row))
     _column_axis(ax, grid, positions, numeric)
     ax.set_ylabel(metric_label(spec.metric))
     if interval == STD:
@@ -68,7 +68,7 @@ def plot_metric_vs_batch_size(grid: Grid, interval: str = STD) -> Figure:
                      fontsize="medium")
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(title=" / ".join(short_key(k) for k in spec.rows))
+        _row_legend(ax, grid)
     return fig
 
 
@@ -106,7 +106,7 @@ def plot_differences(table: DifferenceTable) -> Figure | None:
         # one shared baseline: the row names the line; baselines per row (bn per model): name both
         label = (row_label(row) if len(set(table.baselines.values())) == 1
                  else f"{row_label(row)} − {row_label(table.baselines[row])}")
-        ax.errorbar(xs, ys, yerr=[below, above], marker="o", capsize=3, color=colors[row], label=label)
+        _draw_row(ax, xs, ys, [below, above], [grid.col_keys.index(d.col) for d in diffs], colors[row], label)
         hollow = [(x, y) for x, y, d in zip(xs, ys, diffs) if d.test is None]
         if hollow:
             ax.plot(*zip(*hollow), linestyle="none", marker="o", markerfacecolor="white", color=colors[row])
@@ -121,7 +121,7 @@ def plot_differences(table: DifferenceTable) -> Figure | None:
                  f"(mean difference, error bars: {CONFIDENCE:.0%} t CI, paired by {spec.over} or Welch)",
                  fontsize="medium")
     ax.grid(True, alpha=0.3)
-    ax.legend(title=" / ".join(short_key(k) for k in spec.rows))
+    _row_legend(ax, grid)
     return fig
 
 
@@ -165,7 +165,7 @@ def plot_curves(runset: RunSet, grid: Grid, col: Any, metric: str = DEFAULT_CURV
     ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{metric} vs epoch at {short_key(grid.spec.cols)}={col} (mean ± std over {grid.spec.over})")
     ax.grid(True, alpha=0.3)
-    ax.legend(title=" / ".join(short_key(k) for k in grid.spec.rows))
+    _row_legend(ax, grid)
     return fig
 
 
@@ -209,6 +209,23 @@ def plot_mbn_schedule(runset: RunSet, grid: Grid) -> Figure | None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     return fig
+
+
+def _draw_row(ax: Any, xs: list[float], ys: list[float], yerr: list[list[float]], columns: list[int], color: Any,
+              label: str) -> None:
+    """One row's points with their error bars, joined by a solid line between neighbouring columns and a
+    dotted one across columns where the row has no run: a line through an unmeasured column would read
+    as a measurement there (a peer run at m = 2 and 32 only, beside norms run at every m)."""
+    ax.errorbar(xs, ys, yerr=yerr, marker="o", linestyle="none", capsize=3, color=color, label=label)
+    for (x0, y0, col0), (x1, y1, col1) in zip(zip(xs, ys, columns), zip(xs[1:], ys[1:], columns[1:])):
+        adjacent = col1 == col0 + 1
+        ax.plot([x0, x1], [y0, y1], color=color, linestyle="-" if adjacent else ":", linewidth=1.5 if adjacent else 1.0)
+
+
+def _row_legend(ax: Any, grid: Grid) -> None:
+    # Outside the axes, on the right: with the nine norms of a full study a legend inside hides points.
+    ax.legend(title=" / ".join(short_key(k) for k in grid.spec.rows), loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0.0)
 
 
 def _column_positions(grid: Grid) -> tuple[dict[Any, float], bool]:

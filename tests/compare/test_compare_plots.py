@@ -123,3 +123,28 @@ def test_no_difference_no_differences_plot(tmp_path):
     write_fake_run(tmp_path / "b", "mbn", 8, 0)
     grid = build_grid(collect_runs([tmp_path]), GridSpec())
     assert plot_differences(compute_differences(grid, "bn")) is None
+
+
+def row_segments(ax, color):
+    """(x data, linestyle) of the lines joining one row's points, told apart from error bars by having two points."""
+    return [(list(line.get_xdata()), line.get_linestyle()) for line in ax.get_lines()
+            if line.get_color() == color and len(line.get_xdata()) == 2 and line.get_linestyle() != "None"]
+
+
+def test_a_row_is_dotted_across_the_columns_where_it_has_no_run(tmp_path):
+    # BN at every m, FRN at m = 2 and 8 only (a peer of the curve study: its two ends, nothing between).
+    for m in (2, 4, 8):
+        write_fake_run(tmp_path / f"bn{m}", "bn", m, 0)
+    for m in (2, 8):
+        write_fake_run(tmp_path / f"frn{m}", "frn", m, 0)
+    grid = build_grid(collect_runs([tmp_path]), GridSpec())
+    fig = plot_metric_vs_batch_size(grid)
+    ax = fig.axes[0]
+    bn_color, frn_color = ax.containers[0].lines[0].get_color(), ax.containers[1].lines[0].get_color()
+    assert row_segments(ax, bn_color) == [([2, 4], "-"), ([4, 8], "-")]
+    assert row_segments(ax, frn_color) == [([2, 8], ":")]
+    fig.draw_without_rendering()  # the legend sits right of the axes, over no point
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["bn", "frn"]
+    differences = plot_differences(compute_differences(grid, "bn")).axes[0]
+    assert [style for _, style in row_segments(differences, frn_color)] == [":"]
