@@ -47,6 +47,7 @@ NORMS = ("bn", "gn", "brn", "mbn")
 PEERS = ("cbn", "evonorm_b0", "evonorm_s0", "frn", "mabn")
 # The norm config option each norm runs as (norm.name -> option).
 NORM_OPTIONS = {"bn": "bn", "gn": "gn", "brn": "brn_epochs", "mbn": "mbn", **{peer: peer for peer in PEERS}}
+NORM_NAMES = {option: name for name, option in NORM_OPTIONS.items()}
 # Seeds per m, paired across norms; MBN at m = 32 is BN and runs one seed to confirm it.
 SEEDS = {2: 5, 4: 5, 8: 3, 16: 3, 32: 3}
 MBN_SEEDS_AT_32 = 1
@@ -193,6 +194,26 @@ def choose_factors(scores: Mapping[tuple[str, int], Mapping[float, float]]) -> t
         if set(tuned) == set(TUNED_BATCH_SIZES):
             factors[norm] = {m: tuned[m] if m in tuned else interpolated_factor(tuned[2], tuned[32], m) for m in curve_batch_sizes(norm)}
     return factors, pending
+
+
+def grid_extensions(sweep_dir: str | Path, cells: Sequence[tuple[str, int]]) -> tuple[tuple[str, ...], ...]:
+    """The ``mbn-train -m`` overrides of the extension each of these grids asks for now: one run (seed 0,
+    unstacked) at the factor past the edge where its best is (:func:`tune`); none for a grid that is
+    incomplete, inner, or extended already.
+
+    Args:
+        sweep_dir: the study's sweep dir.
+        cells: the grids, as ``(norm name, m)``.
+    """
+    if not Path(sweep_dir).is_dir():
+        return ()  # no grid has run
+    scores = grid_scores(sweep_dir)
+    extensions = []
+    for norm, m in cells:
+        extension = tune(scores.get((norm, m), {})).extension
+        if extension is not None:
+            extensions.append((f"norm={NORM_OPTIONS[norm]}", f"data.batch_size={m}", f"optim.base_lr={base_lr_of(extension):g}"))
+    return tuple(extensions)
 
 
 def seed_sweeps(factors: Mapping[str, Mapping[int, float]]) -> tuple[tuple[str, ...], ...]:

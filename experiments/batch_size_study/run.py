@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from experiments.batch_size_study.curve import FACTORS_FILE, PEERS, REFERENCE_LR, at_chosen_factor, is_grid_run, read_factors, seed_sweeps, select_runs
+from experiments.batch_size_study.curve import (FACTORS_FILE, NORM_NAMES, PEERS, REFERENCE_LR, at_chosen_factor, grid_extensions,
+                                               is_grid_run, read_factors, seed_sweeps, select_runs)
 from mbn.results import copy_results
 from mbn.utils.io import atomic_write
 
@@ -81,6 +82,8 @@ class Study:
             ``runs/`` the runner restores into the sweep dir (None: nothing to restore).
         selection: which of the sweep dir's runs its tables read, by config (None: all); the
             selected records are copied to ``<compare dir>/selected`` for mbn-compare.
+        follow_up: the sweeps that the records of ``sweeps`` ask for, run after them (given the sweep
+            dir): a grid's extension past the edge where its best is (None: nothing follows).
     """
 
     experiment: str
@@ -96,10 +99,12 @@ class Study:
     other_baselines: tuple[str, ...] = ()
     published: str | None = None
     selection: Callable[[Mapping[str, Any]], bool] | None = None
+    follow_up: Callable[[Path], tuple[tuple[str, ...], ...]] | None = None
 
-    def train_commands(self, extra: Sequence[str] = ()) -> list[list[str]]:
-        """The study's ``mbn-train -m`` commands, each with the overrides ``extra`` appended."""
-        return [["mbn-train", "-m", f"experiment={self.experiment}", *sweep, *extra] for sweep in self.sweeps]
+    def train_commands(self, extra: Sequence[str] = (), sweeps: Sequence[tuple[str, ...]] | None = None) -> list[list[str]]:
+        """The study's ``mbn-train -m`` commands (of ``sweeps``, default its own), each with the overrides ``extra`` appended."""
+        return [["mbn-train", "-m", f"experiment={self.experiment}", *sweep, *extra]
+                for sweep in (self.sweeps if sweeps is None else sweeps)]
 
     def compare_commands(self, sweep_dir: Path, compare_dir: Path) -> list[tuple[list[str], Path | None]]:
         """``(mbn-compare command, file its stdout goes to or None)`` of the study's tables and plots."""
@@ -120,10 +125,19 @@ class Study:
 def curve_grid_study(*sweeps: tuple[str, ...]) -> Study:
     """Lr grids of the fair curve study (its sweep dir): tables of ``final_val_acc1`` by norm and m
     against the lr, and the validation curves (at factor 1, the linear-scaling rule's lr), in
-    ``<output_root>/compare/study_curve_grid``."""
+    ``<output_root>/compare/study_curve_grid``. After the grids, the extension each grid asks for runs.
+
+    Args:
+        sweeps: the grids' overrides; each names its norms (``norm=a,b``) and batch sizes (``data.batch_size=m``).
+    """
+    cells = []
+    for sweep in sweeps:
+        values = dict(override.split("=", 1) for override in sweep)
+        cells += [(NORM_NAMES[option], int(m)) for option in values["norm"].split(",") for m in values["data.batch_size"].split(",")]
     return Study(experiment="study_curve", sweep_name="study_curve", sweeps=sweeps, curve_batch_size=REFERENCE_LR, baseline=None,
                  rows="norm,data.batch_size", cols="optim.base_lr", metric="final_val_acc1", curve_metric="val_acc1",
-                 compare_name="study_curve_grid", published=CURVE_PUBLISHED, selection=is_grid_run)
+                 compare_name="study_curve_grid", published=CURVE_PUBLISHED, selection=is_grid_run,
+                 follow_up=lambda sweep_dir: grid_extensions(sweep_dir, cells))
 
 
 STUDIES: dict[str, Study] = {
@@ -370,7 +384,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     compare_source = compare_dir / "selected" if study.selection is not None else sweep_dir
     compare = [] if args.no_compare else study.compare_commands(compare_source, compare_dir)
     if args.dry_run:
-        for command, stdout in [*train, *compare]:
+        for command, stdout in train:
+            print(shown(command, stdout))
+        if study.follow_up is not None:
+            follow = study.train_commands(extra, study.follow_up(sweep_dir))
+            print(f"# then the extension each grid's records ask for (its best factor at an edge): {'these, so far' if follow else 'none so far'}")
+            for command in follow:
+                print(shown(command))
+        for command, stdout in compare:
             print(shown(command, stdout))
         return 0
     if study.published is not None and not args.no_restore:
@@ -380,6 +401,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(f"restored {len(restored)} finished runs from {published_runs} into {sweep_dir} (--no-restore: train them)")
     started = time.monotonic()
     codes = run_commands(train, jobs=args.jobs, log_dir=compare_dir / "logs")
+    if study.follow_up is not None and len(codes) == len(train) and all(code == 0 for code in codes):
+        follow = [(command, None) for command in study.train_commands(extra, study.follow_up(sweep_dir))]
+        train += follow
+        codes += run_commands(follow, jobs=args.jobs, log_dir=compare_dir / "logs" / "follow_up")
     _say(f"sweeps done in {time.monotonic() - started:.0f} s; exit codes {codes}")
     status = 0 if len(codes) == len(train) and all(code == 0 for code in codes) else 1
     if len(codes) < len(train) or not compare:

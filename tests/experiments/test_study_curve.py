@@ -241,3 +241,49 @@ def test_publish_copies_the_differences_to_every_baseline(tmp_path):
     study.publish(compare_dir, sweep, tmp_path / "grid", records_dir=tmp_path / "records")
     assert not (tmp_path / "grid" / "runs").exists()
     assert [p.parent.name for p in (tmp_path / "records").glob("*/results.json")] == ["data.batch_size=2,norm=mbn,optim.base_lr=0.1"]
+
+
+def test_a_grid_with_its_best_at_an_edge_asks_for_its_extension_once(tmp_path):
+    sweep = tmp_path / "study_curve"
+    cells = [("cbn", 2), ("cbn", 32), ("brn", 2)]
+    assert curve.grid_extensions(sweep, cells) == ()  # no grid has run
+    for factor, value in {0.3: 0.66, 1.0: 0.61, 3.0: 0.60, 10.0: 0.40}.items():
+        record(sweep, "cbn", 2, factor, value)  # best at the lower edge
+        record(sweep, "cbn", 32, factor, 0.5 + (factor == 1.0) / 10)  # inner best
+        record(sweep, "brn", 2, factor, 0.4 + factor / 100)  # best at the upper edge
+    assert curve.grid_extensions(sweep, cells) == (("norm=cbn", "data.batch_size=2", "optim.base_lr=0.01"),
+                                                   ("norm=brn_epochs", "data.batch_size=2", "optim.base_lr=3"))
+    assert curve.grid_extensions(sweep, [("cbn", 32)]) == ()
+    record(sweep, "cbn", 2, 0.1, 0.30)
+    assert curve.grid_extensions(sweep, cells) == (("norm=brn_epochs", "data.batch_size=2", "optim.base_lr=3"),)
+
+
+def test_the_grid_study_runs_the_extensions_its_grids_ask_for_after_them(tmp_path, monkeypatch, capsys):
+    sweep = tmp_path / "sweeps" / "study_curve"
+    started: list[list[str]] = []
+
+    def fake_run_commands(commands, jobs=1, log_dir=None):
+        # The grids "train": the CBN grid at m = 2 has its best at the lower edge, every other grid inside.
+        for command, _ in commands:
+            started.append(command)
+            overrides = dict(o.split("=", 1) for o in command[3:] if "=" in o)
+            norm = curve.NORM_NAMES[overrides["norm"]]
+            m = int(overrides["data.batch_size"])
+            for factor in [curve.factor_of(float(lr)) for lr in overrides["optim.base_lr"].split(",")]:
+                edge = (norm, m) == ("cbn", 2)
+                record(sweep, norm, m, factor, (0.7 - factor / 100) if edge else 0.6 - abs(math.log(factor)) / 10)
+        return [0] * len(commands)
+
+    monkeypatch.setattr(study, "run_commands", fake_run_commands)
+    argv = ["--study", "peers_grid", "--out", str(tmp_path), "--no-compare", "--no-restore", "--jobs", "2"]
+    assert study.main(argv) == 0
+    grids = study.STUDIES["peers_grid"].train_commands(["output_root=" + str(tmp_path), "hydra.launcher.n_jobs=1"])
+    assert started[:-1] == grids
+    assert started[-1] == ["mbn-train", "-m", "experiment=study_curve", "norm=cbn", "data.batch_size=2", "optim.base_lr=0.01",
+                           "output_root=" + str(tmp_path), "hydra.launcher.n_jobs=1"]
+    # Its record in, the grids ask for nothing more: a rerun starts the grids' commands only (each skips its finished runs).
+    started.clear()
+    assert study.main(argv) == 0
+    assert started == grids
+    assert study.main([*argv, "--dry-run"]) == 0
+    assert "none so far" in capsys.readouterr().out
