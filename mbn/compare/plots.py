@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,35 @@ FIGSIZE = (7.0, 4.5)
 DPI = 120
 
 
-def row_colors(grid: Grid) -> dict[tuple, Any]:
-    """One fixed color per table row, so a norm has the same color in every figure."""
-    palette = [f"C{i}" for i in range(10)]
-    return {row: palette[i % len(palette)] for i, row in enumerate(grid.row_keys)}
+PALETTE = tuple(f"C{i}" for i in range(10))
+# Told apart by shape where the color is shared (rows of one norm at several m, say).
+MARKERS = ("o", "s", "^", "D", "v")
+LINESTYLES = ("-", "--", "-.")
+
+
+@dataclass(frozen=True)
+class RowStyle:
+    """How one table row is drawn in every figure."""
+
+    color: str
+    marker: str = "o"
+    linestyle: str = "-"
+
+
+def row_styles(grid: Grid) -> dict[tuple, RowStyle]:
+    """One fixed style per table row, so a row looks the same in every figure.
+
+    With several row keys (``norm,data.batch_size``) and 2-10 values of the first, the color is the
+    first key's (a norm keeps its color) and the marker and line style tell the rest apart; otherwise
+    each row has its own color (beyond ten rows, colors repeat with other markers).
+    """
+    firsts = list(dict.fromkeys(row[0] for row in grid.row_keys))
+    rests = list(dict.fromkeys(row[1:] for row in grid.row_keys))
+    if len(grid.spec.rows) > 1 and 1 < len(firsts) <= len(PALETTE):
+        return {row: RowStyle(PALETTE[firsts.index(row[0])], MARKERS[rests.index(row[1:]) % len(MARKERS)],
+                              LINESTYLES[rests.index(row[1:]) % len(LINESTYLES)]) for row in grid.row_keys}
+    return {row: RowStyle(PALETTE[i % len(PALETTE)], MARKERS[i // len(PALETTE) % len(MARKERS)],
+                          LINESTYLES[i // len(PALETTE) % len(LINESTYLES)]) for i, row in enumerate(grid.row_keys)}
 
 
 def plot_metric_vs_batch_size(grid: Grid, interval: str = STD) -> Figure:
@@ -49,7 +75,7 @@ def plot_metric_vs_batch_size(grid: Grid, interval: str = STD) -> Figure:
     positions, numeric = _column_positions(grid)
     fig = Figure(figsize=FIGSIZE, layout="constrained")
     ax = fig.add_subplot()
-    colors = row_colors(grid)
+    styles = row_styles(grid)
     for row in grid.row_keys:
         cells = [grid.cell(row, col) for col in grid.col_keys if grid.cell(row, col).n]
         if not cells:
@@ -58,7 +84,7 @@ def plot_metric_vs_batch_size(grid: Grid, interval: str = STD) -> Figure:
         below = [(c.mean - b.low) * scale if b else 0.0 for c, b in zip(cells, bounds)]
         above = [(b.high - c.mean) * scale if b else 0.0 for c, b in zip(cells, bounds)]
         _draw_row(ax, [positions[c.col] for c in cells], [c.mean * scale for c in cells], [below, above],
-                  [grid.col_keys.index(c.col) for c in cells], colors[row], row_label(row))
+                  [grid.col_keys.index(c.col) for c in cells], styles[row], row_label(row))
     _column_axis(ax, grid, positions, numeric)
     ax.set_ylabel(metric_label(spec.metric))
     if interval == STD:
@@ -90,7 +116,7 @@ def plot_differences(table: DifferenceTable) -> Figure | None:
     positions, numeric = _column_positions(grid)
     fig = Figure(figsize=FIGSIZE, layout="constrained")
     ax = fig.add_subplot()
-    colors = row_colors(grid)
+    styles = row_styles(grid)
     rows = list(table.baselines)
     plotted = False
     for index, row in enumerate(rows):
@@ -106,10 +132,10 @@ def plot_differences(table: DifferenceTable) -> Figure | None:
         # one shared baseline: the row names the line; baselines per row (bn per model): name both
         label = (row_label(row) if len(set(table.baselines.values())) == 1
                  else f"{row_label(row)} − {row_label(table.baselines[row])}")
-        _draw_row(ax, xs, ys, [below, above], [grid.col_keys.index(d.col) for d in diffs], colors[row], label)
+        _draw_row(ax, xs, ys, [below, above], [grid.col_keys.index(d.col) for d in diffs], styles[row], label)
         hollow = [(x, y) for x, y, d in zip(xs, ys, diffs) if d.test is None]
         if hollow:
-            ax.plot(*zip(*hollow), linestyle="none", marker="o", markerfacecolor="white", color=colors[row])
+            ax.plot(*zip(*hollow), linestyle="none", marker=styles[row].marker, markerfacecolor="white", color=styles[row].color)
         plotted = True
     if not plotted:
         return None
@@ -145,7 +171,7 @@ def plot_curves(runset: RunSet, grid: Grid, col: Any, metric: str = DEFAULT_CURV
     scale = 100.0 if is_fraction_metric(metric) else 1.0
     fig = Figure(figsize=FIGSIZE, layout="constrained")
     ax = fig.add_subplot()
-    colors = row_colors(grid)
+    styles = row_styles(grid)
     plotted = False
     for row in grid.row_keys:
         rows = history[history["run_id"].isin(grid.cell(row, col).run_ids)][["epoch", metric]].dropna()
@@ -153,10 +179,10 @@ def plot_curves(runset: RunSet, grid: Grid, col: Any, metric: str = DEFAULT_CURV
             continue
         stats = rows.astype(float).groupby("epoch")[metric].agg(["mean", "std", "count"])
         mean, std = stats["mean"] * scale, stats["std"].fillna(0.0) * scale
-        ax.plot(stats.index, mean, marker="o", markersize=3, color=colors[row],
+        ax.plot(stats.index, mean, marker=styles[row].marker, markersize=3, linestyle=styles[row].linestyle, color=styles[row].color,
                 label=f"{row_label(row)} (n={grid.cell(row, col).n})")
         # Arrays, not Series: matplotlib 3.7.0 (the floor) cannot mask a pandas 2 Series here.
-        ax.fill_between(stats.index, (mean - std).to_numpy(), (mean + std).to_numpy(), color=colors[row], alpha=0.2, linewidth=0)
+        ax.fill_between(stats.index, (mean - std).to_numpy(), (mean + std).to_numpy(), color=styles[row].color, alpha=0.2, linewidth=0)
         plotted = True
     if not plotted:
         return None
@@ -211,15 +237,16 @@ def plot_mbn_schedule(runset: RunSet, grid: Grid) -> Figure | None:
     return fig
 
 
-def _draw_row(ax: Any, xs: list[float], ys: list[float], yerr: list[list[float]], columns: list[int], color: Any,
+def _draw_row(ax: Any, xs: list[float], ys: list[float], yerr: list[list[float]], columns: list[int], style: RowStyle,
               label: str) -> None:
-    """One row's points with their error bars, joined by a solid line between neighbouring columns and a
+    """One row's points with their error bars, joined by its line between neighbouring columns and a thin
     dotted one across columns where the row has no run: a line through an unmeasured column would read
     as a measurement there (a peer run at m = 2 and 32 only, beside norms run at every m)."""
-    ax.errorbar(xs, ys, yerr=yerr, marker="o", linestyle="none", capsize=3, color=color, label=label)
+    ax.errorbar(xs, ys, yerr=yerr, marker=style.marker, linestyle="none", capsize=3, color=style.color, label=label)
     for (x0, y0, col0), (x1, y1, col1) in zip(zip(xs, ys, columns), zip(xs[1:], ys[1:], columns[1:])):
         adjacent = col1 == col0 + 1
-        ax.plot([x0, x1], [y0, y1], color=color, linestyle="-" if adjacent else ":", linewidth=1.5 if adjacent else 1.0)
+        ax.plot([x0, x1], [y0, y1], color=style.color, linestyle=style.linestyle if adjacent else ":",
+                linewidth=1.5 if adjacent else 1.0)
 
 
 def _row_legend(ax: Any, grid: Grid) -> None:

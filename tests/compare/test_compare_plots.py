@@ -11,7 +11,7 @@ from fake_sweep import BATCH_SIZES, NORMS, lam_schedule, tau_value, write_fake_r
 from mbn.compare.aggregate import GridSpec, build_grid
 from mbn.compare.collect import collect_runs
 from mbn.compare.differences import compute_differences
-from mbn.compare.plots import plot_curves, plot_differences, plot_mbn_schedule, plot_metric_vs_batch_size, save_figure
+from mbn.compare.plots import plot_curves, plot_differences, plot_mbn_schedule, plot_metric_vs_batch_size, row_styles, save_figure
 from mbn.compare.stats import spread_interval
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -148,3 +148,22 @@ def test_a_row_is_dotted_across_the_columns_where_it_has_no_run(tmp_path):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["bn", "frn"]
     differences = plot_differences(compute_differences(grid, "bn")).axes[0]
     assert [style for _, style in row_segments(differences, frn_color)] == [":"]
+
+
+def test_rows_of_two_keys_share_the_first_keys_color_and_differ_in_shape(tmp_path):
+    # The grids' table: rows (norm, model); a norm keeps its color, the second key its marker and line.
+    for norm in ("bn", "mbn"):
+        for model in ("resnet18", "vgg11"):
+            for m in (2, 8):
+                write_fake_run(tmp_path / f"{norm}-{model}-{m}", norm, m, 0, model=model)
+    grid = build_grid(collect_runs([tmp_path]), GridSpec(rows=("norm.name", "model.name")))
+    styles = row_styles(grid)
+    assert styles[("bn", "resnet18")].color == styles[("bn", "vgg11")].color != styles[("mbn", "resnet18")].color
+    shape = {row: (style.marker, style.linestyle) for row, style in styles.items()}
+    assert shape[("bn", "resnet18")] == shape[("mbn", "resnet18")] != shape[("bn", "vgg11")] == shape[("mbn", "vgg11")]
+    ax = plot_metric_vs_batch_size(grid).axes[0]
+    drawn = {(line.get_color(), line.get_linestyle()) for line in ax.get_lines() if len(line.get_xdata()) == 2}
+    assert {(style.color, style.linestyle) for style in styles.values()} <= drawn
+    # One key: a color per row, as many as the palette has before a shape repeats one.
+    single = build_grid(collect_runs([tmp_path]), GridSpec())
+    assert len({style.color for style in row_styles(single).values()}) == len(single.row_keys) == 2
