@@ -196,6 +196,11 @@ def choose_factors(scores: Mapping[tuple[str, int], Mapping[float, float]]) -> t
     return factors, pending
 
 
+def cell_overrides(norm: str, m: int, factor: float) -> tuple[str, str, str]:
+    """The ``mbn-train`` overrides of a norm at batch size ``m`` and lr factor ``factor``."""
+    return f"norm={NORM_OPTIONS[norm]}", f"data.batch_size={m}", f"optim.base_lr={base_lr_of(factor):g}"
+
+
 def grid_extensions(sweep_dir: str | Path, cells: Sequence[tuple[str, int]]) -> tuple[tuple[str, ...], ...]:
     """The ``mbn-train -m`` overrides of the extension each of these grids asks for now: one run (seed 0,
     unstacked) at the factor past the edge where its best is (:func:`tune`); none for a grid that is
@@ -212,7 +217,7 @@ def grid_extensions(sweep_dir: str | Path, cells: Sequence[tuple[str, int]]) -> 
     for norm, m in cells:
         extension = tune(scores.get((norm, m), {})).extension
         if extension is not None:
-            extensions.append((f"norm={NORM_OPTIONS[norm]}", f"data.batch_size={m}", f"optim.base_lr={base_lr_of(extension):g}"))
+            extensions.append(cell_overrides(norm, m, extension))
     return tuple(extensions)
 
 
@@ -233,8 +238,7 @@ def seed_sweeps(factors: Mapping[str, Mapping[int, float]]) -> tuple[tuple[str, 
     sweeps = []
     for m, norm, factor in cells:
         seeds = MBN_SEEDS_AT_32 if (norm, m) == ("mbn", 32) else SEEDS[m]
-        sweep = (f"norm={NORM_OPTIONS[norm]}", f"data.batch_size={m}", f"optim.base_lr={base_lr_of(factor):g}",
-                 f"seed={','.join(str(s) for s in range(seeds))}")
+        sweep = (*cell_overrides(norm, m, factor), f"seed={','.join(str(s) for s in range(seeds))}")
         sweeps.append(sweep + ((f"stack={seeds}",) if m < 32 and seeds > 1 else ()))
     return tuple(sweeps)
 

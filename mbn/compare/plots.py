@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from itertools import pairwise
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,7 +244,7 @@ def _draw_row(ax: Any, xs: list[float], ys: list[float], yerr: list[list[float]]
     dotted one across columns where the row has no run: a line through an unmeasured column would read
     as a measurement there (a peer run at m = 2 and 32 only, beside norms run at every m)."""
     ax.errorbar(xs, ys, yerr=yerr, marker=style.marker, linestyle="none", capsize=3, color=style.color, label=label)
-    for (x0, y0, col0), (x1, y1, col1) in zip(zip(xs, ys, columns), zip(xs[1:], ys[1:], columns[1:])):
+    for (x0, y0, col0), (x1, y1, col1) in pairwise(zip(xs, ys, columns)):
         adjacent = col1 == col0 + 1
         ax.plot([x0, x1], [y0, y1], color=style.color, linestyle=style.linestyle if adjacent else ":",
                 linewidth=1.5 if adjacent else 1.0)
