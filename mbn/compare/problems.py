@@ -38,7 +38,7 @@ class RunProblem:
 class GridNote:
     """A grid cell that is empty, misses repeats (seeds) or has more than one run for a repeat."""
 
-    kind: str  # "missing cell" | "missing seeds" | "duplicate runs"
+    kind: str  # "not run" | "missing cell" | "missing seeds" | "duplicate runs"
     cell: str
     detail: str
 
@@ -73,6 +73,10 @@ def run_problems(runset: RunSet, spec: GridSpec, statuses: Sequence[str] = TABLE
 def grid_notes(grid: Grid, runset: RunSet, problems: Sequence[RunProblem] = ()) -> list[GridNote]:
     """Empty cells, cells with fewer repeats than the others (naming the missing ones) and duplicates.
 
+    A row's cells that no run of any status belongs to (a design that runs some rows at fewer columns, or
+    runs not launched yet) are one ``"not run"`` note for the row; an empty cell that has runs left out of
+    the table is a ``"missing cell"`` naming them.
+
     Args:
         grid: the aggregated table.
         runset: the runs.
@@ -86,6 +90,7 @@ def grid_notes(grid: Grid, runset: RunSet, problems: Sequence[RunProblem] = ()) 
             left_out.setdefault(key, []).append(problem.reason)
     notes = []
     for row in grid.row_keys:
+        not_run = []
         for col in grid.col_keys:
             cell = grid.cell(row, col)
             label = cell_label(spec, row, col)
@@ -94,7 +99,9 @@ def grid_notes(grid: Grid, runset: RunSet, problems: Sequence[RunProblem] = ()) 
                 reasons = left_out.get((*row, col, value))
                 return f"{spec.over}={value} ({', '.join(reasons) if reasons else 'no run found'})"
 
-            if cell.n == 0:
+            if cell.n == 0 and not any((*row, col, v) in left_out for v in cell.missing_over):
+                not_run.append(col)
+            elif cell.n == 0:
                 notes.append(GridNote("missing cell", label,
                                       "no usable run; " + ", ".join(why(v) for v in cell.missing_over)))
             elif grid.is_incomplete(cell) or cell.missing_over:
@@ -108,6 +115,9 @@ def grid_notes(grid: Grid, runset: RunSet, problems: Sequence[RunProblem] = ()) 
                                       f"{spec.over}={value} has {len(dirs)} runs of different configs, averaged into "
                                       f"one value (n counts {spec.over}s): {'; '.join(dirs)}"
                                       + (f"; they differ in {', '.join(differing)}" if differing else "")))
+        if not_run:
+            notes.append(GridNote("not run", ", ".join(f"{short_key(k)}={v}" for k, v in zip(spec.rows, row)),
+                                  f"{short_key(spec.cols)}={', '.join(str(c) for c in not_run)} (no run of any status)"))
     return notes
 
 

@@ -10,7 +10,7 @@ import pytest
 from fake_sweep import BATCH_SIZES, NORMS, write_fake_run
 from mbn.compare.aggregate import GridSpec, build_grid, default_rows, exclusion_reasons
 from mbn.compare.collect import collect_runs
-from mbn.compare.problems import grid_notes
+from mbn.compare.problems import grid_notes, run_problems
 from mbn.compare.table import caption
 
 
@@ -148,3 +148,21 @@ def test_a_design_with_more_seeds_at_some_batch_sizes_is_complete_per_column(tmp
         ("missing seeds", "norm=mbn, m=32", "n=2 of 3; seed=2 (no run found)")]
     footnote = caption(grid)
     assert "† = fewer runs than the fullest cell of its column (n=5 at m=2, n=3 at m=32)" in footnote
+
+
+def test_cells_no_run_belongs_to_are_one_not_run_note_per_row_and_a_failed_cell_is_missing(tmp_path):
+    # The peers' design: bn at every m, evonorm_s0 at m = 2 and 32 only, frn's m = 8 cell tried and failed.
+    for m in (2, 8, 32):
+        write_fake_run(tmp_path / f"bn-{m}", "bn", m, 0)
+    for m in (2, 32):
+        write_fake_run(tmp_path / f"s0-{m}", "evonorm_s0", m, 0)
+    write_fake_run(tmp_path / "frn-2", "frn", 2, 0)
+    write_fake_run(tmp_path / "frn-8", "frn", 8, 0, status="failed")
+    runset = collect_runs([tmp_path])
+    grid = build_grid(runset, GridSpec())
+    notes = grid_notes(grid, runset, run_problems(runset, grid.spec))
+    assert [(note.kind, note.cell, note.detail) for note in notes] == [
+        ("not run", "norm=evonorm_s0", "m=8 (no run of any status)"),
+        ("missing cell", "norm=frn, m=8", "no usable run; seed=0 (failed)"),
+        ("not run", "norm=frn", "m=32 (no run of any status)"),
+    ]
