@@ -243,7 +243,10 @@ def _draw_row(ax: Any, xs: list[float], ys: list[float], yerr: list[list[float]]
     """One row's points with their error bars, joined by its line between neighbouring columns and a thin
     dotted one across columns where the row has no run: a line through an unmeasured column would read
     as a measurement there (a peer run at m = 2 and 32 only, beside norms run at every m)."""
-    ax.errorbar(xs, ys, yerr=yerr, marker=style.marker, linestyle="none", capsize=3, color=style.color, label=label)
+    ax.errorbar(xs, ys, yerr=yerr, marker=style.marker, linestyle="none", capsize=3, color=style.color)
+    # The legend's entry is an empty line of the row's whole style: an error bar's entry shows no line style,
+    # and line style is what tells apart rows of one color (one norm at several m).
+    ax.plot([], [], marker=style.marker, linestyle=style.linestyle, color=style.color, label=label)
     for (x0, y0, col0), (x1, y1, col1) in pairwise(zip(xs, ys, columns)):
         adjacent = col1 == col0 + 1
         ax.plot([x0, x1], [y0, y1], color=style.color, linestyle=style.linestyle if adjacent else ":",

@@ -164,6 +164,10 @@ def test_rows_of_two_keys_share_the_first_keys_color_and_differ_in_shape(tmp_pat
     ax = plot_metric_vs_batch_size(grid).axes[0]
     drawn = {(line.get_color(), line.get_linestyle()) for line in ax.get_lines() if len(line.get_xdata()) == 2}
     assert {(style.color, style.linestyle) for style in styles.values()} <= drawn
+    legend = ax.get_legend()  # its entries show each row's marker and line style, as drawn
+    entries = {text.get_text(): (handle.get_marker(), handle.get_linestyle())
+               for text, handle in zip(legend.get_texts(), legend.legend_handles)}
+    assert entries == {" / ".join(row): shape[row] for row in grid.row_keys}
     # One key: a color per row, as many as the palette has before a shape repeats one.
     single = build_grid(collect_runs([tmp_path]), GridSpec())
     assert len({style.color for style in row_styles(single).values()}) == len(single.row_keys) == 2
