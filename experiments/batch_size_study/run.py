@@ -352,7 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare-dir", help="mbn-compare's --out (default <output_root>/compare/<sweep_name>)")
     parser.add_argument("--publish", metavar="DIR", help="copy tables, plots, runs CSV and run records here")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
-    parser.add_argument("--no-compare", action="store_true", help="run the sweeps only")
+    stages = parser.add_mutually_exclusive_group()
+    stages.add_argument("--no-compare", action="store_true", help="run the sweeps only")
+    stages.add_argument("--no-train", action="store_true",
+                        help="compare (and publish) the runs there are, training nothing: a study part-way, or on a "
+                             "machine that has its records but not the time")
     parser.add_argument("--no-restore", action="store_true",
                         help="train every run: do not copy the study's published finished records into the sweep dir first")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every mbn-train command (e.g. epochs=1)")
@@ -379,14 +383,14 @@ def main(argv: Sequence[str] | None = None) -> int:
              *(["hydra.launcher.n_jobs=1"] if args.jobs > 1 else [])]
     sweep_dir = sweep_dir_of(study, args.out)
     compare_dir = Path(args.compare_dir) if args.compare_dir else sweep_dir.parent.parent / "compare" / (study.compare_name or study.sweep_name)
-    train = [(command, None) for command in study.train_commands(extra)]
+    train = [] if args.no_train else [(command, None) for command in study.train_commands(extra)]
     # The curve study's sweep dir holds its grids and its seeds: each table reads a selection.
     compare_source = compare_dir / "selected" if study.selection is not None else sweep_dir
     compare = [] if args.no_compare else study.compare_commands(compare_source, compare_dir)
     if args.dry_run:
         for command, stdout in train:
             print(shown(command, stdout))
-        if study.follow_up is not None:
+        if study.follow_up is not None and not args.no_train:
             follow = study.train_commands(extra, study.follow_up(sweep_dir))
             print(f"# then the extension each grid's records ask for (its best factor at an edge): {'these, so far' if follow else 'none so far'}")
             for command in follow:
@@ -401,11 +405,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(f"restored {len(restored)} finished runs from {published_runs} into {sweep_dir} (--no-restore: train them)")
     started = time.monotonic()
     codes = run_commands(train, jobs=args.jobs, log_dir=compare_dir / "logs")
-    if study.follow_up is not None and len(codes) == len(train) and all(code == 0 for code in codes):
+    if study.follow_up is not None and train and len(codes) == len(train) and all(code == 0 for code in codes):
         follow = [(command, None) for command in study.train_commands(extra, study.follow_up(sweep_dir))]
         train += follow
         codes += run_commands(follow, jobs=args.jobs, log_dir=compare_dir / "logs" / "follow_up")
-    _say(f"sweeps done in {time.monotonic() - started:.0f} s; exit codes {codes}")
+    if train:
+        _say(f"sweeps done in {time.monotonic() - started:.0f} s; exit codes {codes}")
     status = 0 if len(codes) == len(train) and all(code == 0 for code in codes) else 1
     if len(codes) < len(train) or not compare:
         return status

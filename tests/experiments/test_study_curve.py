@@ -287,3 +287,29 @@ def test_the_grid_study_runs_the_extensions_its_grids_ask_for_after_them(tmp_pat
     assert started == grids
     assert study.main([*argv, "--dry-run"]) == 0
     assert "none so far" in capsys.readouterr().out
+
+
+def test_no_train_compares_and_publishes_the_finished_runs_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    sweep = tmp_path / "sweeps" / "study_curve"
+    record(sweep, "cbn", 2, 3.0, 0.6)  # a finished grid run at the chosen factor
+    record(sweep, "cbn", 2, 3.0, 0.5, seed=1, status="interrupted")  # a seed pack part-way
+    started: list[list[str]] = []
+
+    def fake_run_commands(commands, jobs=1, log_dir=None):
+        started.extend(command for command, _ in commands)
+        return [0] * len(commands)
+
+    monkeypatch.setattr(study, "run_commands", fake_run_commands)
+    monkeypatch.setattr(study, "read_factors", lambda: {"cbn": {2: 3.0}})
+    compare_dir = tmp_path / "compare"
+    assert study.main(["--study", "curve", "--no-train", "--no-restore", "--out", str(tmp_path), "--compare-dir", str(compare_dir)]) == 0
+    assert started and all(command[0] == "mbn-compare" for command in started)
+    assert sorted(p.parent.name for p in (compare_dir / "selected").rglob("results.json")) == [
+        "data.batch_size=2,norm=cbn,optim.base_lr=0.3", "data.batch_size=2,norm=cbn,optim.base_lr=0.3,seed=1"]
+    started.clear()
+    assert study.main(["--study", "peers_grid", "--no-train", "--dry-run", "--out", str(tmp_path)]) == 0
+    shown = capsys.readouterr().out
+    assert "mbn-train" not in shown and "mbn-compare" in shown and not started
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(["--study", "curve", "--no-train", "--no-compare"])
+    assert exit_info.value.code == 2
