@@ -405,11 +405,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(f"restored {len(restored)} finished runs from {published_runs} into {sweep_dir} (--no-restore: train them)")
     started = time.monotonic()
     codes = run_commands(train, jobs=args.jobs, log_dir=compare_dir / "logs")
-    if study.follow_up is not None and train and len(codes) == len(train) and all(code == 0 for code in codes):
+    if study.follow_up is not None and not args.no_train and len(codes) == len(train) and all(code == 0 for code in codes):
         follow = [(command, None) for command in study.train_commands(extra, study.follow_up(sweep_dir))]
         train += follow
         codes += run_commands(follow, jobs=args.jobs, log_dir=compare_dir / "logs" / "follow_up")
-    if train:
+    if not args.no_train:
         _say(f"sweeps done in {time.monotonic() - started:.0f} s; exit codes {codes}")
     status = 0 if len(codes) == len(train) and all(code == 0 for code in codes) else 1
     if len(codes) < len(train) or not compare:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import io
 import os
-from itertools import pairwise
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 

@@ -116,16 +116,19 @@ def grid_notes(grid: Grid, runset: RunSet, problems: Sequence[RunProblem] = ()) 
                                       f"one value (n counts {spec.over}s): {'; '.join(dirs)}"
                                       + (f"; they differ in {', '.join(differing)}" if differing else "")))
         if not_run:
-            notes.append(GridNote("not run", ", ".join(f"{short_key(k)}={v}" for k, v in zip(spec.rows, row)),
+            notes.append(GridNote("not run", _row_part(spec, row),
                                   f"{short_key(spec.cols)}={', '.join(str(c) for c in not_run)} (no run of any status)"))
     return notes
 
 
 def cell_label(spec: GridSpec, row: tuple, col: Any) -> str:
     """``"norm=bn, m=2"``-style label of a grid cell."""
-    parts = [f"{short_key(key)}={value}" for key, value in zip(spec.rows, row)]
-    parts.append(f"{short_key(spec.cols)}={col}")
-    return ", ".join(parts)
+    return f"{_row_part(spec, row)}, {short_key(spec.cols)}={col}"
+
+
+def _row_part(spec: GridSpec, row: tuple) -> str:
+    """``"norm=bn"``-style label of a grid row (a cell's label without its column)."""
+    return ", ".join(f"{short_key(key)}={value}" for key, value in zip(spec.rows, row))
 
 
 def row_label(row: tuple) -> str:
