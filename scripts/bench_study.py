@@ -112,7 +112,8 @@ def schedule(durations: list[float], workers: int) -> float:
 
 def measured_pack(pack: Pack, records: list[dict]) -> float | None:
     """The slowest member's seconds over all its attempts (:func:`mbn.results.total_wall_time`) among the
-    runs ``pack``'s command trained; None until every member has a completed record.
+    runs ``pack``'s command trained; None until every member has a finished record (completed, or
+    diverged: a sweep keeps both as final, :func:`runner.is_finished`).
 
     A member whose config another command trained first (the curve study's seed 0 is its lr grid's run)
     is complete but costs this command nothing: a record counts as this command's when its overrides set
@@ -126,7 +127,7 @@ def measured_pack(pack: Pack, records: list[dict]) -> float | None:
         config = record.get("flat", {})
         if all(any(_same(config.get(key if key != "norm" else "norm.name"), v) for v in values) for key, values in wanted.items()):
             found.append(record)
-    if len(found) < pack.members or any(r.get("status") != "completed" for r in found):
+    if len(found) < pack.members or not all(runner.is_finished(r) for r in found):
         return None
     keys = {key for key, _ in pack.values}
     here = [r for r in found if "overrides" not in r  # a record that does not say: this command's

@@ -89,3 +89,16 @@ def test_measured_only_times_nothing_and_reads_the_curve_studys_seed_commands(be
     assert sum(" command: projected - min" in line for line in lines) == len(study.sweeps)
     assert any(line.split()[1:4] == ["bn", "32", "1"] and line.split()[-1] == "10.0" for line in lines)
     assert lines[-1] == "# study projected - h; measured (not every command has run)"
+
+
+def test_a_diverged_member_is_finished_and_its_time_counts(bench_study, tmp_path):
+    # A grid run that diverged is final (a sweep skips it), so its command has run; an interrupted one has not.
+    pack = bench_study.expand(("norm=bn", "data.batch_size=32", "optim.base_lr=0.1,1"))
+    for lr, status, wall in ((0.1, "completed", 700.0), (1, "diverged", 6.0)):
+        config = {"norm": {"name": "bn"}, "data": {"batch_size": 32}, "optim": {"base_lr": lr}, "seed": 0}
+        write_results(tmp_path / f"bn{lr}", {"status": status, "config": config, "wall_time_s": wall})
+    records = bench_study._records(tmp_path)
+    assert [bench_study.measured_pack(p, records) for p in pack] == [700.0, 6.0]
+    config = {"norm": {"name": "bn"}, "data": {"batch_size": 32}, "optim": {"base_lr": 1}, "seed": 0}
+    write_results(tmp_path / "bn1", {"status": "interrupted", "config": config, "wall_time_s": 6.0})
+    assert bench_study.measured_pack(pack[1], bench_study._records(tmp_path)) is None
